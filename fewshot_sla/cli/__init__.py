@@ -1,0 +1,66 @@
+"""The ``fewshot-sla`` command: a thin argparse front over the library.
+
+Each sub-command lives in its own module of this package exposing ``register(subparsers)``, which
+adds its parser and sets ``handler`` (a function taking the parsed namespace, returning an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from fewshot_sla import __version__
+from fewshot_sla.errors import UserError
+
+# Sub-command modules, in the order their commands appear in --help.
+COMMAND_MODULES = (
+    "fewshot_sla.cli.listing",
+)
+
+EXIT_USER_ERROR = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (what is wrong and where to look) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="fewshot-sla",
+        description="Few-shot meta-learning benchmarks with self-supervised label augmentation (SLA).",
+    )
+    parser.add_argument("--version", action="version", version=f"fewshot-sla {__version__}")
+    parser.add_argument(
+        "--data-root",
+        metavar="DIR",
+        default=None,
+        help="folder holding prepared dataset stores (default: $FEWSHOT_SLA_DATA, else ~/.cache/fewshot-sla)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    subparsers.required = True
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as err:
+        sys.stderr.write(f"fewshot-sla: error: {err}\n")
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("fewshot-sla: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The learner protocol: a batch of episodes in, query logits out. Learners know nothing about SLA."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Learner(nn.Module):
+    """Maps B episodes to query logits, differentiably.
+
+    ``forward(support [B,S,C,H,W] float, support_labels [B,S] int64 in 0..ways-1,
+    query [B,Q,C,H,W] float, ways) -> logits [B,Q,ways]``.
+    ``self.training`` selects training-time settings (e.g. solver iterations, inner steps).
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, ways: int
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class EmbeddingLearner(Learner):
+    """A learner whose logits depend on the images only through per-image backbone embeddings.
+
+    Such learners split into ``embed`` (one backbone pass over every image of every episode) and
+    ``head`` (the per-episode classifier on embeddings), which lets evaluation cache embeddings.
+    """
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, R, C, H, W] images -> [B, R, D] embeddings, in one backbone pass."""
+        b, r = images.shape[:2]
+        return self.backbone(images.flatten(0, 1)).reshape(b, r, -1)
+
+    def head(
+        self,
+        support_features: torch.Tensor,
+        support_labels: torch.Tensor,
+        query_features: torch.Tensor,
+        ways: int,
+    ) -> torch.Tensor:
+        """[B,S,D], [B,S], [B,Q,D], ways -> logits [B,Q,ways]."""
+        raise NotImplementedError
+
+    def forward(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, ways: int
+    ) -> torch.Tensor:
+        s = support.shape[1]
+        features = self.embed(torch.cat([support, query], dim=1))
+        return self.head(features[:, :s], support_labels, features[:, s:], ways)

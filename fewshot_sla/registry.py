@@ -1,0 +1,118 @@
+"""Name -> object registries for datasets, backbones, learners, transformations and objectives.
+
+Built-in entries register themselves with a decorator when their module is imported. Third-party
+packages add entries through the entry-point group ``fewshot_sla.plugins``: each entry point names a
+module (importing it registers its entries) or a callable (called once with no arguments).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from importlib.metadata import entry_points
+from typing import Any, Callable, Generic, Iterable, TypeVar
+
+from fewshot_sla.errors import UserError
+
+PLUGIN_GROUP = "fewshot_sla.plugins"
+
+T = TypeVar("T")
+
+# Modules whose import registers the built-in entries of each kind.
+_BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
+    "dataset": ("fewshot_sla.data.datasets",),
+    "backbone": ("fewshot_sla.backbones",),
+    "learner": ("fewshot_sla.learners",),
+    "transform": ("fewshot_sla.sla",),
+    "objective": ("fewshot_sla.objectives",),
+}
+
+_plugins_loaded = False
+
+
+def load_plugins() -> list[str]:
+    """Import every installed plug-in once; return the entry-point names loaded."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return []
+    _plugins_loaded = True
+    loaded = []
+    for ep in entry_points(group=PLUGIN_GROUP):
+        obj = ep.load()
+        if callable(obj):
+            obj()
+        loaded.append(ep.name)
+    return loaded
+
+
+class Registry(Generic[T]):
+    """A named collection of one kind of component (e.g. learners)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+        self._builtins_loaded = False
+
+    def register(self, name: str | None = None, *, override: bool = False) -> Callable[[T], T]:
+        """Decorator: register the decorated object under ``name`` (default: its ``__name__``)."""
+
+        def decorate(obj: T) -> T:
+            key = name or getattr(obj, "__name__")
+            if key in self._entries and not override and self._entries[key] is not obj:
+                raise ValueError(f"{self.kind} '{key}' is already registered")
+            self._entries[key] = obj
+            return obj
+
+        return decorate
+
+    def add(self, name: str, obj: T, *, override: bool = False) -> T:
+        """Register ``obj`` under ``name`` without a decorator."""
+        return self.register(name, override=override)(obj)
+
+    def _ensure_loaded(self) -> None:
+        if not self._builtins_loaded:
+            self._builtins_loaded = True
+            for module in _BUILTIN_MODULES.get(self.kind, ()):
+                importlib.import_module(module)
+        load_plugins()
+
+    def names(self, pattern: str = "*") -> list[str]:
+        """Sorted registered names matching a shell-style wildcard."""
+        self._ensure_loaded()
+        return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
+
+    def __contains__(self, name: object) -> bool:
+        self._ensure_loaded()
+        return name in self._entries
+
+    def get(self, name: str) -> T:
+        """The entry called ``name``; an unknown name is a UserError listing the valid ones."""
+        self._ensure_loaded()
+        try:
+            return self._entries[name]
+        except KeyError:
+            valid = ", ".join(self.names()) or "(none registered)"
+            raise UserError(f"unknown {self.kind} '{name}'; choose one of: {valid}") from None
+
+    def create(self, name: str, **kwargs: Any) -> Any:
+        """Call the entry called ``name`` (a class or factory) with ``kwargs``."""
+        return self.get(name)(**kwargs)  # type: ignore[operator]
+
+    def items(self) -> Iterable[tuple[str, T]]:
+        self._ensure_loaded()
+        return sorted(self._entries.items())
+
+
+DATASETS: Registry[Any] = Registry("dataset")
+BACKBONES: Registry[Any] = Registry("backbone")
+LEARNERS: Registry[Any] = Registry("learner")
+TRANSFORMS: Registry[Any] = Registry("transform")
+OBJECTIVES: Registry[Any] = Registry("objective")
+
+ALL_REGISTRIES: dict[str, Registry[Any]] = {
+    "datasets": DATASETS,
+    "backbones": BACKBONES,
+    "learners": LEARNERS,
+    "transforms": TRANSFORMS,
+    "objectives": OBJECTIVES,
+}
