@@ -1,0 +1,1 @@
+"""Datasets: the HDF5 store, raw-format importers, the synthetic set, split conventions (see ``store``)."""

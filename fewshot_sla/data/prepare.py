@@ -1,0 +1,236 @@
+"""``prepare``: find a dataset's raw layout, read it and write its store, atomically and re-runnably.
+
+The store is written to a temporary file beside its final name and renamed only once complete, so an
+interrupted or failed prepare never leaves a store that looks finished. A re-run whose inputs (layout,
+split files, source file names, sizes and times, image size, seed) are unchanged reuses the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from fewshot_sla import __version__
+from fewshot_sla.atomic import atomic_path
+from fewshot_sla.data.conventions import load_convention
+from fewshot_sla.data.datasets import DatasetInfo
+from fewshot_sla.data.importers.common import BadImage, Layout, RawSplit, resize_rgb
+from fewshot_sla.data.root import resolve_data_root
+from fewshot_sla.data.store import DatasetStore, append_rows, create_split, finish_store, store_path
+from fewshot_sla.errors import UserError
+from fewshot_sla.registry import DATASETS
+
+MAX_IMAGE_SIZE = 1024
+_BATCH_BYTES = 8 << 20  # images decoded (in parallel) and appended to the store per step: about 8 MB
+_TASK = 32  # images one thread decodes per task
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """What ``prepare`` did: the store, its fingerprint, whether it was reused, the images skipped."""
+
+    path: Path
+    fingerprint: str
+    reused: bool
+    source_format: str
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a prepare will read and how the store records it."""
+
+    source_format: str
+    split_convention: str
+    key: str
+    attrs: dict[str, Any]
+    read: Callable[[], Iterator[tuple[str, RawSplit]]]
+
+
+def prepare(
+    dataset: str,
+    source: str | os.PathLike | None = None,
+    data_root: str | os.PathLike | None = None,
+    *,
+    image_size: int | None = None,
+    split_dir: str | os.PathLike | None = None,
+    skip_bad: bool = False,
+    force: bool = False,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda message: None,
+) -> PrepareResult:
+    """Build ``<data_root>/<dataset>.h5`` from ``source`` (or from ``seed`` for a generated dataset)."""
+    info = DATASETS.get(dataset)
+    size = info.image_size if image_size is None else image_size
+    if not 1 <= size <= MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size must be between 1 and {MAX_IMAGE_SIZE} pixels, got {size}")
+    if info.generator is not None:
+        plan = _generated(info, seed, size, source, split_dir)
+    else:
+        plan = _imported(info, size, source, split_dir, log)
+    path = store_path(dataset, resolve_data_root(data_root))
+    if not force and path.exists():
+        existing = _existing(path)
+        if existing is not None and existing.attrs.get("source_key") == plan.key:
+            log(f"{path} is already prepared from this source (fingerprint {existing.fingerprint[:16]}); reusing it")
+            return PrepareResult(path, existing.fingerprint, True, plan.source_format)
+    attrs = {
+        **plan.attrs,
+        "dataset": dataset,
+        "source_format": plan.source_format,
+        "image_size": size,
+        "split_convention": plan.split_convention,
+        "source_key": plan.key,
+        "fewshot_sla_version": __version__,
+    }
+    skipped: list[str] = []
+    bar = tqdm(total=0, unit="img", desc=f"prepare {dataset}", disable=not progress, leave=False)
+    pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1))
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as h5, bar, pool:
+            for split, raw in plan.read():
+                skipped += _write_split(h5, split, raw, size, pool, skip_bad, bar)
+            attrs["skipped_images"] = len(skipped)
+            fingerprint = finish_store(h5, attrs)
+    log(f"wrote {path} (fingerprint {fingerprint[:16]})")
+    return PrepareResult(path, fingerprint, False, plan.source_format, skipped)
+
+
+def _generated(
+    info: DatasetInfo, seed: int, size: int, source: str | os.PathLike | None, split_dir: str | os.PathLike | None
+) -> _Plan:
+    assert info.generator is not None and info.generator_identity is not None
+    if source is not None or split_dir is not None:
+        raise UserError(f"dataset '{info.name}' is generated from a seed; drop --source and --split-dir")
+    generator = info.generator
+    return _Plan(
+        source_format="generated",
+        split_convention=info.split_convention,
+        key=_key(dataset=info.name, generator=info.generator_identity(), seed=seed, image_size=size),
+        attrs={"seed": seed, "source": f"generated from seed {seed}"},
+        read=lambda: generator(seed, size),
+    )
+
+
+def _imported(
+    info: DatasetInfo,
+    size: int,
+    source: str | os.PathLike | None,
+    split_dir: str | os.PathLike | None,
+    log: Callable[[str], None],
+) -> _Plan:
+    if source is None:
+        raise UserError(f"'data prepare {info.name}' needs --source PATH: {info.source_hint}")
+    layout, root = _find_layout(info, Path(source).expanduser())
+    chosen = Path(split_dir).expanduser() if split_dir is not None else layout.split_dir(root)
+    if chosen is not None and not chosen.is_dir():
+        raise UserError(f"--split-dir {chosen} is not a folder; pass the folder holding the split files")
+    assert info.split_format is not None and info.packaged_splits is not None
+    convention = load_convention(info.split_convention, info.split_format, info.packaged_splits, chosen)
+    log(f"reading {info.title} from {root} ({layout.summary}); split convention: {convention.describe()}")
+    return _Plan(
+        source_format=layout.name,
+        split_convention=convention.describe(),
+        key=_key(
+            dataset=info.name,
+            layout=layout.name,
+            splits=convention.digest,
+            image_size=size,
+            files=_file_stats(root, layout.source_files(root)),
+        ),
+        attrs={"source": str(root.resolve())},
+        read=lambda: layout.read(root, convention),
+    )
+
+
+def _find_layout(info: DatasetInfo, source: Path) -> tuple[Layout, Path]:
+    """The first of the dataset's layouts found in ``source``, with the folder holding it."""
+    hint = f"pass --source {info.source_hint}"
+    if not source.exists():
+        raise UserError(f"source {source} does not exist; {hint}")
+    if not source.is_dir():
+        raise UserError(f"source {source} is a file, not a folder (extract archives first); {hint}")
+    if not any(source.iterdir()):
+        raise UserError(f"source folder {source} is empty; {hint}")
+    for layout in info.layouts:
+        root = layout.locate(source)
+        if root is not None:
+            return layout, root
+    expected = "; ".join(layout.summary for layout in info.layouts)
+    raise UserError(f"no {info.title} layout recognised in {source}; expected one of: {expected}")
+
+
+def _key(**parts: Any) -> str:
+    """A digest of everything that determines a store's content, to recognise a re-run."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _file_stats(root: Path, files: list[Path]) -> list[tuple[str, int, int]]:
+    stats = []
+    for path in files:
+        st = path.stat()
+        stats.append((str(path.relative_to(root)), st.st_size, st.st_mtime_ns))
+    return stats
+
+
+def _existing(path: Path) -> DatasetStore | None:
+    """The store at ``path`` if it is a complete, readable one (else it will simply be replaced)."""
+    try:
+        return DatasetStore(path)
+    except UserError:
+        return None
+
+
+def _load(raw: RawSplit, index: int, size: int) -> np.ndarray | BadImage:
+    try:
+        return resize_rgb(raw.load(index), size)
+    except BadImage as bad:
+        return bad
+
+
+def _write_split(
+    h5: h5py.File, split: str, raw: RawSplit, size: int, pool: ThreadPoolExecutor, skip_bad: bool, bar: tqdm
+) -> list[str]:
+    """Decode, resize and append every image of one split; return the paths of the unreadable ones skipped."""
+    bar.total += len(raw.labels)
+    bar.refresh()
+    group = create_split(h5, split, raw.class_names, size)
+    skipped: list[str] = []
+    batch = min(4096, max(_TASK, _BATCH_BYTES // (3 * size * size)))
+    for start in range(0, len(raw.labels), batch):
+        rows = range(start, min(start + batch, len(raw.labels)))
+        tasks = [rows[i : i + _TASK] for i in range(0, len(rows), _TASK)]
+        loaded = [image for done in pool.map(lambda task: [_load(raw, i, size) for i in task], tasks) for image in done]
+        for image in loaded:
+            if isinstance(image, BadImage):
+                if not skip_bad:
+                    raise UserError(
+                        f"cannot read image {image.path} ({image.reason}); replace it, or pass --skip-bad to skip it"
+                    )
+                skipped.append(image.path)
+        good = [i for i, image in zip(rows, loaded) if not isinstance(image, BadImage)]
+        if good:
+            append_rows(
+                group,
+                np.stack([image for image in loaded if not isinstance(image, BadImage)]),
+                raw.labels[good],
+                [raw.image_ids[i] for i in good],
+            )
+        bar.update(len(rows))
+    counts = np.bincount(group["labels"][()], minlength=len(raw.class_names))
+    if (counts == 0).any():
+        empty = raw.class_names[int(np.argmin(counts))]
+        raise UserError(f"every image of class '{empty}' ({split} split) is unreadable; fix the source images")
+    return skipped

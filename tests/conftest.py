@@ -1,0 +1,62 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+# --- data: raw-layout fixtures and a small synthetic set ------------------------------------------------
+
+
+def _colour_of(index: int) -> tuple[int, int, int]:
+    """A distinct, JPEG-robust solid colour for fixture image ``index`` (< 216), to recognise it after import."""
+    return (20 + 40 * (index % 6), 20 + 40 * (index // 6 % 6), 20 + 40 * (index // 36 % 6))
+
+
+@pytest.fixture
+def ravi_source(tmp_path: Path) -> Callable[..., tuple[Path, dict[str, tuple[int, int, int]]]]:
+    """Factory: write a mini-ImageNet Ravi layout (``images/*.jpg`` + optional CSVs) of solid-colour JPEGs.
+
+    ``make(classes={"train": [...], ...}, per_class=4, csvs=True)`` returns the source folder and the
+    colour of every image file name.
+    """
+
+    def make(
+        classes: dict[str, list[str]] | None = None, per_class: int = 4, csvs: bool = True, name: str = "ravi"
+    ) -> tuple[Path, dict[str, tuple[int, int, int]]]:
+        classes = classes or {
+            "train": ["n00000001", "n00000002", "n00000003"],
+            "val": ["n00000004", "n00000005"],
+            "test": ["n00000006", "n00000007"],
+        }
+        source = tmp_path / name
+        (source / "images").mkdir(parents=True)
+        colours: dict[str, tuple[int, int, int]] = {}
+        for split, wnids in classes.items():
+            rows = []
+            for wnid in wnids:
+                for i in range(per_class):
+                    file = f"{wnid}{2 * i + 1:08d}.jpg"  # odd numbers: indices need not be contiguous
+                    colours[file] = _colour_of(len(colours))
+                    size = (24 + 4 * (i % 3), 20)  # not square, and not all the same size
+                    Image.new("RGB", size, colours[file]).save(source / "images" / file, quality=95)
+                    rows.append([file, wnid])
+            if csvs:
+                with open(source / f"{split}.csv", "w", newline="") as f:
+                    csv.writer(f).writerows([["filename", "label"], *rows])
+        return source, colours
+
+    return make
+
+
+@pytest.fixture
+def small_synthetic(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Make the synthetic set tiny (4 images per class) so tests that build its store run fast."""
+    from fewshot_sla.data import synthetic
+
+    monkeypatch.setattr(synthetic, "IMAGES_PER_CLASS", 4)
+    return 4
