@@ -38,11 +38,28 @@ def load_plugins() -> list[str]:
     _plugins_loaded = True
     loaded = []
     for ep in entry_points(group=PLUGIN_GROUP):
-        obj = ep.load()
-        if callable(obj):
-            obj()
+        try:
+            obj = ep.load()
+            if callable(obj):
+                obj()
+        except UserError as err:
+            raise UserError(f"plug-in '{ep.name}' ({ep.value}): {err}") from err
+        except Exception as err:
+            reason = " ".join(str(err).split())
+            raise UserError(
+                f"plug-in '{ep.name}' ({ep.value}) failed to load: {type(err).__name__}: {reason}; "
+                "fix or uninstall the package that provides it"
+            ) from err
         loaded.append(ep.name)
     return loaded
+
+
+def _origin(obj: object) -> str:
+    """Where an entry comes from (module.qualname of a class or function), to name both sides of a clash."""
+    qualname = getattr(obj, "__qualname__", None)
+    if qualname is None:
+        return f"a {type(obj).__name__} object"
+    return f"{getattr(obj, '__module__', '?')}.{qualname}"
 
 
 class Registry(Generic[T]):
@@ -58,8 +75,12 @@ class Registry(Generic[T]):
 
         def decorate(obj: T) -> T:
             key = name or getattr(obj, "__name__")
-            if key in self._entries and not override and self._entries[key] is not obj:
-                raise ValueError(f"{self.kind} '{key}' is already registered")
+            old = self._entries.get(key)
+            if old is not None and not override and old is not obj:
+                raise UserError(
+                    f"{self.kind} '{key}' is registered twice (by {_origin(old)} and {_origin(obj)}); "
+                    "rename one of them, or register with override=True to replace it"
+                )
             self._entries[key] = obj
             return obj
 
@@ -71,9 +92,9 @@ class Registry(Generic[T]):
 
     def _ensure_loaded(self) -> None:
         if not self._builtins_loaded:
-            self._builtins_loaded = True
             for module in _BUILTIN_MODULES.get(self.kind, ()):
                 importlib.import_module(module)
+            self._builtins_loaded = True
         load_plugins()
 
     def names(self, pattern: str = "*") -> list[str]:
@@ -99,6 +120,7 @@ class Registry(Generic[T]):
         return self.get(name)(**kwargs)  # type: ignore[operator]
 
     def items(self) -> Iterable[tuple[str, T]]:
+        """All (name, entry) pairs, sorted by name."""
         self._ensure_loaded()
         return sorted(self._entries.items())
 

@@ -1,0 +1,244 @@
+"""Training objectives: how an episode becomes a loss, and which N-way predictions a method offers.
+
+The comparisons of the SLA paper, for any learner mapping ``(support, support_labels, query, ways)``
+to query logits: ``baseline`` (plain episode), ``da`` (transformed copies keep their label), ``mt``
+(plain task plus a transformation-prediction head), ``sla`` (joint N*M-way labels; SI and AG
+predictions) and ``sla+sd`` (``sla`` plus a plain prediction distilled from the aggregated one).
+
+An objective may hold parameters (``mt``'s head): the optimiser must include ``objective.parameters()``.
+For an ``EmbeddingLearner``, ``mt`` and ``sla+sd`` take the plain (t_1) embeddings from the rows of the
+transformed batch instead of a second backbone pass; in training mode the plain rows then share
+batch-norm statistics with their transformed copies, as in the reference implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot_sla.errors import UserError
+from fewshot_sla.learners.base import EmbeddingLearner, Learner
+from fewshot_sla.registry import OBJECTIVES
+from fewshot_sla.sla import (
+    Transformation,
+    aggregate_ag,
+    aggregate_si,
+    augment_episode,
+    resolve_transform,
+    self_distillation_loss,
+    transformation_labels,
+)
+
+
+def _forward(learner: Learner, episode: Any) -> torch.Tensor:
+    """The learner's query logits ``[B, Q, ways]`` on ``episode`` as it is."""
+    return learner(episode.support, episode.support_labels, episode.query, episode.ways)
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits ``[..., C]`` against labels ``[...]``."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows whose arg-max is the label (a tensor, to be synchronised once)."""
+    return (logits.argmax(dim=-1) == labels).float().mean()
+
+
+def _metrics(**values: torch.Tensor) -> dict[str, float]:
+    """Scalar tensors -> floats, with a single device synchronisation."""
+    numbers = torch.stack([v.detach().float() for v in values.values()]).tolist()
+    return dict(zip(values, numbers))
+
+
+def _embed_transformed(
+    learner: EmbeddingLearner, support: torch.Tensor, query: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of transformed support and query ``[B, R*M, D]`` in one backbone pass."""
+    features = learner.embed(torch.cat([support, query], dim=1))
+    return features[:, : support.shape[1]], features[:, support.shape[1] :]
+
+
+def _identity_rows(features: torch.Tensor, m: int) -> torch.Tensor:
+    """Rows of the identity copies t_1 of sample-major features ``[B, R*M, D]`` -> ``[B, R, D]``."""
+    return features[:, ::m].contiguous()
+
+
+class Objective(nn.Module):
+    """A training objective over any learner: ``loss`` for meta-training, ``predict`` for evaluation.
+
+    ``loss(learner, episode) -> (scalar loss, metrics)`` and ``predict(learner, episode) -> {key:
+    logits [B, N*Q, N]}`` take a normalised float episode; the default prediction is the learner on the
+    plain episode (key ``plain``). Metrics always hold ``loss`` and ``acc`` (the training accuracy of the
+    logits the loss is computed on: N*M-way joint labels for ``sla``), plus per-objective extras.
+    """
+
+    def __init__(self, transform: Transformation | str = "none", feature_dim: int = 0) -> None:
+        super().__init__()
+        self.transform = resolve_transform(transform)
+        self.feature_dim = feature_dim
+
+    def loss(self, learner: Learner, episode: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training loss on one batch of episodes, and float metrics for logging."""
+        raise NotImplementedError
+
+    def predict(self, learner: Learner, episode: Any) -> dict[str, torch.Tensor]:
+        """N-way query logits ``[B, N*Q, N]`` of each prediction this objective offers."""
+        return {"plain": _forward(learner, episode)}
+
+
+@OBJECTIVES.register("baseline")
+class Baseline(Objective):
+    """Cross-entropy on the plain N-way episode; the transformation is not used."""
+
+    def loss(self, learner: Learner, episode: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = _forward(learner, episode)
+        loss = _cross_entropy(logits, episode.query_labels)
+        return loss, _metrics(loss=loss, acc=_accuracy(logits, episode.query_labels))
+
+
+@OBJECTIVES.register("da")
+class DataAugmentation(Objective):
+    """Plain data augmentation: support and query are transformed M ways and keep the original label.
+
+    Prediction (``plain``) uses the untransformed episode, the usual test protocol for augmentation.
+    """
+
+    def loss(self, learner: Learner, episode: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        m = self.transform.m
+        query_labels = episode.query_labels.repeat_interleave(m, dim=-1)
+        logits = learner(
+            self.transform(episode.support),
+            episode.support_labels.repeat_interleave(m, dim=-1),
+            self.transform(episode.query),
+            episode.ways,
+        )
+        loss = _cross_entropy(logits, query_labels)
+        return loss, _metrics(loss=loss, acc=_accuracy(logits, query_labels))
+
+
+@OBJECTIVES.register("mt")
+class MultiTask(Objective):
+    """Multi-task: the plain N-way loss plus a linear head predicting the transformation index j.
+
+    The head reads ``learner.backbone`` features of every transformed support and query image; the two
+    cross-entropies are summed. Prediction (``plain``) is the learner on the plain episode.
+    """
+
+    def __init__(self, transform: Transformation | str = "none", feature_dim: int = 0) -> None:
+        super().__init__(transform, feature_dim)
+        if feature_dim < 1:
+            raise UserError(
+                f"objective 'mt' needs feature_dim >= 1 (got {feature_dim}); "
+                "pass the backbone's output size, backbone.feature_dim(image_size)"
+            )
+        self.transform_head = nn.Linear(feature_dim, self.transform.m)
+
+    def loss(self, learner: Learner, episode: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        m = self.transform.m
+        support, query = self.transform(episode.support), self.transform(episode.query)
+        if isinstance(learner, EmbeddingLearner):
+            support_features, query_features = _embed_transformed(learner, support, query)
+            logits = learner.head(
+                _identity_rows(support_features, m),
+                episode.support_labels,
+                _identity_rows(query_features, m),
+                episode.ways,
+            )
+            features = torch.cat([support_features, query_features], dim=1)
+        else:
+            logits = _forward(learner, episode)
+            features = learner.backbone(torch.cat([support, query], dim=1).flatten(0, 1))
+        features = features.reshape(-1, features.shape[-1])
+        if features.shape[-1] != self.feature_dim:
+            raise UserError(
+                f"objective 'mt' was built with feature_dim={self.feature_dim} but the backbone gives "
+                f"{features.shape[-1]} features; pass feature_dim=backbone.feature_dim(image_size)"
+            )
+        transform_logits = self.transform_head(features)
+        transform_targets = transformation_labels(features.shape[0] // m, m, device=features.device)
+        task_loss = _cross_entropy(logits, episode.query_labels)
+        transform_loss = F.cross_entropy(transform_logits, transform_targets)
+        loss = task_loss + transform_loss
+        return loss, _metrics(
+            loss=loss,
+            loss_task=task_loss,
+            loss_transform=transform_loss,
+            acc=_accuracy(logits, episode.query_labels),
+            acc_transform=_accuracy(transform_logits, transform_targets),
+        )
+
+
+@OBJECTIVES.register("sla")
+class LabelAugmentation(Objective):
+    """SLA: cross-entropy over the N*M joint labels of the transformed queries (N*M-way episode).
+
+    Predictions: ``si`` (identity copy, its own N columns) and ``ag`` (logits averaged over copies).
+    """
+
+    def _joint(self, learner: Learner, episode: Any) -> tuple[Any, torch.Tensor]:
+        augmented = augment_episode(episode, self.transform)
+        return augmented, _forward(learner, augmented)
+
+    def _sla_terms(self, joint: torch.Tensor, augmented: Any, episode: Any) -> dict[str, torch.Tensor]:
+        """The joint loss and the training accuracies of the joint, SI and AG predictions."""
+        m = self.transform.m
+        return {
+            "loss_sla": _cross_entropy(joint, augmented.query_labels),
+            "acc": _accuracy(joint, augmented.query_labels),
+            "acc_si": _accuracy(aggregate_si(joint, m), episode.query_labels),
+            "acc_ag": _accuracy(aggregate_ag(joint, m), episode.query_labels),
+        }
+
+    def loss(self, learner: Learner, episode: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        augmented, joint = self._joint(learner, episode)
+        terms = self._sla_terms(joint, augmented, episode)
+        loss = terms.pop("loss_sla")
+        return loss, _metrics(loss=loss, **terms)
+
+    def predict(self, learner: Learner, episode: Any) -> dict[str, torch.Tensor]:
+        _, joint = self._joint(learner, episode)
+        m = self.transform.m
+        return {"si": aggregate_si(joint, m), "ag": aggregate_ag(joint, m)}
+
+
+@OBJECTIVES.register("sla+sd")
+class SelfDistillation(LabelAugmentation):
+    """SLA plus self-distillation: a plain N-way prediction (the learner on the untransformed episode)
+    trained with CE + KL towards the detached aggregated prediction. Predictions: ``si``, ``ag``, ``sd``.
+    """
+
+    def _joint_and_single(self, learner: Learner, episode: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """The augmented episode, its joint logits, and the plain logits (sharing one backbone pass
+        when the learner is an EmbeddingLearner)."""
+        augmented = augment_episode(episode, self.transform)
+        if not isinstance(learner, EmbeddingLearner):
+            return augmented, _forward(learner, augmented), _forward(learner, episode)
+        m = self.transform.m
+        support_features, query_features = _embed_transformed(learner, augmented.support, augmented.query)
+        joint = learner.head(support_features, augmented.support_labels, query_features, augmented.ways)
+        single = learner.head(
+            _identity_rows(support_features, m),
+            episode.support_labels,
+            _identity_rows(query_features, m),
+            episode.ways,
+        )
+        return augmented, joint, single
+
+    def loss(self, learner: Learner, episode: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        augmented, joint, single = self._joint_and_single(learner, episode)
+        terms = self._sla_terms(joint, augmented, episode)
+        aggregated = aggregate_ag(joint, self.transform.m)
+        sd_loss = self_distillation_loss(single, aggregated, episode.query_labels)
+        loss = terms["loss_sla"] + sd_loss
+        return loss, _metrics(
+            loss=loss, loss_sd=sd_loss, acc_sd=_accuracy(single, episode.query_labels), **terms
+        )
+
+    def predict(self, learner: Learner, episode: Any) -> dict[str, torch.Tensor]:
+        _, joint, single = self._joint_and_single(learner, episode)
+        m = self.transform.m
+        return {"si": aggregate_si(joint, m), "ag": aggregate_ag(joint, m), "sd": single}
