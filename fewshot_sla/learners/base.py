@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Callable, TypeVar
+
 import torch
 from torch import nn
 
@@ -52,3 +55,29 @@ class EmbeddingLearner(Learner):
         s = support.shape[1]
         features = self.embed(torch.cat([support, query], dim=1))
         return self.head(features[:, :s], support_labels, features[:, s:], ways)
+
+
+HeadMethod = TypeVar("HeadMethod", bound=Callable[..., torch.Tensor])
+
+
+def full_precision(head: HeadMethod) -> HeadMethod:
+    """Decorator for ``EmbeddingLearner.head``: solve in float32 or wider, even under autocast (AMP).
+
+    Distances and linear solves lose too much in float16/bfloat16; the backbone keeps its mixed
+    precision, the per-episode head (cheap) does not.
+    """
+
+    @functools.wraps(head)
+    def wrapped(
+        self: EmbeddingLearner,
+        support_features: torch.Tensor,
+        support_labels: torch.Tensor,
+        query_features: torch.Tensor,
+        ways: int,
+    ) -> torch.Tensor:
+        device_type = support_features.device.type
+        dtype = torch.promote_types(torch.promote_types(support_features.dtype, query_features.dtype), torch.float32)
+        with torch.autocast(device_type, enabled=False):
+            return head(self, support_features.to(dtype), support_labels, query_features.to(dtype), ways)
+
+    return wrapped  # type: ignore[return-value]

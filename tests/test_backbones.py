@@ -1,0 +1,150 @@
+"""Backbones: one parametrized check over every registered backbone, plus conv4/resnet12/DropBlock specifics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fewshot_sla.backbones.resnet12 import DropBlock, dropblock_size_for
+from fewshot_sla.errors import UserError
+from fewshot_sla.registry import BACKBONES
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small batches: intra-op threads only add overhead (and stall badly on a busy shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", BACKBONES.names())
+def test_every_backbone_shapes_gradients_and_modes(name: str) -> None:
+    torch.manual_seed(0)
+    backbone = BACKBONES.create(name)
+    for size in (32, 84):
+        images = torch.randn(2, 3, size, size)
+        backbone.train()
+        features = backbone(images)
+        assert features.shape == (2, backbone.feature_dim(size))
+        assert torch.isfinite(features).all()
+        if size == 32:
+            features.square().mean().backward()
+            missing = [n for n, p in backbone.named_parameters() if p.requires_grad and p.grad is None]
+            assert not missing, f"no gradient for {missing}"
+            assert all(torch.isfinite(p.grad).all() for p in backbone.parameters() if p.grad is not None)
+        backbone.eval()
+        before = _state(backbone)
+        with torch.no_grad():
+            first, second = backbone(images), backbone(images)
+        assert torch.equal(first, second), "eval mode must be deterministic"
+        after = backbone.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), "eval mode must not change the state"
+
+
+@pytest.mark.parametrize("name", ["conv4", "resnet12"])
+def test_builtin_backbones_reject_too_small_images(name: str) -> None:
+    backbone = BACKBONES.create(name)
+    with pytest.raises(UserError, match="at least 16x16"):
+        backbone.feature_dim(8)
+    with pytest.raises(UserError, match="at least 16x16"):
+        backbone(torch.randn(2, 3, 12, 12))
+
+
+def test_published_feature_sizes() -> None:
+    # ProtoNet's Conv-4 gives 1600 features at 84x84; MetaOptNet's ResNet-12 16,000 (640 x 5 x 5), 640 pooled.
+    assert BACKBONES.create("conv4").feature_dim(84) == 1600
+    assert BACKBONES.create("conv4", hidden=32).feature_dim(84) == 800
+    assert BACKBONES.create("resnet12").feature_dim(84) == 16000
+    assert BACKBONES.create("resnet12").feature_dim(32) == 640 * 2 * 2
+    assert BACKBONES.create("resnet12", avg_pool=True).feature_dim(84) == 640
+
+
+def test_resnet12_parameter_count_matches_the_architecture() -> None:
+    # Per stage (c_in -> c): three 3x3 convs, one 1x1 shortcut conv, four BatchNorms (weight + bias).
+    expected, c_in = 0, 3
+    for c in (64, 160, 320, 640):
+        expected += 9 * c_in * c + 2 * 9 * c * c + c_in * c + 4 * 2 * c
+        c_in = c
+    backbone = BACKBONES.create("resnet12")
+    assert sum(p.numel() for p in backbone.parameters()) == expected
+
+
+def test_resnet12_train_mode_regularises_and_eval_mode_does_not() -> None:
+    torch.manual_seed(0)
+    backbone = BACKBONES.create("resnet12", channels=(4, 4, 4, 4), dropblock_ramp_steps=1).train()
+    images = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    a = backbone(images)
+    torch.manual_seed(2)
+    b = backbone(images)
+    assert not torch.equal(a, b), "dropout / DropBlock should make training passes differ"
+    torch.manual_seed(1)
+    assert torch.equal(a, backbone(images)), "the global RNG seeds the training-time noise"
+    quiet = BACKBONES.create("resnet12", channels=(4, 4, 4, 4), drop_rate=0.0).train()
+    quiet.load_state_dict(backbone.state_dict())
+    assert torch.equal(quiet(images), quiet(images))
+
+
+def test_dropblock_size_follows_metaoptnet() -> None:
+    assert dropblock_size_for(84) == 5
+    assert dropblock_size_for(32) == 2
+    assert dropblock_size_for(8) == 1
+
+
+def test_dropblock_is_identity_in_eval_and_counts_training_steps() -> None:
+    block = DropBlock(drop_rate=0.1, ramp_steps=4)
+    x = torch.randn(2, 3, 10, 10)
+    assert torch.equal(block.eval()(x, 5), x)
+    assert int(block.steps) == 0
+    block.train()
+    for step in range(1, 7):
+        block(x, 5)
+        assert float(block.current_rate()) == pytest.approx(0.1 * min(step / 4, 1.0))
+
+
+def _dropped_units_form_whole_blocks(keep: torch.Tensor, size: int) -> bool:
+    """Brute force: every dropped unit lies in a size x size square (inside the map) of dropped units."""
+    height, width = keep.shape
+    for i in range(height):
+        for j in range(width):
+            if keep[i, j] != 0:
+                continue
+            covered = False
+            for top in range(max(0, i - size + 1), min(i, height - size) + 1):
+                for left in range(max(0, j - size + 1), min(j, width - size) + 1):
+                    if (keep[top : top + size, left : left + size] == 0).all():
+                        covered = True
+            if not covered:
+                return False
+    return True
+
+
+def test_dropblock_drops_whole_blocks_at_the_target_rate_and_rescales() -> None:
+    torch.manual_seed(0)
+    block = DropBlock(drop_rate=0.2, ramp_steps=1).train()
+    ones = torch.ones(64, 8, 10, 10)
+    out = block(ones, 3)
+    keep = (out != 0).to(out.dtype)
+    assert (1 - keep.mean()).item() == pytest.approx(0.2, abs=0.03)  # overlaps make it slightly less
+    # Kept units are rescaled so that the total is preserved exactly.
+    assert out.sum().item() == pytest.approx(ones.numel(), rel=1e-5)
+    assert torch.allclose(out[out != 0], out[out != 0][0].expand(int(keep.sum())))
+    for n in range(4):
+        assert _dropped_units_form_whole_blocks(keep[n, 0], 3)
+
+
+def test_bad_backbone_options_are_user_errors() -> None:
+    with pytest.raises(UserError, match="hidden"):
+        BACKBONES.create("conv4", hidden=0)
+    with pytest.raises(UserError, match="drop_rate"):
+        BACKBONES.create("resnet12", drop_rate=1.5)
+    with pytest.raises(UserError, match="channels"):
+        BACKBONES.create("resnet12", channels=(64, 160, 320))
+    with pytest.raises(UserError, match="dropblock_size"):
+        BACKBONES.create("resnet12", dropblock_size=0)

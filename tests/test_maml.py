@@ -1,0 +1,268 @@
+"""MAML: meta-gradients against finite differences through the inner loop, first order against an explicit
+computation, batch statistics, test-time adaptation, the lazily sized head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot_sla.errors import UserError
+from fewshot_sla.registry import BACKBONES, LEARNERS
+
+WAYS, SHOTS, QUERIES, EPISODES = 3, 2, 2, 2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and stall badly on a busy shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Tiny(nn.Module):
+    """A backbone small enough for finite differences: tanh(linear(flattened 3x2x2 image)) -> 4 features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(12, 4)
+
+    def feature_dim(self, image_size: int) -> int:
+        return 4
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(images.flatten(1)))
+
+
+def _episodes(seed: int, side: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    support = torch.randn(EPISODES, WAYS * SHOTS, 3, side, side, generator=g, dtype=torch.float64)
+    query = torch.randn(EPISODES, WAYS * QUERIES, 3, side, side, generator=g, dtype=torch.float64)
+    labels = torch.stack([torch.randperm(WAYS * SHOTS, generator=g) % WAYS for _ in range(EPISODES)])
+    query_labels = torch.stack([torch.randperm(WAYS * QUERIES, generator=g) % WAYS for _ in range(EPISODES)])
+    return support, labels, query, query_labels
+
+
+def _tiny_learner(name: str = "maml", seed: int = 0, **options):
+    torch.manual_seed(seed)
+    learner = LEARNERS.create(name, backbone=Tiny(), inner_lr=0.5, train_steps=3, **options).double()
+    support, labels, query, _ = _episodes(seed)
+    learner(support, labels, query, WAYS)  # materialise the head row, then make it non-trivial
+    with torch.no_grad():
+        learner.head_weight.copy_(torch.randn(4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+        learner.head_bias.fill_(0.3)
+    return learner
+
+
+def _outer_loss(learner, episode) -> torch.Tensor:
+    support, labels, query, query_labels = episode
+    logits = learner(support, labels, query, WAYS)
+    return F.cross_entropy(logits.flatten(0, 1), query_labels.flatten())
+
+
+def _meta_gradient(learner, episode) -> list[torch.Tensor]:
+    learner.zero_grad()
+    _outer_loss(learner, episode).backward()
+    return [p.grad.clone() for p in learner.parameters()]
+
+
+@pytest.mark.parametrize("episodes", ["loop", "vmap"])
+@pytest.mark.parametrize("adapt", ["all", "head"])
+def test_second_order_meta_gradient_matches_finite_differences(adapt: str, episodes: str) -> None:
+    """Directional derivatives of the outer loss (inner loop included) along random directions."""
+    learner = _tiny_learner(adapt=adapt, episodes=episodes).train()
+    episode = _episodes(1)
+    analytic = torch.cat([g.flatten() for g in _meta_gradient(learner, episode)])
+    params = list(learner.parameters())
+    theta = nn.utils.parameters_to_vector(params).detach()
+    g = torch.Generator().manual_seed(0)
+    eps = 1e-6
+    with torch.no_grad():
+        for _ in range(3):
+            direction = torch.randn(theta.shape, generator=g, dtype=theta.dtype)
+            values = []
+            for sign in (1, -1):
+                nn.utils.vector_to_parameters(theta + sign * eps * direction, params)
+                values.append(_outer_loss(learner, episode).item())
+            numeric = (values[0] - values[1]) / (2 * eps)
+            assert (analytic @ direction).item() == pytest.approx(numeric, rel=1e-6, abs=1e-9)
+        nn.utils.vector_to_parameters(theta, params)
+
+
+def _explicit_adaptation(learner: nn.Module, support, labels, steps: int, adapt: str = "all"):
+    """Plain-tensor MAML inner loop on the Tiny model, adapted parameters returned as new leaves."""
+    row, bias = learner.head_weight.detach(), learner.head_bias.detach()
+    params = [
+        learner.backbone.linear.weight.detach().clone(),
+        learner.backbone.linear.bias.detach().clone(),
+        row.expand(WAYS, -1).clone(),
+        bias.expand(WAYS).clone(),
+    ]
+    for _ in range(steps):
+        params = [p.requires_grad_(True) for p in params]
+        w1, b1, wh, bh = params
+        loss = F.cross_entropy(torch.tanh(support.flatten(1) @ w1.T + b1) @ wh.T + bh, labels)
+        grads = torch.autograd.grad(loss, params)
+        if adapt == "head":
+            grads = (torch.zeros_like(w1), torch.zeros_like(b1), *grads[2:])
+        params = [(p - learner.inner_lr * g).detach() for p, g in zip(params, grads)]
+    return [p.requires_grad_(True) for p in params]
+
+
+def _explicit_logits(params, query):
+    w1, b1, wh, bh = params
+    return torch.tanh(query.flatten(1) @ w1.T + b1) @ wh.T + bh
+
+
+@pytest.mark.parametrize("episodes", ["loop", "vmap"])
+@pytest.mark.parametrize("adapt", ["all", "head"])
+def test_first_order_gradient_is_the_outer_gradient_at_the_adapted_parameters(adapt: str, episodes: str) -> None:
+    learner = _tiny_learner("maml-fo", adapt=adapt, episodes=episodes).train()
+    episode = _episodes(2)
+    support, labels, query, query_labels = episode
+    got = _meta_gradient(learner, episode)
+    expected = [torch.zeros_like(p) for p in learner.parameters()]
+    names = [n for n, _ in learner.named_parameters()]
+    for e in range(EPISODES):
+        adapted = _explicit_adaptation(learner, support[e], labels[e], learner.train_steps, adapt)
+        loss = F.cross_entropy(_explicit_logits(adapted, query[e]), query_labels[e]) / EPISODES
+        g_w1, g_b1, g_wh, g_bh = torch.autograd.grad(loss, adapted)
+        by_name = {
+            "backbone.linear.weight": g_w1,
+            "backbone.linear.bias": g_b1,
+            "head_weight": g_wh.sum(0),  # the shared row is repeated over the ways
+            "head_bias": g_bh.sum(),
+        }
+        for i, name in enumerate(names):
+            expected[i] += by_name[name]
+    for name, a, b in zip(names, got, expected):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), name
+
+
+def test_first_and_second_order_differ_with_inner_steps_and_agree_without() -> None:
+    episode = _episodes(3)
+    second = _meta_gradient(_tiny_learner("maml").train(), episode)
+    first = _meta_gradient(_tiny_learner("maml-fo").train(), episode)
+    assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(second, first))
+
+    grads = []
+    for name in ("maml", "maml-fo"):
+        learner = _tiny_learner(name).train()
+        learner.train_steps = 0
+        grads.append(_meta_gradient(learner, episode))
+    # With no inner step both are the plain gradient of the query loss at the initial parameters.
+    support, labels, query, query_labels = episode
+    plain = _explicit_adaptation(learner, support[0], labels[0], 0)
+    loss = sum(
+        F.cross_entropy(_explicit_logits(plain, query[e]), query_labels[e]) for e in range(EPISODES)
+    ) / EPISODES
+    g_w1, g_b1, g_wh, g_bh = torch.autograd.grad(loss, plain)
+    expected = {
+        "backbone.linear.weight": g_w1,
+        "backbone.linear.bias": g_b1,
+        "head_weight": g_wh.sum(0),
+        "head_bias": g_bh.sum(),
+    }
+    names = [n for n, _ in learner.named_parameters()]
+    for name, a, b in zip(names, grads[0], grads[1]):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), name
+        assert torch.allclose(a, expected[name], rtol=1e-9, atol=1e-12), name
+
+
+@pytest.mark.parametrize("name", ["maml", "maml-fo"])
+def test_test_time_adapts_with_test_steps_and_without_autograd(name: str) -> None:
+    learner = _tiny_learner(name).eval()
+    support, labels, query, _ = _episodes(4)
+    with torch.no_grad():
+        got = learner(support, labels, query, WAYS)
+    assert not got.requires_grad
+    for e in range(EPISODES):
+        adapted = _explicit_adaptation(learner, support[e], labels[e], learner.test_steps)
+        assert torch.allclose(got[e], _explicit_logits(adapted, query[e]).detach(), rtol=1e-10, atol=1e-12)
+    with torch.inference_mode():
+        assert torch.allclose(learner(support, labels, query, WAYS), got, rtol=1e-12, atol=1e-14)
+
+
+def _conv_learner(name: str = "maml", **options):
+    torch.manual_seed(0)
+    backbone = BACKBONES.create("conv4", hidden=4)
+    return LEARNERS.create(name, backbone=backbone, inner_lr=0.1, train_steps=2, test_steps=2, **options).double()
+
+
+def test_batchnorm_uses_batch_statistics_in_train_and_eval() -> None:
+    learner = _conv_learner()
+    norms = [m for m in learner.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(m.running_mean is None and m.running_var is None for m in norms)
+    support, labels, query, _ = _episodes(5, side=16)
+    train_logits = learner.train()(support, labels, query, WAYS)
+    eval_logits = learner.eval()(support, labels, query, WAYS)
+    assert torch.allclose(train_logits, eval_logits, rtol=1e-10, atol=1e-12)
+    # Query logits depend on the other queries of the episode (transductive), as in the original MAML.
+    shifted = query.clone()
+    shifted[:, 1:] += 1.0
+    assert not torch.allclose(learner(support, labels, shifted, WAYS)[:, 0], eval_logits[:, 0])
+
+
+@pytest.mark.parametrize(("name", "adapt"), [("maml", "head"), ("maml-fo", "all"), ("maml-fo", "head")])
+def test_vmap_and_loop_agree_in_logits_and_meta_gradients(name: str, adapt: str) -> None:
+    episode = _episodes(6, side=16)
+    support, labels, query, _ = episode
+    results = []
+    for episodes in ("loop", "vmap"):
+        learner = _conv_learner(name, adapt=adapt, episodes=episodes).train()
+        logits = learner(support, labels, query, WAYS)
+        results.append((logits.detach(), _meta_gradient(learner, episode)))
+        one_at_a_time = torch.cat(
+            [learner(support[e : e + 1], labels[e : e + 1], query[e : e + 1], WAYS) for e in range(EPISODES)]
+        )
+        assert torch.allclose(logits, one_at_a_time, rtol=1e-10, atol=1e-12)
+    (loop_logits, loop_grads), (vmap_logits, vmap_grads) = results
+    assert torch.allclose(loop_logits, vmap_logits, rtol=1e-10, atol=1e-12)
+    for a, b in zip(loop_grads, vmap_grads):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_vmap_refuses_second_order_through_batchnorm() -> None:
+    # torch.func's BatchNorm double-backward batching rule gives wrong meta-gradients (see the module docstring).
+    with pytest.raises(UserError, match="episodes='loop'"):
+        _conv_learner("maml", episodes="vmap")
+
+
+def test_lazy_head_trains_with_an_early_optimizer_and_round_trips_through_state_dict() -> None:
+    learner = _conv_learner().train()
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.5)  # before the head row has a size
+    episode = _episodes(7, side=16)
+    _outer_loss(learner, episode).backward()
+    optimizer.step()
+    assert learner.head_weight.shape == (4,)
+    assert learner.head_weight.abs().sum() > 0, "the optimizer must update the head row"
+    fresh = _conv_learner()
+    fresh.load_state_dict(learner.state_dict())
+    support, labels, query, _ = episode
+    learner.eval(), fresh.eval()
+    assert torch.equal(fresh(support, labels, query, WAYS), learner(support, labels, query, WAYS))
+
+
+def test_head_fits_any_number_of_ways() -> None:
+    learner = _conv_learner().eval()
+    g = torch.Generator().manual_seed(8)
+    for ways in (2, 12):
+        support = torch.randn(1, ways, 3, 16, 16, generator=g, dtype=torch.float64)
+        query = torch.randn(1, 3, 3, 16, 16, generator=g, dtype=torch.float64)
+        assert learner(support, torch.arange(ways)[None], query, ways).shape == (1, 3, ways)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"inner_lr": -1.0}, "must be >= 0"),
+        ({"adapt": "body"}, "unknown adapt"),
+        ({"episodes": "jit"}, "unknown episodes"),
+    ],
+)
+def test_bad_options_are_user_errors(options: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        LEARNERS.create("maml", backbone=Tiny(), **options)
