@@ -1,0 +1,153 @@
+"""Building a run's parts from its configuration: device, data, episode specs, learner and objective.
+
+Everything a user can get wrong (names, device, dataset, impossible episode specs) is checked here, before
+a run writes anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot_sla.augment import TrainAugment, normalize
+from fewshot_sla.config import RunConfig
+from fewshot_sla.data.store import DatasetStore, Split, open_store
+from fewshot_sla.episodes import CanonicalOrder, EpisodeBatch, EpisodeSpec
+from fewshot_sla.errors import UserError
+from fewshot_sla.learners.base import Learner
+from fewshot_sla.registry import BACKBONES, DATASETS, LEARNERS, OBJECTIVES
+from fewshot_sla.sla import Transformation, resolve_transform
+
+# Prediction kinds in order of preference for model selection and headline numbers.
+KIND_PREFERENCE = ("ag", "sd", "si", "plain")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the GPU when one is visible, else the CPU; asking for a missing GPU is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asks for a CUDA GPU but none is visible; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible; pick another index")
+    return device
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu`` or ``cuda (<GPU name>)`` for results files."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
+def derived_seed(seed: int, purpose: str) -> int:
+    """An independent 63-bit seed for one random stream of a run (model init, sampler, augmentation)."""
+    words = [ord(c) for c in purpose]
+    return int(np.random.SeedSequence([seed, *words]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
+
+
+def check_names(cfg: RunConfig) -> None:
+    """Every registered name in ``cfg`` exists (UserErrors list the valid names)."""
+    DATASETS.get(cfg.dataset)
+    LEARNERS.get(cfg.method)
+    BACKBONES.get(cfg.backbone or "conv4")
+    OBJECTIVES.get(cfg.objective)
+    resolve_transform(cfg.transform)
+
+
+def open_dataset(cfg: RunConfig, data_root: Any) -> DatasetStore:
+    """The dataset's store (a missing store is a UserError naming the prepare command)."""
+    return open_store(cfg.dataset, data_root)
+
+
+def episode_specs(cfg: RunConfig) -> tuple[EpisodeSpec, EpisodeSpec]:
+    """The (training, test) episode specs of a resolved configuration."""
+    train = EpisodeSpec(cfg.train_ways or cfg.ways, cfg.train_shots or cfg.shots, cfg.train_queries or cfg.queries)
+    return train, EpisodeSpec(cfg.ways, cfg.shots, cfg.queries)
+
+
+def check_split(split: Split, spec: EpisodeSpec, what: str) -> None:
+    """A UserError when ``split`` cannot serve ``spec`` (the message says which flag to change)."""
+    try:
+        CanonicalOrder.of_split(split).check(spec)
+    except UserError as err:
+        raise UserError(f"{what} episodes: {err}") from None
+
+
+@dataclass
+class ImagePipeline:
+    """uint8 episode images -> normalised float images at the model's size, with optional augmentation."""
+
+    image_size: int
+    store_size: int
+    augment: TrainAugment | None = None
+
+    def images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 ``[..., 3, H, W]`` -> float ``[..., 3, S, S]`` (augmented first when a generator is given)."""
+        if self.augment is not None and generator is not None:
+            images = self.augment(images, generator)
+        x = normalize(images)
+        if self.image_size != self.store_size:
+            lead = x.shape[:-3]
+            x = F.interpolate(x.reshape(-1, *x.shape[-3:]), size=(self.image_size, self.image_size),
+                              mode="bilinear", align_corners=False, antialias=self.image_size < self.store_size)
+            x = x.reshape(*lead, *x.shape[-3:])
+        return x
+
+    def episode(self, batch: EpisodeBatch, generator: torch.Generator | None = None) -> EpisodeBatch:
+        """The batch with float images ready for the learner."""
+        return dataclasses.replace(batch, support=self.images(batch.support, generator),
+                                   query=self.images(batch.query, generator))
+
+
+def build_model(cfg: RunConfig, image_size: int, device: torch.device) -> tuple[Learner, nn.Module]:
+    """The learner (with its backbone) and the objective, on ``device``, initialised from the run's seed."""
+    torch.manual_seed(derived_seed(cfg.seed, "model"))
+    transform: Transformation = resolve_transform(cfg.transform)
+    backbone = _create("backbone", BACKBONES, cfg.backbone or "conv4", cfg.backbone_options)
+    feature_dim = backbone.feature_dim(image_size)
+    learner = _create("learner", LEARNERS, cfg.method, {"backbone": backbone, **cfg.learner_options})
+    objective = OBJECTIVES.create(cfg.objective, transform=transform, feature_dim=feature_dim)
+    learner.to(device)
+    objective.to(device)
+    _materialize(learner, cfg, image_size, device)
+    return learner, objective
+
+
+def _create(kind: str, registry: Any, name: str, options: dict[str, Any]) -> Any:
+    try:
+        return registry.create(name, **options)
+    except TypeError as err:
+        shown = {k: v for k, v in options.items() if k != "backbone"}
+        raise UserError(f"{kind} '{name}' does not accept the options {shown} ({err}); "
+                        f"fix {kind}_options in the config") from None
+
+
+def _materialize(learner: Learner, cfg: RunConfig, image_size: int, device: torch.device) -> None:
+    """Run one dummy episode through a learner with lazy parameters so that they get their shapes."""
+    if not any(isinstance(p, nn.parameter.UninitializedParameter) for p in learner.parameters()):
+        return
+    ways = cfg.ways
+    images = torch.zeros(1, ways, 3, image_size, image_size, device=device)
+    labels = torch.arange(ways, device=device).unsqueeze(0)
+    was_training = learner.training
+    learner.eval()
+    with torch.no_grad():
+        learner(images, labels, images, ways)
+    learner.train(was_training)
+
+
+def prediction_key(kinds: list[str] | tuple[str, ...]) -> str:
+    """The headline prediction kind among ``kinds`` (SLA+AG when present, else SD, SI, plain)."""
+    for kind in KIND_PREFERENCE:
+        if kind in kinds:
+            return kind
+    return sorted(kinds)[0]

@@ -1,0 +1,119 @@
+"""Episodic evaluation on a fixed episode set: per-episode accuracy of every prediction the objective offers.
+
+``EmbeddingLearner``s are evaluated on cached embeddings (see ``feature_cache.py``); every other learner
+(e.g. MAML, which adapts per episode) runs episode batches through ``objective.predict`` directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fewshot_sla.data.store import Split
+from fewshot_sla.engine.build import ImagePipeline
+from fewshot_sla.engine.feature_cache import CachedLearner, FeatureTable, ImagesOf, copy_patterns, token_images
+from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec, gather_episodes
+from fewshot_sla.learners.base import EmbeddingLearner, Learner
+
+# Shipped episode sets live in the repository's episodes/ folder, beside the package.
+SHIPPED_EPISODES = Path(__file__).resolve().parents[2] / "episodes"
+TEST_SET_SEED = 0
+VAL_SET_SEED = 0
+CACHED_BATCH = 200  # at most this many episodes per head call on cached features
+CACHED_ELEMENTS = 1 << 28  # and at most about this many gathered feature values (1 GiB of float32) per call
+
+
+@dataclass
+class Evaluation:
+    """Per-episode accuracies (fractions, one float64 array per prediction kind) and how they were obtained."""
+
+    accuracies: dict[str, np.ndarray]
+    cached: bool
+    time_s: float
+
+    @property
+    def episodes(self) -> int:
+        """Number of episodes evaluated."""
+        return len(next(iter(self.accuracies.values())))
+
+
+def episode_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, Q, N]`` and labels ``[B, Q]`` -> the accuracy of each episode ``[B]``."""
+    return (logits.argmax(dim=-1) == labels).double().mean(dim=1)
+
+
+def fixed_test_set(dataset: str, split: Split, spec: EpisodeSpec, count: int, run_dir: Path) -> tuple[EpisodeSet, Path]:
+    """The fixed test episode set: the shipped file matching (dataset, test, spec, count), else one generated
+    with seed 0 and written into ``run_dir`` (or reused from there)."""
+    name = EpisodeSet.default_name(dataset, split.name, spec, count, TEST_SET_SEED)
+    shipped = SHIPPED_EPISODES / name
+    if shipped.is_file():
+        return EpisodeSet.load(shipped), shipped
+    local = run_dir / f"test-episodes-{name}"
+    if local.is_file():
+        return EpisodeSet.load(local), local
+    episode_set = EpisodeSet.make(CanonicalOrder.of_split(split), dataset=dataset, split=split.name, spec=spec,
+                                  count=count, seed=TEST_SET_SEED)
+    episode_set.save(local)
+    return episode_set, local
+
+
+def validation_episode_set(dataset: str, split: Split, spec: EpisodeSpec, count: int) -> EpisodeSet:
+    """The fixed validation episodes (seed 0, held in memory)."""
+    return EpisodeSet.make(CanonicalOrder.of_split(split), dataset=dataset, split=split.name, spec=spec,
+                           count=count, seed=VAL_SET_SEED)
+
+
+def evaluate(
+    learner: Learner,
+    objective: torch.nn.Module,
+    episode_set: EpisodeSet,
+    split: Split,
+    dataset: str,
+    pipeline: ImagePipeline,
+    *,
+    batch_size: int = 20,
+    use_cache: bool = True,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    progress: bool = False,
+    desc: str = "test",
+) -> Evaluation:
+    """Evaluate ``learner`` (eval mode) on every episode of ``episode_set`` drawn from ``split``."""
+    was_training = learner.training, objective.training
+    learner.eval()
+    objective.eval()
+    start = time.perf_counter()
+    rows = episode_set.rows_in(split, dataset)
+    transform = getattr(objective, "transform", None)
+    patterns = copy_patterns(transform) if transform is not None else None
+    cached = use_cache and isinstance(learner, EmbeddingLearner) and patterns is not None
+    results: dict[str, list[torch.Tensor]] = {}
+    try:
+        with torch.no_grad(), autocast():
+            if cached:
+                table = FeatureTable(learner, transform, patterns, ImagesOf(split.images, pipeline.images), rows)
+                model: Learner = CachedLearner(learner, table)
+                images = token_images(len(split.image_ids), split.images.device)
+                fitting = CACHED_ELEMENTS // (rows.shape[1] * rows.shape[2] * transform.m * table.feature_dim())
+                step, prepare = max(batch_size, min(CACHED_BATCH, fitting)), (lambda batch: batch)
+            else:
+                model, images, step, prepare = learner, split.images, batch_size, pipeline.episode
+            bar = tqdm(total=episode_set.count, desc=desc, unit="ep", disable=not progress, leave=False)
+            for first in range(0, episode_set.count, step):
+                batch = prepare(gather_episodes(images, rows[first:first + step], episode_set.spec))
+                for kind, logits in objective.predict(model, batch).items():
+                    results.setdefault(kind, []).append(episode_accuracy(logits.float(), batch.query_labels).cpu())
+                bar.update(batch.support.shape[0])
+            bar.close()
+    finally:
+        learner.train(was_training[0])
+        objective.train(was_training[1])
+    accuracies = {kind: torch.cat(parts).numpy() for kind, parts in results.items()}
+    return Evaluation(accuracies, cached, time.perf_counter() - start)

@@ -1,0 +1,245 @@
+"""Run directories, the ``results.json`` schema, and loading many runs (for ``compare`` and leaderboards).
+
+A run directory holds::
+
+    config.yaml              the resolved RunConfig (every recipe field filled in)
+    metrics.jsonl            one JSON object per line: {"kind": "train", "step", "episodes", "lr", "loss", ...the
+                             objective's metrics} per training step and {"kind": "val", "step", "episodes",
+                             "accuracy": {kind: percent}, "key"} per validation ("key": the kind selecting the best)
+    checkpoints/last.pt      full training state (model, optimizer, scheduler, RNG states, step), for --resume
+    checkpoints/best.pt      the model with the best validation accuracy
+    learning_curve.png       training loss/accuracy and validation accuracy against episodes
+    per_episode/<h>.npz      per-episode test accuracies (fractions in [0, 1], float64) for the episode set whose
+                             hash starts with <h>: one array per prediction kind, plus 0-d string arrays
+                             ``episode_set_hash`` and ``dataset_fingerprint``
+    test-episodes-*.npz      the test episode set, when none shipped in ``episodes/`` matched and one was generated
+    results.json             written last: its presence marks a finished run
+
+``results.json``, schema_version 1 (accuracies in percent; ``ci95`` = 1.96 s / sqrt(n), ``ci95_t`` = t-based
+half-width, s the sample standard deviation over episodes)::
+
+    schema_version   1
+    status           "finished"
+    method, backbone, dataset, dataset_fingerprint, transform, objective   str
+    seed, ways, shots, queries                                              int (the test episodes' spec)
+    train            {ways, shots, queries, episodes, meta_batch, steps, time_s (wall, validation included),
+                      episodes_per_s (training steps only), best_step, best_episodes, best_val_accuracy,
+                      val_key, val_episodes}
+    evaluation       the latest evaluation block (below)
+    evaluations      every evaluation block, one per distinct episode set (latest last)
+    device           e.g. "cpu" or "cuda (NVIDIA H100 80GB HBM3)";  amp  bool
+    versions         {python, torch, numpy, fewshot_sla}
+    git_commit       str or null
+    created, updated ISO-8601 UTC times
+    config           the full resolved configuration (as in config.yaml)
+
+An evaluation block::
+
+    episode_set      {hash, file, dataset, split, ways, shots, queries, count, seed}
+    episodes         number of test episodes n
+    checkpoint       "best";  best_step  the training step it was saved at
+    cached           whether embeddings were cached (EmbeddingLearners)
+    time_s, episodes_per_s, device
+    accuracy         {kind: {mean, std, ci95, ci95_t, n}} for each prediction kind of the objective
+                     ("plain", "si" = SLA+SI, "ag" = SLA+AG, "sd" = SLA+SD)
+    headline         the kind to quote first (ag, else sd, si, plain)
+    per_episode_file path of the per-episode .npz, relative to the run directory
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from fewshot_sla.atomic import atomic_path, write_text_atomic
+from fewshot_sla.errors import UserError
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "results.json"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+CURVE_FILE = "learning_curve.png"
+CHECKPOINT_DIR = "checkpoints"
+PER_EPISODE_DIR = "per_episode"
+
+KIND_LABELS = {"plain": "plain", "si": "SLA+SI", "ag": "SLA+AG", "sd": "SLA+SD"}
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where each file of a run directory lives."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def results(self) -> Path:
+        return self.root / RESULTS_FILE
+
+    @property
+    def curve(self) -> Path:
+        return self.root / CURVE_FILE
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.root / CHECKPOINT_DIR / "last.pt"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.root / CHECKPOINT_DIR / "best.pt"
+
+    def per_episode(self, episode_set_hash: str) -> Path:
+        """The per-episode accuracy file for the episode set with this hash."""
+        return self.root / PER_EPISODE_DIR / f"{episode_set_hash[:16]}.npz"
+
+
+def default_run_dir(dataset: str, method: str, ways: int, shots: int, transform: str, objective: str,
+                    seed: int) -> Path:
+    """``runs/<dataset>-<method>-<N>w<K>s-<transform>-<objective>-<seed>`` (relative to the working folder)."""
+    return Path("runs") / f"{dataset}-{method}-{ways}w{shots}s-{transform}-{objective}-{seed}"
+
+
+def kind_label(kind: str) -> str:
+    """A display name for a prediction kind (``ag`` -> ``SLA+AG``)."""
+    return KIND_LABELS.get(kind, kind)
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO-8601, to the second."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, torch, numpy and fewshot-sla."""
+    import torch
+
+    from fewshot_sla import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "fewshot_sla": __version__}
+
+
+def git_commit() -> str | None:
+    """The commit of the source tree fewshot-sla runs from, or None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and len(commit) == 40 else None
+
+
+def write_results(run_dir: Path, results: dict[str, Any]) -> None:
+    """Write ``results.json`` atomically, stamping the schema version and update time."""
+    results = {"schema_version": SCHEMA_VERSION, **results, "updated": now_iso()}
+    write_text_atomic(RunPaths(Path(run_dir)).results, json.dumps(results, indent=2, allow_nan=True) + "\n")
+
+
+def add_evaluation(results: dict[str, Any], block: dict[str, Any]) -> dict[str, Any]:
+    """``results`` with ``block`` as its latest evaluation (replacing an older one on the same episode set)."""
+    h = block["episode_set"]["hash"]
+    kept = [b for b in results.get("evaluations", []) if b["episode_set"]["hash"] != h]
+    return {**results, "evaluation": block, "evaluations": kept + [block]}
+
+
+def save_per_episode(path: Path, accuracies: dict[str, np.ndarray], episode_set_hash: str,
+                     dataset_fingerprint: str) -> None:
+    """Write per-episode accuracies (one array per prediction kind) atomically as an .npz file."""
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in accuracies.items()}
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, episode_set_hash=np.array(episode_set_hash), dataset_fingerprint=np.array(dataset_fingerprint),
+                 **arrays)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished run as read back from disk."""
+
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def evaluation(self) -> dict[str, Any]:
+        """The latest evaluation block."""
+        return self.data["evaluation"]
+
+    def evaluation_for(self, episode_set_hash: str) -> dict[str, Any] | None:
+        """The evaluation block on the episode set with this hash, if the run has one."""
+        for block in self.data.get("evaluations", []):
+            if block["episode_set"]["hash"] == episode_set_hash:
+                return block
+        return None
+
+    def accuracy(self, kind: str) -> dict[str, float]:
+        """The latest evaluation's summary (percent) of one prediction kind."""
+        return self.evaluation["accuracy"][kind]
+
+    def per_episode(self, episode_set_hash: str) -> dict[str, np.ndarray]:
+        """Per-episode accuracies (fractions) on the given episode set, one array per prediction kind."""
+        block = self.evaluation_for(episode_set_hash)
+        if block is None:
+            raise UserError(f"run {self.path} was not evaluated on episode set {episode_set_hash[:16]}")
+        file = self.path / block["per_episode_file"]
+        try:
+            with np.load(file) as npz:
+                return {k: npz[k] for k in npz.files if k not in ("episode_set_hash", "dataset_fingerprint")}
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read per-episode results {file}: {err}; re-run 'fewshot-sla eval {self.path}'")\
+                from None
+
+
+def load_results(run_dir: str | os.PathLike) -> RunResult:
+    """Read a finished run; a folder that is not one is a UserError saying what is missing."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a folder; give the folder of a run made by 'fewshot-sla run'")
+    file = RunPaths(path).results
+    if not file.is_file():
+        hint = "resume it with 'fewshot-sla run --resume --out " + str(path) + "'" if RunPaths(path).config.is_file() \
+            else "give the folder of a run made by 'fewshot-sla run'"
+        raise UserError(f"{path} is not a finished run (no {RESULTS_FILE}); {hint}")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {file}: {err}; re-evaluate with 'fewshot-sla eval {path}'") from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if not isinstance(version, int):
+        raise UserError(f"{file} has no schema_version; it was not written by fewshot-sla")
+    if version > SCHEMA_VERSION:
+        raise UserError(f"{file} has schema_version {version}, newer than this fewshot-sla reads "
+                        f"({SCHEMA_VERSION}); upgrade fewshot-sla")
+    if data.get("status") != "finished" or "evaluation" not in data:
+        raise UserError(f"{path} is not a finished run (results.json has no evaluation); "
+                        f"evaluate it with 'fewshot-sla eval {path}'")
+    return RunResult(path, data)
+
+
+def find_runs(root: str | os.PathLike) -> list[Path]:
+    """Every run directory (a folder holding results.json) under ``root``, sorted."""
+    return sorted(p.parent for p in Path(root).rglob(RESULTS_FILE))
+
+
+def load_runs(paths: Iterable[str | os.PathLike]) -> list[RunResult]:
+    """Load many finished runs; each path is a run directory or a folder searched for run directories."""
+    runs = []
+    for p in paths:
+        p = Path(p)
+        found = [p] if RunPaths(p).results.is_file() else find_runs(p)
+        runs.extend(load_results(r) for r in found)
+    return runs

@@ -1,0 +1,193 @@
+"""RunConfig: YAML round trips, strict keys and types with line numbers, recipes and their scaling."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from fewshot_sla.config import RunConfig, load_config
+from fewshot_sla.engine.recipes import RECIPES, apply_recipe, default_val_every
+from fewshot_sla.errors import UserError
+
+OPTIONAL_FIELDS = ["image_size", "episodes_file"]  # the only fields a resolved configuration may leave empty
+
+
+def test_yaml_round_trip_keeps_every_field(tmp_path: Path) -> None:
+    cfg = RunConfig(method="maml", ways=10, shots=5, lr=0.5, lr_milestones=[0.5], lr_factors=[0.1],
+                    backbone_options={"hidden": 32}, amp=True, episodes_file="x.npz", nesterov=True)
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+    assert set(cfg.to_dict()) == {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def test_partial_file_keeps_defaults_and_converts_ints_to_floats(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("method: metaoptnet-svm\nlr: 1\nlr_milestones: [0.5, 0.75]\nlr_factors: [1, 0.5]\n")
+    cfg = load_config(path)
+    assert cfg.method == "metaoptnet-svm" and cfg.ways == RunConfig().ways
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.lr_factors == [1.0, 0.5]
+
+
+def test_empty_file_is_the_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("# nothing\n")
+    assert load_config(path) == RunConfig()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("method: protonet\nways: 5\nwayz: 5\n", "line 3: unknown key 'wayz'"),
+        ("method: protonet\nways: [5\n", "line 3"),
+        ("ways: five\n", "line 1: 'ways' must be an integer"),
+        ("amp: 1\n", "'amp' must be true or false"),
+        ("ways: true\n", "'ways' must be an integer"),
+        ("lr_milestones: [0.5, a]\n", "'lr_milestones' must be a list of numbers"),
+        ("backbone_options: 3\n", "'backbone_options' must be a mapping"),
+        ("method:\n", "'method' cannot be empty"),
+        ("- a\n- b\n", "must hold a mapping"),
+        ("a: b: c\n", "line 1"),
+    ],
+)
+def test_bad_files_name_the_problem_in_one_line(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert expected in message and "\n" not in message and str(path) in message
+
+
+def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="cannot read config file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_updated_rejects_unknown_keys_and_bad_types() -> None:
+    with pytest.raises(UserError, match="unknown key 'colour'"):
+        RunConfig().updated({"colour": 1})
+    with pytest.raises(UserError, match="'shots' must be an integer"):
+        RunConfig().updated({"shots": 1.5})
+    assert RunConfig().updated({"shots": 5}).shots == 5
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"ways": 0}, "ways must be a positive integer"),
+        ({"ways": 1}, "ways must be at least 2"),
+        ({"train_episodes": 0}, "train_episodes"),
+        ({"device": "gpu"}, "device must be auto, cpu, cuda"),
+        ({"optimizer": "rmsprop"}, "optimizer must be one of"),
+        ({"lr": 0.0}, "lr must be positive"),
+        ({"lr_milestones": [0.5]}, "given together"),
+        ({"lr_milestones": [0.7, 0.3], "lr_factors": [0.1, 0.01]}, "increasing fractions"),
+        ({"lr_milestones": [1.5], "lr_factors": [0.1]}, "increasing fractions"),
+    ],
+)
+def test_validate_rejects_out_of_range_values(change: dict, expected: str) -> None:
+    with pytest.raises(UserError, match=expected):
+        dataclasses.replace(RunConfig(), **change).validate()
+
+
+def test_recipes_fill_only_missing_fields_and_flags_win() -> None:
+    cfg = apply_recipe(RunConfig(method="metaoptnet-svm", dataset="miniimagenet", lr=0.05))
+    assert cfg.lr == 0.05  # given
+    assert (cfg.optimizer, cfg.momentum, cfg.nesterov, cfg.weight_decay) == ("sgd", 0.9, True, 5e-4)
+    assert (cfg.train_shots, cfg.train_queries, cfg.meta_batch) == (15, 6, 8)
+    assert cfg.train_episodes == 480_000
+    assert cfg.lr_factors == [0.06, 0.012, 0.0024]
+    assert cfg.lr_milestones == pytest.approx([1 / 3, 2 / 3, 5 / 6])
+    assert apply_recipe(RunConfig(method="metaoptnet-svm", dataset="cifarfs")).train_shots == 5
+    assert [k for k, v in cfg.to_dict().items() if v is None] == OPTIONAL_FIELDS
+
+
+def test_protonet_recipe_trains_with_higher_way_on_real_data_and_test_ways_on_synthetic() -> None:
+    assert apply_recipe(RunConfig(dataset="miniimagenet", shots=1)).train_ways == 30
+    assert apply_recipe(RunConfig(dataset="miniimagenet", shots=5)).train_ways == 20
+    assert apply_recipe(RunConfig(dataset="synthetic", ways=7)).train_ways == 7
+    assert apply_recipe(RunConfig(dataset="miniimagenet", train_ways=12)).train_ways == 12
+
+
+def test_maml_recipe_uses_32_filters_only_on_its_default_backbone() -> None:
+    cfg = apply_recipe(RunConfig(method="maml", shots=1))
+    assert cfg.backbone == "conv4" and cfg.backbone_options == {"hidden": 32} and cfg.meta_batch == 4
+    assert apply_recipe(RunConfig(method="maml", shots=5)).meta_batch == 2
+    assert apply_recipe(RunConfig(method="maml", backbone="resnet12")).backbone_options == {}
+    assert apply_recipe(RunConfig(method="maml", backbone_options={"hidden": 8})).backbone_options == {"hidden": 8}
+
+
+def test_protonet_with_resnet12_follows_the_metaoptnet_papers_recipe() -> None:
+    cfg = apply_recipe(RunConfig(method="protonet", backbone="resnet12", dataset="miniimagenet"))
+    assert (cfg.optimizer, cfg.lr, cfg.meta_batch, cfg.train_shots) == ("sgd", 0.1, 8, 15)
+    assert cfg.learner_options == {"scaled": True}
+    assert apply_recipe(RunConfig(backbone="resnet12", learner_options={"scaled": False})).learner_options == {
+        "scaled": False}
+
+
+def test_half_a_schedule_is_rejected_rather_than_completed_by_the_recipe() -> None:
+    with pytest.raises(UserError, match="given together"):
+        apply_recipe(RunConfig(lr_milestones=[0.5]))
+
+
+def test_unknown_method_uses_the_generic_recipe_and_every_recipe_resolves() -> None:
+    cfg = apply_recipe(RunConfig(method="someone-elses-learner", shots=3, queries=7))
+    assert (cfg.optimizer, cfg.train_shots, cfg.train_queries) == ("adam", 3, 7)
+    for method in RECIPES:
+        resolved = apply_recipe(RunConfig(method=method))
+        assert [k for k, v in resolved.to_dict().items() if v is None] == OPTIONAL_FIELDS, method
+
+
+def test_validation_cadence_scales_with_the_budget() -> None:
+    assert default_val_every(100) == 100
+    assert default_val_every(1200) == 500
+    assert default_val_every(480_000) == 24_000
+    assert apply_recipe(RunConfig(train_episodes=40)).val_every == 40
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_published_recipe_configs_load_and_name_registered_parts(path: Path) -> None:
+    from fewshot_sla.registry import BACKBONES, DATASETS, LEARNERS, OBJECTIVES
+
+    cfg = apply_recipe(load_config(path))
+    assert cfg.method in LEARNERS and cfg.backbone in BACKBONES and cfg.objective in OBJECTIVES
+    assert cfg.dataset in DATASETS
+    recipe = apply_recipe(RunConfig(method=cfg.method, dataset=cfg.dataset, shots=cfg.shots, backbone=cfg.backbone))
+    # The files spell out the published recipe: the same optimizer and schedule as the code's recipe.
+    for key in ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "lr_factors", "train_shots"):
+        assert getattr(cfg, key) == getattr(recipe, key), key
+    assert cfg.lr_milestones == pytest.approx(recipe.lr_milestones)
+
+
+def test_there_is_a_config_for_every_published_recipe() -> None:
+    assert {p.stem for p in CONFIGS} >= {"protonet-conv4", "maml-conv4", "metaoptnet-svm-resnet12-miniimagenet",
+                                         "metaoptnet-svm-resnet12-cifarfs", "metaoptnet-svm-resnet12-fc100",
+                                         "metaoptnet-ridge-resnet12", "protonet-resnet12"}
+
+
+def test_metaoptnet_schedule_changes_the_lr_at_epochs_20_40_50_of_60() -> None:
+    import torch
+
+    from fewshot_sla.engine.train import lr_factor, make_optimizer
+
+    cfg = apply_recipe(RunConfig(method="metaoptnet-svm", dataset="miniimagenet", train_episodes=60 * 10 * 8))
+    steps = 60 * 10  # a scaled-down budget: 10 batches of 8 episodes per epoch
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = make_optimizer(cfg, [param])
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps))
+    seen = {}
+    for step in range(steps):
+        if step % 10 == 0:
+            seen[step // 10] = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+    published = {epoch: 0.1 if epoch < 20 else 0.006 if epoch < 40 else 0.0012 if epoch < 50 else 0.00024
+                 for epoch in range(60)}
+    assert seen == pytest.approx(published)

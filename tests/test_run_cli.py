@@ -1,0 +1,273 @@
+"""``fewshot-sla run`` / ``eval`` end to end on the synthetic set, and every bad-input case (one line, exit 2,
+nothing written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from fewshot_sla.cli import main
+from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--device", "cpu", "--quiet", "--train-episodes", "4", "--val-every", "2", "--val-episodes", "10",
+        "--eval-episodes", "20", "--queries", "5", "--train-queries", "5", "--backbone-option", "hidden=8",
+        "--image-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic store, generated once per test session under pytest's base temp folder."""
+    from fewshot_sla.data.store import open_store
+
+    root = tmp_path_factory.getbasetemp() / "synthetic-data"
+    open_store("synthetic", root)
+    return root
+
+
+def cli(capsys: pytest.CaptureFixture, data_root: Path, *args: str) -> tuple[int, str, str]:
+    try:
+        code = main(["--data-root", str(data_root), *args])
+    except SystemExit as stop:  # argparse's own errors
+        code = int(stop.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("runs") / "a"
+    import io
+    from contextlib import redirect_stdout
+
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        code = main(["--data-root", str(data_root), "run", *TINY, "--out", str(out)])
+    assert code == 0
+    return out, buffer.getvalue()
+
+
+def test_a_run_writes_every_output_and_prints_the_table(finished_run: tuple[Path, str]) -> None:
+    out, printed = finished_run
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "learning_curve.png", "checkpoints/best.pt",
+                 "checkpoints/last.pt"):
+        assert (out / name).is_file(), name
+    assert not [p for p in out.rglob("*.tmp")]
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema_version"] == 1 and results["status"] == "finished"
+    for key in ("method", "backbone", "dataset", "dataset_fingerprint", "transform", "objective", "seed", "ways",
+                "shots", "queries", "device", "versions", "git_commit", "train", "evaluation", "config"):
+        assert key in results, key
+    assert (results["method"], results["dataset"], results["transform"], results["objective"]) == (
+        "protonet", "synthetic", "rotation", "sla")
+    assert len(results["dataset_fingerprint"]) == 64
+    ev = results["evaluation"]
+    assert ev["episodes"] == 20 and ev["cached"] and len(ev["episode_set"]["hash"]) == 64
+    assert set(ev["accuracy"]) == {"si", "ag"}
+    for acc in ev["accuracy"].values():
+        assert 0 <= acc["mean"] <= 100 and acc["n"] == 20 and acc["ci95"] > 0 and acc["ci95_t"] > acc["ci95"]
+    train = results["train"]
+    assert train["episodes"] == 4 and train["episodes_per_s"] > 0 and train["time_s"] > 0
+    assert set(results["versions"]) >= {"python", "torch", "fewshot_sla"}
+    per_episode = np.load(out / ev["per_episode_file"])
+    assert per_episode["ag"].shape == (20,)
+    assert ev["accuracy"]["ag"]["mean"] == pytest.approx(100 * per_episode["ag"].mean())
+    assert "SLA+SI" in printed and "SLA+AG" in printed and "chance" in printed and "20.00%" in printed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if r["kind"] == "val"] == [2, 4]
+    assert yaml.safe_load((out / "config.yaml").read_text())["train_episodes"] == 4
+
+
+def test_eval_adds_an_evaluation_on_another_episode_set(capsys, data_root: Path,
+                                                        finished_run: tuple[Path, str]) -> None:
+    out, _ = finished_run
+    before = json.loads((out / "results.json").read_text())
+    code, printed, _ = cli(capsys, data_root, "eval", str(out), "--eval-episodes", "30", "--quiet")
+    assert code == 0 and "SLA+AG" in printed
+    after = json.loads((out / "results.json").read_text())
+    assert after["evaluation"]["episodes"] == 30 and len(after["evaluations"]) == 2
+    assert after["evaluations"][0] == before["evaluation"]
+    # The same set again replaces its entry and reproduces the same numbers.
+    code, _, _ = cli(capsys, data_root, "eval", str(out), "--eval-episodes", "20", "--quiet", "--no-feature-cache")
+    again = json.loads((out / "results.json").read_text())
+    assert len(again["evaluations"]) == 2 and not again["evaluation"]["cached"]
+    for kind in ("si", "ag"):
+        assert again["evaluation"]["accuracy"][kind]["mean"] == pytest.approx(
+            before["evaluation"]["accuracy"][kind]["mean"])
+
+
+def test_default_folder_and_config_file_with_flag_override(capsys, data_root: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "my.yaml"
+    config.write_text("shots: 2\nseed: 3\ntransform: none\nobjective: baseline\nlr: 0.002\n")
+    code, printed, err = cli(capsys, data_root, "run", *TINY, "--config", str(config), "--shots", "1",
+                             "--train-episodes", "2")
+    assert code == 0, err
+    run_dir = tmp_path / "runs" / "synthetic-protonet-5w1s-none-baseline-3"
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (stored["shots"], stored["seed"], stored["lr"], stored["train_episodes"]) == (1, 3, 0.002, 2)
+    assert stored["optimizer"] == "adam"  # from the recipe
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["evaluation"]["accuracy"]) == {"plain"} and "plain" in printed
+    (run_dir / "stale.txt").write_text("from before")
+    code, _, err = cli(capsys, data_root, "run", *TINY, "--config", str(config), "--shots", "1",
+                       "--train-episodes", "2", "--overwrite")
+    assert code == 0, err
+    assert not (run_dir / "stale.txt").exists() and (run_dir / "results.json").is_file()
+
+
+def _bad(capsys, data_root: Path, *args: str) -> str:
+    code, out, err = cli(capsys, data_root, *args)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--method", "protonett"], "unknown learner 'protonett'; choose one of: "),
+        (["--dataset", "imagenet1k"], "unknown dataset 'imagenet1k'"),
+        (["--backbone", "vgg"], "unknown backbone 'vgg'"),
+        (["--transform", "shear"], "unknown transform 'shear'"),
+        (["--objective", "sla++"], "unknown objective 'sla++'"),
+        (["--ways", "25"], "use --ways 20 or fewer"),
+        (["--train-ways", "70"], "training episodes"),
+        (["--shots", "100", "--queries", "60"], "lower --shots/--queries"),
+        (["--ways", "0"], "ways must be a positive integer"),
+        (["--lr", "-1"], "lr must be positive"),
+        (["--backbone-option", "depth=3"], "does not accept the options"),
+        (["--backbone-option", "hidden"], "expects KEY=VALUE"),
+        (["--resume", "--overwrite"], "contradict"),
+        (["--max-steps", "0"], "--max-steps must be a positive integer"),
+        (["--ways", "x"], "invalid int value"),
+    ],
+)
+def test_bad_run_arguments_fail_cleanly_and_write_nothing(capsys, data_root: Path, tmp_path: Path,
+                                                          flags: list[str], expected: str) -> None:
+    out = tmp_path / "run"
+    line = _bad(capsys, data_root, "run", *TINY, "--out", str(out), *flags)
+    assert expected in line
+    assert not out.exists()
+
+
+def test_unprepared_dataset_names_the_prepare_command(capsys, tmp_path: Path) -> None:
+    line = _bad(capsys, tmp_path / "empty-root", "run", *TINY, "--dataset", "miniimagenet", "--out",
+                str(tmp_path / "run"))
+    assert "fewshot-sla data prepare miniimagenet" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_config_files_fail_cleanly(capsys, data_root: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ways: 5\nshotz: 1\n")
+    assert "line 2: unknown key 'shotz'" in _bad(capsys, data_root, "run", "--config", str(bad), "--out",
+                                                 str(tmp_path / "r"))
+    bad.write_text("ways: [5\n")
+    assert "line" in _bad(capsys, data_root, "run", "--config", str(bad), "--out", str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_existing_and_unwritable_output_folders_are_refused(capsys, data_root: Path, tmp_path: Path,
+                                                            finished_run: tuple[Path, str]) -> None:
+    out, _ = finished_run
+    mtime = (out / "results.json").stat().st_mtime_ns
+    assert "already exists; pass --resume" in _bad(capsys, data_root, "run", *TINY, "--out", str(out))
+    assert "already finished" in _bad(capsys, data_root, "run", *TINY, "--out", str(out), "--resume")
+    assert (out / "results.json").stat().st_mtime_ns == mtime
+    other = tmp_path / "not-a-run"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert "refuses to delete" in _bad(capsys, data_root, "run", *TINY, "--out", str(other), "--overwrite")
+    assert (other / "notes.txt").read_text() == "mine"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "not a folder" in _bad(capsys, data_root, "run", *TINY, "--out", str(blocker / "run"))
+    assert "nothing to resume" in _bad(capsys, data_root, "run", *TINY, "--out", str(tmp_path / "new"), "--resume")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_read_only_parent_is_refused(capsys, data_root: Path, tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert "permission denied" in _bad(capsys, data_root, "run", *TINY, "--out", str(locked / "run"))
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_cuda_without_a_gpu_is_refused(capsys, data_root: Path, tmp_path: Path) -> None:
+    line = _bad(capsys, data_root, "run", *TINY, "--device", "cuda", "--out", str(tmp_path / "r"))
+    assert "--device cuda" in line and "--device cpu" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_eval_and_compare_refuse_folders_that_are_not_finished_runs(capsys, data_root: Path, tmp_path: Path) -> None:
+    assert "not a finished run" in _bad(capsys, data_root, "eval", str(tmp_path))
+    assert "is not a folder" in _bad(capsys, data_root, "eval", str(tmp_path / "absent"))
+    (tmp_path / "config.yaml").write_text("ways: 5\n")
+    assert "resume it" in _bad(capsys, data_root, "eval", str(tmp_path))
+    assert "not a finished run" in _bad(capsys, data_root, "compare", str(tmp_path), str(tmp_path))
+
+
+def test_episode_files_for_another_dataset_or_with_a_wrong_hash_are_refused(capsys, data_root: Path, tmp_path: Path,
+                                                                            finished_run: tuple[Path, str]) -> None:
+    from fewshot_sla.data.store import open_store
+
+    test = open_store("synthetic", data_root).split("test")
+    order = CanonicalOrder.of_split(test)
+    other = EpisodeSet.make(order, dataset="cifarfs", split="test", spec=EpisodeSpec(5, 1, 5), count=20, seed=0)
+    other_path = other.save(tmp_path / "other.npz")
+    line = _bad(capsys, data_root, "run", *TINY, "--episodes-file", str(other_path), "--out", str(tmp_path / "r"))
+    assert "for dataset 'cifarfs'" in line
+    good = EpisodeSet.make(order, dataset="synthetic", split="test", spec=EpisodeSpec(5, 1, 5), count=20, seed=1)
+    path = good.save(tmp_path / "good.npz")
+    tampered = tmp_path / "tampered.npz"
+    data = dict(np.load(path))
+    data["positions"] = data["positions"][::-1].copy()
+    np.savez(tampered, **data)
+    assert "hash" in _bad(capsys, data_root, "run", *TINY, "--episodes-file", str(tampered), "--out",
+                          str(tmp_path / "r"))
+    wrong_spec = EpisodeSet.make(order, dataset="synthetic", split="test", spec=EpisodeSpec(5, 2, 5), count=20,
+                                 seed=0).save(tmp_path / "2shot.npz")
+    assert "match --ways/--shots/--queries" in _bad(capsys, data_root, "run", *TINY, "--episodes-file",
+                                                    str(wrong_spec), "--out", str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+    out, _ = finished_run
+    assert "for dataset 'cifarfs'" in _bad(capsys, data_root, "eval", str(out), "--episodes-file", str(other_path))
+    code, printed, _ = cli(capsys, data_root, "eval", str(out), "--episodes-file", str(path), "--quiet")
+    assert code == 0 and "good.npz" in printed
+
+
+def test_training_benchmark_smoke_mode_runs_on_the_cpu() -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_training.py"), "--device", "cpu",
+                           "--tiny", "--methods", "protonet", "maml", "--amp", "both"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "SLA/baseline step cost" in proc.stdout and "episodes/s" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_default_call_learns_well_above_chance(capsys, data_root: Path, tmp_path: Path) -> None:
+    """The documented first call (synthetic, conv4, protonet, 5-way 1-shot, rotation, sla), its full budget."""
+    code, printed, err = cli(capsys, data_root, "run", "--device", "cpu", "--quiet", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    ev = results["evaluation"]
+    assert ev["episodes"] == 1000 and results["train"]["episodes"] == 300
+    for kind in ("si", "ag"):
+        assert ev["accuracy"][kind]["mean"] - ev["accuracy"][kind]["ci95"] > 40.0  # chance is 20%
