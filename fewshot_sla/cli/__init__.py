@@ -16,7 +16,11 @@ from fewshot_sla.errors import UserError
 
 # Sub-command modules, in the order their commands appear in --help.
 COMMAND_MODULES = (
+    "fewshot_sla.cli.data",
+    "fewshot_sla.cli.episodes",
     "fewshot_sla.cli.listing",
+    "fewshot_sla.cli.run",
+    "fewshot_sla.cli.leaderboard",
 )
 
 EXIT_USER_ERROR = 2

@@ -1,0 +1,450 @@
+"""Leaderboard tables and plots from every ``results.json`` below a folder, with published numbers beside them.
+
+Each evaluation block of each finished run is one *entry* (a run evaluated on two episode sets gives two).
+Entries whose configurations differ only in the seed (and in settings that do not change results) and that
+share the episode set and the dataset fingerprint form one row: the mean over runs, the std across seeds,
+and the per-run 95% episode interval. A non-baseline run is compared with the ``baseline`` run of the same
+configuration (transform and objective aside) and seed, episode by episode, only when both were tested on
+the same episode set of the same dataset store; otherwise the table says why they were not compared.
+
+Outputs (written atomically): ``leaderboard.md``, ``leaderboard.csv`` (accuracies, published rows
+included), ``paired_differences.csv``, ``accuracy.png`` and ``paired_difference.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from fewshot_sla.atomic import atomic_path, write_text_atomic
+from fewshot_sla.engine.stats import paired_comparison
+from fewshot_sla.errors import UserError
+from fewshot_sla.leaderboard.published import PublishedResult
+from fewshot_sla.results import RunResult, find_runs, kind_label, load_results, now_iso
+
+# Settings that never change a run's numbers: runs differing only in these (and the seed) are one row.
+RESULT_FREE_KEYS = ("seed", "device", "eval_batch", "feature_cache", "episodes_file")
+# The only configuration keys in which a run may differ from the baseline run it is compared with.
+COMPARED_KEYS = ("transform", "objective")
+BASELINE = "baseline"
+REQUIRED_FIELDS = ("config", "dataset_fingerprint", "method", "backbone", "dataset", "transform", "objective", "seed")
+OBJECTIVE_ORDER = ("baseline", "da", "mt", "sla", "sla+sd")
+KIND_ORDER = ("plain", "si", "ag", "sd")
+OUTPUTS = ("leaderboard.md", "leaderboard.csv", "paired_differences.csv", "accuracy.png", "paired_difference.png")
+
+
+def _identity(config: dict[str, Any], dropped: Iterable[str]) -> str:
+    """A canonical text of ``config`` without the ``dropped`` keys, to compare configurations."""
+    dropped = set(dropped)
+    return json.dumps({k: v for k, v in config.items() if k not in dropped}, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One evaluation (one episode set) of one finished run."""
+
+    run: RunResult
+    block: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The run's resolved configuration."""
+        return self.run.data["config"]
+
+    @property
+    def episode_set(self) -> str:
+        """Hash of the test episode set."""
+        return self.block["episode_set"]["hash"]
+
+    @property
+    def fingerprint(self) -> str:
+        """Fingerprint of the dataset store the run used."""
+        return self.run.data["dataset_fingerprint"]
+
+    @property
+    def headline(self) -> str:
+        """The prediction kind that represents this run (SLA+AG when present)."""
+        from fewshot_sla.engine.build import prediction_key
+
+        return self.block.get("headline") or prediction_key(list(self.block["accuracy"]))
+
+    @property
+    def setting(self) -> str:
+        """The configuration without the seed: runs sharing it are seeds of one setting."""
+        return _identity(self.config, RESULT_FREE_KEYS)
+
+    @property
+    def partner_key(self) -> str:
+        """What a run shares with the baseline it is compared with: everything but transform and objective."""
+        return _identity(self.config, tuple(k for k in RESULT_FREE_KEYS if k != "seed") + COMPARED_KEYS)
+
+    def field(self, name: str) -> Any:
+        """A top-level results field (method, backbone, dataset, transform, objective, seed)."""
+        return self.run.data[name]
+
+    def display(self) -> dict[str, Any]:
+        """The columns that describe this entry's setting to a reader."""
+        s = self.block["episode_set"]
+        return {"dataset": self.field("dataset"), "ways": s["ways"], "shots": s["shots"],
+                "method": self.field("method"), "backbone": self.field("backbone"),
+                "transform": self.field("transform"), "objective": self.field("objective")}
+
+
+def load_entries(runs_dir: str | os.PathLike) -> tuple[list[Entry], list[tuple[Path, str]]]:
+    """Every evaluation of every finished run below ``runs_dir``, and the runs skipped with the reason."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder; give the folder that holds the runs (e.g. runs/<grid name>)")
+    entries, skipped = [], []
+    for path in find_runs(root):
+        try:
+            run = load_results(path)
+        except UserError as err:
+            skipped.append((path, str(err)))
+            continue
+        missing = [k for k in REQUIRED_FIELDS if k not in run.data]
+        if missing:
+            skipped.append((path, f"results.json lacks {', '.join(missing)}; re-run it with this fewshot-sla"))
+            continue
+        entries.extend(Entry(run, block) for block in run.data.get("evaluations") or [run.evaluation])
+    return entries, skipped
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values))
+
+
+def _std(values: Sequence[float]) -> float | None:
+    """Sample std across runs (None for a single run)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def _objective_rank(objective: str) -> int:
+    return OBJECTIVE_ORDER.index(objective) if objective in OBJECTIVE_ORDER else len(OBJECTIVE_ORDER)
+
+
+def _kind_rank(kind: str) -> int:
+    return KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
+
+
+def accuracy_rows(entries: Sequence[Entry], published: Sequence[PublishedResult] = ()) -> list[dict[str, Any]]:
+    """One row per (setting, episode set, dataset store, prediction kind), plus the published rows of every
+    (dataset, ways, shots) that has measured rows; sorted for reading."""
+    groups: dict[tuple[str, str, str], list[Entry]] = defaultdict(list)
+    for e in entries:
+        groups[(e.setting, e.episode_set, e.fingerprint)].append(e)
+    rows = []
+    for members in groups.values():
+        members.sort(key=lambda e: (e.field("seed"), str(e.run.path)))
+        first = members[0]
+        for kind in first.block["accuracy"]:
+            if not all(kind in e.block["accuracy"] for e in members):
+                continue
+            accs = [e.block["accuracy"][kind] for e in members]
+            means = [a["mean"] for a in accs]
+            rows.append({
+                **first.display(), "source_type": "measured", "prediction": kind,
+                "headline": kind == first.headline, "accuracy": _mean(means),
+                "ci95": _mean([a["ci95"] for a in accs]), "seed_std": _std(means), "runs": len(members),
+                "seeds": " ".join(str(e.field("seed")) for e in members), "test_episodes": first.block["episodes"],
+                "train_episodes": first.config.get("train_episodes"), "episode_set": first.episode_set[:12],
+                "fingerprint": first.fingerprint[:12], "config_id": _short(first.setting), "source": "measured here",
+                "protocol": f"{first.block['episodes']} test episodes, {first.block['episode_set']['queries']} "
+                            f"queries/class, episode set {first.episode_set[:8]}",
+                "run_means": means,
+            })
+    present = {(r["dataset"], r["ways"], r["shots"]) for r in rows}
+    for p in published:
+        if (p.dataset, p.ways, p.shots) in present:
+            rows.append({
+                "dataset": p.dataset, "ways": p.ways, "shots": p.shots, "method": p.method, "backbone": p.backbone,
+                "transform": "", "objective": "", "source_type": "published", "prediction": "", "headline": True,
+                "accuracy": p.accuracy, "ci95": p.ci95, "seed_std": None, "runs": None, "seeds": "",
+                "test_episodes": p.test_episodes, "train_episodes": None, "episode_set": "", "fingerprint": "",
+                "config_id": "", "source": p.citation(), "protocol": p.protocol(), "run_means": [],
+            })
+    rows.sort(key=lambda r: (r["dataset"], r["ways"], r["shots"], r["method"], r["backbone"],
+                             r["source_type"] != "published", _objective_rank(r["objective"]), r["transform"],
+                             r["config_id"], r["episode_set"], _kind_rank(r["prediction"])))
+    _label(rows)
+    return rows
+
+
+def _short(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _label(rows: list[dict[str, Any]]) -> None:
+    """Set each row's ``training`` text (objective and transform), adding the episode set, data or config id
+    where measured rows would otherwise read the same."""
+    for r in rows:
+        if r["source_type"] == "published":
+            r["training"] = "published"
+        else:
+            r["training"] = r["objective"] if r["objective"] == BASELINE else f"{r['objective']} ({r['transform']})"
+    # Episode sets and data are told apart per plot panel (so colours stay consistent across its methods),
+    # configurations per method and backbone (the panel's x axis already separates those).
+    for key, tag, visible in (("episode_set", "set", ()), ("fingerprint", "data", ()),
+                              ("config_id", "cfg", ("method", "backbone"))):
+        groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            if r["source_type"] == "measured":
+                groups[tuple(r[k] for k in ("dataset", "ways", "shots", "training", "prediction", *visible))].append(r)
+        for members in groups.values():
+            if len({r[key] for r in members}) > 1:
+                for r in members:
+                    r["training"] += f" [{tag} {r[key][:8]}]"
+
+
+def paired_rows(entries: Sequence[Entry]) -> list[dict[str, Any]]:
+    """Headline-minus-baseline differences per setting, from per-episode accuracies on shared episode sets;
+    settings whose baseline was tested on other episodes or data get a row saying why they were not compared."""
+    baselines: dict[str, list[Entry]] = defaultdict(list)
+    for e in entries:
+        if e.field("objective") == BASELINE:
+            baselines[e.partner_key].append(e)
+    for members in baselines.values():
+        members.sort(key=lambda e: str(e.run.path))
+    compared: dict[tuple[str, str, str, str], list[tuple[Entry, Any]]] = defaultdict(list)
+    rows = []
+    for e in entries:
+        candidates = baselines.get(e.partner_key, []) if e.field("objective") != BASELINE else []
+        if not candidates:
+            continue
+        same = [b for b in candidates if b.episode_set == e.episode_set and b.fingerprint == e.fingerprint]
+        if not same:
+            b = candidates[0]
+            why = (f"dataset stores differ (fingerprint {e.fingerprint[:8]} vs baseline {b.fingerprint[:8]})"
+                   if b.fingerprint != e.fingerprint else
+                   f"episode sets differ ({e.episode_set[:8]} vs baseline {b.episode_set[:8]})")
+            rows.append(_unpaired_row(e, f"not compared: {why}; evaluate both on one episode set "
+                                         f"with 'fewshot-sla eval'"))
+            continue
+        base = same[0]
+        try:
+            a = e.run.per_episode(e.episode_set)[e.headline]
+            b = base.run.per_episode(base.episode_set)[base.headline]
+            comparison = paired_comparison(a, b)
+        except (UserError, KeyError, ValueError) as err:
+            rows.append(_unpaired_row(e, f"not compared: per-episode results unusable ({err})"))
+            continue
+        compared[(e.setting, e.episode_set, e.fingerprint, e.headline)].append((e, comparison))
+    for members in compared.values():
+        members.sort(key=lambda m: (m[0].field("seed"), str(m[0].run.path)))
+        first = members[0][0]
+        diffs = [100.0 * c.mean_diff for _, c in members]
+        rows.append({
+            **first.display(), "comparison": f"{kind_label(first.headline)} - baseline",
+            "difference": _mean(diffs), "ci95": _mean([100.0 * c.ci95 for _, c in members]),
+            "seed_std": _std(diffs), "runs": len(members), "seeds": " ".join(str(m.field("seed")) for m, _ in members),
+            "episodes": members[0][1].n, "episode_set": first.episode_set[:12], "fingerprint": first.fingerprint[:12],
+            "config_id": _short(first.setting),
+            "p_ttest": members[0][1].p_ttest if len(members) == 1 else None, "note": "",
+            "run_diffs": diffs,
+        })
+    rows.sort(key=lambda r: (r["dataset"], r["ways"], r["shots"], r["method"], r["backbone"],
+                             _objective_rank(r["objective"]), r["transform"], r["difference"] is None))
+    return rows
+
+
+def _unpaired_row(e: Entry, note: str) -> dict[str, Any]:
+    return {**e.display(), "comparison": f"{kind_label(e.headline)} - baseline", "difference": None, "ci95": None,
+            "seed_std": None, "runs": 1, "seeds": str(e.field("seed")), "episodes": e.block["episodes"],
+            "episode_set": e.episode_set[:12], "fingerprint": e.fingerprint[:12], "config_id": _short(e.setting),
+            "p_ttest": None, "note": note, "run_diffs": []}
+
+
+def _fmt(value: float | None, digits: int = 2, sign: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def _md_table(header: Sequence[str], lines: Iterable[Sequence[str]]) -> str:
+    def clean(cell: str) -> str:
+        return str(cell).replace("|", "\\|")
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(clean(c) for c in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def render_markdown(acc: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]], runs_dir: Path,
+                    n_runs: int, skipped: Sequence[tuple[Path, str]]) -> str:
+    """The leaderboard as Markdown: accuracy table (published rows marked), paired differences, plots."""
+    acc_lines = []
+    for r in acc:
+        published = r["source_type"] == "published"
+        acc_lines.append([
+            r["dataset"], str(r["ways"]), str(r["shots"]), r["method"], r["backbone"], r["training"],
+            kind_label(r["prediction"]) if r["prediction"] else "-", _fmt(r["accuracy"]), _fmt(r["ci95"]),
+            _fmt(r["seed_std"]), str(r["runs"]) if r["runs"] else "-",
+            str(r["train_episodes"]) if r["train_episodes"] else "-",
+            f"**published**: {r['source']}; {r['protocol']}" if published else f"measured; {r['protocol']}",
+        ])
+    pair_lines = [[
+        r["dataset"], str(r["ways"]), str(r["shots"]), r["method"], r["backbone"],
+        f"{r['comparison']} ({r['objective']}, {r['transform']})", _fmt(r["difference"], sign=True),
+        _fmt(r["ci95"]), _fmt(r["seed_std"]), str(r["runs"]), str(r["episodes"]), r["episode_set"][:8],
+        r["note"] or "paired on the same episodes"] for r in pairs]
+    parts = [
+        "# Leaderboard", "",
+        f"Built {now_iso()} from {n_runs} finished run(s) under `{runs_dir}`. Accuracies are test accuracies in %. "
+        "Each measured row is one setting: the mean over its runs (seeds), the 95% interval over test episodes "
+        "(1.96 s / sqrt(n), per run; the mean over runs when there are several) and the standard deviation "
+        "across seeds. Rows marked **published** are numbers reported in the cited papers under their own "
+        "protocol (backbone, test episodes, training budget); they were not measured here.", "",
+        "## Accuracy", "",
+        _md_table(["dataset", "ways", "shots", "method", "backbone", "training", "prediction", "accuracy %",
+                   "±95% CI (episodes)", "±std (seeds)", "runs", "train episodes", "source; protocol"], acc_lines),
+        "", "## Paired difference to the baseline", "",
+        "Each non-baseline run minus the `baseline` run with the same configuration and seed, episode by episode "
+        "on the same test episodes of the same dataset store (SLA runs use their SLA+AG prediction). Runs tested "
+        "on different episode sets or data are never paired; such rows say so.", "",
+        _md_table(["dataset", "ways", "shots", "method", "backbone", "comparison", "difference %",
+                   "±95% CI (paired episodes)", "±std (seeds)", "runs", "episodes", "episode set", "note"],
+                  pair_lines) if pair_lines else "No run has a baseline run to be compared with.",
+        "", "## Plots", "", "![accuracy](accuracy.png)", "", "![paired difference](paired_difference.png)", "",
+    ]
+    if skipped:
+        parts += ["## Skipped folders", ""] + [f"- `{path}`: {reason}" for path, reason in skipped] + [""]
+    return "\n".join(parts)
+
+
+ACCURACY_COLUMNS = ("source_type", "dataset", "ways", "shots", "method", "backbone", "transform", "objective",
+                    "prediction", "accuracy", "ci95", "seed_std", "runs", "seeds", "test_episodes", "train_episodes",
+                    "episode_set", "fingerprint", "config_id", "source", "protocol")
+PAIRED_COLUMNS = ("dataset", "ways", "shots", "method", "backbone", "transform", "objective", "comparison",
+                  "difference", "ci95", "seed_std", "runs", "seeds", "episodes", "p_ttest", "episode_set",
+                  "fingerprint", "config_id", "note")
+
+
+def render_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Rows as CSV text with the given columns (numbers in full precision, empty for missing values)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for r in rows:
+        writer.writerow(["" if r.get(c) is None else r[c] for c in columns])
+    return buffer.getvalue()
+
+
+def _panels(rows: Sequence[dict[str, Any]]) -> list[tuple[str, int, int]]:
+    return sorted({(r["dataset"], r["ways"], r["shots"]) for r in rows})
+
+
+def _figure(n_panels: int, width_per_panel: float) -> tuple[Any, list[Any]]:
+    from matplotlib.figure import Figure
+
+    rows = max(1, n_panels)
+    fig = Figure(figsize=(width_per_panel, 3.6 * rows))
+    axes = [fig.add_subplot(rows, 1, i + 1) for i in range(rows)]
+    return fig, axes
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+
+
+def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Bars of headline accuracy with 95% episode intervals per method/backbone, one panel per dataset and
+    shot count; dots are the runs (seeds); hatched bars are published numbers."""
+    rows = [{**r, "series": r["training"] if r["source_type"] == "published" else
+             f"{r['training']}: {kind_label(r['prediction'])}"} for r in rows if r["headline"]]
+    panels = _panels(rows)
+    width = max([4.5] + [1.8 * len({(r["method"], r["backbone"]) for r in rows if (r["dataset"], r["ways"],
+                                                                                    r["shots"]) == p}) + 2
+                         for p in panels])
+    fig, axes = _figure(len(panels), min(width, 16))
+    for ax, panel in zip(axes, panels):
+        here = [r for r in rows if (r["dataset"], r["ways"], r["shots"]) == panel]
+        groups = sorted({(r["method"], r["backbone"]) for r in here})
+        series = sorted({r["series"] for r in here}, key=lambda t: (t != "published", t))
+        step = 0.8 / len(series)
+        legend = {}
+        for r in here:
+            j = series.index(r["series"])
+            x = groups.index((r["method"], r["backbone"])) - 0.4 + step * (j + 0.5)
+            legend[r["series"]] = ax.bar(x, r["accuracy"], step * 0.9, yerr=r["ci95"], capsize=3, color=f"C{j}",
+                                         hatch="//" if r["source_type"] == "published" else None,
+                                         edgecolor="black", linewidth=0.5)
+            if len(r["run_means"]) > 1:
+                ax.plot([x] * len(r["run_means"]), r["run_means"], "k.", markersize=4)
+        ax.legend([legend[label] for label in series], series, fontsize=7, loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0))
+        ax.set_xticks(range(len(groups)), [f"{m}\n{b}" for m, b in groups], fontsize=8)
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        ax.set(ylabel="test accuracy (%)", title=f"{panel[0]}, {panel[1]}-way {panel[2]}-shot")
+    if not panels:
+        axes[0].text(0.5, 0.5, "no finished runs", ha="center", va="center")
+    _save(fig, path)
+
+
+def plot_paired(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Horizontal bars of each paired difference to the baseline with its 95% interval, one panel per dataset
+    and shot count; settings that could not be compared are left out."""
+    rows = [r for r in rows if r["difference"] is not None]
+    panels = _panels(rows)
+    fig, axes = _figure(len(panels), 6.0)
+    for ax, panel in zip(axes, panels):
+        here = [r for r in rows if (r["dataset"], r["ways"], r["shots"]) == panel]
+        labels = [f"{r['method']} / {r['backbone']}\n{r['comparison']} ({r['objective']}, {r['transform']})"
+                  for r in here]
+        y = np.arange(len(here))
+        ax.barh(y, [r["difference"] for r in here], xerr=[r["ci95"] for r in here], capsize=3,
+                color=["C2" if r["difference"] >= 0 else "C3" for r in here], edgecolor="black", linewidth=0.5)
+        for yi, r in zip(y, here):
+            if len(r["run_diffs"]) > 1:
+                ax.plot(r["run_diffs"], [yi] * len(r["run_diffs"]), "k.", markersize=4)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set(xlabel="accuracy difference (percentage points)", title=f"{panel[0]}, {panel[1]}-way {panel[2]}-shot")
+    if not panels:
+        axes[0].text(0.5, 0.5, "no run could be paired with a baseline", ha="center", va="center")
+        axes[0].set_axis_off()
+    _save(fig, path)
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What ``build_leaderboard`` read and wrote."""
+
+    runs: int
+    accuracy_rows: int
+    paired_rows: int
+    skipped: list[tuple[Path, str]]
+    files: list[Path]
+
+
+def build_leaderboard(runs_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                      published: Sequence[PublishedResult] = ()) -> BuildReport:
+    """Read every finished run below ``runs_dir`` and write the tables and plots into ``out_dir``."""
+    runs_dir, out = Path(runs_dir), Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a folder for the leaderboard")
+    entries, skipped = load_entries(runs_dir)
+    if not entries:
+        raise UserError(f"no finished run (results.json) under {runs_dir}; run "
+                        f"'fewshot-sla leaderboard run GRID --runs-dir {runs_dir}' first")
+    acc = accuracy_rows(entries, published)
+    pairs = paired_rows(entries)
+    n_runs = len({e.run.path for e in entries})
+    files = [out / name for name in OUTPUTS]
+    write_text_atomic(files[0], render_markdown(acc, pairs, runs_dir, n_runs, skipped))
+    write_text_atomic(files[1], render_csv(acc, ACCURACY_COLUMNS))
+    write_text_atomic(files[2], render_csv(pairs, PAIRED_COLUMNS))
+    plot_accuracy(acc, files[3])
+    plot_paired(pairs, files[4])
+    return BuildReport(n_runs, len(acc), len(pairs), skipped, files)

@@ -1,0 +1,179 @@
+"""Grid files: expansion into cells (count, order, layered settings, names) and one-line validation errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fewshot_sla.cli import main
+from fewshot_sla.errors import UserError
+from fewshot_sla.leaderboard.grid import load_grid
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_GRIDS = sorted((REPO / "benchmarks" / "grids").glob("*.yaml"))
+
+GRID = """\
+name: tiny
+datasets:
+  synthetic: {image_size: 16}
+methods:
+  - method: protonet
+    settings: {train_episodes: 30}
+  - maml
+backbones: conv4
+variants:
+  - {transform: none, objective: baseline}
+  - {transform: rotation, objective: sla}
+shots: [1, 5]
+settings: {train_episodes: 100, eval_episodes: 20}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "grid.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_expansion_gives_the_hand_written_cells_in_order(tmp_path: Path) -> None:
+    grid = load_grid(write(tmp_path, GRID))
+    axes = [(c.values["method"], c.values["transform"], c.values["objective"], c.values["shots"]) for c in grid.cells]
+    assert axes == [
+        ("protonet", "none", "baseline", 1), ("protonet", "none", "baseline", 5),
+        ("protonet", "rotation", "sla", 1), ("protonet", "rotation", "sla", 5),
+        ("maml", "none", "baseline", 1), ("maml", "none", "baseline", 5),
+        ("maml", "rotation", "sla", 1), ("maml", "rotation", "sla", 5),
+    ]
+    for cell in grid.cells:
+        v = cell.values
+        assert (v["dataset"], v["backbone"], v["ways"], v["seed"], v["image_size"], v["eval_episodes"]) == \
+            ("synthetic", "conv4", 5, 0, 16, 20)
+        # The method's settings win over the shared ones.
+        assert v["train_episodes"] == (30 if v["method"] == "protonet" else 100)
+    first = grid.cells[0]
+    assert first.name.startswith("synthetic-protonet-conv4-5w1s-none-baseline-s0-")
+    assert len({c.name for c in grid.cells}) == 8
+    assert grid.name == "tiny" and grid.data_root is None
+
+
+def test_names_are_deterministic_and_follow_every_setting_but_the_device(tmp_path: Path) -> None:
+    names = [c.name for c in load_grid(write(tmp_path, GRID)).cells]
+    assert names == [c.name for c in load_grid(write(tmp_path, GRID, "again.yaml")).cells]
+    changed = [c.name for c in load_grid(write(tmp_path, GRID.replace("eval_episodes: 20", "eval_episodes: 30"),
+                                               "changed.yaml")).cells]
+    assert not set(names) & set(changed)
+    device = [c.name for c in load_grid(write(tmp_path, GRID.replace("eval_episodes: 20", "eval_episodes: 20, "
+                                                                     "device: cpu"), "device.yaml")).cells]
+    assert device == names
+
+
+def test_product_of_seeds_ways_and_datasets(tmp_path: Path) -> None:
+    text = GRID.replace("shots: [1, 5]", "shots: 1\nways: [5, 10]\nseeds: [0, 1, 2]")
+    text = text.replace("  synthetic: {image_size: 16}", "  synthetic: {image_size: 16}\n  miniimagenet:")
+    grid = load_grid(write(tmp_path, text))
+    assert len(grid.cells) == 2 * 2 * 2 * 2 * 3  # datasets x methods x variants x ways x seeds
+    assert {(c.values["dataset"], c.values.get("image_size")) for c in grid.cells} == \
+        {("synthetic", 16), ("miniimagenet", None)}
+    assert sorted({c.values["seed"] for c in grid.cells}) == [0, 1, 2]
+
+
+def test_recipe_files_and_rules_layer_in_the_documented_order(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    write(tmp_path / "configs", "method: protonet\nbackbone: conv4\ndataset: miniimagenet\nshots: 5\n"
+                                "lr: 0.01\ntrain_episodes: 7\nval_episodes: 50\n", "proto.yaml")
+    write(tmp_path / "configs", "method: protonet\nlr: 0.5\n", "other.yaml")
+    text = """\
+datasets: [synthetic]
+methods:
+  - {method: protonet, config: configs/proto.yaml, settings: {val_episodes: 60}}
+variants:
+  - {transform: none, objective: baseline}
+  - {transform: rotation, objective: sla}
+shots: [1, 5]
+settings: {train_episodes: 100}
+rules:
+  - when: {shots: 5, objective: sla}
+    config: configs/other.yaml
+  - when: {objective: sla}
+    settings: {val_episodes: 70}
+"""
+    cells = {(c.values["objective"], c.values["shots"]): c.values for c in load_grid(write(tmp_path, text)).cells}
+    base = cells[("baseline", 1)]
+    # The recipe file is the lowest layer: the grid's settings win, and its dataset/shots are the cell's axes.
+    assert (base["lr"], base["train_episodes"], base["val_episodes"], base["dataset"], base["shots"]) == \
+        (0.01, 100, 60, "synthetic", 1)
+    assert base["backbone"] == "conv4"
+    assert cells[("sla", 1)]["val_episodes"] == 70 and cells[("sla", 1)]["lr"] == 0.01
+    # A rule's config replaces the entry's file (no layering of the two files).
+    assert cells[("sla", 5)]["lr"] == 0.5 and "backbone" in cells[("sla", 5)]
+
+
+def test_shipped_paper_grid_covers_the_comparison() -> None:
+    grid = load_grid(REPO / "benchmarks" / "grids" / "paper.yaml")
+    combos = {(c.values["method"], c.values["backbone"]) for c in grid.cells}
+    assert combos == {("protonet", "conv4"), ("protonet", "resnet12"), ("metaoptnet-svm", "resnet12"),
+                      ("metaoptnet-ridge", "resnet12"), ("maml", "conv4")}
+    assert {c.values["dataset"] for c in grid.cells} == {"miniimagenet", "cub", "fc100", "cifarfs"}
+    assert {(c.values["transform"], c.values["objective"]) for c in grid.cells} == {("none", "baseline"),
+                                                                                   ("rotation", "sla")}
+    assert len(grid.cells) == 4 * 5 * 2 * 2
+    svm = {c.values["dataset"]: c.values["train_shots"] for c in grid.cells if c.values["method"] == "metaoptnet-svm"}
+    assert svm == {"miniimagenet": 15, "cub": 15, "fc100": 15, "cifarfs": 5}
+
+
+@pytest.mark.parametrize("path", SHIPPED_GRIDS, ids=[p.stem for p in SHIPPED_GRIDS])
+def test_every_shipped_grid_is_valid(path: Path) -> None:
+    assert load_grid(path).cells
+
+
+BAD = [
+    ("unknown top-level key", GRID + "sedes: [1]\n", "line 14: unknown key 'sedes'"),
+    ("unknown method", GRID.replace("  - maml", "  - mamal"), "line 7: unknown learner 'mamal'"),
+    ("unknown dataset", GRID.replace("synthetic: {image_size: 16}", "synthetc: {}"), "unknown dataset 'synthetc'"),
+    ("unknown backbone", GRID.replace("backbones: conv4", "backbones: [conv5]"), "line 8: unknown backbone 'conv5'"),
+    ("unknown objective", GRID.replace("objective: sla}", "objective: slaa}"), "line 11: unknown objective 'slaa'"),
+    ("unknown setting", GRID.replace("eval_episodes: 20", "eval_episode: 20"), "unknown key 'eval_episode'"),
+    ("ill-typed setting", GRID.replace("eval_episodes: 20", "eval_episodes: many"),
+     "'eval_episodes' must be an integer"),
+    ("out-of-range setting", GRID.replace("eval_episodes: 20", "eval_episodes: 0"), "eval_episodes must be a positive"),
+    ("zero shots", GRID.replace("shots: [1, 5]", "shots: [1, 0]"), "line 12: 'shots' entries must be integers >= 1"),
+    ("text shots", GRID.replace("shots: [1, 5]", "shots: five"), "'shots' entries must be integers"),
+    ("repeated shots", GRID.replace("shots: [1, 5]", "shots: [1, 1]"), "listed twice"),
+    ("axis in settings", GRID.replace("eval_episodes: 20", "shots: 3"), "'shots' is a grid axis"),
+    ("missing shots", GRID.replace("shots: [1, 5]\n", ""), "has no 'shots'"),
+    ("variant without objective", GRID.replace("{transform: none, objective: baseline}", "{transform: none}"),
+     "variant 1 needs 'objective"),
+    ("bad YAML", GRID.replace("shots: [1, 5]", "shots: [1, 5"), "line 13"),
+    ("missing recipe file", GRID.replace("  - maml", "  - {method: maml, config: nowhere.yaml}"),
+     "recipe file"),
+    ("rule matching nothing", GRID + "rules:\n  - when: {dataset: cub}\n    settings: {lr: 0.1}\n",
+     "rule 1 matches no cell"),
+    ("not a mapping", "- a\n- b\n", "must hold a mapping"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_grids_fail_with_one_line(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(UserError) as info:
+        load_grid(write(tmp_path, text))
+    message = str(info.value)
+    assert expected in message and "\n" not in message
+    assert "grid.yaml" in message or "nowhere.yaml" in message
+
+
+def test_cli_rejects_a_bad_grid_before_running_anything(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    grid = write(tmp_path, GRID.replace("  - maml", "  - mamal"))
+    runs = tmp_path / "runs"
+    assert main(["leaderboard", "run", str(grid), "--runs-dir", str(runs)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown learner 'mamal'" in err
+    assert not runs.exists()
+
+
+def test_cli_dry_run_lists_cells_without_writing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runs = tmp_path / "runs"
+    assert main(["leaderboard", "run", str(write(tmp_path, GRID)), "--runs-dir", str(runs), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("   start  synthetic-") == 8 and "8 cells: 0 finished, 8 to run" in out
+    assert not runs.exists()
