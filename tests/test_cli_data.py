@@ -63,7 +63,8 @@ def test_info_text_json_all_and_verify(tmp_path: Path, small_synthetic: int, cap
     (root / "cub.h5").write_bytes(b"half a download")
     code, out, _ = cli(capsys, root, "info", "--json")
     assert {d["dataset"]: d["prepared"] for d in json.loads(out)} == {
-        "cifarfs": False, "cub": False, "fc100": False, "miniimagenet": False, "synthetic": True}
+        "cifarfs": False, "cub": False, "fc100": False, "miniimagenet": False, "synthetic": True,
+        "tinyimagenet": False}
     code, out, _ = cli(capsys, root, "info")
     assert code == 0 and f"cub: store {root / 'cub.h5'} is unreadable" in out
 

@@ -518,3 +518,28 @@ def test_source_csvs_identical_to_the_packaged_ones_keep_the_ravi_name(tmp_path:
         "ravi", "ravi-csv", "miniimagenet_ravi").digest
     (folder / "test.csv").write_text("filename,label\nn0000000100000001.jpg,n00000001\n")
     assert load_convention("ravi", "ravi-csv", "miniimagenet_ravi", folder).describe() == f"custom from {folder}"
+
+
+def test_tinyimagenet_reads_split_from_source_csvs(tmp_path: Path) -> None:
+    """A dataset without packaged split lists takes its split from the source's CSVs, and refuses without them."""
+    from fewshot_sla.cli import main
+
+    source = tmp_path / "src"
+    (source / "images").mkdir(parents=True)
+    rows = {"train": ["n001", "n002"], "val": ["n003"], "test": ["n004"]}
+    for split, classes in rows.items():
+        lines = ["filename,label"]
+        for wnid in classes:
+            for i in range(3):
+                name = f"{wnid}{i:08d}.jpg"
+                Image.new("RGB", (8, 8), (i * 40, 10, 200)).save(source / "images" / name)
+                lines.append(f"{name},{wnid}")
+        (source / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    root = tmp_path / "root"
+    assert main(["--data-root", str(root), "data", "prepare", "tinyimagenet", "--source", str(source)]) == 0
+    store = DatasetStore(root / "tinyimagenet.h5")
+    assert store.split("train").class_names == ["n001", "n002"] and store.image_size == 64
+    for split in rows:
+        (source / f"{split}.csv").unlink()
+    assert main(["--data-root", str(root / "other"), "data", "prepare", "tinyimagenet", "--source", str(source)]) == 2
+    assert not (root / "other" / "tinyimagenet.h5").exists()

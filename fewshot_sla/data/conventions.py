@@ -49,20 +49,27 @@ def packaged_splits() -> Traversable:
     return resources.files("fewshot_sla.data") / "splits"
 
 
-def load_convention(name: str, split_format: str, packaged: str, split_dir: Path | None = None) -> SplitConvention:
+def load_convention(
+    name: str, split_format: str, packaged: str | None, split_dir: Path | None = None
+) -> SplitConvention:
     """Read a convention from the packaged folder ``packaged`` or, when given, from ``split_dir``.
 
     Split files from ``split_dir`` keep the convention's ``name`` when they are byte-identical to the
-    packaged ones, and are called ``custom`` otherwise.
+    packaged ones (or when the dataset packages none), and are called ``custom`` otherwise.
     """
     if split_format not in SPLIT_FORMATS:
         raise ValueError(f"unknown split format {split_format!r}")
     ext = "csv" if split_format == "ravi-csv" else "json"
-    shipped = packaged_splits() / packaged
-    folder: Traversable = shipped if split_dir is None else split_dir
+    if packaged is None and split_dir is None:
+        raise UserError(
+            f"the '{name}' split has no packaged split files; the source must hold train/val/test.{ext} "
+            "beside images/, or pass --split-dir DIR"
+        )
+    shipped = packaged_splits() / packaged if packaged is not None else None
+    folder: Traversable = split_dir if split_dir is not None else shipped  # type: ignore[assignment]
     contents = {split: _read_split_file(folder, split, ext) for split in SPLIT_NAMES}
     digest = _digest(split_format, contents)
-    if split_dir is not None:
+    if split_dir is not None and shipped is not None:
         canonical = _digest(split_format, {split: _read_split_file(shipped, split, ext) for split in SPLIT_NAMES})
         name = name if digest == canonical else "custom"
     classes: dict[str, list[str]] = {}

@@ -97,6 +97,16 @@ for _info in (
         packaged_splits="torchmeta/cifar100/cifar-fs",
     ),
     DatasetInfo(
+        name="tinyimagenet",
+        title="Tiny ImageNet in mini-ImageNet format (a small stand-in for mini-ImageNet)",
+        image_size=64,
+        split_convention="source-csv",
+        source_hint="a folder laid out like the Ravi mini-ImageNet release (images/ + train.csv/val.csv/test.csv), "
+        "whose own CSVs define the split",
+        layouts=(RAVI,),
+        split_format="ravi-csv",
+    ),
+    DatasetInfo(
         name="synthetic",
         title="synthetic shapes",
         image_size=SYNTHETIC_SIZE,

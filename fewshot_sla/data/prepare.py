@@ -137,7 +137,7 @@ def _imported(
     chosen = Path(split_dir).expanduser() if split_dir is not None else layout.split_dir(root)
     if chosen is not None and not chosen.is_dir():
         raise UserError(f"--split-dir {chosen} is not a folder; pass the folder holding the split files")
-    assert info.split_format is not None and info.packaged_splits is not None
+    assert info.split_format is not None
     convention = load_convention(info.split_convention, info.split_format, info.packaged_splits, chosen)
     log(f"reading {info.title} from {root} ({layout.summary}); split convention: {convention.describe()}")
     return _Plan(
