@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from fewshot_sla.errors import UserError
+from fewshot_sla.yaml_file import read_yaml
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 OPTIMIZERS = ("sgd", "adam")
@@ -133,18 +134,7 @@ def load_config(path: str | Path) -> RunConfig:
 def read_config_values(path: str | Path) -> dict[str, Any]:
     """The checked key: value pairs a YAML config file sets (UserErrors name the file and line)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise UserError(f"cannot read config file {path}: {err.strerror}; check the --config path") from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or "malformed YAML"
-        raise UserError(f"config file {path}{where}: {problem}; fix the YAML syntax") from None
+    root, data = read_yaml(path, "config file", "--config")
     if data is None:
         return {}
     if not isinstance(data, dict):

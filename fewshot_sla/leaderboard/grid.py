@@ -49,6 +49,7 @@ import yaml
 
 from fewshot_sla.config import RunConfig, read_config_values
 from fewshot_sla.errors import UserError
+from fewshot_sla.yaml_file import read_yaml
 
 AXES = ("dataset", "method", "backbone", "transform", "objective", "ways", "shots", "seed")
 AXIS_HOME = {"dataset": "datasets", "method": "methods", "backbone": "backbones", "transform": "variants",
@@ -153,18 +154,7 @@ class _Source:
 def load_grid(path: str | Path) -> Grid:
     """Read and check a grid file and expand it into cells; any mistake is a one-line UserError."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise UserError(f"cannot read grid file {path}: {err.strerror}; check the GRID path") from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"grid {path}{where}: {getattr(err, 'problem', None) or 'malformed YAML'}; "
-                        "fix the YAML syntax") from None
+    root, data = read_yaml(path, "grid", "GRID")
     src = _Source(path, root)
     if not isinstance(data, dict):
         raise UserError(f"grid {path} must hold a mapping with the keys {', '.join(REQUIRED_KEYS)} "

@@ -1,0 +1,26 @@
+"""Reading a user's YAML file (config or grid): read errors and syntax errors become one-line UserErrors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fewshot_sla.errors import UserError
+
+
+def read_yaml(path: Path, label: str, flag: str) -> tuple[yaml.Node | None, Any]:
+    """``(node tree, data)`` of the YAML file ``path``; ``label`` names it in errors (e.g. 'config file'),
+    ``flag`` is the option that named the path (e.g. '--config'). The node tree gives line numbers."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UserError(f"cannot read {label} {path}: {err.strerror}; check the {flag} path") from None
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader), yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "malformed YAML"
+        raise UserError(f"{label} {path}{where}: {problem}; fix the YAML syntax") from None
