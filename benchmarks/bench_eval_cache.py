@@ -52,15 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uncached", type=int, default=600, help="uncached episodes")
     parser.add_argument("--batch", type=int, default=20, help="episodes per uncached batch")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (1 on a shared CPU)")
     parser.add_argument("--data", choices=("synthetic", "random"), default="synthetic")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--tiny", action="store_true",
-                        help="smoke mode: conv4 with 4 filters at 16x16 random images, 40 vs 10 episodes, 1 thread")
+                        help="smoke mode: conv4 with 4 filters, 16x16 random images resized to 20x20, "
+                             "40 vs 10 episodes, 1 thread")
     args = parser.parse_args(argv)
     if args.tiny:
-        torch.set_num_threads(1)
-        args.backbone, args.hidden, args.data = "conv4", 4, "random"
+        args.threads = 1
+        args.backbone, args.hidden, args.data, args.image_size = "conv4", 4, "random", 20  # resized, as on GPUs
         args.cached, args.uncached, args.queries = 40, 10, 5
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if args.data == "random":
         split = random_split(20, 20 if args.tiny else 150, 16 if args.tiny else 32, device)

@@ -2,13 +2,17 @@
 rotation SLA, at several meta-batch sizes (and AMP off/on), side by side in one run.
 
 Each cell times ``Trainer.step`` (sampling, augmentation/normalisation on the device, objective loss, backward,
-optimizer step) after a warm-up step and reports the median step time. Printed ratios check the targets: an SLA step (M = 4) costs at most 4.4x
-the baseline step; meta-batch 8 is at least as fast per episode as meta-batch 1; our MAML step is at least as
-fast as learn2learn's ``MAML.clone()/adapt()`` loop on the same tasks and model (when learn2learn imports).
+optimizer step) after a warm-up step and reports the median step time. Printed ratios check the targets: an
+SLA step (M = 4) costs at most 4.4x the baseline step; meta-batch 8 is at least as fast per episode as
+meta-batch 1; our MAML step is at least as fast as learn2learn's ``MAML.clone()/adapt()`` loop on the same
+tasks and model (when learn2learn imports).
 
     python benchmarks/bench_training.py                          # CPU, conv4 at 32x32 on the synthetic set
     python benchmarks/bench_training.py --device cuda --backbone resnet12 --image-size 84 --amp both
     python benchmarks/bench_training.py --device cpu --tiny      # seconds: every code path, tiny sizes
+
+On a CPU shared with other jobs, pass ``--threads 1``: with more threads than free cores, torch's OpenMP
+workers spin-wait and small steps slow down by orders of magnitude, which makes every ratio meaningless.
 """
 
 from __future__ import annotations
@@ -141,18 +145,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-steps", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--data", choices=("synthetic", "random"), default="synthetic")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--tiny", action="store_true",
-                        help="smoke mode: conv4 with 4 filters at 16x16, 2-way 1-shot 1-query, meta-batch 1 and 2, "
+                        help="smoke mode: conv4 with 4 filters, 16x16 data resized to 20x20, 2-way 1-shot 1-query, "
+                             "meta-batch 1 and 2, "
                              "one timed step per cell, random data, one CPU thread")
     args = parser.parse_args(argv)
     if args.tiny:
-        torch.set_num_threads(1)
-        args.backbone, args.hidden, args.image_size = "conv4", 4, 16
+        args.threads = 1
+        args.backbone, args.hidden, args.image_size = "conv4", 4, 20  # 16x16 data resized, as gpu_check resizes
         args.ways, args.shots, args.queries = 2, 1, 1
         args.meta_batches, args.seconds, args.min_steps, args.max_steps = [1, 2], 0.0, 1, 1
         args.warmup, args.data = 0, "random"
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     torch.manual_seed(0)
     amps = {"off": [False], "on": [True], "both": [False, True]}[args.amp]

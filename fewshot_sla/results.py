@@ -81,26 +81,32 @@ class RunPaths:
 
     @property
     def config(self) -> Path:
+        """The resolved configuration, YAML."""
         return self.root / CONFIG_FILE
 
     @property
     def metrics(self) -> Path:
+        """Per-step metrics, one JSON object per line."""
         return self.root / METRICS_FILE
 
     @property
     def results(self) -> Path:
+        """The results file; present once the run finished."""
         return self.root / RESULTS_FILE
 
     @property
     def curve(self) -> Path:
+        """The learning-curve plot."""
         return self.root / CURVE_FILE
 
     @property
     def last_checkpoint(self) -> Path:
+        """The full training state, for --resume."""
         return self.root / CHECKPOINT_DIR / "last.pt"
 
     @property
     def best_checkpoint(self) -> Path:
+        """The model with the best validation accuracy."""
         return self.root / CHECKPOINT_DIR / "best.pt"
 
     def per_episode(self, episode_set_hash: str) -> Path:

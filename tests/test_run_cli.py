@@ -271,3 +271,12 @@ def test_the_default_call_learns_well_above_chance(capsys, data_root: Path, tmp_
     assert ev["episodes"] == 1000 and results["train"]["episodes"] == 300
     for kind in ("si", "ag"):
         assert ev["accuracy"][kind]["mean"] - ev["accuracy"][kind]["ci95"] > 40.0  # chance is 20%
+
+
+def test_mixed_precision_runs_and_is_recorded(capsys, data_root: Path, tmp_path: Path) -> None:
+    code, _, err = cli(capsys, data_root, "run", *TINY, "--amp", "--method", "metaoptnet-svm", "--train-episodes", "2",
+                       "--meta-batch", "2", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["amp"] is True and results["config"]["amp"] is True
+    assert results["train"]["meta_batch"] == 2 and results["method"] == "metaoptnet-svm"

@@ -49,7 +49,8 @@ def episode_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return (logits.argmax(dim=-1) == labels).double().mean(dim=1)
 
 
-def fixed_test_set(dataset: str, split: Split, spec: EpisodeSpec, count: int, run_dir: Path) -> tuple[EpisodeSet, Path]:
+def fixed_test_set(dataset: str, split: Split, spec: EpisodeSpec, count: int,
+                   run_dir: Path) -> tuple[EpisodeSet, Path]:
     """The fixed test episode set: the shipped file matching (dataset, test, spec, count), else one generated
     with seed 0 and written into ``run_dir`` (or reused from there)."""
     name = EpisodeSet.default_name(dataset, split.name, spec, count, TEST_SET_SEED)
