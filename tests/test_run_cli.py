@@ -280,3 +280,10 @@ def test_mixed_precision_runs_and_is_recorded(capsys, data_root: Path, tmp_path:
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["amp"] is True and results["config"]["amp"] is True
     assert results["train"]["meta_batch"] == 2 and results["method"] == "metaoptnet-svm"
+
+
+def test_the_synthetic_default_is_announced_only_when_no_dataset_is_named(capsys, data_root: Path, tmp_path: Path) -> None:
+    code, out, _ = cli(capsys, data_root, "run", *TINY, "--out", str(tmp_path / "a"))
+    assert code == 0 and "no --dataset given" in out and "fewshot-sla data prepare" in out
+    code, out, _ = cli(capsys, data_root, "run", *TINY, "--dataset", "synthetic", "--out", str(tmp_path / "b"))
+    assert code == 0 and "no --dataset given" not in out

@@ -144,6 +144,9 @@ def run_command(args: argparse.Namespace) -> int:
         sys.stderr.write(f"fewshot-sla: interrupted; state saved at step {report.step}; continue with '{resume}'\n")
         return 130
     assert report.results is not None
+    if "dataset" not in given:
+        print("note: no --dataset given, so this used the embedded synthetic set; for real data run "
+              "'fewshot-sla data prepare DATASET --source PATH' and pass --dataset DATASET")
     print(format_results(report.results, report.run_dir))
     return 0
 
