@@ -51,7 +51,7 @@ def describe_device(device: torch.device) -> str:
 def derived_seed(seed: int, purpose: str) -> int:
     """An independent 63-bit seed for one random stream of a run (model init, sampler, augmentation)."""
     words = [ord(c) for c in purpose]
-    return int(np.random.SeedSequence([seed, *words]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, *words]).generate_state(2, dtype=np.uint32).view(np.uint64)[0]) >> 1
 
 
 def check_names(cfg: RunConfig) -> None:
