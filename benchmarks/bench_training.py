@@ -13,6 +13,8 @@ tasks and model (when learn2learn imports).
 
 On a CPU shared with other jobs, pass ``--threads 1``: with more threads than free cores, torch's OpenMP
 workers spin-wait and small steps slow down by orders of magnitude, which makes every ratio meaningless.
+On the CPU the script keeps freed memory for reuse as ``fewshot-sla run`` does (``fewshot_sla.cpu_memory``);
+``--glibc-default-malloc`` measures without it, and a few warm-up steps let glibc's heap settle first.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fewshot_sla.config import RunConfig
+from fewshot_sla.cpu_memory import reuse_freed_memory
 from fewshot_sla.data.store import Split, open_store
 from fewshot_sla.engine.build import ImagePipeline, build_model, resolve_device
 from fewshot_sla.engine.recipes import apply_recipe
@@ -144,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per cell (at least --min-steps)")
     parser.add_argument("--min-steps", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps per cell")
+    parser.add_argument("--glibc-default-malloc", action="store_true",
+                        help="on the CPU, leave glibc's allocator as it is (fresh pages for every large tensor)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--data", choices=("synthetic", "random"), default="synthetic")
     parser.add_argument("--data-root", default=None)
@@ -162,13 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    reused = device.type == "cpu" and not args.glibc_default_malloc and reuse_freed_memory()
     torch.manual_seed(0)
     amps = {"off": [False], "on": [True], "both": [False, True]}[args.amp]
     splits = load_splits(args, device)
     size = args.image_size or splits[2]
     print(f"device {device}, backbone {args.backbone}{f' ({args.hidden} filters)' if args.backbone == 'conv4' else ''} "
           f"at {size}x{size}, {args.ways}-way {args.shots}-shot {args.queries}-query training episodes, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+          f"{', freed memory reused' if reused else ''}")
     header = f"{'method':<17} {'objective':<14} {'B':>2} {'amp':>4} {'episodes/s':>11} {'ms/episode':>11}"
     header += "  peak GiB" if device.type == "cuda" else ""
     print(header)

@@ -18,6 +18,7 @@ import torch
 from fewshot_sla.atomic import write_text_atomic
 from fewshot_sla.augment import TrainAugment
 from fewshot_sla.config import RunConfig, load_config
+from fewshot_sla.cpu_memory import reuse_freed_memory
 from fewshot_sla.data.store import DatasetStore, Split
 from fewshot_sla.engine.build import (
     ImagePipeline,
@@ -177,6 +178,8 @@ def execute_run(plan: RunPlan, *, max_steps: int | None = None, progress: bool =
                 step_hook: Callable[[int], None] | None = None) -> RunReport:
     """Train (or continue training), then evaluate the best checkpoint and write results.json."""
     cfg, paths = plan.cfg, RunPaths(plan.run_dir)
+    if plan.device.type == "cpu":
+        reuse_freed_memory()
     if plan.overwrite and plan.run_dir.exists():
         shutil.rmtree(plan.run_dir)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
@@ -253,6 +256,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, data_root: Any, episodes_file: s
         changes["feature_cache"] = use_cache
     cfg = cfg.updated(changes).validate()
     dev = resolve_device(cfg.device)
+    if dev.type == "cpu":
+        reuse_freed_memory()
     check_names(cfg)
     store = open_dataset(cfg, data_root)
     if store.fingerprint != previous.data["dataset_fingerprint"]:
