@@ -7,7 +7,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: on small tensors more threads only add overhead, and their OpenMP
+    workers stall badly when another job holds the second core of the CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 # --- data: raw-layout fixtures and a small synthetic set ------------------------------------------------
 

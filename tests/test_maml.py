@@ -14,13 +14,7 @@ from fewshot_sla.registry import BACKBONES, LEARNERS
 WAYS, SHOTS, QUERIES, EPISODES = 3, 2, 2, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and stall badly on a busy shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tiny(nn.Module):

@@ -17,13 +17,7 @@ from fewshot_sla.registry import LEARNERS
 C = 0.1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads only add overhead on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sla_like(generator: torch.Generator, ways: int, rotations: int, shots: int, dim: int, scale: float):
