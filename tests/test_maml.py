@@ -1,5 +1,6 @@
 """MAML: meta-gradients against finite differences through the inner loop, first order against an explicit
-computation, batch statistics, test-time adaptation, the lazily sized head."""
+computation, learn2learn side by side (when the extra is installed), batch statistics, test-time adaptation, the
+lazily sized head."""
 
 from __future__ import annotations
 
@@ -164,6 +165,36 @@ def test_first_and_second_order_differ_with_inner_steps_and_agree_without() -> N
     for name, a, b in zip(names, grads[0], grads[1]):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), name
         assert torch.allclose(a, expected[name], rtol=1e-9, atol=1e-12), name
+
+
+@pytest.mark.parametrize("name", ["maml", "maml-fo"])
+def test_meta_gradient_matches_learn2learn_clone_adapt(name: str) -> None:
+    """Side by side with learn2learn's MAML (the optional extra): same model, tasks and inner loop."""
+    l2l = pytest.importorskip("learn2learn")
+    learner = _tiny_learner(name).train()
+    episode = _episodes(4)
+    ours = dict(zip([n for n, _ in learner.named_parameters()], _meta_gradient(learner, episode)))
+
+    body = Tiny().double()
+    body.load_state_dict(learner.backbone.state_dict())
+    head = nn.Linear(4, WAYS).double()
+    with torch.no_grad():
+        head.weight.copy_(learner.head_weight.expand(WAYS, -1))
+        head.bias.fill_(float(learner.head_bias))
+    maml = l2l.algorithms.MAML(nn.Sequential(body, head), lr=learner.inner_lr, first_order=name == "maml-fo")
+    support, labels, query, query_labels = episode
+    losses = []
+    for e in range(EPISODES):
+        clone = maml.clone()
+        for _ in range(learner.train_steps):
+            clone.adapt(F.cross_entropy(clone(support[e]), labels[e]))
+        losses.append(F.cross_entropy(clone(query[e]), query_labels[e]))
+    (sum(losses) / EPISODES).backward()
+    # Our head is one row repeated per way: its gradient is the sum over learn2learn's rows.
+    theirs = {"backbone.linear.weight": body.linear.weight.grad, "backbone.linear.bias": body.linear.bias.grad,
+              "head_weight": head.weight.grad.sum(0), "head_bias": head.bias.grad.sum()}
+    for key, value in ours.items():
+        torch.testing.assert_close(value, theirs[key], rtol=1e-9, atol=1e-12, msg=key)
 
 
 @pytest.mark.parametrize("name", ["maml", "maml-fo"])
