@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fewshot_sla.config import RunConfig
+from fewshot_sla.cpu_memory import reuse_freed_memory
 from fewshot_sla.data.store import Split, open_store
 from fewshot_sla.engine.build import ImagePipeline, build_model, resolve_device
 from fewshot_sla.engine.evaluate import evaluate
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        reuse_freed_memory()  # as fewshot-sla eval does
     if args.data == "random":
         split = random_split(20, 20 if args.tiny else 150, 16 if args.tiny else 32, device)
         store_size = split.images.shape[1]

@@ -25,7 +25,7 @@ EOF
 
 echo "== meta-training: ResNet-12 at 84x84, 5-way 1-shot 6-query episodes (MetaOptNet's training queries) =="
 timeout 300 "$PY" benchmarks/bench_training.py --device cuda --backbone resnet12 --image-size 84 --amp both \
-    --queries 6 --meta-batches 1 8 --seconds 1 --min-steps 2 --max-steps 10 --data-root "$DATA_ROOT" || status=1
+    --queries 6 --meta-batches 1 8 --warmup 2 --seconds 1 --min-steps 2 --max-steps 10 --data-root "$DATA_ROOT" || status=1
 
 echo "== evaluation: ProtoNet / ResNet-12 at 84x84, SLA rotation, 5-way 1-shot 15-query, cached vs uncached =="
 timeout 100 "$PY" benchmarks/bench_eval_cache.py --device cuda --backbone resnet12 --image-size 84 \
