@@ -2,7 +2,9 @@
 rotation SLA, at several meta-batch sizes (and AMP off/on), side by side in one run.
 
 Each cell times ``Trainer.step`` (sampling, augmentation/normalisation on the device, objective loss, backward,
-optimizer step) after a warm-up step and reports the median step time. Printed ratios check the targets: an
+optimizer step) after warm-up steps and reports the median step time; a method's cells run interleaved, one step
+of each per round, so that drifts in machine speed hit them alike (the step-memory column on a GPU is what a step
+allocates on top of the resident model and optimizer). Printed ratios check the targets: an
 SLA step (M = 4) costs at most 4.4x the baseline step; meta-batch 8 is at least as fast per episode as
 meta-batch 1; our MAML step is at least as fast as learn2learn's ``MAML.clone()/adapt()`` loop on the same
 tasks and model (when learn2learn imports).
@@ -25,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -80,29 +83,42 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step, device: torch.device, episodes_per_step: int, warmup: int, seconds: float, min_steps: int,
-               max_steps: int) -> tuple[float, float | None]:
-    """(episodes per second from the median step time, peak GPU memory in GiB or None) of calls of ``step``:
-    at least ``min_steps`` timed calls and ``seconds`` of them, at most ``max_steps``."""
-    for _ in range(warmup):
-        step()
+def time_interleaved(steps: dict[Any, tuple[Callable[[], None], int]], device: torch.device, warmup: int,
+                     seconds: float, min_steps: int, max_steps: int) -> dict[Any, tuple[float, float | None]]:
+    """Time several step functions in rounds, one call of each per round, so that a machine whose speed drifts
+    (other jobs, clock changes) slows every cell alike. ``steps`` maps a key to (step, episodes per step).
+
+    Returns, per key, episodes per second from the median step time and, on a GPU, the most memory (GiB) a step
+    allocated on top of what was allocated before it (activations, gradients, solver buffers), or None. Rounds
+    go on until there are ``min_steps`` of them and ``seconds`` of timed calls per cell, at most ``max_steps``.
+    """
+    for step, _ in steps.values():
+        for _ in range(warmup):
+            step()
     synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times: list[float] = []
-    while len(times) < max_steps and (len(times) < min_steps or sum(times) < seconds):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return episodes_per_step / statistics.median(times), peak
+    times: dict[Any, list[float]] = {key: [] for key in steps}
+    peaks: dict[Any, float] = {key: 0.0 for key in steps}
+    rounds = 0
+    while rounds < max_steps and (rounds < min_steps or sum(map(sum, times.values())) < seconds * len(steps)):
+        for key, (step, _) in steps.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[key].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peaks[key] = max(peaks[key], (torch.cuda.max_memory_allocated(device) - before) / 2**30)
+        rounds += 1
+    return {key: (episodes / statistics.median(times[key]), peaks[key] if device.type == "cuda" else None)
+            for key, (_, episodes) in steps.items()}
 
 
-def learn2learn_maml_rate(args: argparse.Namespace, trainer: Trainer, device: torch.device,
-                          meta_batch: int) -> float | None:
-    """Episodes/s of learn2learn's MAML.clone()/adapt() loop on our sampler's tasks with the same backbone and
-    head shape, second order, 5 inner steps at lr 0.01; None when learn2learn does not import."""
+def learn2learn_maml_step(args: argparse.Namespace, trainer: Trainer, device: torch.device,
+                          meta_batch: int) -> Callable[[], None] | None:
+    """A meta-training step of learn2learn's MAML.clone()/adapt() loop on our sampler's tasks with the same
+    backbone and head shape, second order, 5 inner steps at lr 0.01; None when learn2learn does not import."""
     try:
         import learn2learn as l2l
     except Exception:  # noqa: BLE001 - any import failure means "not available"
@@ -129,7 +145,7 @@ def learn2learn_maml_rate(args: argparse.Namespace, trainer: Trainer, device: to
         (total / meta_batch).backward()
         optimizer.step()
 
-    return time_steps(step, device, meta_batch, args.warmup, args.seconds, args.min_steps, args.max_steps)[0]
+    return step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,22 +193,24 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           f"{', freed memory reused' if reused else ''}")
     header = f"{'method':<17} {'objective':<14} {'B':>2} {'amp':>4} {'episodes/s':>11} {'ms/episode':>11}"
-    header += "  peak GiB" if device.type == "cuda" else ""
+    header += "  step GiB" if device.type == "cuda" else ""
     print(header)
     rates: dict[tuple[str, str, int, bool], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
-            for objective, transform in VARIANTS:
-                for b in args.meta_batches:
-                    for amp in amps:
-                        trainer = make_trainer(args, method, objective, transform, b, amp, splits, device, Path(tmp))
-                        rate, peak = time_steps(trainer.step, device, b, args.warmup, args.seconds, args.min_steps,
-                                                 args.max_steps)
-                        rates[method, objective, b, amp] = rate
-                        line = (f"{method:<17} {objective + '/' + transform:<14} {b:>2} {'on' if amp else 'off':>4} "
-                                f"{rate:11.2f} {1000 / rate:11.1f}")
-                        print(line + (f"  {peak:8.2f}" if peak is not None else ""), flush=True)
-                        del trainer
+            cells = {(method, objective, b, amp): (transform, b)
+                     for objective, transform in VARIANTS for b in args.meta_batches for amp in amps}
+            trainers = {key: make_trainer(args, method, key[1], transform, b, key[3], splits, device, Path(tmp))
+                        for key, (transform, b) in cells.items()}
+            measured = time_interleaved({key: (trainer.step, key[2]) for key, trainer in trainers.items()}, device,
+                                        args.warmup, args.seconds, args.min_steps, args.max_steps)
+            for key, (rate, peak) in measured.items():
+                rates[key] = rate
+                _, objective, b, amp = key
+                line = (f"{method:<17} {objective + '/' + cells[key][0]:<14} {b:>2} {'on' if amp else 'off':>4} "
+                        f"{rate:11.2f} {1000 / rate:11.1f}")
+                print(line + (f"  {peak:8.2f}" if peak is not None else ""), flush=True)
+            del trainers
         print("\nratios (targets: SLA cost <= 4.4x baseline; meta-batch max >= meta-batch 1 per episode)")
         b_lo, b_hi = min(args.meta_batches), max(args.meta_batches)
         for method in args.methods:
@@ -208,14 +226,15 @@ def main(argv: list[str] | None = None) -> int:
         if "maml" in args.methods:
             b = b_hi
             trainer = make_trainer(args, "maml", "baseline", "none", b, False, splits, device, Path(tmp))
-            ours = time_steps(trainer.step, device, b, args.warmup, args.seconds, args.min_steps, args.max_steps)[0]
-            theirs = learn2learn_maml_rate(args, trainer, device, b)
+            theirs = learn2learn_maml_step(args, trainer, device, b)
             if theirs is None:
-                print(f"\nlearn2learn not importable: MAML comparison skipped (ours: {ours:.2f} episodes/s at B={b}; "
-                      "see DEVELOPERS.md to install it)")
+                print("\nlearn2learn not importable: MAML comparison skipped (see DEVELOPERS.md to install it)")
             else:
+                measured = time_interleaved({"ours": (trainer.step, b), "learn2learn": (theirs, b)}, device,
+                                            args.warmup, args.seconds, args.min_steps, args.max_steps)
+                ours, l2l = measured["ours"][0], measured["learn2learn"][0]
                 print(f"\nMAML B={b}, baseline: ours {ours:.2f} episodes/s, learn2learn clone()/adapt() "
-                      f"{theirs:.2f} episodes/s: {ours / theirs:.2f}x {'ok' if ours >= theirs else 'SLOWER'}")
+                      f"{l2l:.2f} episodes/s: {ours / l2l:.2f}x {'ok' if ours >= l2l else 'SLOWER'}")
     return 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (under 8 minutes on one GPU): meta-training episodes/s and peak GPU memory of every
+# One prepared GPU check (under 8 minutes on one GPU): meta-training episodes/s and step GPU memory of every
 # method with ResNet-12 at 84x84 (the synthetic set resized on the GPU), with and without rotation SLA,
 # meta-batch 1 and 8, AMP off and on; then evaluation episodes/s with and without the feature cache.
 #
