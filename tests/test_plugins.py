@@ -5,56 +5,27 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-# The example plug-in: one module, one learner (this is the README example).
-LEARNER_MODULE = '''\
-"""A cosine-similarity prototype learner for fewshot-sla, registered through a plug-in entry point."""
-
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from fewshot_sla.learners.base import EmbeddingLearner
-from fewshot_sla.registry import LEARNERS
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-@LEARNERS.register("cosine-protonet")
-class CosineProtoNet(EmbeddingLearner):
-    """Class means of the embeddings as prototypes; logits are learnably scaled cosine similarities."""
+def readme_block(first_line: str) -> str:
+    """The fenced code block of the README whose first line is ``first_line`` (the plug-in example's files)."""
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL)
+    matches = [block for block in blocks if block.splitlines()[:1] == [first_line]]
+    assert len(matches) == 1, f"README.md should hold one code block starting with {first_line!r}"
+    return matches[0]
 
-    def __init__(self, backbone: nn.Module, scale: float = 10.0) -> None:
-        super().__init__(backbone)
-        self.log_scale = nn.Parameter(torch.tensor(float(scale)).log())
 
-    def head(self, support_features, support_labels, query_features, ways):
-        onehot = F.one_hot(support_labels, ways).to(support_features.dtype)  # [B, S, ways]
-        counts = onehot.sum(1).clamp(min=1).unsqueeze(-1)  # [B, ways, 1]
-        prototypes = onehot.transpose(1, 2) @ support_features / counts  # [B, ways, D]
-        cosine = F.normalize(query_features, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(1, 2)
-        return self.log_scale.exp() * cosine  # [B, Q, ways]
-'''
-
-PYPROJECT = """\
-[build-system]
-requires = ["setuptools>=64"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "fsl-cosine-protonet"
-version = "0.1.0"
-dependencies = ["fewshot-sla"]
-
-[project.entry-points."fewshot_sla.plugins"]
-cosine-protonet = "fsl_cosine_protonet"
-
-[tool.setuptools]
-py-modules = ["fsl_cosine_protonet"]
-"""
+# The README's example plug-in, exactly as printed there: one module, one learner.
+PYPROJECT = readme_block("# my-plugin/pyproject.toml")
+LEARNER_MODULE = readme_block("# my-plugin/fsl_cosine_protonet.py")
 
 # Trains the plug-in learner for a few steps on random 3-way 2-shot episodes and reports as JSON.
 TRAIN_SCRIPT = """\
