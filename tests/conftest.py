@@ -64,6 +64,16 @@ def ravi_source(tmp_path: Path) -> Callable[..., tuple[Path, dict[str, tuple[int
     return make
 
 
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root holding the full synthetic store, generated once per test session."""
+    from fewshot_sla.data.store import open_store
+
+    root = tmp_path_factory.getbasetemp() / "synthetic-data"
+    open_store("synthetic", root)
+    return root
+
+
 @pytest.fixture
 def small_synthetic(monkeypatch: pytest.MonkeyPatch) -> int:
     """Make the synthetic set tiny (4 images per class) so tests that build its store run fast."""

@@ -18,15 +18,6 @@ TINY = ["--device", "cpu", "--quiet", "--train-episodes", "3", "--val-every", "3
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fewshot_sla.data.store import open_store
-
-    root = tmp_path_factory.getbasetemp() / "synthetic-data"
-    open_store("synthetic", root)
-    return root
-
-
-@pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dict[str, Path]:
     root = data_root
     base = tmp_path_factory.mktemp("compare")

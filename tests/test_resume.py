@@ -22,15 +22,6 @@ FLAGS = ["--device", "cpu", "--quiet", "--train-episodes", "8", "--meta-batch", 
          "--backbone-option", "hidden=8", "--image-size", "16", "--augment", "--objective", "sla+sd"]
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fewshot_sla.data.store import open_store
-
-    root = tmp_path_factory.getbasetemp() / "synthetic-data"
-    open_store("synthetic", root)
-    return root
-
-
 def run(data_root: Path, out: Path, *extra: str) -> int:
     return main(["--data-root", str(data_root), "run", *FLAGS, "--out", str(out), *extra])
 

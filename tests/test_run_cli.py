@@ -23,16 +23,6 @@ TINY = ["--device", "cpu", "--quiet", "--train-episodes", "4", "--val-every", "2
         "--image-size", "16"]
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The synthetic store, generated once per test session under pytest's base temp folder."""
-    from fewshot_sla.data.store import open_store
-
-    root = tmp_path_factory.getbasetemp() / "synthetic-data"
-    open_store("synthetic", root)
-    return root
-
-
 def cli(capsys: pytest.CaptureFixture, data_root: Path, *args: str) -> tuple[int, str, str]:
     try:
         code = main(["--data-root", str(data_root), *args])
