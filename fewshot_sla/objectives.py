@@ -9,11 +9,17 @@ An objective may hold parameters (``mt``'s head): the optimiser must include ``o
 For an ``EmbeddingLearner``, ``mt`` and ``sla+sd`` take the plain (t_1) embeddings from the rows of the
 transformed batch instead of a second backbone pass; in training mode the plain rows then share
 batch-norm statistics with their transformed copies, as in the reference implementation.
+
+Prediction is written once per objective, in ``predict_copies(classify, copies)``: ``copies`` holds every
+support and query image with its ``prediction_copies`` transformed copies (sample-major), either as images or
+as per-copy embeddings, and ``classify`` is the matching learner call (the learner itself, or an
+``EmbeddingLearner``'s ``head``). ``predict`` feeds it images; cached evaluation feeds it stored embeddings.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,16 +27,47 @@ from torch import nn
 
 from fewshot_sla.errors import UserError
 from fewshot_sla.learners.base import EmbeddingLearner, Learner
+from fewshot_sla.prediction_kinds import PLAIN, SLA_AG, SLA_SD, SLA_SI, PredictionKind
 from fewshot_sla.registry import OBJECTIVES
 from fewshot_sla.sla import (
     Transformation,
     aggregate_ag,
     aggregate_si,
     augment_episode,
+    joint_labels,
     resolve_transform,
     self_distillation_loss,
     transformation_labels,
 )
+
+# The objective every other one is compared with (paired differences in leaderboards, ``compare``).
+BASELINE = "baseline"
+
+# (support [B,S,...], support_labels [B,S], query [B,Q,...], ways) -> logits [B,Q,ways]: a learner on images,
+# or an EmbeddingLearner's head on embeddings.
+Classify = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CopiedEpisode:
+    """B episodes whose images come with ``m`` transformed copies each, as images or as per-copy embeddings.
+
+    ``support`` ``[B, S*m, ...]`` and ``query`` ``[B, Q*m, ...]`` are sample-major (row ``r*m + j`` is copy j of
+    row r, copy 0 the identity); ``support_labels`` ``[B, S]`` and ``query_labels`` ``[B, Q]`` are the N-way labels.
+    """
+
+    support: torch.Tensor
+    support_labels: torch.Tensor
+    query: torch.Tensor
+    query_labels: torch.Tensor
+    ways: int
+    m: int
+
+    def identity(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The identity copies: support ``[B, S, ...]`` and query ``[B, Q, ...]``."""
+        if self.m == 1:
+            return self.support, self.query
+        return _identity_rows(self.support, self.m), _identity_rows(self.query, self.m)
 
 
 def _forward(learner: Learner, episode: Any) -> torch.Tensor:
@@ -62,35 +99,60 @@ def _embed_transformed(
     return features[:, : support.shape[1]], features[:, support.shape[1] :]
 
 
-def _identity_rows(features: torch.Tensor, m: int) -> torch.Tensor:
-    """Rows of the identity copies t_1 of sample-major features ``[B, R*M, D]`` -> ``[B, R, D]``."""
-    return features[:, ::m].contiguous()
+def _identity_rows(rows: torch.Tensor, m: int) -> torch.Tensor:
+    """Rows of the identity copies t_1 of sample-major rows ``[B, R*M, ...]`` -> ``[B, R, ...]``."""
+    return rows[:, ::m].contiguous()
 
 
 class Objective(nn.Module):
     """A training objective over any learner: ``loss`` for meta-training, ``predict`` for evaluation.
 
-    ``loss(learner, episode) -> (scalar loss, metrics)`` and ``predict(learner, episode) -> {key:
+    ``loss(learner, episode) -> (scalar loss, metrics)`` and ``predict(learner, episode) -> {kind:
     logits [B, N*Q, N]}`` take a normalised float episode; the default prediction is the learner on the
-    plain episode (key ``plain``). Metrics always hold ``loss`` and ``acc`` (the training accuracy of the
+    plain episode (kind ``plain``). Metrics always hold ``loss`` and ``acc`` (the training accuracy of the
     logits the loss is computed on: N*M-way joint labels for ``sla``), plus per-objective extras.
+
+    ``kinds`` declares the predictions (see ``prediction_kinds``); ``uses_copies`` says whether they need the
+    transformed copies of every image (else the identity copy alone).
     """
+
+    kinds: ClassVar[tuple[PredictionKind, ...]] = (PLAIN,)
+    uses_copies: ClassVar[bool] = False
 
     def __init__(self, transform: Transformation | str = "none", feature_dim: int = 0) -> None:
         super().__init__()
         self.transform = resolve_transform(transform)
         self.feature_dim = feature_dim
 
+    @property
+    def prediction_copies(self) -> int:
+        """How many copies of each image (the first ones of the transformation) the predictions use."""
+        return self.transform.m if self.uses_copies else 1
+
     def loss(self, learner: Learner, episode: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """The training loss on one batch of episodes, and float metrics for logging."""
         raise NotImplementedError
 
+    def predict_copies(self, classify: Classify, copies: CopiedEpisode) -> dict[str, torch.Tensor]:
+        """N-way query logits ``[B, Q, N]`` of each declared kind, from images or embeddings with their copies."""
+        support, query = copies.identity()
+        return {PLAIN.name: classify(support, copies.support_labels, query, copies.ways)}
+
     def predict(self, learner: Learner, episode: Any) -> dict[str, torch.Tensor]:
-        """N-way query logits ``[B, N*Q, N]`` of each prediction this objective offers."""
-        return {"plain": _forward(learner, episode)}
+        """N-way query logits ``[B, N*Q, N]`` of each prediction this objective offers, from images."""
+        m = self.prediction_copies
+        support, query = episode.support, episode.query
+        if m > 1:
+            support, query = self.transform(support), self.transform(query)
+        classify: Classify = learner
+        if isinstance(learner, EmbeddingLearner):
+            support, query = _embed_transformed(learner, support, query)
+            classify = learner.head
+        copies = CopiedEpisode(support, episode.support_labels, query, episode.query_labels, episode.ways, m)
+        return self.predict_copies(classify, copies)
 
 
-@OBJECTIVES.register("baseline")
+@OBJECTIVES.register(BASELINE)
 class Baseline(Objective):
     """Cross-entropy on the plain N-way episode; the transformation is not used."""
 
@@ -179,9 +241,17 @@ class LabelAugmentation(Objective):
     Predictions: ``si`` (identity copy, its own N columns) and ``ag`` (logits averaged over copies).
     """
 
+    kinds = (SLA_SI, SLA_AG)
+    uses_copies = True
+
     def _joint(self, learner: Learner, episode: Any) -> tuple[Any, torch.Tensor]:
         augmented = augment_episode(episode, self.transform)
         return augmented, _forward(learner, augmented)
+
+    def _joint_copies(self, classify: Classify, copies: CopiedEpisode) -> torch.Tensor:
+        """Joint logits ``[B, Q*M, N*M]`` of the N*M-way episode the copies form."""
+        m = copies.m
+        return classify(copies.support, joint_labels(copies.support_labels, m), copies.query, copies.ways * m)
 
     def _sla_terms(self, joint: torch.Tensor, augmented: Any, episode: Any) -> dict[str, torch.Tensor]:
         """The joint loss and the training accuracies of the joint, SI and AG predictions."""
@@ -199,10 +269,9 @@ class LabelAugmentation(Objective):
         loss = terms.pop("loss_sla")
         return loss, _metrics(loss=loss, **terms)
 
-    def predict(self, learner: Learner, episode: Any) -> dict[str, torch.Tensor]:
-        _, joint = self._joint(learner, episode)
-        m = self.transform.m
-        return {"si": aggregate_si(joint, m), "ag": aggregate_ag(joint, m)}
+    def predict_copies(self, classify: Classify, copies: CopiedEpisode) -> dict[str, torch.Tensor]:
+        joint = self._joint_copies(classify, copies)
+        return {SLA_SI.name: aggregate_si(joint, copies.m), SLA_AG.name: aggregate_ag(joint, copies.m)}
 
 
 @OBJECTIVES.register("sla+sd")
@@ -210,6 +279,8 @@ class SelfDistillation(LabelAugmentation):
     """SLA plus self-distillation: a plain N-way prediction (the learner on the untransformed episode)
     trained with CE + KL towards the detached aggregated prediction. Predictions: ``si``, ``ag``, ``sd``.
     """
+
+    kinds = (SLA_SI, SLA_AG, SLA_SD)
 
     def _joint_and_single(self, learner: Learner, episode: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """The augmented episode, its joint logits, and the plain logits (sharing one backbone pass
@@ -238,7 +309,9 @@ class SelfDistillation(LabelAugmentation):
             loss=loss, loss_sd=sd_loss, acc_sd=_accuracy(single, episode.query_labels), **terms
         )
 
-    def predict(self, learner: Learner, episode: Any) -> dict[str, torch.Tensor]:
-        _, joint, single = self._joint_and_single(learner, episode)
-        m = self.transform.m
-        return {"si": aggregate_si(joint, m), "ag": aggregate_ag(joint, m), "sd": single}
+    def predict_copies(self, classify: Classify, copies: CopiedEpisode) -> dict[str, torch.Tensor]:
+        joint = self._joint_copies(classify, copies)
+        support, query = copies.identity()
+        single = classify(support, copies.support_labels, query, copies.ways)
+        m = copies.m
+        return {SLA_SI.name: aggregate_si(joint, m), SLA_AG.name: aggregate_ag(joint, m), SLA_SD.name: single}

@@ -70,9 +70,6 @@ CURVE_FILE = "learning_curve.png"
 CHECKPOINT_DIR = "checkpoints"
 PER_EPISODE_DIR = "per_episode"
 
-KIND_LABELS = {"plain": "plain", "si": "SLA+SI", "ag": "SLA+AG", "sd": "SLA+SD"}
-
-
 @dataclass(frozen=True)
 class RunPaths:
     """Where each file of a run directory lives."""
@@ -118,11 +115,6 @@ def default_run_dir(dataset: str, method: str, ways: int, shots: int, transform:
                     seed: int) -> Path:
     """``runs/<dataset>-<method>-<N>w<K>s-<transform>-<objective>-<seed>`` (relative to the working folder)."""
     return Path("runs") / f"{dataset}-{method}-{ways}w{shots}s-{transform}-{objective}-{seed}"
-
-
-def kind_label(kind: str) -> str:
-    """A display name for a prediction kind (``ag`` -> ``SLA+AG``)."""
-    return KIND_LABELS.get(kind, kind)
 
 
 def now_iso() -> str:

@@ -14,10 +14,10 @@ from fewshot_sla.data.store import Split
 from fewshot_sla.engine import evaluate as evaluate_module
 from fewshot_sla.engine.build import ImagePipeline
 from fewshot_sla.engine.evaluate import episode_accuracy, evaluate, fixed_test_set, validation_episode_set
-from fewshot_sla.engine.feature_cache import CachedLearner, FeatureTable, ImagesOf, copy_patterns, token_images
+from fewshot_sla.engine.feature_cache import FeatureCache, ImagesOf
 from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec, gather_episodes
 from fewshot_sla.registry import BACKBONES, LEARNERS, OBJECTIVES
-from fewshot_sla.sla import RotatePermute, Transformation, resolve_transform
+from fewshot_sla.sla import RotatePermute, Transformation
 
 SIZE = 16
 
@@ -92,28 +92,30 @@ def test_cached_logits_match_the_uncached_logits(split: Split, episodes: Episode
     learner, obj = make_model("protonet", "sla+sd", "rotation", seed=3)
     pipeline = ImagePipeline(SIZE, SIZE)
     rows = episodes.rows_in(split, "toy")[:6]
-    table = FeatureTable(learner, obj.transform, copy_patterns(obj.transform), ImagesOf(split.images, pipeline.images),
-                         rows)
-    proxy = CachedLearner(learner, table)
+    cache = FeatureCache(learner, obj, ImagesOf(split.images, pipeline.images), rows)
     with torch.no_grad():
         direct = obj.predict(learner, pipeline.episode(gather_episodes(split.images, rows, episodes.spec)))
-        via_cache = obj.predict(proxy, gather_episodes(token_images(len(split.image_ids), split.images.device), rows,
-                                                       episodes.spec))
+        via_cache = obj.predict_copies(learner.head, cache.episode(rows, episodes.spec))
+    assert set(via_cache) == set(direct) == {"si", "ag", "sd"}
     for kind in direct:
         torch.testing.assert_close(via_cache[kind], direct[kind], rtol=1e-4, atol=1e-4)
 
 
-def test_cache_embeds_only_the_copies_the_objective_asks_for(split: Split, episodes: EpisodeSet) -> None:
-    learner, obj = make_model("protonet", "baseline", "rotation")
-    pipeline = ImagePipeline(SIZE, SIZE)
+@pytest.mark.parametrize(("objective", "copies"), [("baseline", 1), ("da", 1), ("mt", 1), ("sla", 4), ("sla+sd", 4)])
+def test_cache_embeds_only_the_copies_the_objective_asks_for(split: Split, episodes: EpisodeSet, objective: str,
+                                                             copies: int) -> None:
+    learner, obj = make_model("protonet", objective, "rotation")
     rows = episodes.rows_in(split, "toy")
-    table = FeatureTable(learner, obj.transform, copy_patterns(obj.transform), ImagesOf(split.images, pipeline.images),
-                         rows)
     with torch.no_grad():
-        obj.predict(CachedLearner(learner, table), gather_episodes(token_images(len(split.image_ids), "cpu"), rows,
-                                                                    episodes.spec))
-    assert set(table.tables) == {0}
-    assert table.tables[0].shape[0] == len(torch.unique(rows))
+        cache = FeatureCache(learner, obj, ImagesOf(split.images, ImagePipeline(SIZE, SIZE).images), rows)
+    assert cache.table.shape[:2] == (copies, len(torch.unique(rows)))
+
+
+def test_the_cache_refuses_a_learner_in_training_mode(split: Split, episodes: EpisodeSet) -> None:
+    learner, obj = make_model("protonet", "sla", "rotation")
+    with pytest.raises(ValueError, match="evaluation mode"):
+        FeatureCache(learner.train(), obj, ImagesOf(split.images, ImagePipeline(SIZE, SIZE).images),
+                     episodes.rows_in(split, "toy"))
 
 
 def test_resized_images_are_cached_identically(split: Split, episodes: EpisodeSet) -> None:
@@ -142,14 +144,17 @@ def test_cached_and_uncached_agree_under_bfloat16_autocast(split: Split, episode
         np.testing.assert_array_equal(cached.accuracies[kind], plain.accuracies[kind])
 
 
-def test_transformations_that_are_not_permutations_are_evaluated_uncached(split: Split, episodes: EpisodeSet) -> None:
-    brighter = Transformation("brighter", (RotatePermute(0), lambda x: x + 0.5))
-    assert copy_patterns(brighter) is None
-    assert copy_patterns(resolve_transform("rot_color_perm24")) is not None
+def test_any_transformation_is_cached_with_the_uncached_results(split: Split, episodes: EpisodeSet) -> None:
+    # Not a permutation of pixels: the cache embeds the transformed images themselves, so it needs none.
+    brighter = Transformation("brighter", (RotatePermute(0), lambda x: x + 0.5, lambda x: x.flip(-1) * 0.5))
     learner, obj = make_model("protonet", "sla", "rotation")
     obj.transform = brighter
-    result = evaluate(learner, obj, episodes, split, "toy", ImagePipeline(SIZE, SIZE), use_cache=True)
-    assert not result.cached and set(result.accuracies) == {"si", "ag"}
+    pipeline = ImagePipeline(SIZE, SIZE)
+    cached = evaluate(learner, obj, episodes, split, "toy", pipeline, use_cache=True)
+    plain = evaluate(learner, obj, episodes, split, "toy", pipeline, use_cache=False)
+    assert cached.cached and set(cached.accuracies) == {"si", "ag"}
+    for kind in plain.accuracies:
+        np.testing.assert_array_equal(cached.accuracies[kind], plain.accuracies[kind])
 
 
 def test_maml_is_evaluated_uncached_and_restores_training_mode(split: Split, episodes: EpisodeSet) -> None:

@@ -12,7 +12,7 @@ import yaml
 
 from fewshot_sla.config import RunConfig, read_config_values
 from fewshot_sla.errors import UserError
-from fewshot_sla.results import kind_label
+from fewshot_sla.prediction_kinds import kind_label
 
 # (flag, config key, type, metavar, help) of every configuration flag of `run`; absent flags leave the
 # configuration file's (or the recipe's) value.

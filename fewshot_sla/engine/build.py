@@ -24,10 +24,6 @@ from fewshot_sla.learners.base import Learner
 from fewshot_sla.registry import BACKBONES, DATASETS, LEARNERS, OBJECTIVES
 from fewshot_sla.sla import Transformation, resolve_transform
 
-# Prediction kinds in order of preference for model selection and headline numbers.
-KIND_PREFERENCE = ("ag", "sd", "si", "plain")
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> the GPU when one is visible, else the CPU; asking for a missing GPU is a UserError."""
     if name == "auto":
@@ -144,10 +140,3 @@ def _materialize(learner: Learner, cfg: RunConfig, image_size: int, device: torc
         learner(images, labels, images, ways)
     learner.train(was_training)
 
-
-def prediction_key(kinds: list[str] | tuple[str, ...]) -> str:
-    """The headline prediction kind among ``kinds`` (SLA+AG when present, else SD, SI, plain)."""
-    for kind in KIND_PREFERENCE:
-        if kind in kinds:
-            return kind
-    return sorted(kinds)[0]

@@ -18,9 +18,10 @@ from tqdm import tqdm
 
 from fewshot_sla.data.store import Split
 from fewshot_sla.engine.build import ImagePipeline
-from fewshot_sla.engine.feature_cache import CachedLearner, FeatureTable, ImagesOf, copy_patterns, token_images
+from fewshot_sla.engine.feature_cache import FeatureCache, ImagesOf
 from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec, gather_episodes
 from fewshot_sla.learners.base import EmbeddingLearner, Learner
+from fewshot_sla.objectives import Objective
 
 # Shipped episode sets live in the repository's episodes/ folder, beside the package.
 SHIPPED_EPISODES = Path(__file__).resolve().parents[2] / "episodes"
@@ -74,7 +75,7 @@ def validation_episode_set(dataset: str, split: Split, spec: EpisodeSpec, count:
 
 def evaluate(
     learner: Learner,
-    objective: torch.nn.Module,
+    objective: Objective,
     episode_set: EpisodeSet,
     split: Split,
     dataset: str,
@@ -86,32 +87,41 @@ def evaluate(
     progress: bool = False,
     desc: str = "test",
 ) -> Evaluation:
-    """Evaluate ``learner`` (eval mode) on every episode of ``episode_set`` drawn from ``split``."""
+    """Evaluate ``learner`` (eval mode) on every episode of ``episode_set`` drawn from ``split``.
+
+    ``use_cache`` embeds each image (and copy) once when the learner is an ``EmbeddingLearner``; other learners
+    (MAML adapts per episode) always run on images.
+    """
     was_training = learner.training, objective.training
     learner.eval()
     objective.eval()
     start = time.perf_counter()
     rows = episode_set.rows_in(split, dataset)
-    transform = getattr(objective, "transform", None)
-    patterns = copy_patterns(transform) if transform is not None else None
-    cached = use_cache and isinstance(learner, EmbeddingLearner) and patterns is not None
+    cached = use_cache and isinstance(learner, EmbeddingLearner)
     results: dict[str, list[torch.Tensor]] = {}
+
+    def record(predictions: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        for kind, logits in predictions.items():
+            results.setdefault(kind, []).append(episode_accuracy(logits.float(), labels).cpu())
+
     try:
         with torch.no_grad(), autocast():
-            if cached:
-                table = FeatureTable(learner, transform, patterns, ImagesOf(split.images, pipeline.images), rows)
-                model: Learner = CachedLearner(learner, table)
-                images = token_images(len(split.image_ids), split.images.device)
-                fitting = CACHED_ELEMENTS // (rows.shape[1] * rows.shape[2] * transform.m * table.feature_dim())
-                step, prepare = max(batch_size, min(CACHED_BATCH, fitting)), (lambda batch: batch)
-            else:
-                model, images, step, prepare = learner, split.images, batch_size, pipeline.episode
             bar = tqdm(total=episode_set.count, desc=desc, unit="ep", disable=not progress, leave=False)
-            for first in range(0, episode_set.count, step):
-                batch = prepare(gather_episodes(images, rows[first:first + step], episode_set.spec))
-                for kind, logits in objective.predict(model, batch).items():
-                    results.setdefault(kind, []).append(episode_accuracy(logits.float(), batch.query_labels).cpu())
-                bar.update(batch.support.shape[0])
+            if cached:
+                assert isinstance(learner, EmbeddingLearner)
+                cache = FeatureCache(learner, objective, ImagesOf(split.images, pipeline.images), rows)
+                per_episode = rows.shape[1] * rows.shape[2] * cache.copies * cache.feature_dim
+                step = max(batch_size, min(CACHED_BATCH, CACHED_ELEMENTS // per_episode))
+                for first in range(0, episode_set.count, step):
+                    episodes = cache.episode(rows[first:first + step], episode_set.spec)
+                    record(objective.predict_copies(learner.head, episodes), episodes.query_labels)
+                    bar.update(episodes.support.shape[0])
+            else:
+                for first in range(0, episode_set.count, batch_size):
+                    batch = pipeline.episode(gather_episodes(split.images, rows[first:first + batch_size],
+                                                             episode_set.spec))
+                    record(objective.predict(learner, batch), batch.query_labels)
+                    bar.update(batch.support.shape[0])
             bar.close()
     finally:
         learner.train(was_training[0])

@@ -28,7 +28,6 @@ from fewshot_sla.engine.build import (
     describe_device,
     episode_specs,
     open_dataset,
-    prediction_key,
     resolve_device,
 )
 from fewshot_sla.engine.checkpoint import load_checkpoint
@@ -39,6 +38,7 @@ from fewshot_sla.engine.train import Trainer
 from fewshot_sla.episodes import EpisodeSet
 from fewshot_sla.errors import UserError
 from fewshot_sla.learners.base import Learner
+from fewshot_sla.prediction_kinds import display_order, headline_kind
 from fewshot_sla.results import (
     RunPaths,
     RunResult,
@@ -232,7 +232,7 @@ def _evaluate_into(results: dict[str, Any], run_dir: Path, cfg: RunConfig, learn
         "cached": outcome.cached, "time_s": outcome.time_s,
         "episodes_per_s": outcome.episodes / outcome.time_s if outcome.time_s > 0 else None,
         "accuracy": {kind: summarize(acc).scaled(100.0).as_dict() for kind, acc in outcome.accuracies.items()},
-        "headline": prediction_key(list(outcome.accuracies)),
+        "headline": headline_kind(list(outcome.accuracies)),
         "per_episode_file": str(per_episode.relative_to(run_dir)),
         "device": describe_device(device),
     }
@@ -315,14 +315,13 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, *, kind: st
     if kind is not None:
         kind_a, kind_b = kind_a or kind, kind_b or kind
     if kind_a is None and kind_b is None:
-        shared = [k for k in ("plain", "si", "ag", "sd") if k in kinds_a and k in kinds_b]
-        shared += sorted(set(kinds_a) & set(kinds_b) - set(shared))
+        shared = display_order([k for k in kinds_a if k in kinds_b])
         if not shared:
             raise UserError(f"the runs share no prediction kind ({run_a}: {', '.join(kinds_a)}; {run_b}: "
                             f"{', '.join(kinds_b)}); choose them with --kind-a and --kind-b")
         wanted = [(k, k) for k in shared]
     else:
-        wanted = [(kind_a or prediction_key(kinds_a), kind_b or prediction_key(kinds_b))]
+        wanted = [(kind_a or headline_kind(kinds_a), kind_b or headline_kind(kinds_b))]
     for ka, kb in wanted:
         for k, kinds, run in ((ka, kinds_a, run_a), (kb, kinds_b, run_b)):
             if k not in kinds:

@@ -27,13 +27,14 @@ from tqdm import tqdm
 from fewshot_sla.atomic import write_text_atomic
 from fewshot_sla.config import RunConfig
 from fewshot_sla.data.store import Split
-from fewshot_sla.engine.build import ImagePipeline, derived_seed, episode_specs, prediction_key
+from fewshot_sla.engine.build import ImagePipeline, derived_seed, episode_specs
 from fewshot_sla.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from fewshot_sla.engine.curves import plot_learning_curve
 from fewshot_sla.engine.evaluate import evaluate, validation_episode_set
 from fewshot_sla.episodes import EpisodeSampler
 from fewshot_sla.errors import UserError
 from fewshot_sla.learners.base import Learner
+from fewshot_sla.prediction_kinds import headline_kind
 from fewshot_sla.results import RunPaths
 
 
@@ -247,7 +248,7 @@ class Trainer:
     def _validate_and_save(self, log: Any, bar: tqdm, start: float) -> None:
         state = self.state
         accuracy = self.validate()
-        key = prediction_key(list(accuracy))
+        key = headline_kind(list(accuracy))
         log.write(json.dumps({"kind": "val", "step": state.step, "episodes": state.step * self.cfg.meta_batch,
                               "accuracy": accuracy, "key": key}) + "\n")
         log.flush()
@@ -270,6 +271,6 @@ class Trainer:
             "episodes": episodes, "meta_batch": cfg.meta_batch, "steps": s.step, "time_s": s.time_s,
             "episodes_per_s": episodes / s.step_time_s if s.step_time_s > 0 else None,
             "best_step": s.best_step, "best_episodes": s.best_step * cfg.meta_batch,
-            "best_val_accuracy": s.best_accuracy, "val_key": prediction_key(list(s.best_val)) if s.best_val else None,
+            "best_val_accuracy": s.best_accuracy, "val_key": headline_kind(list(s.best_val)) if s.best_val else None,
             "val_episodes": cfg.val_episodes,
         }

@@ -30,16 +30,15 @@ from fewshot_sla.atomic import atomic_path, write_text_atomic
 from fewshot_sla.engine.stats import paired_comparison
 from fewshot_sla.errors import UserError
 from fewshot_sla.leaderboard.published import PublishedResult
-from fewshot_sla.results import RunResult, find_runs, kind_label, load_results, now_iso
+from fewshot_sla.objectives import BASELINE
+from fewshot_sla.prediction_kinds import display_rank, headline_kind, kind_label
+from fewshot_sla.results import RunResult, find_runs, load_results, now_iso
 
 # Settings that never change a run's numbers: runs differing only in these (and the seed) are one row.
 RESULT_FREE_KEYS = ("seed", "device", "eval_batch", "feature_cache", "episodes_file")
 # The only configuration keys in which a run may differ from the baseline run it is compared with.
 COMPARED_KEYS = ("transform", "objective")
-BASELINE = "baseline"
 REQUIRED_FIELDS = ("config", "dataset_fingerprint", "method", "backbone", "dataset", "transform", "objective", "seed")
-OBJECTIVE_ORDER = ("baseline", "da", "mt", "sla", "sla+sd")
-KIND_ORDER = ("plain", "si", "ag", "sd")
 OUTPUTS = ("leaderboard.md", "leaderboard.csv", "paired_differences.csv", "accuracy.png", "paired_difference.png")
 
 
@@ -74,9 +73,7 @@ class Entry:
     @property
     def headline(self) -> str:
         """The prediction kind that represents this run (SLA+AG when present)."""
-        from fewshot_sla.engine.build import prediction_key
-
-        return self.block.get("headline") or prediction_key(list(self.block["accuracy"]))
+        return self.block.get("headline") or headline_kind(list(self.block["accuracy"]))
 
     @property
     def setting(self) -> str:
@@ -129,12 +126,9 @@ def _std(values: Sequence[float]) -> float | None:
     return float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
-def _objective_rank(objective: str) -> int:
-    return OBJECTIVE_ORDER.index(objective) if objective in OBJECTIVE_ORDER else len(OBJECTIVE_ORDER)
-
-
-def _kind_rank(kind: str) -> int:
-    return KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
+def _objective_rank(objective: str) -> tuple[bool, str]:
+    """The baseline first, then the other objectives by name (da, mt, sla, sla+sd, plug-ins)."""
+    return (objective != BASELINE, objective)
 
 
 def accuracy_rows(entries: Sequence[Entry], published: Sequence[PublishedResult] = ()) -> list[dict[str, Any]]:
@@ -175,7 +169,7 @@ def accuracy_rows(entries: Sequence[Entry], published: Sequence[PublishedResult]
             })
     rows.sort(key=lambda r: (r["dataset"], r["ways"], r["shots"], r["method"], r["backbone"],
                              r["source_type"] != "published", _objective_rank(r["objective"]), r["transform"],
-                             r["config_id"], r["episode_set"], _kind_rank(r["prediction"])))
+                             r["config_id"], r["episode_set"], display_rank(r["prediction"])))
     _label(rows)
     return rows
 
