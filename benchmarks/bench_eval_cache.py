@@ -21,7 +21,8 @@ import torch
 
 from fewshot_sla.config import RunConfig
 from fewshot_sla.cpu_memory import reuse_freed_memory
-from fewshot_sla.data.store import Split, open_store
+from fewshot_sla.data.catalog import open_store
+from fewshot_sla.data.store import Split
 from fewshot_sla.engine.build import ImagePipeline, build_model, resolve_device
 from fewshot_sla.engine.evaluate import evaluate
 from fewshot_sla.engine.recipes import apply_recipe
@@ -33,8 +34,13 @@ def random_split(classes: int, per_class: int, size: int, device: torch.device) 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (classes * per_class, size, size, 3), generator=g, dtype=torch.uint8)
     labels = torch.arange(classes).repeat_interleave(per_class)
-    return Split("test", images.to(device), labels.to(device), [f"c{c:03d}" for c in range(classes)],
-                 [f"test/{i:05d}" for i in range(classes * per_class)])
+    return Split(
+        "test",
+        images.to(device),
+        labels.to(device),
+        [f"c{c:03d}" for c in range(classes)],
+        [f"test/{i:05d}" for i in range(classes * per_class)],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (1 on a shared CPU)")
     parser.add_argument("--data", choices=("synthetic", "random"), default="synthetic")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--tiny", action="store_true",
-                        help="smoke mode: conv4 with 4 filters, 16x16 random images resized to 20x20, "
-                             "40 vs 10 episodes, 1 thread")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="smoke mode: conv4 with 4 filters, 16x16 random images resized to 20x20, 40 vs 10 episodes, 1 thread",
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         args.threads = 1
@@ -76,9 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         store = open_store("synthetic", args.data_root)
         split, store_size = store.split("test", device=device), store.image_size
     image_size = args.image_size or store_size
-    cfg = apply_recipe(RunConfig(method=args.method, backbone=args.backbone, transform=args.transform,
-                                 objective=args.objective, backbone_options={"hidden": args.hidden}
-                                 if args.backbone == "conv4" else {}, device=str(device), image_size=image_size))
+    cfg = apply_recipe(
+        RunConfig(
+            method=args.method,
+            backbone=args.backbone,
+            transform=args.transform,
+            objective=args.objective,
+            backbone_options={"hidden": args.hidden} if args.backbone == "conv4" else {},
+            device=str(device),
+            image_size=image_size,
+        )
+    )
     learner, objective = build_model(cfg, image_size, device)
     pipeline = ImagePipeline(image_size, store_size)
     spec = EpisodeSpec(args.ways, args.shots, args.queries)
@@ -91,28 +107,42 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        result = evaluate(learner, objective, episode_set, split, "bench", pipeline, batch_size=args.batch,
-                          use_cache=cache, autocast=autocast)
+        result = evaluate(
+            learner,
+            objective,
+            episode_set,
+            split,
+            "bench",
+            pipeline,
+            batch_size=args.batch,
+            use_cache=cache,
+            autocast=autocast,
+        )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return result, time.perf_counter() - start
 
-    print(f"device {device}, {args.method} / {args.backbone}"
-          f"{f' ({args.hidden} filters)' if args.backbone == 'conv4' else ''} at {image_size}x{image_size}, "
-          f"{args.objective}/{args.transform}, {args.ways}-way {args.shots}-shot {args.queries}-query, "
-          f"test split {len(split.image_ids)} images, amp {'on' if args.amp else 'off'}")
+    print(
+        f"device {device}, {args.method} / {args.backbone}"
+        f"{f' ({args.hidden} filters)' if args.backbone == 'conv4' else ''} at {image_size}x{image_size}, "
+        f"{args.objective}/{args.transform}, {args.ways}-way {args.shots}-shot {args.queries}-query, "
+        f"test split {len(split.image_ids)} images, amp {'on' if args.amp else 'off'}"
+    )
     run(EpisodeSet.make(order, dataset="bench", split="test", spec=spec, count=2, seed=1), False)  # warm-up
     uncached, t_uncached = run(few, False)
     cached, t_cached = run(many, True)
     assert cached.cached and not uncached.cached
-    same = all(np.array_equal(cached.accuracies[k][: args.uncached], uncached.accuracies[k]) for k in
-               uncached.accuracies)
+    same = all(
+        np.array_equal(cached.accuracies[k][: args.uncached], uncached.accuracies[k]) for k in uncached.accuracies
+    )
     print(f"{'path':<9} {'episodes':>9} {'seconds':>9} {'episodes/s':>11}")
     print(f"{'uncached':<9} {args.uncached:>9} {t_uncached:9.2f} {args.uncached / t_uncached:11.1f}")
     print(f"{'cached':<9} {args.cached:>9} {t_cached:9.2f} {args.cached / t_cached:11.1f}")
-    print(f"per-episode speed-up {(args.cached / t_cached) / (args.uncached / t_uncached):.1f}x; "
-          f"{args.cached} cached episodes take {t_cached / t_uncached:.2f}x the time of {args.uncached} uncached "
-          f"({'ok' if t_cached < t_uncached else 'SLOWER'}: target below 1x)")
+    print(
+        f"per-episode speed-up {(args.cached / t_cached) / (args.uncached / t_uncached):.1f}x; "
+        f"{args.cached} cached episodes take {t_cached / t_uncached:.2f}x the time of {args.uncached} uncached "
+        f"({'ok' if t_cached < t_uncached else 'SLOWER'}: target below 1x)"
+    )
     print(f"identical per-episode accuracies on the {args.uncached} shared episodes: {'yes' if same else 'NO'}")
     return 0 if same else 1
 

@@ -29,7 +29,7 @@ import argparse
 import multiprocessing
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -188,7 +188,7 @@ def main() -> None:
     for dim in args.dims:
         inputs = sla_features(dim)
         times: dict[str, list[float]] = {name: [] for name in heads}
-        for name, head in heads.items():
+        for head in heads.values():
             step(head, inputs)  # warm-up
         for _ in range(args.repeats):
             for name, head in heads.items():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +94,7 @@ def main() -> None:
                 times: dict[str, list[float]] = {"loop": [], "vmap": []}
                 for _ in range(args.repeats):  # interleave so that background load hits both modes alike
                     for mode, learner in learners.items():
-                        times[mode].append(seconds(lambda: step(learner, batch, args.ways)))
+                        times[mode].append(seconds(lambda step=step, learner=learner: step(learner, batch, args.ways)))
                 loop, vmap = statistics.median(times["loop"]), statistics.median(times["vmap"])
                 print(f"{name:8} {adapt:5} {phase:5} {1e3 * loop:9.1f} {1e3 * vmap:9.1f} {vmap / loop:9.2f}")
 

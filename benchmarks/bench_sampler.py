@@ -63,7 +63,7 @@ class EpisodeBatchSampler:
         s = self.spec
         while True:
             picks = [self.rng.sample(self.by_class[c], s.per_class) for c in self.rng.sample(self.classes, s.ways)]
-            yield [i for p in picks for i in p[: s.shots]] + [i for p in picks for i in p[s.shots:]]
+            yield [i for p in picks for i in p[: s.shots]] + [i for p in picks for i in p[s.shots :]]
 
 
 def rate(step: Callable[[], int], seconds: float) -> float:
@@ -99,9 +99,11 @@ def main() -> None:
     n, k, q, b = spec.ways, spec.shots, spec.queries, args.batch
     rows = n * spec.per_class
     image_bytes = args.size * args.size * 3
-    print(f"{args.classes} classes x {args.per_class} images of {args.size}x{args.size} "
-          f"({split.images.numel() / 2**20:.0f} MiB in memory); {spec.tag} episodes "
-          f"({rows * image_bytes / 2**20:.2f} MiB each); torch {torch.__version__}, {args.threads} thread(s)")
+    print(
+        f"{args.classes} classes x {args.per_class} images of {args.size}x{args.size} "
+        f"({split.images.numel() / 2**20:.0f} MiB in memory); {spec.tag} episodes "
+        f"({rows * image_bytes / 2**20:.2f} MiB each); torch {torch.__version__}, {args.threads} thread(s)"
+    )
 
     flat = split.images.view(-1)
     copy_bytes = b * rows * image_bytes
@@ -112,7 +114,7 @@ def main() -> None:
 
     def memcopy() -> int:  # the same bytes as B episodes, from a random place in the store
         start = copy_rng.randrange(0, flat.numel() - copy_bytes) // image_bytes * image_bytes
-        target.copy_(flat[start:start + copy_bytes])
+        target.copy_(flat[start : start + copy_bytes])
         return b
 
     ours = EpisodeSampler(split, spec, seed=0)
@@ -125,7 +127,7 @@ def main() -> None:
     def dataloader() -> int:
         x, _ = next(loader_iter)
         images = x.view(1, rows, args.size, args.size, 3).permute(0, 1, 4, 2, 3)
-        support, query = images[:, : n * k], images[:, n * k:]
+        support, query = images[:, : n * k], images[:, n * k :]
         support_labels, query_labels = labels.repeat_interleave(k), labels.repeat_interleave(q)
         assert support.shape[1] == len(support_labels) and query.shape[1] == len(query_labels)
         return 1
@@ -147,9 +149,16 @@ def main() -> None:
             by_class.setdefault(label, []).append(i)
         meta = l2l.data.MetaDataset(ImageDataset(split), labels_to_indices=by_class)
         T = l2l.data.transforms
-        taskset = l2l.data.TaskDataset(meta, task_transforms=[
-            T.NWays(meta, n=n), T.KShots(meta, k=spec.per_class), T.LoadData(meta), T.RemapLabels(meta)],
-            num_tasks=-1)
+        taskset = l2l.data.TaskDataset(
+            meta,
+            task_transforms=[
+                T.NWays(meta, n=n),
+                T.KShots(meta, k=spec.per_class),
+                T.LoadData(meta),
+                T.RemapLabels(meta),
+            ],
+            num_tasks=-1,
+        )
         random.seed(0)  # learn2learn draws from Python's global random module
 
         def learn2learn() -> int:
@@ -171,10 +180,14 @@ def main() -> None:
     print(f"\n{'method':<42}{'episodes/s':>12}{'ms/episode':>12}{'GB/s':>8}{'of (a)':>9}{'ours is':>10}")
     for name, value in median.items():
         speedup = "" if name.startswith("fewshot-sla") else f"{best_ours / value:.2f}x"
-        print(f"{name:<42}{value:>12.0f}{1000 / value:>12.3f}{value * rows * image_bytes / 1e9:>8.2f}"
-              f"{value / copy_rate:>9.2f}{speedup:>10}")
-    print(f"\n'ours is' = best fewshot-sla rate / that method's rate; medians of {args.repeats} runs of "
-          f"{args.seconds:g} CPU s each. Targets: >= 0.5 of (a), >= 1.5x (b), >= 5x (c).")
+        print(
+            f"{name:<42}{value:>12.0f}{1000 / value:>12.3f}{value * rows * image_bytes / 1e9:>8.2f}"
+            f"{value / copy_rate:>9.2f}{speedup:>10}"
+        )
+    print(
+        f"\n'ours is' = best fewshot-sla rate / that method's rate; medians of {args.repeats} runs of "
+        f"{args.seconds:g} CPU s each. Targets: >= 0.5 of (a), >= 1.5x (b), >= 5x (c)."
+    )
 
 
 if __name__ == "__main__":

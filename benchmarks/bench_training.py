@@ -26,15 +26,17 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fewshot_sla.config import RunConfig
 from fewshot_sla.cpu_memory import reuse_freed_memory
-from fewshot_sla.data.store import Split, open_store
+from fewshot_sla.data.catalog import open_store
+from fewshot_sla.data.store import Split
 from fewshot_sla.engine.build import ImagePipeline, build_model, resolve_device
 from fewshot_sla.engine.recipes import apply_recipe
 from fewshot_sla.engine.train import Trainer
@@ -48,34 +50,69 @@ def random_split(name: str, classes: int, per_class: int, size: int, device: tor
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (classes * per_class, size, size, 3), generator=g, dtype=torch.uint8)
     labels = torch.arange(classes).repeat_interleave(per_class)
-    return Split(name, images.to(device), labels.to(device), [f"{name}{c:03d}" for c in range(classes)],
-                 [f"{name}/{i:05d}" for i in range(classes * per_class)])
+    return Split(
+        name,
+        images.to(device),
+        labels.to(device),
+        [f"{name}{c:03d}" for c in range(classes)],
+        [f"{name}/{i:05d}" for i in range(classes * per_class)],
+    )
 
 
 def load_splits(args: argparse.Namespace, device: torch.device) -> tuple[Split, Split, int]:
     """Train and validation splits on ``device`` and their image size."""
     if args.data == "random":
         size, per_class = (16, 10) if args.tiny else (32, 150)
-        return (random_split("train", 64, per_class, size, device), random_split("val", 16, per_class, size, device),
-                size)
+        return (
+            random_split("train", 64, per_class, size, device),
+            random_split("val", 16, per_class, size, device),
+            size,
+        )
     store = open_store("synthetic", args.data_root)
     return store.split("train", device=device), store.split("val", device=device), store.image_size
 
 
-def make_trainer(args: argparse.Namespace, method: str, objective: str, transform: str, meta_batch: int, amp: bool,
-                 splits: tuple[Split, Split, int], device: torch.device, run_dir: Path) -> Trainer:
+def make_trainer(
+    args: argparse.Namespace,
+    method: str,
+    objective: str,
+    transform: str,
+    meta_batch: int,
+    amp: bool,
+    splits: tuple[Split, Split, int],
+    device: torch.device,
+    run_dir: Path,
+) -> Trainer:
     """A Trainer for one benchmark cell (the engine's own training step, no validation)."""
     train, val, store_size = splits
     image_size = args.image_size or store_size
     backbone_options = {"hidden": args.hidden} if args.backbone == "conv4" else {}
-    cfg = apply_recipe(RunConfig(
-        method=method, backbone=args.backbone, backbone_options=backbone_options, transform=transform,
-        objective=objective, ways=args.ways, shots=args.shots, queries=args.queries, train_ways=args.ways,
-        train_shots=args.shots, train_queries=args.queries, meta_batch=meta_batch, train_episodes=10**6,
-        val_episodes=1, amp=amp, device=str(device), augment=False, image_size=image_size))
+    cfg = apply_recipe(
+        RunConfig(
+            method=method,
+            backbone=args.backbone,
+            backbone_options=backbone_options,
+            transform=transform,
+            objective=objective,
+            ways=args.ways,
+            shots=args.shots,
+            queries=args.queries,
+            train_ways=args.ways,
+            train_shots=args.shots,
+            train_queries=args.queries,
+            meta_batch=meta_batch,
+            train_episodes=10**6,
+            val_episodes=1,
+            amp=amp,
+            device=str(device),
+            augment=False,
+            image_size=image_size,
+        )
+    )
     learner, obj = build_model(cfg, image_size, device)
-    return Trainer(cfg, run_dir, learner, obj, train, val, ImagePipeline(image_size, store_size), device,
-                   progress=False)
+    return Trainer(
+        cfg, run_dir, learner, obj, train, val, ImagePipeline(image_size, store_size), device, progress=False
+    )
 
 
 def synchronize(device: torch.device) -> None:
@@ -83,8 +120,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(steps: dict[Any, tuple[Callable[[], None], int]], device: torch.device, warmup: int,
-                     seconds: float, min_steps: int, max_steps: int) -> dict[Any, tuple[float, float | None]]:
+def time_interleaved(
+    steps: dict[Any, tuple[Callable[[], None], int]],
+    device: torch.device,
+    warmup: int,
+    seconds: float,
+    min_steps: int,
+    max_steps: int,
+) -> dict[Any, tuple[float, float | None]]:
     """Time several step functions in rounds, one call of each per round, so that a machine whose speed drifts
     (other jobs, clock changes) slows every cell alike. ``steps`` maps a key to (step, episodes per step).
 
@@ -111,17 +154,20 @@ def time_interleaved(steps: dict[Any, tuple[Callable[[], None], int]], device: t
             if device.type == "cuda":
                 peaks[key] = max(peaks[key], (torch.cuda.max_memory_allocated(device) - before) / 2**30)
         rounds += 1
-    return {key: (episodes / statistics.median(times[key]), peaks[key] if device.type == "cuda" else None)
-            for key, (_, episodes) in steps.items()}
+    return {
+        key: (episodes / statistics.median(times[key]), peaks[key] if device.type == "cuda" else None)
+        for key, (_, episodes) in steps.items()
+    }
 
 
-def learn2learn_maml_step(args: argparse.Namespace, trainer: Trainer, device: torch.device,
-                          meta_batch: int) -> Callable[[], None] | None:
+def learn2learn_maml_step(
+    args: argparse.Namespace, trainer: Trainer, device: torch.device, meta_batch: int
+) -> Callable[[], None] | None:
     """A meta-training step of learn2learn's MAML.clone()/adapt() loop on our sampler's tasks with the same
     backbone and head shape, second order, 5 inner steps at lr 0.01; None when learn2learn does not import."""
     try:
         import learn2learn as l2l
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
+    except Exception:
         return None
     from fewshot_sla.registry import BACKBONES
 
@@ -136,8 +182,9 @@ def learn2learn_maml_step(args: argparse.Namespace, trainer: Trainer, device: to
         episode = trainer.pipeline.episode(trainer.sampler.sample(meta_batch))
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for support, s_labels, query, q_labels in zip(episode.support, episode.support_labels, episode.query,
-                                                      episode.query_labels):
+        for support, s_labels, query, q_labels in zip(
+            episode.support, episode.support_labels, episode.query, episode.query_labels
+        ):
             learner = maml.clone()
             for _ in range(5):
                 learner.adapt(F.cross_entropy(learner(support), s_labels))
@@ -164,15 +211,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-steps", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps per cell")
-    parser.add_argument("--glibc-default-malloc", action="store_true",
-                        help="on the CPU, leave glibc's allocator as it is (fresh pages for every large tensor)")
+    parser.add_argument(
+        "--glibc-default-malloc",
+        action="store_true",
+        help="on the CPU, leave glibc's allocator as it is (fresh pages for every large tensor)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--data", choices=("synthetic", "random"), default="synthetic")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--tiny", action="store_true",
-                        help="smoke mode: conv4 with 4 filters, 16x16 data resized to 20x20, 2-way 1-shot 1-query, "
-                             "meta-batch 1 and 2, "
-                             "one timed step per cell, random data, one CPU thread")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="smoke mode: conv4 with 4 filters, 16x16 data resized to 20x20, 2-way 1-shot 1-query, "
+        "meta-batch 1 and 2, "
+        "one timed step per cell, random data, one CPU thread",
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         args.threads = 1
@@ -188,27 +241,43 @@ def main(argv: list[str] | None = None) -> int:
     amps = {"off": [False], "on": [True], "both": [False, True]}[args.amp]
     splits = load_splits(args, device)
     size = args.image_size or splits[2]
-    print(f"device {device}, backbone {args.backbone}{f' ({args.hidden} filters)' if args.backbone == 'conv4' else ''} "
-          f"at {size}x{size}, {args.ways}-way {args.shots}-shot {args.queries}-query training episodes, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
-          f"{', freed memory reused' if reused else ''}")
+    print(
+        f"device {device}, backbone {args.backbone}{f' ({args.hidden} filters)' if args.backbone == 'conv4' else ''} "
+        f"at {size}x{size}, {args.ways}-way {args.shots}-shot {args.queries}-query training episodes, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+        f"{', freed memory reused' if reused else ''}"
+    )
     header = f"{'method':<17} {'objective':<14} {'B':>2} {'amp':>4} {'episodes/s':>11} {'ms/episode':>11}"
     header += "  step GiB" if device.type == "cuda" else ""
     print(header)
     rates: dict[tuple[str, str, int, bool], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
-            cells = {(method, objective, b, amp): (transform, b)
-                     for objective, transform in VARIANTS for b in args.meta_batches for amp in amps}
-            trainers = {key: make_trainer(args, method, key[1], transform, b, key[3], splits, device, Path(tmp))
-                        for key, (transform, b) in cells.items()}
-            measured = time_interleaved({key: (trainer.step, key[2]) for key, trainer in trainers.items()}, device,
-                                        args.warmup, args.seconds, args.min_steps, args.max_steps)
+            cells = {
+                (method, objective, b, amp): (transform, b)
+                for objective, transform in VARIANTS
+                for b in args.meta_batches
+                for amp in amps
+            }
+            trainers = {
+                key: make_trainer(args, method, key[1], transform, b, key[3], splits, device, Path(tmp))
+                for key, (transform, b) in cells.items()
+            }
+            measured = time_interleaved(
+                {key: (trainer.step, key[2]) for key, trainer in trainers.items()},
+                device,
+                args.warmup,
+                args.seconds,
+                args.min_steps,
+                args.max_steps,
+            )
             for key, (rate, peak) in measured.items():
                 rates[key] = rate
                 _, objective, b, amp = key
-                line = (f"{method:<17} {objective + '/' + cells[key][0]:<14} {b:>2} {'on' if amp else 'off':>4} "
-                        f"{rate:11.2f} {1000 / rate:11.1f}")
+                line = (
+                    f"{method:<17} {objective + '/' + cells[key][0]:<14} {b:>2} {'on' if amp else 'off':>4} "
+                    f"{rate:11.2f} {1000 / rate:11.1f}"
+                )
                 print(line + (f"  {peak:8.2f}" if peak is not None else ""), flush=True)
             del trainers
         print("\nratios (targets: SLA cost <= 4.4x baseline; meta-batch max >= meta-batch 1 per episode)")
@@ -217,12 +286,16 @@ def main(argv: list[str] | None = None) -> int:
             for amp in amps:
                 for b in args.meta_batches:
                     cost = rates[method, "baseline", b, amp] / rates[method, "sla", b, amp]
-                    print(f"  {method:<17} amp {'on ' if amp else 'off'} B={b:<2} SLA/baseline step cost "
-                          f"{cost:5.2f}x {'ok' if cost <= 4.4 else 'ABOVE 4.4x'}")
+                    print(
+                        f"  {method:<17} amp {'on ' if amp else 'off'} B={b:<2} SLA/baseline step cost "
+                        f"{cost:5.2f}x {'ok' if cost <= 4.4 else 'ABOVE 4.4x'}"
+                    )
                 for objective, _ in VARIANTS:
                     speedup = rates[method, objective, b_hi, amp] / rates[method, objective, b_lo, amp]
-                    print(f"  {method:<17} amp {'on ' if amp else 'off'} {objective:<8} B={b_hi} vs B={b_lo} "
-                          f"episodes/s {speedup:5.2f}x {'ok' if speedup >= 1 else 'BELOW 1x'}")
+                    print(
+                        f"  {method:<17} amp {'on ' if amp else 'off'} {objective:<8} B={b_hi} vs B={b_lo} "
+                        f"episodes/s {speedup:5.2f}x {'ok' if speedup >= 1 else 'BELOW 1x'}"
+                    )
         if "maml" in args.methods:
             b = b_hi
             trainer = make_trainer(args, "maml", "baseline", "none", b, False, splits, device, Path(tmp))
@@ -230,11 +303,19 @@ def main(argv: list[str] | None = None) -> int:
             if theirs is None:
                 print("\nlearn2learn not importable: MAML comparison skipped (see DEVELOPERS.md to install it)")
             else:
-                measured = time_interleaved({"ours": (trainer.step, b), "learn2learn": (theirs, b)}, device,
-                                            args.warmup, args.seconds, args.min_steps, args.max_steps)
+                measured = time_interleaved(
+                    {"ours": (trainer.step, b), "learn2learn": (theirs, b)},
+                    device,
+                    args.warmup,
+                    args.seconds,
+                    args.min_steps,
+                    args.max_steps,
+                )
                 ours, l2l = measured["ours"][0], measured["learn2learn"][0]
-                print(f"\nMAML B={b}, baseline: ours {ours:.2f} episodes/s, learn2learn clone()/adapt() "
-                      f"{l2l:.2f} episodes/s: {ours / l2l:.2f}x {'ok' if ours >= l2l else 'SLOWER'}")
+                print(
+                    f"\nMAML B={b}, baseline: ours {ours:.2f} episodes/s, learn2learn clone()/adapt() "
+                    f"{l2l:.2f} episodes/s: {ours / l2l:.2f}x {'ok' if ours >= l2l else 'SLOWER'}"
+                )
     return 0
 
 

@@ -28,8 +28,10 @@ def _check(images: torch.Tensor) -> None:
 
 def _check_generator(generator: torch.Generator, images: torch.Tensor) -> None:
     if generator.device.type != images.device.type:
-        raise ValueError(f"the generator is on {generator.device} but the images are on {images.device}; "
-                         "create the generator on the images' device")
+        raise ValueError(
+            f"the generator is on {generator.device} but the images are on {images.device}; "
+            "create the generator on the images' device"
+        )
 
 
 def _as_unit_float(images: torch.Tensor) -> torch.Tensor:
@@ -42,8 +44,9 @@ def _restore(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return (result * 255).round().to(torch.uint8) if like.dtype == torch.uint8 else result.to(like.dtype)
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+def normalize(
+    images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
     """float32 ``(x - mean) / std`` per channel, with x in [0, 1] (uint8 input is divided by 255)."""
     _check(images)
     scale = 1.0 / torch.tensor(std, dtype=torch.float32, device=images.device)
@@ -51,22 +54,6 @@ def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
     if images.dtype == torch.uint8:
         scale = scale / 255
     return torch.addcmul(shift.view(3, 1, 1), images.float(), scale.view(3, 1, 1))
-
-
-def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std in [0, 1] units of a split's uint8 images ``[N, H, W, 3]`` (for ``normalize``)."""
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be [N, H, W, 3], got {list(images.shape)}")
-    total = torch.zeros(3, dtype=torch.float64, device=images.device)
-    squares = torch.zeros(3, dtype=torch.float64, device=images.device)
-    for start in range(0, images.shape[0], chunk):
-        block = images[start:start + chunk].reshape(-1, 3).double() / 255
-        total += block.sum(0)
-        squares += (block * block).sum(0)
-    n = images.shape[0] * images.shape[1] * images.shape[2]
-    mean = total / n
-    std = (squares / n - mean * mean).clamp_min(0).sqrt()
-    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
@@ -127,8 +114,13 @@ def adjust_saturation(images: torch.Tensor, factors: torch.Tensor | float) -> to
     return _restore(f * x + (1 - f) * _grayscale(x), images)
 
 
-def color_jitter(images: torch.Tensor, generator: torch.Generator, brightness: float = 0.4,
-                 contrast: float = 0.4, saturation: float = 0.4) -> torch.Tensor:
+def color_jitter(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.4,
+) -> torch.Tensor:
     """Brightness, then contrast, then saturation, each factor uniform in [max(0, 1-v), 1+v] per image."""
     _check(images)
     _check_generator(generator, images)

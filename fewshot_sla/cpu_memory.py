@@ -8,7 +8,9 @@ faults made the per-episode cost grow with the meta-batch size (meta-batch 8 was
 as meta-batch 1) and made an SLA step cost 5x a baseline step instead of the 4x of its extra images.
 
 ``reuse_freed_memory`` asks glibc to serve every block from its heap and never to shrink it, so after the first
-steps the same pages are reused. The cost: the process keeps its peak memory until it exits.
+steps the same pages are reused. The cost: the process keeps its peak memory until it exits. It changes the
+whole process, so only the command-line entry points call it (``fewshot-sla run`` / ``eval`` on the CPU, unless
+``--default-malloc``); the library never does, on import or in a call.
 """
 
 from __future__ import annotations
@@ -24,20 +26,34 @@ _NEVER_TRIM = 2**31 - 1  # mallopt takes an int; 2 GiB of free heap top before g
 _applied = False
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library when it is glibc, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt  # noqa: B018 - both must exist; only glibc has gnu_get_libc_version (musl's mallopt
+        libc.gnu_get_libc_version  # noqa: B018 - ignores these parameters)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def glibc_available() -> bool:
+    """Whether ``reuse_freed_memory`` can take effect here (changes nothing)."""
+    return _glibc() is not None
+
+
 def reuse_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse (idempotent); True when it is in effect, False where the C
     library is not glibc (macOS, Windows, musl), in which case nothing changes."""
     global _applied
     if _applied:
         return True
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it; musl's mallopt ignores these parameters
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     _applied = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, _NEVER_TRIM))

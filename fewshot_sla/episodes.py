@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import numbers
+import os
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -84,8 +85,14 @@ class CanonicalOrder:
     Canonical position ``p`` is the p-th image in that order; ``rows[p]`` is its row in the split.
     """
 
-    def __init__(self, class_names: Sequence[str], labels: Sequence[int] | np.ndarray | torch.Tensor,
-                 image_ids: Sequence[str], *, where: str = "split") -> None:
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        labels: Sequence[int] | np.ndarray | torch.Tensor,
+        image_ids: Sequence[str],
+        *,
+        where: str = "split",
+    ) -> None:
         names = [str(c) for c in class_names]
         ids = [str(i) for i in image_ids]
         if isinstance(labels, torch.Tensor):
@@ -130,14 +137,18 @@ class CanonicalOrder:
         """Raise a UserError when ``spec`` cannot be drawn from this split."""
         n_classes = len(self.class_names)
         if spec.ways > n_classes:
-            raise UserError(f"{spec.ways}-way episodes need {spec.ways} classes but {self.where} has {n_classes}; "
-                            f"use --ways {n_classes} or fewer")
+            raise UserError(
+                f"{spec.ways}-way episodes need {spec.ways} classes but {self.where} has {n_classes}; "
+                f"use --ways {n_classes} or fewer"
+            )
         smallest = int(np.argmin(self.class_sizes))
         size = int(self.class_sizes[smallest])
         if spec.per_class > size:
-            raise UserError(f"{spec.shots} shots + {spec.queries} queries need {spec.per_class} images per class but "
-                            f"class '{self.class_names[smallest]}' of {self.where} has {size}; "
-                            f"lower --shots/--queries to at most {size} together")
+            raise UserError(
+                f"{spec.shots} shots + {spec.queries} queries need {spec.per_class} images per class but "
+                f"class '{self.class_names[smallest]}' of {self.where} has {size}; "
+                f"lower --shots/--queries to at most {size} together"
+            )
 
 
 class PositionSampler:
@@ -148,8 +159,9 @@ class PositionSampler:
     batch sizes asked.
     """
 
-    def __init__(self, order: CanonicalOrder, spec: EpisodeSpec, *, seed: int,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, order: CanonicalOrder, spec: EpisodeSpec, *, seed: int, device: torch.device | str = "cpu"
+    ) -> None:
         order.check(spec)
         self.spec = spec
         self.device = torch.device(device)
@@ -220,9 +232,19 @@ class EpisodeBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> EpisodeBatch:
         """The same episodes with every tensor on ``device``."""
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return EpisodeBatch(move(self.support), move(self.support_labels), move(self.query),
-                            move(self.query_labels), self.ways, move(self.support_index), move(self.query_index))
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        return EpisodeBatch(
+            move(self.support),
+            move(self.support_labels),
+            move(self.query),
+            move(self.query_labels),
+            self.ways,
+            move(self.support_index),
+            move(self.query_index),
+        )
 
 
 def _wide_rows(images: torch.Tensor) -> torch.Tensor:
@@ -253,7 +275,7 @@ def gather_episodes(images: torch.Tensor, rows: torch.Tensor, spec: EpisodeSpec)
     return EpisodeBatch(
         support=picked[:, : n * k],
         support_labels=label.expand(b, n, k).reshape(b, n * k),
-        query=picked[:, n * k:],
+        query=picked[:, n * k :],
         query_labels=label.expand(b, n, q).reshape(b, n * q),
         ways=n,
         support_index=support_index,
@@ -312,16 +334,24 @@ class EpisodeSet:
     positions: np.ndarray
 
     @classmethod
-    def make(cls, order: CanonicalOrder, *, dataset: str, split: str, spec: EpisodeSpec, count: int,
-             seed: int) -> EpisodeSet:
+    def make(
+        cls, order: CanonicalOrder, *, dataset: str, split: str, spec: EpisodeSpec, count: int, seed: int
+    ) -> EpisodeSet:
         """Draw ``count`` episodes with ``seed`` from a split's canonical order (identifiers only, no pixels)."""
         count = _whole("count", count, 1)
         sampler = PositionSampler(order, spec, seed=seed)
         chunks = [sampler.sample(SET_CHUNK) for _ in range(0, count, SET_CHUNK)]
         dtype = np.dtype("<u2") if len(order.identifiers) <= 1 << 16 else np.dtype("<u4")
-        return cls(dataset=dataset, split=split, spec=spec, seed=int(seed), class_names=order.class_names,
-                   class_sizes=order.class_sizes.astype("<i8"), identifiers=order.identifiers,
-                   positions=torch.cat(chunks)[:count].numpy().astype(dtype))
+        return cls(
+            dataset=dataset,
+            split=split,
+            spec=spec,
+            seed=int(seed),
+            class_names=order.class_names,
+            class_sizes=order.class_sizes.astype("<i8"),
+            identifiers=order.identifiers,
+            positions=torch.cat(chunks)[:count].numpy().astype(dtype),
+        )
 
     @property
     def count(self) -> int:
@@ -333,15 +363,26 @@ class EpisodeSet:
         """The fingerprint (see ``CanonicalOrder.fingerprint``) of the split the set was drawn from."""
         return _fingerprint(self.class_names, self.class_sizes, self.identifiers)
 
-    def _meta(self) -> dict:
-        return {"format": SET_FORMAT, "dataset": self.dataset, "split": self.split, "ways": self.spec.ways,
-                "shots": self.spec.shots, "queries": self.spec.queries, "count": self.count, "seed": self.seed,
-                "identifiers_sha256": self.identifiers_fingerprint}
+    def _meta(self) -> dict[str, object]:
+        return {
+            "format": SET_FORMAT,
+            "dataset": self.dataset,
+            "split": self.split,
+            "ways": self.spec.ways,
+            "shots": self.spec.shots,
+            "queries": self.spec.queries,
+            "count": self.count,
+            "seed": self.seed,
+            "identifiers_sha256": self.identifiers_fingerprint,
+        }
 
     def _arrays(self) -> dict[str, np.ndarray]:
-        return {"identifiers": _blob(self.identifiers), "class_names": _blob(self.class_names),
-                "class_sizes": np.ascontiguousarray(self.class_sizes, dtype="<i8"),
-                "positions": np.ascontiguousarray(self.positions)}
+        return {
+            "identifiers": _blob(self.identifiers),
+            "class_names": _blob(self.class_names),
+            "class_sizes": np.ascontiguousarray(self.class_sizes, dtype="<i8"),
+            "positions": np.ascontiguousarray(self.positions),
+        }
 
     @cached_property
     def content_hash(self) -> str:
@@ -361,25 +402,26 @@ class EpisodeSet:
     def make_command(self) -> str:
         """The ``fewshot-sla episodes make`` command that regenerates this set."""
         s = self.spec
-        return (f"fewshot-sla episodes make --dataset {self.dataset} --split {self.split} --ways {s.ways} "
-                f"--shots {s.shots} --queries {s.queries} --count {self.count} --seed {self.seed}")
+        return (
+            f"fewshot-sla episodes make --dataset {self.dataset} --split {self.split} --ways {s.ways} "
+            f"--shots {s.shots} --queries {s.queries} --count {self.count} --seed {self.seed}"
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write the set atomically as a deterministic ``.npz`` (same set, same bytes)."""
         meta = dict(self._meta(), content_sha256=self.content_hash)
         arrays = dict(self._arrays(), meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8))
-        with atomic_path(path) as tmp:
-            with zipfile.ZipFile(tmp, "w") as archive:
-                for name, array in arrays.items():
-                    buffer = io.BytesIO()
-                    np.lib.format.write_array(buffer, array, allow_pickle=False)
-                    info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                    info.external_attr = 0o644 << 16
-                    archive.writestr(info, buffer.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+        with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
+            for name, array in arrays.items():
+                buffer = io.BytesIO()
+                np.lib.format.write_array(buffer, array, allow_pickle=False)
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = 0o644 << 16
+                archive.writestr(info, buffer.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> EpisodeSet:
+    def load(cls, path: str | os.PathLike[str]) -> EpisodeSet:
         """Read a set written by ``save``; a missing, unreadable, edited or inconsistent file is a UserError."""
         path = Path(path)
         if not path.is_file():
@@ -392,36 +434,53 @@ class EpisodeSet:
                 arrays = {name: npz[name] for name in _SET_ARRAYS + ("meta",)}
             meta = json.loads(arrays.pop("meta").tobytes().decode())
             if meta.get("format") != SET_FORMAT:
-                raise UserError(f"'{path}' has episode-set format {meta.get('format')!r}, this fewshot-sla reads "
-                                f"format {SET_FORMAT}; upgrade fewshot-sla or regenerate the set")
+                raise UserError(
+                    f"'{path}' has episode-set format {meta.get('format')!r}, this fewshot-sla reads "
+                    f"format {SET_FORMAT}; upgrade fewshot-sla or regenerate the set"
+                )
             spec = EpisodeSpec(meta["ways"], meta["shots"], meta["queries"])
-            episode_set = cls(dataset=str(meta["dataset"]), split=str(meta["split"]), spec=spec,
-                              seed=int(meta["seed"]), class_names=_unblob(arrays["class_names"]),
-                              class_sizes=arrays["class_sizes"], identifiers=_unblob(arrays["identifiers"]),
-                              positions=arrays["positions"])
+            episode_set = cls(
+                dataset=str(meta["dataset"]),
+                split=str(meta["split"]),
+                spec=spec,
+                seed=int(meta["seed"]),
+                class_names=_unblob(arrays["class_names"]),
+                class_sizes=arrays["class_sizes"],
+                identifiers=_unblob(arrays["identifiers"]),
+                positions=arrays["positions"],
+            )
             stored_hash = str(meta["content_sha256"])
-            intact = (episode_set.content_hash == stored_hash
-                      and dict(episode_set._meta(), content_sha256=stored_hash) == meta)
+            intact = (
+                episode_set.content_hash == stored_hash
+                and dict(episode_set._meta(), content_sha256=stored_hash) == meta
+            )
         except UserError:
             raise
         except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
-            raise UserError(f"'{path}' is not a readable episode set ({type(err).__name__}: {err}); "
-                            "regenerate it with 'fewshot-sla episodes make'") from None
+            raise UserError(
+                f"'{path}' is not a readable episode set ({type(err).__name__}: {err}); "
+                "regenerate it with 'fewshot-sla episodes make'"
+            ) from None
         if not intact:
-            raise UserError(f"'{path}' was altered or damaged: its content hash does not match; restore it or "
-                            f"regenerate it with '{episode_set.make_command()}'")
+            raise UserError(
+                f"'{path}' was altered or damaged: its content hash does not match; restore it or "
+                f"regenerate it with '{episode_set.make_command()}'"
+            )
         episode_set._validate(path)
         return episode_set
 
     def _validate(self, path: Path) -> None:
         """Check that the positions form valid episodes (UserError otherwise)."""
+
         def bad(what: str) -> UserError:
-            return UserError(f"'{path}' is not a valid episode set: {what}; regenerate it with "
-                             f"'{self.make_command()}'")
+            return UserError(f"'{path}' is not a valid episode set: {what}; regenerate it with '{self.make_command()}'")
 
         s = self.spec
-        if (len(self.class_names) != len(self.class_sizes) or int(self.class_sizes.sum()) != len(self.identifiers)
-                or (self.class_sizes < 0).any()):
+        if (
+            len(self.class_names) != len(self.class_sizes)
+            or int(self.class_sizes.sum()) != len(self.identifiers)
+            or (self.class_sizes < 0).any()
+        ):
             raise bad("its class table does not add up to its identifier table")
         if self.positions.ndim != 3 or self.positions.shape[1:] != (s.ways, s.per_class):
             raise bad(f"episode array of shape {list(self.positions.shape)}, expected [count, {s.ways}, {s.per_class}]")
@@ -439,11 +498,15 @@ class EpisodeSet:
     def check_target(self, dataset: str, split: str) -> None:
         """Raise a UserError unless the set was made for split ``split`` of ``dataset``."""
         if dataset != self.dataset:
-            raise UserError(f"this episode set was made for dataset '{self.dataset}', not '{dataset}'; "
-                            f"use a set made for '{dataset}' ('fewshot-sla episodes make --dataset {dataset} ...')")
+            raise UserError(
+                f"this episode set was made for dataset '{self.dataset}', not '{dataset}'; "
+                f"use a set made for '{dataset}' ('fewshot-sla episodes make --dataset {dataset} ...')"
+            )
         if split != self.split:
-            raise UserError(f"this episode set is for the '{self.split}' split, not '{split}'; "
-                            f"load the '{self.split}' split or use a set made for '{split}'")
+            raise UserError(
+                f"this episode set is for the '{self.split}' split, not '{split}'; "
+                f"load the '{self.split}' split or use a set made for '{split}'"
+            )
 
     def positions_in(self, order: CanonicalOrder, dataset: str, split: str) -> np.ndarray:
         """The episodes as canonical positions of ``order`` (a split of some store or list), int64 ``[count, N, K+Q]``.
@@ -459,8 +522,10 @@ class EpisodeSet:
         used = np.unique(positions).tolist()
         missing = [self.identifiers[p] for p in used if self.identifiers[p] not in position_of]
         if missing:
-            raise UserError(f"{len(missing)} images of this episode set are not in {dataset}/{split} "
-                            f"(e.g. '{missing[0]}'); the store was built from another source: rebuild it")
+            raise UserError(
+                f"{len(missing)} images of this episode set are not in {dataset}/{split} "
+                f"(e.g. '{missing[0]}'); the store was built from another source: rebuild it"
+            )
         set_class = np.repeat(np.arange(len(self.class_names)), self.class_sizes)
         order_class = np.repeat(np.arange(len(order.class_names)), order.class_sizes)
         table = np.zeros(len(self.identifiers), dtype=np.int64)
@@ -468,8 +533,10 @@ class EpisodeSet:
             table[p] = q = position_of[self.identifiers[p]]
             ours, theirs = self.class_names[set_class[p]], order.class_names[order_class[q]]
             if ours != theirs:
-                raise UserError(f"image '{self.identifiers[p]}' is class '{theirs}' in {dataset}/{split} but "
-                                f"'{ours}' in this episode set; rebuild the store from the set's source")
+                raise UserError(
+                    f"image '{self.identifiers[p]}' is class '{theirs}' in {dataset}/{split} but "
+                    f"'{ours}' in this episode set; rebuild the store from the set's source"
+                )
         return table[positions]
 
     def rows_in(self, split: SplitLike, dataset: str) -> torch.Tensor:
@@ -484,4 +551,4 @@ class EpisodeSet:
         batch_size = _whole("batch size", batch_size, 1)
         rows = self.rows_in(split, dataset)
         for start in range(0, self.count, batch_size):
-            yield gather_episodes(split.images, rows[start:start + batch_size], self.spec)
+            yield gather_episodes(split.images, rows[start : start + batch_size], self.spec)

@@ -18,8 +18,9 @@ as per-copy embeddings, and ``classify`` is the matching learner call (the learn
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +73,8 @@ class CopiedEpisode:
 
 def _forward(learner: Learner, episode: Any) -> torch.Tensor:
     """The learner's query logits ``[B, Q, ways]`` on ``episode`` as it is."""
-    return learner(episode.support, episode.support_labels, episode.query, episode.ways)
+    logits: torch.Tensor = learner(episode.support, episode.support_labels, episode.query, episode.ways)
+    return logits
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -241,7 +243,7 @@ class LabelAugmentation(Objective):
     Predictions: ``si`` (identity copy, its own N columns) and ``ag`` (logits averaged over copies).
     """
 
-    kinds = (SLA_SI, SLA_AG)
+    kinds: ClassVar[tuple[PredictionKind, ...]] = (SLA_SI, SLA_AG)
     uses_copies = True
 
     def _joint(self, learner: Learner, episode: Any) -> tuple[Any, torch.Tensor]:
@@ -280,7 +282,7 @@ class SelfDistillation(LabelAugmentation):
     trained with CE + KL towards the detached aggregated prediction. Predictions: ``si``, ``ag``, ``sd``.
     """
 
-    kinds = (SLA_SI, SLA_AG, SLA_SD)
+    kinds: ClassVar[tuple[PredictionKind, ...]] = (SLA_SI, SLA_AG, SLA_SD)
 
     def _joint_and_single(self, learner: Learner, episode: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """The augmented episode, its joint logits, and the plain logits (sharing one backbone pass
@@ -305,9 +307,7 @@ class SelfDistillation(LabelAugmentation):
         aggregated = aggregate_ag(joint, self.transform.m)
         sd_loss = self_distillation_loss(single, aggregated, episode.query_labels)
         loss = terms["loss_sla"] + sd_loss
-        return loss, _metrics(
-            loss=loss, loss_sd=sd_loss, acc_sd=_accuracy(single, episode.query_labels), **terms
-        )
+        return loss, _metrics(loss=loss, loss_sd=sd_loss, acc_sd=_accuracy(single, episode.query_labels), **terms)
 
     def predict_copies(self, classify: Classify, copies: CopiedEpisode) -> dict[str, torch.Tensor]:
         joint = self._joint_copies(classify, copies)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fewshot_sla.registry import OBJECTIVES
+
 
 @dataclass(frozen=True)
 class PredictionKind:
@@ -32,8 +34,6 @@ BUILTIN_KINDS = (PLAIN, SLA_SI, SLA_AG, SLA_SD)
 
 def kind_table() -> dict[str, PredictionKind]:
     """Every kind the registered objectives declare, by name, in reading order (built-ins, then plug-ins')."""
-    from fewshot_sla.registry import OBJECTIVES
-
     table = {kind.name: kind for kind in BUILTIN_KINDS}
     for _, objective in OBJECTIVES.items():
         for kind in getattr(objective, "kinds", ()):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
-from typing import Any, Callable, Generic, Iterable, TypeVar
+from typing import Any, Generic, TypeVar
 
 from fewshot_sla.errors import UserError
 
@@ -74,7 +75,9 @@ class Registry(Generic[T]):
         """Decorator: register the decorated object under ``name`` (default: its ``__name__``)."""
 
         def decorate(obj: T) -> T:
-            key = name or getattr(obj, "__name__")
+            key = name if name is not None else getattr(obj, "__name__", None)
+            if not isinstance(key, str):
+                raise TypeError(f"cannot register {obj!r} without a name; pass one: register('my-name')")
             old = self._entries.get(key)
             if old is not None and not override and old is not obj:
                 raise UserError(

@@ -15,7 +15,8 @@ A run directory holds::
     test-episodes-*.npz      the test episode set, when none shipped in ``episodes/`` matched and one was generated
     results.json             written last: its presence marks a finished run
 
-``results.json``, schema_version 1 (accuracies in percent; ``ci95`` = 1.96 s / sqrt(n), ``ci95_t`` = t-based
+``results.json`` is built from the typed records below (``RunRecord``, ``TrainSummary``, ``EvaluationRecord``);
+schema_version 1 (accuracies in percent; ``ci95`` = 1.96 s / sqrt(n), ``ci95_t`` = t-based
 half-width, s the sample standard deviation over episodes)::
 
     schema_version   1
@@ -41,8 +42,8 @@ An evaluation block::
     cached           whether embeddings were cached (EmbeddingLearners)
     time_s, episodes_per_s, device
     accuracy         {kind: {mean, std, ci95, ci95_t, n}} for each prediction kind of the objective
-                     ("plain", "si" = SLA+SI, "ag" = SLA+AG, "sd" = SLA+SD)
-    headline         the kind to quote first (ag, else sd, si, plain)
+                     (see ``prediction_kinds``; intervals are null for a single episode)
+    headline         the kind to quote first (the most preferred kind: ag, else sd, si, plain)
     per_episode_file path of the per-episode .npz, relative to the run directory
 """
 
@@ -55,10 +56,12 @@ import platform
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, field_validator
 
+from fewshot_sla import __version__
 from fewshot_sla.atomic import atomic_path, write_text_atomic
 from fewshot_sla.errors import UserError
 
@@ -69,6 +72,7 @@ METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
 CHECKPOINT_DIR = "checkpoints"
 PER_EPISODE_DIR = "per_episode"
+
 
 @dataclass(frozen=True)
 class RunPaths:
@@ -111,8 +115,9 @@ class RunPaths:
         return self.root / PER_EPISODE_DIR / f"{episode_set_hash[:16]}.npz"
 
 
-def default_run_dir(dataset: str, method: str, ways: int, shots: int, transform: str, objective: str,
-                    seed: int) -> Path:
+def default_run_dir(
+    dataset: str, method: str, ways: int, shots: int, transform: str, objective: str, seed: int
+) -> Path:
     """``runs/<dataset>-<method>-<N>w<K>s-<transform>-<objective>-<seed>`` (relative to the working folder)."""
     return Path("runs") / f"{dataset}-{method}-{ways}w{shots}s-{transform}-{objective}-{seed}"
 
@@ -126,10 +131,12 @@ def versions() -> dict[str, str]:
     """Versions of Python, torch, numpy and fewshot-sla."""
     import torch
 
-    from fewshot_sla import __version__
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "fewshot_sla": __version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "fewshot_sla": __version__,
+    }
 
 
 def git_commit() -> str | None:
@@ -143,26 +150,120 @@ def git_commit() -> str | None:
     return commit if out.returncode == 0 and len(commit) == 40 else None
 
 
+class _Record(BaseModel):
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, in field order."""
+        return self.model_dump(mode="json")
+
+
+class TrainSummary(_Record):
+    """The ``train`` block: the training episodes' spec, budget, time and the best validation."""
+
+    ways: int
+    shots: int
+    queries: int
+    episodes: int
+    meta_batch: int
+    steps: int
+    time_s: float
+    episodes_per_s: float | None
+    best_step: int
+    best_episodes: int
+    best_val_accuracy: float
+    val_key: str | None
+    val_episodes: int
+
+
+class EpisodeSetInfo(_Record):
+    """Which fixed episode set an evaluation used."""
+
+    hash: str
+    file: str
+    dataset: str
+    split: str
+    ways: int
+    shots: int
+    queries: int
+    count: int
+    seed: int
+
+
+class AccuracySummary(_Record):
+    """Mean accuracy (percent) over episodes with its 95% half-widths (None for a single episode)."""
+
+    mean: float
+    std: float
+    n: int
+    ci95: float | None
+    ci95_t: float | None
+
+    @field_validator("ci95", "ci95_t", mode="before")
+    @classmethod
+    def _undefined_is_null(cls, value: Any) -> Any:
+        return None if isinstance(value, float) and value != value else value
+
+
+class EvaluationRecord(_Record):
+    """One evaluation of a run's checkpoint on one episode set."""
+
+    episode_set: EpisodeSetInfo
+    episodes: int
+    checkpoint: str
+    best_step: int
+    cached: bool
+    time_s: float
+    episodes_per_s: float | None
+    accuracy: dict[str, AccuracySummary]
+    headline: str
+    per_episode_file: str
+    device: str
+
+
+class RunRecord(_Record):
+    """What a finished run was: its parts, data, training summary and environment."""
+
+    status: str
+    method: str
+    backbone: str
+    dataset: str
+    dataset_fingerprint: str
+    transform: str
+    objective: str
+    seed: int
+    ways: int
+    shots: int
+    queries: int
+    train: TrainSummary
+    device: str
+    amp: bool
+    versions: dict[str, str]
+    git_commit: str | None
+    created: str
+    config: dict[str, Any]
+
+
 def write_results(run_dir: Path, results: dict[str, Any]) -> None:
     """Write ``results.json`` atomically, stamping the schema version and update time."""
     results = {"schema_version": SCHEMA_VERSION, **results, "updated": now_iso()}
     write_text_atomic(RunPaths(Path(run_dir)).results, json.dumps(results, indent=2, allow_nan=True) + "\n")
 
 
-def add_evaluation(results: dict[str, Any], block: dict[str, Any]) -> dict[str, Any]:
-    """``results`` with ``block`` as its latest evaluation (replacing an older one on the same episode set)."""
+def add_evaluation(results: dict[str, Any], record: EvaluationRecord) -> dict[str, Any]:
+    """``results`` with ``record`` as its latest evaluation (replacing an older one on the same episode set)."""
+    block = record.to_dict()
     h = block["episode_set"]["hash"]
     kept = [b for b in results.get("evaluations", []) if b["episode_set"]["hash"] != h]
     return {**results, "evaluation": block, "evaluations": kept + [block]}
 
 
-def save_per_episode(path: Path, accuracies: dict[str, np.ndarray], episode_set_hash: str,
-                     dataset_fingerprint: str) -> None:
+def save_per_episode(
+    path: Path, accuracies: dict[str, np.ndarray], episode_set_hash: str, dataset_fingerprint: str
+) -> None:
     """Write per-episode accuracies (one array per prediction kind) atomically as an .npz file."""
-    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in accuracies.items()}
+    arrays: dict[str, Any] = {k: np.asarray(v, dtype=np.float64) for k, v in accuracies.items()}
+    arrays.update(episode_set_hash=np.array(episode_set_hash), dataset_fingerprint=np.array(dataset_fingerprint))
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, episode_set_hash=np.array(episode_set_hash), dataset_fingerprint=np.array(dataset_fingerprint),
-                 **arrays)
+        np.savez(fh, **arrays)
 
 
 @dataclass(frozen=True)
@@ -198,8 +299,9 @@ class RunResult:
             with np.load(file) as npz:
                 return {k: npz[k] for k in npz.files if k not in ("episode_set_hash", "dataset_fingerprint")}
         except (OSError, ValueError) as err:
-            raise UserError(f"cannot read per-episode results {file}: {err}; re-run 'fewshot-sla eval {self.path}'")\
-                from None
+            raise UserError(
+                f"cannot read per-episode results {file}: {err}; re-run 'fewshot-sla eval {self.path}'"
+            ) from None
 
 
 def load_results(run_dir: str | os.PathLike) -> RunResult:
@@ -209,8 +311,11 @@ def load_results(run_dir: str | os.PathLike) -> RunResult:
         raise UserError(f"{path} is not a folder; give the folder of a run made by 'fewshot-sla run'")
     file = RunPaths(path).results
     if not file.is_file():
-        hint = "resume it with 'fewshot-sla run --resume --out " + str(path) + "'" if RunPaths(path).config.is_file() \
+        hint = (
+            "resume it with 'fewshot-sla run --resume --out " + str(path) + "'"
+            if RunPaths(path).config.is_file()
             else "give the folder of a run made by 'fewshot-sla run'"
+        )
         raise UserError(f"{path} is not a finished run (no {RESULTS_FILE}); {hint}")
     try:
         data = json.loads(file.read_text())
@@ -220,24 +325,17 @@ def load_results(run_dir: str | os.PathLike) -> RunResult:
     if not isinstance(version, int):
         raise UserError(f"{file} has no schema_version; it was not written by fewshot-sla")
     if version > SCHEMA_VERSION:
-        raise UserError(f"{file} has schema_version {version}, newer than this fewshot-sla reads "
-                        f"({SCHEMA_VERSION}); upgrade fewshot-sla")
+        raise UserError(
+            f"{file} has schema_version {version}, newer than this fewshot-sla reads "
+            f"({SCHEMA_VERSION}); upgrade fewshot-sla"
+        )
     if data.get("status") != "finished" or "evaluation" not in data:
-        raise UserError(f"{path} is not a finished run (results.json has no evaluation); "
-                        f"evaluate it with 'fewshot-sla eval {path}'")
+        raise UserError(
+            f"{path} is not a finished run (results.json has no evaluation); evaluate it with 'fewshot-sla eval {path}'"
+        )
     return RunResult(path, data)
 
 
 def find_runs(root: str | os.PathLike) -> list[Path]:
     """Every run directory (a folder holding results.json) under ``root``, sorted."""
     return sorted(p.parent for p in Path(root).rglob(RESULTS_FILE))
-
-
-def load_runs(paths: Iterable[str | os.PathLike]) -> list[RunResult]:
-    """Load many finished runs; each path is a run directory or a folder searched for run directories."""
-    runs = []
-    for p in paths:
-        p = Path(p)
-        found = [p] if RunPaths(p).results.is_file() else find_runs(p)
-        runs.extend(load_results(r) for r in found)
-    return runs

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -68,9 +69,7 @@ class Transformation:
     def check(self, images: torch.Tensor) -> None:
         """Raise a UserError when the image batch ``[..., R, C, H, W]`` cannot take this transformation."""
         if images.dim() < 4:
-            raise ValueError(
-                f"transformation '{self.name}' needs a batch [..., R, C, H, W], got {list(images.shape)}"
-            )
+            raise ValueError(f"transformation '{self.name}' needs a batch [..., R, C, H, W], got {list(images.shape)}")
         c, h, w = images.shape[-3:]
         if self.square and h != w:
             raise UserError(

@@ -24,3 +24,10 @@ def read_yaml(path: Path, label: str, flag: str) -> tuple[yaml.Node | None, Any]
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or "malformed YAML"
         raise UserError(f"{label} {path}{where}: {problem}; fix the YAML syntax") from None
+
+
+def key_lines(root: yaml.Node | None) -> dict[str, int]:
+    """Line number (1-based) of each top-level key of a YAML mapping's node tree."""
+    if not isinstance(root, yaml.MappingNode):
+        return {}
+    return {k.value: k.start_mark.line + 1 for k, _ in root.value if isinstance(k, yaml.ScalarNode)}

@@ -20,6 +20,7 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
 # --- data: raw-layout fixtures and a small synthetic set ------------------------------------------------
 
 
@@ -67,7 +68,7 @@ def ravi_source(tmp_path: Path) -> Callable[..., tuple[Path, dict[str, tuple[int
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data root holding the full synthetic store, generated once per test session."""
-    from fewshot_sla.data.store import open_store
+    from fewshot_sla.data.catalog import open_store
 
     root = tmp_path_factory.getbasetemp() / "synthetic-data"
     open_store("synthetic", root)

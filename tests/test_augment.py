@@ -14,7 +14,6 @@ from fewshot_sla.augment import (
     adjust_brightness,
     adjust_contrast,
     adjust_saturation,
-    channel_stats,
     color_jitter,
     normalize,
     random_crop,
@@ -47,14 +46,6 @@ def test_normalize_accepts_the_channels_last_views_episodes_come_in():
     assert torch.equal(normalize(x), normalize(x.contiguous()))
 
 
-def test_channel_stats_match_numpy():
-    x = torch.randint(0, 256, (7, 5, 4, 3), generator=gen(1), dtype=torch.uint8)
-    mean, std = channel_stats(x, chunk=3)
-    flat = x.numpy().reshape(-1, 3) / 255.0
-    np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-10)
-    np.testing.assert_allclose(std, flat.std(0), rtol=1e-8)
-
-
 def test_random_crop_outputs_a_crop_of_the_zero_padded_image_with_per_image_offsets():
     x = images_u8(40, size=5)
     out = random_crop(x, padding=2, generator=gen(3))
@@ -62,7 +53,7 @@ def test_random_crop_outputs_a_crop_of_the_zero_padded_image_with_per_image_offs
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     offsets = []
     for i in range(40):  # brute force: which of the 25 windows is it?
-        hits = [(t, s) for t in range(5) for s in range(5) if torch.equal(out[i], padded[i, :, t:t + 5, s:s + 5])]
+        hits = [(t, s) for t in range(5) for s in range(5) if torch.equal(out[i], padded[i, :, t : t + 5, s : s + 5])]
         assert hits, i
         offsets.append(hits[0])
     assert len(set(offsets)) > 10  # offsets differ from image to image
@@ -96,8 +87,11 @@ def test_hflip_mirrors_exactly_the_chosen_images():
 
 @pytest.mark.parametrize(
     "ours, reference",
-    [(adjust_brightness, TF.adjust_brightness), (adjust_contrast, TF.adjust_contrast),
-     (adjust_saturation, TF.adjust_saturation)],
+    [
+        (adjust_brightness, TF.adjust_brightness),
+        (adjust_contrast, TF.adjust_contrast),
+        (adjust_saturation, TF.adjust_saturation),
+    ],
 )
 def test_colour_adjustments_match_torchvision_image_by_image(ours, reference):
     x = images_u8(6, size=7, seed=2).float() / 255

@@ -11,7 +11,6 @@ from fewshot_sla.backbones.resnet12 import DropBlock, dropblock_size_for
 from fewshot_sla.errors import UserError
 from fewshot_sla.registry import BACKBONES
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -63,8 +63,13 @@ def test_info_text_json_all_and_verify(tmp_path: Path, small_synthetic: int, cap
     (root / "cub.h5").write_bytes(b"half a download")
     code, out, _ = cli(capsys, root, "info", "--json")
     assert {d["dataset"]: d["prepared"] for d in json.loads(out)} == {
-        "cifarfs": False, "cub": False, "fc100": False, "miniimagenet": False, "synthetic": True,
-        "tinyimagenet": False}
+        "cifarfs": False,
+        "cub": False,
+        "fc100": False,
+        "miniimagenet": False,
+        "synthetic": True,
+        "tinyimagenet": False,
+    }
     code, out, _ = cli(capsys, root, "info")
     assert code == 0 and f"cub: store {root / 'cub.h5'} is unreadable" in out
 
@@ -181,7 +186,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(
     build, fragment = BAD_INPUTS[case]
     args = build(tmp_path, ravi_source)
     root = tmp_path / "data"
-    code, out, err = cli(capsys, root, *args)
+    code, _, err = cli(capsys, root, *args)
     assert code == 2, err
     assert visible(err).startswith("fewshot-sla: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert fragment in visible(err)
@@ -212,8 +217,9 @@ def test_skip_bad_counts_and_skips_unreadable_images(
     bad = _corrupt(source, 0)
     missing = _unlink(source, 9)
     root = tmp_path / "data"
-    code, out, _ = cli(capsys, root, "prepare", "miniimagenet", "--source", str(source), "--image-size", "8",
-                       "--skip-bad")
+    code, out, _ = cli(
+        capsys, root, "prepare", "miniimagenet", "--source", str(source), "--image-size", "8", "--skip-bad"
+    )
     assert code == 0 and "skipped 2 unreadable image(s), e.g." in out
     store = DatasetStore(root / "miniimagenet.h5")
     ids = [i for s in ("train", "val", "test") for i in store.split(s).image_ids]
@@ -235,7 +241,7 @@ def test_skip_bad_still_refuses_a_class_left_without_images(
 def test_an_interrupted_prepare_leaves_no_store(
     tmp_path: Path, ravi_source: Callable, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fewshot_sla.data.importers import ravi
+    from fewshot_sla.data.importers import common
 
     source, _ = ravi_source(per_class=4)
     calls = []
@@ -246,8 +252,8 @@ def test_an_interrupted_prepare_leaves_no_store(
             raise KeyboardInterrupt
         return real(path)
 
-    real = ravi.read_image_file
-    monkeypatch.setattr(ravi, "read_image_file", interrupted)
+    real = common.read_image_file
+    monkeypatch.setattr(common, "read_image_file", interrupted)
     code, _, err = cli(capsys, tmp_path / "data", "prepare", "miniimagenet", "--source", str(source))
     assert code == 130 and "interrupted" in err
     assert leftovers(tmp_path / "data") == []

@@ -15,8 +15,7 @@ from fewshot_sla.data.store import append_rows, create_split, finish_store
 from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec
 
 
-def write_store(root, dataset: str, splits: dict[str, tuple[list[str], list[int], list[str]]],
-                size: int = 4) -> None:
+def write_store(root, dataset: str, splits: dict[str, tuple[list[str], list[int], list[str]]], size: int = 4) -> None:
     """A small, complete store of ``dataset`` (class names, labels, identifiers per split; random pixels)."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
@@ -44,8 +43,19 @@ def files_in(path) -> list[str]:
 
 def test_make_mini_imagenet_from_the_packaged_split_list_then_info_and_verify(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, out, err = run(capsys, "--data-root", str(tmp_path / "data"), "episodes", "make", "--dataset",
-                         "miniimagenet", "--count", "30", "--seed", "4")
+    code, out, err = run(
+        capsys,
+        "--data-root",
+        str(tmp_path / "data"),
+        "episodes",
+        "make",
+        "--dataset",
+        "miniimagenet",
+        "--count",
+        "30",
+        "--seed",
+        "4",
+    )
     assert code == 0, err
     path = tmp_path / "episodes" / "miniimagenet-test-5w1s15q-30-seed4.npz"
     assert "packaged ravi split list" in out and path.is_file()
@@ -58,13 +68,16 @@ def test_make_mini_imagenet_from_the_packaged_split_list_then_info_and_verify(tm
     code, out, _ = run(capsys, "episodes", "info", str(path), "--json")
     info = json.loads(out)
     assert code == 0 and info["content_sha256"] == episode_set.content_hash and info["count"] == 30
-    assert info["make_command"] == ("fewshot-sla episodes make --dataset miniimagenet --split test --ways 5 "
-                                    "--shots 1 --queries 15 --count 30 --seed 4")
+    assert info["make_command"] == (
+        "fewshot-sla episodes make --dataset miniimagenet --split test --ways 5 "
+        "--shots 1 --queries 15 --count 30 --seed 4"
+    )
     code, out, _ = run(capsys, "episodes", "info", str(path))
     assert code == 0 and "miniimagenet/test (20 classes, 12000 images" in out
 
-    code, out, _ = run(capsys, "--data-root", str(tmp_path / "data"), "episodes", "verify", str(path),
-                       "--dataset", "miniimagenet")
+    code, out, _ = run(
+        capsys, "--data-root", str(tmp_path / "data"), "episodes", "verify", str(path), "--dataset", "miniimagenet"
+    )
     assert code == 0 and out.startswith("ok: ") and "regenerates     yes, bit for bit" in out
     assert files_in(tmp_path) == ["episodes/miniimagenet-test-5w1s15q-30-seed4.npz"]
 
@@ -73,14 +86,37 @@ def test_make_from_a_store_verify_and_a_store_that_lacks_images(tmp_path, capsys
     data = tmp_path / "data"
     write_store(data, "synthetic", {"test": toy_split(), "train": toy_split(prefix="t")})
     out_file = tmp_path / "sets" / "toy.npz"
-    code, out, err = run(capsys, "--data-root", str(data), "episodes", "make", "--dataset", "synthetic", "--ways",
-                         "3", "--shots", "2", "--queries", "4", "--count", "12", "--out", str(out_file))
+    code, out, err = run(
+        capsys,
+        "--data-root",
+        str(data),
+        "episodes",
+        "make",
+        "--dataset",
+        "synthetic",
+        "--ways",
+        "3",
+        "--shots",
+        "2",
+        "--queries",
+        "4",
+        "--count",
+        "12",
+        "--out",
+        str(out_file),
+    )
     assert code == 0, err
     assert f"drawn from the store {data / 'synthetic.h5'}" in out
     made = EpisodeSet.load(out_file)
     classes, labels, ids = toy_split()
-    expected = EpisodeSet.make(CanonicalOrder(classes, labels, ids), dataset="synthetic", split="test",
-                               spec=EpisodeSpec(3, 2, 4), count=12, seed=0)
+    expected = EpisodeSet.make(
+        CanonicalOrder(classes, labels, ids),
+        dataset="synthetic",
+        split="test",
+        spec=EpisodeSpec(3, 2, 4),
+        count=12,
+        seed=0,
+    )
     assert made.content_hash == expected.content_hash
 
     code, out, _ = run(capsys, "--data-root", str(data), "episodes", "verify", str(out_file), "--dataset", "synthetic")
@@ -93,8 +129,9 @@ def test_make_from_a_store_verify_and_a_store_that_lacks_images(tmp_path, capsys
 
     # A store from another source (other identifiers) cannot serve the set.
     write_store(data, "synthetic", {"test": toy_split(prefix="other-")})
-    code, out, err = run(capsys, "--data-root", str(data), "episodes", "verify", str(out_file),
-                         "--dataset", "synthetic")
+    code, out, err = run(
+        capsys, "--data-root", str(data), "episodes", "verify", str(out_file), "--dataset", "synthetic"
+    )
     assert code == 2 and out == ""
     assert err.startswith("fewshot-sla: error: ") and "images of this episode set are not in synthetic/test" in err
     assert err.count("\n") == 1
@@ -103,13 +140,18 @@ def test_make_from_a_store_verify_and_a_store_that_lacks_images(tmp_path, capsys
 @pytest.mark.parametrize(
     "flags, fragment",
     [
-        (["--ways", "30"], "30-way episodes need 30 classes but miniimagenet/test (packaged split list) has 20; "
-                           "use --ways 20 or fewer"),
+        (
+            ["--ways", "30"],
+            "30-way episodes need 30 classes but miniimagenet/test (packaged split list) has 20; "
+            "use --ways 20 or fewer",
+        ),
         (["--shots", "0"], "shots must be a whole number >= 1, got 0"),
         (["--queries", "-3"], "queries must be a whole number >= 1, got -3"),
         (["--ways", "0"], "ways must be a whole number >= 1"),
-        (["--shots", "590", "--queries", "15"], "need 605 images per class but class 'n01930112' of "
-                                                "miniimagenet/test (packaged split list) has 600"),
+        (
+            ["--shots", "590", "--queries", "15"],
+            "need 605 images per class but class 'n01930112' of miniimagenet/test (packaged split list) has 600",
+        ),
         (["--count", "0"], "--count must be >= 1 and --seed >= 0 (got 0 and 0)"),
         (["--seed", "-1"], "--count must be >= 1 and --seed >= 0 (got 1000 and -1)"),
         (["--split", "holdout"], "miniimagenet has no split 'holdout'; choose one of: train, val, test"),
@@ -117,8 +159,9 @@ def test_make_from_a_store_verify_and_a_store_that_lacks_images(tmp_path, capsys
 )
 def test_impossible_requests_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, monkeypatch, flags, fragment):
     monkeypatch.chdir(tmp_path)
-    code, out, err = run(capsys, "--data-root", str(tmp_path / "data"), "episodes", "make", "--dataset",
-                         "miniimagenet", *flags)
+    code, out, err = run(
+        capsys, "--data-root", str(tmp_path / "data"), "episodes", "make", "--dataset", "miniimagenet", *flags
+    )
     assert code == 2 and out == ""
     assert err == f"fewshot-sla: error: {err.removeprefix('fewshot-sla: error: ')}" and err.count("\n") == 1
     assert fragment in err
@@ -149,8 +192,19 @@ def test_bad_flags_are_argparse_errors_with_exit_2(tmp_path, capsys, monkeypatch
 
 def test_out_pointing_at_a_folder_is_a_user_error(tmp_path, capsys):
     (tmp_path / "folder").mkdir()
-    code, _, err = run(capsys, "--data-root", str(tmp_path), "episodes", "make", "--dataset", "miniimagenet",
-                       "--count", "5", "--out", str(tmp_path / "folder"))
+    code, _, err = run(
+        capsys,
+        "--data-root",
+        str(tmp_path),
+        "episodes",
+        "make",
+        "--dataset",
+        "miniimagenet",
+        "--count",
+        "5",
+        "--out",
+        str(tmp_path / "folder"),
+    )
     assert code == 2 and "is a folder; give a file name" in err
     assert files_in(tmp_path) == []
 
@@ -160,8 +214,19 @@ def test_info_and_verify_refuse_missing_tampered_and_foreign_files(tmp_path, cap
     assert code == 2 and "no episode set at" in err
 
     path = tmp_path / "set.npz"
-    code, _, _ = run(capsys, "--data-root", str(tmp_path), "episodes", "make", "--dataset", "miniimagenet",
-                     "--count", "5", "--out", str(path))
+    code, _, _ = run(
+        capsys,
+        "--data-root",
+        str(tmp_path),
+        "episodes",
+        "make",
+        "--dataset",
+        "miniimagenet",
+        "--count",
+        "5",
+        "--out",
+        str(path),
+    )
     assert code == 0
     code, _, err = run(capsys, "--data-root", str(tmp_path), "episodes", "verify", str(path), "--dataset", "synthetic")
     assert code == 2 and "made for dataset 'miniimagenet', not 'synthetic'" in err

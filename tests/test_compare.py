@@ -12,9 +12,27 @@ from scipy import stats as st
 
 from fewshot_sla.cli import main
 
-TINY = ["--device", "cpu", "--quiet", "--train-episodes", "3", "--val-every", "3", "--val-episodes", "8",
-        "--eval-episodes", "24", "--queries", "4", "--train-queries", "4", "--backbone-option", "hidden=8",
-        "--image-size", "16"]
+TINY = [
+    "--device",
+    "cpu",
+    "--quiet",
+    "--train-episodes",
+    "3",
+    "--val-every",
+    "3",
+    "--val-episodes",
+    "8",
+    "--eval-episodes",
+    "24",
+    "--queries",
+    "4",
+    "--train-queries",
+    "4",
+    "--backbone-option",
+    "hidden=8",
+    "--image-size",
+    "16",
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +40,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dict[str,
     root = data_root
     base = tmp_path_factory.mktemp("compare")
     made = {}
-    for name, extra in {"sla0": [], "sla1": ["--seed", "1"], "plain": ["--objective", "baseline", "--transform",
-                                                                        "none"]}.items():
+    for name, extra in {
+        "sla0": [],
+        "sla1": ["--seed", "1"],
+        "plain": ["--objective", "baseline", "--transform", "none"],
+    }.items():
         made[name] = base / name
         assert main(["--data-root", str(root), "run", *TINY, *extra, "--out", str(made[name])]) == 0
     return made
@@ -80,8 +101,9 @@ def _edited_copy(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
-def test_runs_on_different_episode_sets_are_refused_until_evaluated_on_one(capsys, runs: dict[str, Path],
-                                                                         tmp_path: Path) -> None:
+def test_runs_on_different_episode_sets_are_refused_until_evaluated_on_one(
+    capsys, runs: dict[str, Path], tmp_path: Path
+) -> None:
     def other_set(results: dict) -> None:
         for block in [results["evaluation"], *results["evaluations"]]:
             block["episode_set"]["hash"] = "f" * 64
@@ -100,8 +122,9 @@ def test_runs_on_different_data_are_refused(capsys, runs: dict[str, Path], tmp_p
     assert code == 2 and "different data" in err
 
 
-def test_a_later_evaluation_on_another_set_keeps_the_common_one_comparable(capsys, runs: dict[str, Path],
-                                                                          data_root: Path, tmp_path: Path) -> None:
+def test_a_later_evaluation_on_another_set_keeps_the_common_one_comparable(
+    capsys, runs: dict[str, Path], data_root: Path, tmp_path: Path
+) -> None:
     copy = tmp_path / "sla1"
     shutil.copytree(runs["sla1"], copy)
     assert main(["--data-root", str(data_root), "eval", str(copy), "--eval-episodes", "12", "--quiet"]) == 0
@@ -111,12 +134,11 @@ def test_a_later_evaluation_on_another_set_keeps_the_common_one_comparable(capsy
     assert json.loads(out)["comparisons"][0]["n"] == 24
 
 
-def test_results_load_in_bulk_for_leaderboards(runs: dict[str, Path], tmp_path: Path) -> None:
+def test_results_are_found_and_read_back_for_leaderboards(runs: dict[str, Path], tmp_path: Path) -> None:
     from fewshot_sla.errors import UserError
-    from fewshot_sla.results import load_results, load_runs
+    from fewshot_sla.results import find_runs, load_results
 
-    found = load_runs([runs["sla0"].parent])
-    assert sorted(r.path.name for r in found) == ["plain", "sla0", "sla1"]
+    assert sorted(p.name for p in find_runs(runs["sla0"].parent)) == ["plain", "sla0", "sla1"]
     run = load_results(runs["sla0"])
     per = run.per_episode(run.evaluation["episode_set"]["hash"])
     assert run.accuracy("ag")["mean"] == pytest.approx(100 * per["ag"].mean())

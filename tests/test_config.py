@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 
 from fewshot_sla.config import RunConfig, load_config
-from fewshot_sla.engine.recipes import RECIPES, apply_recipe, default_val_every
+from fewshot_sla.engine.recipes import _parse, add_recipe, apply_recipe, default_val_every, recipe_book
 from fewshot_sla.errors import UserError
 
 OPTIONAL_FIELDS = ["image_size", "episodes_file"]  # the only fields a resolved configuration may leave empty
 
 
 def test_yaml_round_trip_keeps_every_field(tmp_path: Path) -> None:
-    cfg = RunConfig(method="maml", ways=10, shots=5, lr=0.5, lr_milestones=[0.5], lr_factors=[0.1],
-                    backbone_options={"hidden": 32}, amp=True, episodes_file="x.npz", nesterov=True)
+    cfg = RunConfig(
+        method="maml",
+        ways=10,
+        shots=5,
+        lr=0.5,
+        lr_milestones=[0.5],
+        lr_factors=[0.1],
+        backbone_options={"hidden": 32},
+        amp=True,
+        episodes_file="x.npz",
+        nesterov=True,
+    )
     path = tmp_path / "c.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
-    assert set(cfg.to_dict()) == {f.name for f in dataclasses.fields(RunConfig)}
+    assert list(cfg.to_dict()) == RunConfig.field_names()
 
 
 def test_partial_file_keeps_defaults_and_converts_ints_to_floats(tmp_path: Path) -> None:
@@ -42,10 +51,13 @@ def test_empty_file_is_the_defaults(tmp_path: Path) -> None:
     [
         ("method: protonet\nways: 5\nwayz: 5\n", "line 3: unknown key 'wayz'"),
         ("method: protonet\nways: [5\n", "line 3"),
-        ("ways: five\n", "line 1: 'ways' must be an integer"),
+        ("ways: five\n", "line 1: 'ways' must be an integer, got 'five'"),
+        ("ways: '5'\n", "line 1: 'ways' must be an integer, got '5'"),
+        ("lr: .nan\n", "line 1: 'lr' must be a finite number"),
+        ("seed: -1\n", "line 1: 'seed' must be at least 0, got -1"),
         ("amp: 1\n", "'amp' must be true or false"),
         ("ways: true\n", "'ways' must be an integer"),
-        ("lr_milestones: [0.5, a]\n", "'lr_milestones' must be a list of numbers"),
+        ("lr_milestones: [0.5, a]\n", "'lr_milestones' must be a number, got 'a'"),
         ("backbone_options: 3\n", "'backbone_options' must be a mapping"),
         ("method:\n", "'method' cannot be empty"),
         ("- a\n- b\n", "must hold a mapping"),
@@ -69,7 +81,7 @@ def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
 def test_updated_rejects_unknown_keys_and_bad_types() -> None:
     with pytest.raises(UserError, match="unknown key 'colour'"):
         RunConfig().updated({"colour": 1})
-    with pytest.raises(UserError, match="'shots' must be an integer"):
+    with pytest.raises(UserError, match=r"'shots' must be an integer, got 1\.5"):
         RunConfig().updated({"shots": 1.5})
     assert RunConfig().updated({"shots": 5}).shots == 5
 
@@ -77,20 +89,29 @@ def test_updated_rejects_unknown_keys_and_bad_types() -> None:
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"ways": 0}, "ways must be a positive integer"),
-        ({"ways": 1}, "ways must be at least 2"),
-        ({"train_episodes": 0}, "train_episodes"),
+        ({"ways": 0}, "'ways' must be at least 2, got 0"),
+        ({"ways": 1}, "'ways' must be at least 2, got 1"),
+        ({"train_episodes": 0}, "'train_episodes' must be at least 1, got 0"),
+        ({"lr": float("inf")}, "'lr' must be a finite number"),
+        ({"lr_factors": [float("nan")], "lr_milestones": [0.5]}, "lr_factors must hold finite numbers"),
         ({"device": "gpu"}, "device must be auto, cpu, cuda"),
-        ({"optimizer": "rmsprop"}, "optimizer must be one of"),
-        ({"lr": 0.0}, "lr must be positive"),
+        ({"optimizer": "rmsprop"}, "'optimizer' must be one of 'sgd' or 'adam'"),
+        ({"lr": 0.0}, "'lr' must be greater than 0"),
         ({"lr_milestones": [0.5]}, "given together"),
         ({"lr_milestones": [0.7, 0.3], "lr_factors": [0.1, 0.01]}, "increasing fractions"),
         ({"lr_milestones": [1.5], "lr_factors": [0.1]}, "increasing fractions"),
     ],
 )
-def test_validate_rejects_out_of_range_values(change: dict, expected: str) -> None:
-    with pytest.raises(UserError, match=expected):
-        dataclasses.replace(RunConfig(), **change).validate()
+def test_out_of_range_values_are_rejected_in_one_line(change: dict, expected: str) -> None:
+    with pytest.raises(UserError) as info:
+        RunConfig().updated(change, "command line")
+    message = str(info.value)
+    assert message.startswith("command line: ") and expected in message and "\n" not in message
+
+
+def test_command_line_errors_name_the_flag() -> None:
+    with pytest.raises(UserError, match="fix --train-episodes"):
+        RunConfig().updated({"train_episodes": 0}, "command line")
 
 
 def test_recipes_fill_only_missing_fields_and_flags_win() -> None:
@@ -125,18 +146,19 @@ def test_protonet_with_resnet12_follows_the_metaoptnet_papers_recipe() -> None:
     assert (cfg.optimizer, cfg.lr, cfg.meta_batch, cfg.train_shots) == ("sgd", 0.1, 8, 15)
     assert cfg.learner_options == {"scaled": True}
     assert apply_recipe(RunConfig(backbone="resnet12", learner_options={"scaled": False})).learner_options == {
-        "scaled": False}
+        "scaled": False
+    }
 
 
 def test_half_a_schedule_is_rejected_rather_than_completed_by_the_recipe() -> None:
     with pytest.raises(UserError, match="given together"):
-        apply_recipe(RunConfig(lr_milestones=[0.5]))
+        RunConfig.from_mapping({"lr_milestones": [0.5]})
 
 
 def test_unknown_method_uses_the_generic_recipe_and_every_recipe_resolves() -> None:
     cfg = apply_recipe(RunConfig(method="someone-elses-learner", shots=3, queries=7))
     assert (cfg.optimizer, cfg.train_shots, cfg.train_queries) == ("adam", 3, 7)
-    for method in RECIPES:
+    for method in recipe_book().methods:
         resolved = apply_recipe(RunConfig(method=method))
         assert [k for k, v in resolved.to_dict().items() if v is None] == OPTIONAL_FIELDS, method
 
@@ -148,27 +170,50 @@ def test_validation_cadence_scales_with_the_budget() -> None:
     assert apply_recipe(RunConfig(train_episodes=40)).val_every == 40
 
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "configs").glob("*.yaml"))
+def test_every_builtin_learner_has_a_recipe_entry() -> None:
+    from fewshot_sla.registry import LEARNERS
+
+    assert set(recipe_book().methods) == set(LEARNERS.names())
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_published_recipe_configs_load_and_name_registered_parts(path: Path) -> None:
-    from fewshot_sla.registry import BACKBONES, DATASETS, LEARNERS, OBJECTIVES
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("train_shots: 15", "train_shots: fifteen"), "recipes.metaoptnet.values: 'train_shots' must be an integer"),
+        (("train_queries: 6", "train_querys: 6"), "recipes.metaoptnet.values: unknown key 'train_querys'"),
+        (("- recipe: maml\n  maml-fo", "- recipe: mamal\n  maml-fo"), "no recipe called mamal"),
+        (("when: {shots: 1}", "when: {queries: 1}"), "cannot match on queries"),
+        (("{same_as: ways}", "{same_as: wayz}"), "same_as names no configuration field: 'wayz'"),
+    ],
+)
+def test_a_broken_recipe_file_is_one_line_naming_the_place(change: tuple[str, str], expected: str) -> None:
+    from importlib import resources
 
-    cfg = apply_recipe(load_config(path))
-    assert cfg.method in LEARNERS and cfg.backbone in BACKBONES and cfg.objective in OBJECTIVES
-    assert cfg.dataset in DATASETS
-    recipe = apply_recipe(RunConfig(method=cfg.method, dataset=cfg.dataset, shots=cfg.shots, backbone=cfg.backbone))
-    # The files spell out the published recipe: the same optimizer and schedule as the code's recipe.
-    for key in ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "lr_factors", "train_shots"):
-        assert getattr(cfg, key) == getattr(recipe, key), key
-    assert cfg.lr_milestones == pytest.approx(recipe.lr_milestones)
+    text = resources.files("fewshot_sla.engine").joinpath("recipes.yaml").read_text()
+    assert change[0] in text
+    with pytest.raises(UserError) as info:
+        _parse(text.replace(change[0], change[1], 1), "recipes.yaml")
+    assert expected in str(info.value) and "\n" not in str(info.value)
 
 
-def test_there_is_a_config_for_every_published_recipe() -> None:
-    assert {p.stem for p in CONFIGS} >= {"protonet-conv4", "maml-conv4", "metaoptnet-svm-resnet12-miniimagenet",
-                                         "metaoptnet-svm-resnet12-cifarfs", "metaoptnet-svm-resnet12-fc100",
-                                         "metaoptnet-ridge-resnet12", "protonet-resnet12"}
+def test_a_plugin_learner_can_add_its_own_recipe() -> None:
+    add_recipe(
+        "test-recipe-learner",
+        {
+            "source": "a test",
+            "values": {"optimizer": "sgd", "lr": 0.3, "meta_batch": 2},
+            "rules": [{"when": {"dataset": "synthetic"}, "values": {"train_episodes": 9}}],
+        },
+    )
+    try:
+        cfg = apply_recipe(RunConfig(method="test-recipe-learner"))
+        assert (cfg.optimizer, cfg.lr, cfg.meta_batch, cfg.train_episodes) == ("sgd", 0.3, 2, 9)
+        assert cfg.momentum is None  # not set by this recipe
+        with pytest.raises(UserError, match="'lr' must be greater than 0"):
+            add_recipe("test-recipe-learner-2", {"source": "x", "values": {"lr": -1.0}})
+    finally:
+        recipe_book().methods.pop("test-recipe-learner")
+        recipe_book().recipes.pop("test-recipe-learner")
 
 
 def test_metaoptnet_schedule_changes_the_lr_at_epochs_20_40_50_of_60() -> None:
@@ -188,6 +233,7 @@ def test_metaoptnet_schedule_changes_the_lr_at_epochs_20_40_50_of_60() -> None:
             seen[step // 10] = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
-    published = {epoch: 0.1 if epoch < 20 else 0.006 if epoch < 40 else 0.0012 if epoch < 50 else 0.00024
-                 for epoch in range(60)}
+    published = {
+        epoch: 0.1 if epoch < 20 else 0.006 if epoch < 40 else 0.0012 if epoch < 50 else 0.00024 for epoch in range(60)
+    }
     assert seen == pytest.approx(published)

@@ -26,8 +26,9 @@ class FakeSplit:
     image_ids: list[str]
 
 
-def make_split(sizes: list[int], *, seed: int = 0, size: int = 4, device: str = "cpu", shuffle: bool = True,
-               name: str = "train") -> FakeSplit:
+def make_split(
+    sizes: list[int], *, seed: int = 0, size: int = 4, device: str = "cpu", shuffle: bool = True, name: str = "train"
+) -> FakeSplit:
     """Tiny random images; class c is called 'class{c:02d}', its images 'c{c:02d}_{i:03d}'; rows shuffled."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.cat([torch.full((n,), c, dtype=torch.int64) for c, n in enumerate(sizes)])
@@ -46,8 +47,13 @@ def reorder(split: FakeSplit, seed: int) -> FakeSplit:
     class_perm = torch.randperm(len(split.class_names), generator=g)  # new class j is old class class_perm[j]
     new_label_of_old = torch.empty_like(class_perm)
     new_label_of_old[class_perm] = torch.arange(len(class_perm))
-    return FakeSplit(split.name, split.images[rows], new_label_of_old[split.labels[rows]],
-                     [split.class_names[i] for i in class_perm.tolist()], [split.image_ids[i] for i in rows.tolist()])
+    return FakeSplit(
+        split.name,
+        split.images[rows],
+        new_label_of_old[split.labels[rows]],
+        [split.class_names[i] for i in class_perm.tolist()],
+        [split.image_ids[i] for i in rows.tolist()],
+    )
 
 
 def identifiers(split: FakeSplit, index: torch.Tensor) -> list:
@@ -184,8 +190,9 @@ def test_unequal_classes_at_the_limit_use_every_image_of_the_smallest_class():
 
 
 def test_positions_are_valid_and_label_major():
-    order = CanonicalOrder([f"k{c}" for c in range(6)], np.repeat(np.arange(6), [3, 9, 4, 5, 12, 6]),
-                           [f"id{i:03d}" for i in range(39)])
+    order = CanonicalOrder(
+        [f"k{c}" for c in range(6)], np.repeat(np.arange(6), [3, 9, 4, 5, 12, 6]), [f"id{i:03d}" for i in range(39)]
+    )
     positions = PositionSampler(order, EpisodeSpec(4, 1, 2), seed=5).sample(500)
     assert positions.shape == (500, 4, 3)
     class_of = torch.as_tensor(np.repeat(np.arange(6), order.class_sizes))[positions]

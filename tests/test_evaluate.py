@@ -29,8 +29,13 @@ def make_split(name: str = "test", classes: int = 6, per_class: int = 12, seed: 
     noise = torch.randint(-40, 40, (classes, per_class, SIZE, SIZE, 3), generator=g)
     images = (base + noise).clamp(0, 255).to(torch.uint8).reshape(-1, SIZE, SIZE, 3)
     labels = torch.arange(classes).repeat_interleave(per_class)
-    return Split(name, images, labels, [f"c{i}" for i in range(classes)],
-                 [f"c{i // per_class}/{i % per_class:03d}" for i in range(classes * per_class)])
+    return Split(
+        name,
+        images,
+        labels,
+        [f"c{i}" for i in range(classes)],
+        [f"c{i // per_class}/{i % per_class:03d}" for i in range(classes * per_class)],
+    )
 
 
 def make_model(method: str, objective: str, transform: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -53,8 +58,9 @@ def split() -> Split:
 
 @pytest.fixture(scope="module")
 def episodes(split: Split) -> EpisodeSet:
-    return EpisodeSet.make(CanonicalOrder.of_split(split), dataset="toy", split="test",
-                           spec=EpisodeSpec(4, 2, 3), count=30, seed=5)
+    return EpisodeSet.make(
+        CanonicalOrder.of_split(split), dataset="toy", split="test", spec=EpisodeSpec(4, 2, 3), count=30, seed=5
+    )
 
 
 @pytest.mark.parametrize(
@@ -102,8 +108,9 @@ def test_cached_logits_match_the_uncached_logits(split: Split, episodes: Episode
 
 
 @pytest.mark.parametrize(("objective", "copies"), [("baseline", 1), ("da", 1), ("mt", 1), ("sla", 4), ("sla+sd", 4)])
-def test_cache_embeds_only_the_copies_the_objective_asks_for(split: Split, episodes: EpisodeSet, objective: str,
-                                                             copies: int) -> None:
+def test_cache_embeds_only_the_copies_the_objective_asks_for(
+    split: Split, episodes: EpisodeSet, objective: str, copies: int
+) -> None:
     learner, obj = make_model("protonet", objective, "rotation")
     rows = episodes.rows_in(split, "toy")
     with torch.no_grad():
@@ -114,8 +121,12 @@ def test_cache_embeds_only_the_copies_the_objective_asks_for(split: Split, episo
 def test_the_cache_refuses_a_learner_in_training_mode(split: Split, episodes: EpisodeSet) -> None:
     learner, obj = make_model("protonet", "sla", "rotation")
     with pytest.raises(ValueError, match="evaluation mode"):
-        FeatureCache(learner.train(), obj, ImagesOf(split.images, ImagePipeline(SIZE, SIZE).images),
-                     episodes.rows_in(split, "toy"))
+        FeatureCache(
+            learner.train(),
+            obj,
+            ImagesOf(split.images, ImagePipeline(SIZE, SIZE).images),
+            episodes.rows_in(split, "toy"),
+        )
 
 
 def test_resized_images_are_cached_identically(split: Split, episodes: EpisodeSet) -> None:
@@ -162,8 +173,9 @@ def test_maml_is_evaluated_uncached_and_restores_training_mode(split: Split, epi
     backbone = BACKBONES.create("conv4", hidden=4)
     learner = LEARNERS.create("maml", backbone=backbone, test_steps=1)
     obj = OBJECTIVES.create("baseline", transform="none", feature_dim=backbone.feature_dim(SIZE))
-    small = EpisodeSet.make(CanonicalOrder.of_split(split), dataset="toy", split="test", spec=EpisodeSpec(3, 1, 2),
-                            count=4, seed=0)
+    small = EpisodeSet.make(
+        CanonicalOrder.of_split(split), dataset="toy", split="test", spec=EpisodeSpec(3, 1, 2), count=4, seed=0
+    )
     learner.train()
     result = evaluate(learner, obj, small, split, "toy", ImagePipeline(SIZE, SIZE), use_cache=True)
     assert not result.cached and result.accuracies["plain"].shape == (4,)
@@ -205,7 +217,8 @@ def test_validation_set_is_fixed(split: Split) -> None:
 
 def test_evaluation_benchmark_smoke_mode_runs_on_the_cpu() -> None:
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_eval_cache.py"
-    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--tiny"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--tiny"], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert "identical per-episode accuracies on the 10 shared episodes: yes" in proc.stdout

@@ -105,7 +105,7 @@ def test_cell_folders_and_configs_are_deterministic(grid: Grid, tmp_path: Path) 
         task = next(t for t in runner.tasks if t.name == cell.name)
         assert task.run_dir == (tmp_path / "runs" / cell.name).resolve()
         assert task.config_file == (tmp_path / "runs" / CELLS_DIR / f"{cell.name}.yaml").resolve()
-        assert load_config(task.config_file) == cell.config()
+        assert load_config(task.config_file) == cell.config
         argv = task.argv()
         assert argv[argv.index("--config") + 1] == str(task.config_file)
         assert argv[argv.index("--out") + 1] == str(task.run_dir)
@@ -117,8 +117,12 @@ def test_a_failing_cell_does_not_stop_the_others(grid: Grid, tmp_path: Path) -> 
     report = run_grid(grid, tmp_path / "runs", LocalExecutor(runner=runner), stream=stream)
     assert len(runner.tasks) == 4
     statuses = {o.name.split("-")[3] + "-" + o.name.split("-")[4]: o.status for o in report.outcomes}
-    assert statuses == {"5w1s-none": "finished", "5w5s-none": "failed", "5w1s-rotation": "failed",
-                        "5w5s-rotation": "finished"}
+    assert statuses == {
+        "5w1s-none": "finished",
+        "5w5s-none": "failed",
+        "5w1s-rotation": "failed",
+        "5w5s-rotation": "finished",
+    }
     summary = report.summary()
     assert "2 cell(s) finished, 0 skipped (already finished), 2 failed" in summary
     assert "bad cell: shots too large" in summary and "RuntimeError: runner crashed" in summary
@@ -165,8 +169,13 @@ def test_slurm_executor_submits_one_job_per_pending_cell(grid: Grid, tmp_path: P
 
     runs = tmp_path / "runs"
     finish(runs / grid.cells[0].name)
-    executor = SlurmExecutor(tmp_path / "jobs", {"timeout_min": 5, "slurm_partition": "gpu"}, jobs=2,
-                             cluster="local", runner=_slurm_fake_runner)
+    executor = SlurmExecutor(
+        tmp_path / "jobs",
+        {"timeout_min": 5, "slurm_partition": "gpu"},
+        jobs=2,
+        cluster="local",
+        runner=_slurm_fake_runner,
+    )
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
         report = run_grid(grid, runs, executor, stream=io.StringIO())
@@ -181,8 +190,7 @@ def test_slurm_executor_submits_one_job_per_pending_cell(grid: Grid, tmp_path: P
     assert RunPaths(runs / grid.cells[1].name).results.is_file()
 
 
-def test_slurm_parameters_and_missing_submitit_are_user_errors(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_slurm_parameters_and_missing_submitit_are_user_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("submitit", reason="submitit is not installed (pip install 'fewshot-sla[slurm]')")
     with pytest.raises(UserError, match="bad slurm parameters in the grid") as info:
         SlurmExecutor(tmp_path / "jobs", {"slurm_partitoin": "gpu"}, cluster="local")
@@ -225,8 +233,23 @@ def test_one_real_cell_is_resumed_and_finished_end_to_end(tmp_path: Path, capsys
     runs, data = tmp_path / "runs", tmp_path / "data"
     config = tmp_path / "cell.yaml"
     config.write_text(cell.to_yaml())
-    assert main(["--data-root", str(data), "run", "--config", str(config), "--out", str(runs / cell.name),
-                 "--max-steps", "1", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--data-root",
+                str(data),
+                "run",
+                "--config",
+                str(config),
+                "--out",
+                str(runs / cell.name),
+                "--max-steps",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert not RunPaths(runs / cell.name).results.is_file()
     argv = ["--data-root", str(data), "leaderboard", "run", str(grid_file), "--runs-dir", str(runs)]
     assert main(argv) == 0

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from fewshot_sla.cli import main
+from fewshot_sla.config import load_config
 from fewshot_sla.errors import UserError
 from fewshot_sla.leaderboard.grid import load_grid
 
@@ -40,15 +41,25 @@ def test_expansion_gives_the_hand_written_cells_in_order(tmp_path: Path) -> None
     grid = load_grid(write(tmp_path, GRID))
     axes = [(c.values["method"], c.values["transform"], c.values["objective"], c.values["shots"]) for c in grid.cells]
     assert axes == [
-        ("protonet", "none", "baseline", 1), ("protonet", "none", "baseline", 5),
-        ("protonet", "rotation", "sla", 1), ("protonet", "rotation", "sla", 5),
-        ("maml", "none", "baseline", 1), ("maml", "none", "baseline", 5),
-        ("maml", "rotation", "sla", 1), ("maml", "rotation", "sla", 5),
+        ("protonet", "none", "baseline", 1),
+        ("protonet", "none", "baseline", 5),
+        ("protonet", "rotation", "sla", 1),
+        ("protonet", "rotation", "sla", 5),
+        ("maml", "none", "baseline", 1),
+        ("maml", "none", "baseline", 5),
+        ("maml", "rotation", "sla", 1),
+        ("maml", "rotation", "sla", 5),
     ]
     for cell in grid.cells:
         v = cell.values
-        assert (v["dataset"], v["backbone"], v["ways"], v["seed"], v["image_size"], v["eval_episodes"]) == \
-            ("synthetic", "conv4", 5, 0, 16, 20)
+        assert (v["dataset"], v["backbone"], v["ways"], v["seed"], v["image_size"], v["eval_episodes"]) == (
+            "synthetic",
+            "conv4",
+            5,
+            0,
+            16,
+            20,
+        )
         # The method's settings win over the shared ones.
         assert v["train_episodes"] == (30 if v["method"] == "protonet" else 100)
     first = grid.cells[0]
@@ -60,12 +71,43 @@ def test_expansion_gives_the_hand_written_cells_in_order(tmp_path: Path) -> None
 def test_names_are_deterministic_and_follow_every_setting_but_the_device(tmp_path: Path) -> None:
     names = [c.name for c in load_grid(write(tmp_path, GRID)).cells]
     assert names == [c.name for c in load_grid(write(tmp_path, GRID, "again.yaml")).cells]
-    changed = [c.name for c in load_grid(write(tmp_path, GRID.replace("eval_episodes: 20", "eval_episodes: 30"),
-                                               "changed.yaml")).cells]
+    changed = [
+        c.name
+        for c in load_grid(
+            write(tmp_path, GRID.replace("eval_episodes: 20", "eval_episodes: 30"), "changed.yaml")
+        ).cells
+    ]
     assert not set(names) & set(changed)
-    device = [c.name for c in load_grid(write(tmp_path, GRID.replace("eval_episodes: 20", "eval_episodes: 20, "
-                                                                     "device: cpu"), "device.yaml")).cells]
+    device = [
+        c.name
+        for c in load_grid(
+            write(tmp_path, GRID.replace("eval_episodes: 20", "eval_episodes: 20, device: cpu"), "device.yaml")
+        ).cells
+    ]
     assert device == names
+
+
+def test_a_recipe_change_renames_exactly_the_cells_it_affects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fewshot_sla.engine.recipes import recipe_book
+
+    before = {
+        (c.values["method"], c.values["objective"], c.values["shots"]): c.name
+        for c in load_grid(write(tmp_path, GRID)).cells
+    }
+    protonet = recipe_book().recipes["protonet"]
+    monkeypatch.setitem(protonet.values, "lr", 0.002)  # ProtoNet's recipe changes; MAML's does not
+    after = {
+        (c.values["method"], c.values["objective"], c.values["shots"]): c
+        for c in load_grid(write(tmp_path, GRID)).cells
+    }
+    for key, cell in after.items():
+        assert (cell.name == before[key]) == (key[0] == "maml"), key
+        assert cell.config.lr == (0.002 if key[0] == "protonet" else 0.001)
+    # The cell's configuration file is the resolved configuration: a run from it takes nothing from the recipe.
+    assert (
+        load_config(write(tmp_path, after[("protonet", "sla", 1)].to_yaml(), "cell.yaml"))
+        == after[("protonet", "sla", 1)].config
+    )
 
 
 def test_product_of_seeds_ways_and_datasets(tmp_path: Path) -> None:
@@ -73,15 +115,21 @@ def test_product_of_seeds_ways_and_datasets(tmp_path: Path) -> None:
     text = text.replace("  synthetic: {image_size: 16}", "  synthetic: {image_size: 16}\n  miniimagenet:")
     grid = load_grid(write(tmp_path, text))
     assert len(grid.cells) == 2 * 2 * 2 * 2 * 3  # datasets x methods x variants x ways x seeds
-    assert {(c.values["dataset"], c.values.get("image_size")) for c in grid.cells} == \
-        {("synthetic", 16), ("miniimagenet", None)}
+    assert {(c.values["dataset"], c.values.get("image_size")) for c in grid.cells} == {
+        ("synthetic", 16),
+        ("miniimagenet", None),
+    }
     assert sorted({c.values["seed"] for c in grid.cells}) == [0, 1, 2]
 
 
 def test_recipe_files_and_rules_layer_in_the_documented_order(tmp_path: Path) -> None:
     (tmp_path / "configs").mkdir()
-    write(tmp_path / "configs", "method: protonet\nbackbone: conv4\ndataset: miniimagenet\nshots: 5\n"
-                                "lr: 0.01\ntrain_episodes: 7\nval_episodes: 50\n", "proto.yaml")
+    write(
+        tmp_path / "configs",
+        "method: protonet\nbackbone: conv4\ndataset: miniimagenet\nshots: 5\n"
+        "lr: 0.01\ntrain_episodes: 7\nval_episodes: 50\n",
+        "proto.yaml",
+    )
     write(tmp_path / "configs", "method: protonet\nlr: 0.5\n", "other.yaml")
     text = """\
 datasets: [synthetic]
@@ -101,8 +149,13 @@ rules:
     cells = {(c.values["objective"], c.values["shots"]): c.values for c in load_grid(write(tmp_path, text)).cells}
     base = cells[("baseline", 1)]
     # The recipe file is the lowest layer: the grid's settings win, and its dataset/shots are the cell's axes.
-    assert (base["lr"], base["train_episodes"], base["val_episodes"], base["dataset"], base["shots"]) == \
-        (0.01, 100, 60, "synthetic", 1)
+    assert (base["lr"], base["train_episodes"], base["val_episodes"], base["dataset"], base["shots"]) == (
+        0.01,
+        100,
+        60,
+        "synthetic",
+        1,
+    )
     assert base["backbone"] == "conv4"
     assert cells[("sla", 1)]["val_episodes"] == 70 and cells[("sla", 1)]["lr"] == 0.01
     # A rule's config replaces the entry's file (no layering of the two files).
@@ -112,14 +165,26 @@ rules:
 def test_shipped_paper_grid_covers_the_comparison() -> None:
     grid = load_grid(REPO / "benchmarks" / "grids" / "paper.yaml")
     combos = {(c.values["method"], c.values["backbone"]) for c in grid.cells}
-    assert combos == {("protonet", "conv4"), ("protonet", "resnet12"), ("metaoptnet-svm", "resnet12"),
-                      ("metaoptnet-ridge", "resnet12"), ("maml", "conv4")}
+    assert combos == {
+        ("protonet", "conv4"),
+        ("protonet", "resnet12"),
+        ("metaoptnet-svm", "resnet12"),
+        ("metaoptnet-ridge", "resnet12"),
+        ("maml", "conv4"),
+    }
     assert {c.values["dataset"] for c in grid.cells} == {"miniimagenet", "cub", "fc100", "cifarfs"}
-    assert {(c.values["transform"], c.values["objective"]) for c in grid.cells} == {("none", "baseline"),
-                                                                                   ("rotation", "sla")}
+    assert {(c.values["transform"], c.values["objective"]) for c in grid.cells} == {
+        ("none", "baseline"),
+        ("rotation", "sla"),
+    }
     assert len(grid.cells) == 4 * 5 * 2 * 2
-    svm = {c.values["dataset"]: c.values["train_shots"] for c in grid.cells if c.values["method"] == "metaoptnet-svm"}
-    assert svm == {"miniimagenet": 15, "cub": 15, "fc100": 15, "cifarfs": 5}
+    for method in ("metaoptnet-svm", "metaoptnet-ridge", "protonet"):
+        shots = {
+            c.config.dataset: c.config.train_shots
+            for c in grid.cells
+            if c.config.method == method and c.config.backbone == "resnet12" and c.config.shots == 1
+        }
+        assert shots == {"miniimagenet": 15, "cub": 15, "fc100": 15, "cifarfs": 5}, method
 
 
 @pytest.mark.parametrize("path", SHIPPED_GRIDS, ids=[p.stem for p in SHIPPED_GRIDS])
@@ -134,21 +199,33 @@ BAD = [
     ("unknown backbone", GRID.replace("backbones: conv4", "backbones: [conv5]"), "line 8: unknown backbone 'conv5'"),
     ("unknown objective", GRID.replace("objective: sla}", "objective: slaa}"), "line 11: unknown objective 'slaa'"),
     ("unknown setting", GRID.replace("eval_episodes: 20", "eval_episode: 20"), "unknown key 'eval_episode'"),
-    ("ill-typed setting", GRID.replace("eval_episodes: 20", "eval_episodes: many"),
-     "'eval_episodes' must be an integer"),
-    ("out-of-range setting", GRID.replace("eval_episodes: 20", "eval_episodes: 0"), "eval_episodes must be a positive"),
+    (
+        "ill-typed setting",
+        GRID.replace("eval_episodes: 20", "eval_episodes: many"),
+        "'eval_episodes' must be an integer",
+    ),
+    (
+        "out-of-range setting",
+        GRID.replace("eval_episodes: 20", "eval_episodes: 0"),
+        "line 13: 'eval_episodes' must be at least 1, got 0",
+    ),
     ("zero shots", GRID.replace("shots: [1, 5]", "shots: [1, 0]"), "line 12: 'shots' entries must be integers >= 1"),
-    ("text shots", GRID.replace("shots: [1, 5]", "shots: five"), "'shots' entries must be integers"),
+    ("text shots", GRID.replace("shots: [1, 5]", "shots: five"), "line 12: 'shots' must be an integer, got 'five'"),
     ("repeated shots", GRID.replace("shots: [1, 5]", "shots: [1, 1]"), "listed twice"),
     ("axis in settings", GRID.replace("eval_episodes: 20", "shots: 3"), "'shots' is a grid axis"),
-    ("missing shots", GRID.replace("shots: [1, 5]\n", ""), "has no 'shots'"),
-    ("variant without objective", GRID.replace("{transform: none, objective: baseline}", "{transform: none}"),
-     "variant 1 needs 'objective"),
+    ("missing shots", GRID.replace("shots: [1, 5]\n", ""), "'shots' is required"),
+    (
+        "variant without objective",
+        GRID.replace("{transform: none, objective: baseline}", "{transform: none}"),
+        "line 10: 'objective' is required",
+    ),
     ("bad YAML", GRID.replace("shots: [1, 5]", "shots: [1, 5"), "line 13"),
-    ("missing recipe file", GRID.replace("  - maml", "  - {method: maml, config: nowhere.yaml}"),
-     "recipe file"),
-    ("rule matching nothing", GRID + "rules:\n  - when: {dataset: cub}\n    settings: {lr: 0.1}\n",
-     "rule 1 matches no cell"),
+    ("missing recipe file", GRID.replace("  - maml", "  - {method: maml, config: nowhere.yaml}"), "recipe file"),
+    (
+        "rule matching nothing",
+        GRID + "rules:\n  - when: {dataset: cub}\n    settings: {lr: 0.1}\n",
+        "rule 1 matches no cell",
+    ),
     ("not a mapping", "- a\n- b\n", "must hold a mapping"),
 ]
 

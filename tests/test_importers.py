@@ -115,10 +115,19 @@ def _shuffled_rows(
     return entries, order
 
 
-L2L_FILES = dict(zip(SPLITS, ("mini-imagenet-cache-train.pkl", "mini-imagenet-cache-validation.pkl",
-                              "mini-imagenet-cache-test.pkl")))
-MOPT_FILES = dict(zip(SPLITS, ("miniImageNet_category_split_train_phase_train.pickle",
-                               "miniImageNet_category_split_val.pickle", "miniImageNet_category_split_test.pickle")))
+L2L_FILES = dict(
+    zip(SPLITS, ("mini-imagenet-cache-train.pkl", "mini-imagenet-cache-validation.pkl", "mini-imagenet-cache-test.pkl"))
+)
+MOPT_FILES = dict(
+    zip(
+        SPLITS,
+        (
+            "miniImageNet_category_split_train_phase_train.pickle",
+            "miniImageNet_category_split_val.pickle",
+            "miniImageNet_category_split_test.pickle",
+        ),
+    )
+)
 
 
 def _write_l2l(folder: Path, lists: dict[str, dict[str, list[str]]], protocol: int | str) -> None:
@@ -185,15 +194,16 @@ def test_ravi_layout_with_its_own_csvs(tmp_path: Path, ravi_source: Callable) ->
 
 def test_split_dir_overrides_the_csvs_in_the_source(tmp_path: Path, ravi_source: Callable) -> None:
     source, _ = ravi_source(per_class=3)
-    own = {s: list(csv.reader(open(source / f"{s}.csv")))[1:] for s in SPLITS}
+    own = {s: list(csv.reader((source / f"{s}.csv").read_text().splitlines()))[1:] for s in SPLITS}
     swapped = {"train": own["test"], "val": own["val"], "test": own["train"]}  # a different split of the same images
     custom = tmp_path / "custom"
     custom.mkdir()
     for split, rows in swapped.items():
         with open(custom / f"{split}.csv", "w", newline="") as f:
             csv.writer(f).writerows([["filename", "label"], *rows])
-    store = DatasetStore(prepare("miniimagenet", source, tmp_path / "d", image_size=4, split_dir=custom,
-                                 progress=False).path)
+    store = DatasetStore(
+        prepare("miniimagenet", source, tmp_path / "d", image_size=4, split_dir=custom, progress=False).path
+    )
     assert store.split("train").num_classes == 2 and store.split("test").num_classes == 3
     assert store.attrs["split_convention"] == f"custom from {custom}"
 
@@ -212,8 +222,7 @@ def test_learn2learn_pickles_get_ravi_file_names_by_position(tmp_path: Path, pro
     lists = _ravi_lists({"train": (3, 5), "val": (2, 4), "test": (2, 3)})
     _write_l2l(tmp_path / "src", lists, protocol)
     splits = _write_ravi_csvs(tmp_path / "splits", lists)
-    result = prepare("miniimagenet", tmp_path / "src", tmp_path / "d", image_size=4, split_dir=splits,
-                     progress=False)
+    result = prepare("miniimagenet", tmp_path / "src", tmp_path / "d", image_size=4, split_dir=splits, progress=False)
     assert result.source_format == "l2l-pickle"
     _assert_codes_follow_ids(DatasetStore(result.path), lists)
 
@@ -224,8 +233,7 @@ def test_metaoptnet_mini_pickles(tmp_path: Path, protocol: int | str, with_names
     lists = _ravi_lists({"train": (3, 4), "val": (2, 3), "test": (2, 5)})
     _write_metaoptnet_mini(tmp_path / "src", lists, protocol, with_names)
     splits = _write_ravi_csvs(tmp_path / "splits", lists)
-    result = prepare("miniimagenet", tmp_path / "src", tmp_path / "d", image_size=4, split_dir=splits,
-                     progress=False)
+    result = prepare("miniimagenet", tmp_path / "src", tmp_path / "d", image_size=4, split_dir=splits, progress=False)
     assert result.source_format == "metaoptnet-pickle"
     _assert_codes_follow_ids(DatasetStore(result.path), lists)
 
@@ -234,8 +242,7 @@ def test_full_size_learn2learn_cache_matches_the_canonical_ravi_names(tmp_path: 
     lists = _ravi_lists()
     _write_l2l(tmp_path / "src", lists, 4)
     started = time.perf_counter()
-    store = DatasetStore(prepare("miniimagenet", tmp_path / "src", tmp_path / "d", image_size=4,
-                                 progress=False).path)
+    store = DatasetStore(prepare("miniimagenet", tmp_path / "src", tmp_path / "d", image_size=4, progress=False).path)
     print(f"imported 60000 pickled images in {time.perf_counter() - started:.1f} s")
     assert store.attrs["split_convention"] == "ravi"
     assert [store.split(s).num_classes for s in SPLITS] == [64, 16, 20]
@@ -293,8 +300,14 @@ def test_damaged_wrong_or_hostile_pickles_are_refused(tmp_path: Path, kind: str)
     }[kind]
     (tmp_path / "src" / L2L_FILES["train"]).write_bytes(content)
     with pytest.raises(UserError, match=message) as err:
-        prepare("miniimagenet", tmp_path / "src", tmp_path / "d", image_size=4,
-                split_dir=_write_ravi_csvs(tmp_path / "splits", lists), progress=False)
+        prepare(
+            "miniimagenet",
+            tmp_path / "src",
+            tmp_path / "d",
+            image_size=4,
+            split_dir=_write_ravi_csvs(tmp_path / "splits", lists),
+            progress=False,
+        )
     assert "\n" not in str(err.value) and not marker.exists()
 
 
@@ -327,11 +340,16 @@ def test_real_tinyimagenet_subset_with_a_split_dir(tmp_path: Path) -> None:
     for split, n_classes in zip(SPLITS, (4, 2, 2)):
         keep = sorted({r["label"] for r in _tiny_rows(split)})[:n_classes]
         rows[split] = [r for r in _tiny_rows(split) if r["label"] in keep]
-    splits = _write_ravi_csvs(tmp_path / "splits", {
-        s: {w: [r["filename"] for r in rows[s] if r["label"] == w] for w in sorted({r["label"] for r in rows[s]})}
-        for s in SPLITS})
-    store = DatasetStore(prepare("miniimagenet", TINY, tmp_path / "d", image_size=12, split_dir=splits,
-                                 progress=False).path)
+    splits = _write_ravi_csvs(
+        tmp_path / "splits",
+        {
+            s: {w: [r["filename"] for r in rows[s] if r["label"] == w] for w in sorted({r["label"] for r in rows[s]})}
+            for s in SPLITS
+        },
+    )
+    store = DatasetStore(
+        prepare("miniimagenet", TINY, tmp_path / "d", image_size=12, split_dir=splits, progress=False).path
+    )
     _check_real_import(store, rows, 12)
 
 
@@ -377,8 +395,9 @@ def test_cub_folder_with_a_custom_split(tmp_path: Path) -> None:
     splits.mkdir()
     for split, members in zip(SPLITS, (names[:3], names[3:5], names[5:])):
         (splits / f"{split}.json").write_text(json.dumps(members))
-    store = DatasetStore(prepare("cub", tmp_path / "raw", tmp_path / "d", image_size=6, split_dir=splits,
-                                 progress=False).path)
+    store = DatasetStore(
+        prepare("cub", tmp_path / "raw", tmp_path / "d", image_size=6, split_dir=splits, progress=False).path
+    )
     train = store.split("train")
     assert train.class_names == names[:3] and train.images.shape == (9, 6, 6, 3)
     assert train.image_ids == sorted(r for r in colours if r.split("/")[0] in names[:3])
@@ -392,9 +411,11 @@ def test_cub_canonical_split_follows_the_closer_look_rule(tmp_path: Path) -> Non
     assert len(names) == 200
     root, _ = _write_cub(tmp_path, names, per_class=1)
     store = DatasetStore(prepare("cub", root, tmp_path / "d", image_size=4, progress=False).path)
-    rule = {"train": [n for i, n in enumerate(names) if i % 2 == 0],
-            "val": [n for i, n in enumerate(names) if i % 4 == 1],
-            "test": [n for i, n in enumerate(names) if i % 4 == 3]}
+    rule = {
+        "train": [n for i, n in enumerate(names) if i % 2 == 0],
+        "val": [n for i, n in enumerate(names) if i % 4 == 1],
+        "test": [n for i, n in enumerate(names) if i % 4 == 3],
+    }
     for split in SPLITS:
         assert store.split(split).class_names == rule[split]
     assert store.attrs["split_convention"] == "closerlook"
@@ -411,8 +432,11 @@ def test_cub_malformed_text_file_names_the_line(tmp_path: Path) -> None:
 
 
 def _cifar_names() -> list[str]:
-    return sorted(f for s in SPLITS for _, f in json.loads(
-        (packaged_splits() / "torchmeta/cifar100/cifar-fs" / f"{s}.json").read_text()))
+    return sorted(
+        f
+        for s in SPLITS
+        for _, f in json.loads((packaged_splits() / "torchmeta/cifar100/cifar-fs" / f"{s}.json").read_text())
+    )
 
 
 def _write_cifar100_python(parent: Path) -> dict[str, np.ndarray]:
@@ -426,8 +450,16 @@ def _write_cifar100_python(parent: Path) -> dict[str, np.ndarray]:
         labels = rng.permutation(np.repeat(np.arange(100), per_class))
         images[part] = rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8)
         flat = images[part].transpose(0, 3, 1, 2).reshape(len(labels), 3072)  # CIFAR rows: R plane, G, B
-        _dump({"data": flat, "fine_labels": labels.tolist(), "coarse_labels": [0] * len(labels),
-               "filenames": [f"img_{i}.png" for i in range(len(labels))]}, root / part, "py2")
+        _dump(
+            {
+                "data": flat,
+                "fine_labels": labels.tolist(),
+                "coarse_labels": [0] * len(labels),
+                "filenames": [f"img_{i}.png" for i in range(len(labels))],
+            },
+            root / part,
+            "py2",
+        )
         images[part + "_labels"] = labels
     _dump({"fine_label_names": names, "coarse_label_names": ["x"] * 20}, root / "meta", "py2")
     return images
@@ -489,8 +521,11 @@ def test_metaoptnet_cifar_pickles_name_classes_by_cifar_number(
 def test_metaoptnet_cifar_pickle_with_labels_outside_cifar_is_refused(tmp_path: Path) -> None:
     (tmp_path / "src").mkdir()
     for split in SPLITS:
-        _dump({"data": np.zeros((2, 32, 32, 3), np.uint8), "labels": [100, 101]},
-              tmp_path / "src" / f"FC100_{split}.pickle", 4)
+        _dump(
+            {"data": np.zeros((2, 32, 32, 3), np.uint8), "labels": [100, 101]},
+            tmp_path / "src" / f"FC100_{split}.pickle",
+            4,
+        )
     with pytest.raises(UserError, match=r"labels must be CIFAR-100 fine class numbers 0..99"):
         prepare("fc100", tmp_path / "src", tmp_path / "d", progress=False)
 
@@ -514,8 +549,10 @@ def test_source_csvs_identical_to_the_packaged_ones_keep_the_ravi_name(tmp_path:
     for split in SPLITS:
         (folder / f"{split}.csv").write_bytes((packaged_splits() / "miniimagenet_ravi" / f"{split}.csv").read_bytes())
     same = load_convention("ravi", "ravi-csv", "miniimagenet_ravi", folder)
-    assert same.describe() == f"ravi from {folder}" and same.digest == load_convention(
-        "ravi", "ravi-csv", "miniimagenet_ravi").digest
+    assert (
+        same.describe() == f"ravi from {folder}"
+        and same.digest == load_convention("ravi", "ravi-csv", "miniimagenet_ravi").digest
+    )
     (folder / "test.csv").write_text("filename,label\nn0000000100000001.jpg,n00000001\n")
     assert load_convention("ravi", "ravi-csv", "miniimagenet_ravi", folder).describe() == f"custom from {folder}"
 

@@ -29,35 +29,89 @@ def _summary(values: np.ndarray) -> dict[str, float]:
     """Mean and 95% half-width in percent, written directly with numpy (independent of the engine)."""
     n = len(values)
     std = float(np.std(values, ddof=1))
-    return {"mean": 100 * float(np.mean(values)), "std": 100 * std, "ci95": 100 * 1.96 * std / math.sqrt(n),
-            "ci95_t": 100 * 2.0 * std / math.sqrt(n), "n": n}
+    return {
+        "mean": 100 * float(np.mean(values)),
+        "std": 100 * std,
+        "ci95": 100 * 1.96 * std / math.sqrt(n),
+        "ci95_t": 100 * 2.0 * std / math.sqrt(n),
+        "n": n,
+    }
 
 
-def make_run(root: Path, name: str, *, objective: str, seed: int = 0, per_episode: dict[str, np.ndarray],
-             episode_set: str = SET_A, fingerprint: str = DATA_1, method: str = "protonet",
-             dataset: str = "miniimagenet", shots: int = 1, **config: object) -> Path:
+def make_run(
+    root: Path,
+    name: str,
+    *,
+    objective: str,
+    seed: int = 0,
+    per_episode: dict[str, np.ndarray],
+    episode_set: str = SET_A,
+    fingerprint: str = DATA_1,
+    method: str = "protonet",
+    dataset: str = "miniimagenet",
+    shots: int = 1,
+    **config: object,
+) -> Path:
     """A finished run folder written through the results module's own writers."""
     transform = "none" if objective == "baseline" else "rotation"
-    cfg = RunConfig(method=method, dataset=dataset, backbone="conv4", transform=transform, objective=objective,
-                    shots=shots, seed=seed, train_episodes=100, **config)  # type: ignore[arg-type]
+    cfg = RunConfig(
+        method=method,
+        dataset=dataset,
+        backbone="conv4",
+        transform=transform,
+        objective=objective,
+        shots=shots,
+        seed=seed,
+        train_episodes=100,
+        **config,
+    )  # type: ignore[arg-type]
     run_dir = root / name
     paths = RunPaths(run_dir)
     save_per_episode(paths.per_episode(episode_set), per_episode, episode_set, fingerprint)
     n = len(next(iter(per_episode.values())))
     block = {
-        "episode_set": {"hash": episode_set, "file": "x.npz", "dataset": dataset, "split": "test", "ways": 5,
-                        "shots": shots, "queries": 15, "count": n, "seed": 0},
-        "episodes": n, "checkpoint": "best", "cached": True, "time_s": 1.0, "episodes_per_s": float(n),
+        "episode_set": {
+            "hash": episode_set,
+            "file": "x.npz",
+            "dataset": dataset,
+            "split": "test",
+            "ways": 5,
+            "shots": shots,
+            "queries": 15,
+            "count": n,
+            "seed": 0,
+        },
+        "episodes": n,
+        "checkpoint": "best",
+        "cached": True,
+        "time_s": 1.0,
+        "episodes_per_s": float(n),
         "accuracy": {kind: _summary(v) for kind, v in per_episode.items()},
         "headline": "ag" if "ag" in per_episode else "plain",
         "per_episode_file": str(paths.per_episode(episode_set).relative_to(run_dir)),
     }
-    write_results(run_dir, {
-        "status": "finished", "method": method, "backbone": "conv4", "dataset": dataset,
-        "dataset_fingerprint": fingerprint, "transform": transform, "objective": objective, "seed": seed,
-        "ways": 5, "shots": shots, "queries": 15, "train": {}, "device": "cpu", "amp": False,
-        "config": cfg.to_dict(), "evaluation": block, "evaluations": [block],
-    })
+    write_results(
+        run_dir,
+        {
+            "status": "finished",
+            "method": method,
+            "backbone": "conv4",
+            "dataset": dataset,
+            "dataset_fingerprint": fingerprint,
+            "transform": transform,
+            "objective": objective,
+            "seed": seed,
+            "ways": 5,
+            "shots": shots,
+            "queries": 15,
+            "train": {},
+            "device": "cpu",
+            "amp": False,
+            "config": cfg.to_dict(),
+            "evaluation": block,
+            "evaluations": [block],
+        },
+    )
     return run_dir
 
 
@@ -95,7 +149,8 @@ def test_accuracy_rows_and_paired_difference_match_numpy(tmp_path: Path) -> None
         with Image.open(tmp_path / "out" / name) as image:
             assert image.format == "PNG" and image.size[0] > 100
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        ["leaderboard.md", "leaderboard.csv", "paired_differences.csv", "accuracy.png", "paired_difference.png"])
+        ["leaderboard.md", "leaderboard.csv", "paired_differences.csv", "accuracy.png", "paired_difference.png"]
+    )
 
 
 def test_seeds_are_summarised_as_mean_and_std_beside_the_episode_interval(tmp_path: Path) -> None:
@@ -121,10 +176,13 @@ def test_seeds_are_summarised_as_mean_and_std_beside_the_episode_interval(tmp_pa
     assert float(pair["seed_std"]) == pytest.approx(np.std(diffs, ddof=1))
 
 
-@pytest.mark.parametrize(("changes", "reason"), [
-    ({"episode_set": SET_B}, "episode sets differ"),
-    ({"fingerprint": DATA_2}, "dataset stores differ"),
-])
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"episode_set": SET_B}, "episode sets differ"),
+        ({"fingerprint": DATA_2}, "dataset stores differ"),
+    ],
+)
 def test_runs_on_other_episodes_or_data_are_never_paired(tmp_path: Path, changes: dict, reason: str) -> None:
     runs = tmp_path / "runs"
     make_run(runs, "base", objective="baseline", per_episode={"plain": _episodes(1)})
@@ -143,8 +201,9 @@ def test_only_runs_with_the_same_configuration_and_seed_are_paired(tmp_path: Pat
     runs = tmp_path / "runs"
     make_run(runs, "base", objective="baseline", per_episode={"plain": _episodes(1)}, lr=0.01)
     make_run(runs, "sla-other-lr", objective="sla", per_episode={"ag": _episodes(2), "si": _episodes(3)}, lr=0.1)
-    make_run(runs, "sla-other-seed", objective="sla", seed=1, per_episode={"ag": _episodes(4), "si": _episodes(5)},
-             lr=0.01)
+    make_run(
+        runs, "sla-other-seed", objective="sla", seed=1, per_episode={"ag": _episodes(4), "si": _episodes(5)}, lr=0.01
+    )
     report = build_leaderboard(runs, tmp_path / "out")
     assert report.paired_rows == 0
     assert "No run has a baseline run to be compared with." in (tmp_path / "out" / "leaderboard.md").read_text()
@@ -154,10 +213,36 @@ def test_published_rows_appear_marked_beside_matching_measured_rows(tmp_path: Pa
     runs = tmp_path / "runs"
     make_run(runs, "base", objective="baseline", per_episode={"plain": _episodes(1)})
     published = [
-        PublishedResult("protonet", "conv4", "Conv-4 (64 filters)", "miniimagenet", 5, 1, 49.42, 0.78, 600, None,
-                        "Snell et al. 2017", "arXiv:1703.05175", ""),
-        PublishedResult("metaoptnet-svm", "resnet12", "ResNet-12", "cifarfs", 5, 1, 72.0, 0.7, 1000, 15,
-                        "Lee et al. 2019", "arXiv:1904.03758", ""),
+        PublishedResult(
+            "protonet",
+            "conv4",
+            "Conv-4 (64 filters)",
+            "miniimagenet",
+            5,
+            1,
+            49.42,
+            0.78,
+            600,
+            None,
+            "Snell et al. 2017",
+            "arXiv:1703.05175",
+            "",
+        ),
+        PublishedResult(
+            "metaoptnet-svm",
+            "resnet12",
+            "ResNet-12",
+            "cifarfs",
+            5,
+            1,
+            72.0,
+            0.7,
+            1000,
+            15,
+            "Lee et al. 2019",
+            "arXiv:1904.03758",
+            "",
+        ),
     ]
     build_leaderboard(runs, tmp_path / "out", published)
     rows = _rows(tmp_path / "out" / "leaderboard.csv")
@@ -177,8 +262,12 @@ def test_shipped_published_table_holds_the_design_table() -> None:
         pytest.skip(f"{design} is absent (no ../shared beside the repository)")
     if not DEFAULT_PUBLISHED.is_file():
         pytest.fail(f"{DEFAULT_PUBLISHED} is missing")
-    names = {"ProtoNet": "protonet", "MAML": "maml", "MetaOptNet-RR": "metaoptnet-ridge",
-             "MetaOptNet-SVM": "metaoptnet-svm"}
+    names = {
+        "ProtoNet": "protonet",
+        "MAML": "maml",
+        "MetaOptNet-RR": "metaoptnet-ridge",
+        "MetaOptNet-SVM": "metaoptnet-svm",
+    }
     datasets = {"mini-ImageNet": "miniimagenet", "CIFAR-FS": "cifarfs", "FC100": "fc100"}
     expected = set()
     for line in design.read_text().splitlines():

@@ -151,9 +151,7 @@ def test_first_and_second_order_differ_with_inner_steps_and_agree_without() -> N
     # With no inner step both are the plain gradient of the query loss at the initial parameters.
     support, labels, query, query_labels = episode
     plain = _explicit_adaptation(learner, support[0], labels[0], 0)
-    loss = sum(
-        F.cross_entropy(_explicit_logits(plain, query[e]), query_labels[e]) for e in range(EPISODES)
-    ) / EPISODES
+    loss = sum(F.cross_entropy(_explicit_logits(plain, query[e]), query_labels[e]) for e in range(EPISODES)) / EPISODES
     g_w1, g_b1, g_wh, g_bh = torch.autograd.grad(loss, plain)
     expected = {
         "backbone.linear.weight": g_w1,
@@ -191,8 +189,12 @@ def test_meta_gradient_matches_learn2learn_clone_adapt(name: str) -> None:
         losses.append(F.cross_entropy(clone(query[e]), query_labels[e]))
     (sum(losses) / EPISODES).backward()
     # Our head is one row repeated per way: its gradient is the sum over learn2learn's rows.
-    theirs = {"backbone.linear.weight": body.linear.weight.grad, "backbone.linear.bias": body.linear.bias.grad,
-              "head_weight": head.weight.grad.sum(0), "head_bias": head.bias.grad.sum()}
+    theirs = {
+        "backbone.linear.weight": body.linear.weight.grad,
+        "backbone.linear.bias": body.linear.bias.grad,
+        "head_weight": head.weight.grad.sum(0),
+        "head_bias": head.bias.grad.sum(),
+    }
     for key, value in ours.items():
         torch.testing.assert_close(value, theirs[key], rtol=1e-9, atol=1e-12, msg=key)
 

@@ -4,6 +4,7 @@ hand-written loops, against each other (M = 1 reduces to the baseline) and by tr
 from __future__ import annotations
 
 import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,8 +100,9 @@ def toy_episode(b: int = 2, n: int = 3, k: int = 2, q: int = 2, seed: int = 0, n
         return picked + noise * torch.randn(picked.shape, generator=g)
 
     rows = torch.arange(b * n * (k + q)).reshape(b, n * (k + q))
-    return EpisodeBatch(draw(support_labels), support_labels, draw(query_labels), query_labels, n,
-                        rows[:, : n * k], rows[:, n * k :])
+    return EpisodeBatch(
+        draw(support_labels), support_labels, draw(query_labels), query_labels, n, rows[:, : n * k], rows[:, n * k :]
+    )
 
 
 def create(name: str, transform: str = "rotation"):

@@ -79,8 +79,19 @@ def plugin_env(tmp_path_factory) -> tuple[dict[str, str], Path]:
     (package / "fsl_cosine_protonet.py").write_text(LEARNER_MODULE)
     env = {**os.environ, "TMPDIR": str(scratch), "PIP_NO_CACHE_DIR": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(site), str(package)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(site),
+            str(package),
+        ],
         env,
         root,
     )

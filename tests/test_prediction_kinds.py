@@ -11,8 +11,8 @@ from fewshot_sla.registry import OBJECTIVES
 
 
 def test_every_registered_objective_predicts_exactly_the_kinds_it_declares() -> None:
-    from fewshot_sla.learners.protonet import ProtoNet
     from fewshot_sla.backbones.conv4 import Conv4
+    from fewshot_sla.learners.protonet import ProtoNet
 
     torch.manual_seed(0)
     learner = ProtoNet(Conv4(hidden=4)).eval()

@@ -76,8 +76,15 @@ def test_duplicate_names_are_rejected_unless_overridden():
 
 
 def test_builtin_registries_hold_the_sla_transforms_and_objectives():
-    assert {"none", "rotation", "rotation2", "color_perm", "color_perm3", "rot_color_perm12",
-            "rot_color_perm24"} <= set(TRANSFORMS.names())
+    assert {
+        "none",
+        "rotation",
+        "rotation2",
+        "color_perm",
+        "color_perm3",
+        "rot_color_perm12",
+        "rot_color_perm24",
+    } <= set(TRANSFORMS.names())
     assert {"baseline", "da", "mt", "sla", "sla+sd"} <= set(OBJECTIVES.names())
     assert OBJECTIVES.names("sla*") == ["sla", "sla+sd"]
     assert set(registry.ALL_REGISTRIES) == {"datasets", "backbones", "learners", "transforms", "objectives"}
@@ -147,9 +154,7 @@ def test_a_plugin_reusing_a_builtin_name_names_both_modules(fake_plugins):
 
 def test_list_command_filters_and_prints_json(capsys):
     assert main(["list", "transforms", "--pattern", "rot*"]) == 0
-    assert capsys.readouterr().out.strip() == (
-        "transforms: rot_color_perm12, rot_color_perm24, rotation, rotation2"
-    )
+    assert capsys.readouterr().out.strip() == ("transforms: rot_color_perm12, rot_color_perm24, rotation, rotation2")
     assert main(["list", "objectives", "--json"]) == 0
     assert set(json.loads(capsys.readouterr().out)["objectives"]) >= {"baseline", "sla", "sla+sd"}
 

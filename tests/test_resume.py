@@ -17,9 +17,32 @@ from fewshot_sla.cli import main
 from fewshot_sla.engine import train as train_module
 
 # 4 steps of 2 episodes, validation and checkpoint every 2 steps, with augmentation (its RNG must resume too).
-FLAGS = ["--device", "cpu", "--quiet", "--train-episodes", "8", "--meta-batch", "2", "--val-every", "4",
-         "--val-episodes", "8", "--eval-episodes", "16", "--queries", "4", "--train-queries", "4",
-         "--backbone-option", "hidden=8", "--image-size", "16", "--augment", "--objective", "sla+sd"]
+FLAGS = [
+    "--device",
+    "cpu",
+    "--quiet",
+    "--train-episodes",
+    "8",
+    "--meta-batch",
+    "2",
+    "--val-every",
+    "4",
+    "--val-episodes",
+    "8",
+    "--eval-episodes",
+    "16",
+    "--queries",
+    "4",
+    "--train-queries",
+    "4",
+    "--backbone-option",
+    "hidden=8",
+    "--image-size",
+    "16",
+    "--augment",
+    "--objective",
+    "sla+sd",
+]
 
 
 def run(data_root: Path, out: Path, *extra: str) -> int:
@@ -53,8 +76,9 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert torch.equal(best_a[key], best_b[key]), key
 
 
-def test_max_steps_then_resume_matches_an_uninterrupted_run(data_root: Path, reference: Path, tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture) -> None:
+def test_max_steps_then_resume_matches_an_uninterrupted_run(
+    data_root: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "run"
     assert run(data_root, out, "--max-steps", "1") == 0
     assert "continue with 'fewshot-sla run --resume" in capsys.readouterr().err
@@ -79,8 +103,7 @@ def test_a_kill_after_a_checkpoint_replays_the_lost_steps(data_root: Path, refer
     assert_same_run(reference, out)
 
 
-def test_a_run_killed_before_its_first_checkpoint_starts_over(data_root: Path, reference: Path,
-                                                              tmp_path: Path) -> None:
+def test_a_run_killed_before_its_first_checkpoint_starts_over(data_root: Path, reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(reference / "config.yaml", out / "config.yaml")
@@ -88,9 +111,9 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(data_root: Path, r
     assert_same_run(reference, out)
 
 
-def test_ctrl_c_saves_and_exits_then_resume_matches(data_root: Path, reference: Path, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture) -> None:
+def test_ctrl_c_saves_and_exits_then_resume_matches(
+    data_root: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     original = train_module.Trainer.step
 
     def step_then_interrupt(self, step_hook=None):
@@ -112,7 +135,8 @@ def test_ctrl_c_saves_and_exits_then_resume_matches(data_root: Path, reference: 
 
 
 def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
-        data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     from fewshot_sla.objectives import SelfDistillation
 
     original = SelfDistillation.loss
@@ -132,8 +156,9 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoin
     assert not (out / "results.json").exists()
 
 
-def test_resume_refuses_a_changed_configuration(data_root: Path, reference: Path, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture) -> None:
+def test_resume_refuses_a_changed_configuration(
+    data_root: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "run"
     assert run(data_root, out, "--max-steps", "1") == 0
     capsys.readouterr()

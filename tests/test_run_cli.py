@@ -18,9 +18,27 @@ from fewshot_sla.cli import main
 from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--device", "cpu", "--quiet", "--train-episodes", "4", "--val-every", "2", "--val-episodes", "10",
-        "--eval-episodes", "20", "--queries", "5", "--train-queries", "5", "--backbone-option", "hidden=8",
-        "--image-size", "16"]
+TINY = [
+    "--device",
+    "cpu",
+    "--quiet",
+    "--train-episodes",
+    "4",
+    "--val-every",
+    "2",
+    "--val-episodes",
+    "10",
+    "--eval-episodes",
+    "20",
+    "--queries",
+    "5",
+    "--train-queries",
+    "5",
+    "--backbone-option",
+    "hidden=8",
+    "--image-size",
+    "16",
+]
 
 
 def cli(capsys: pytest.CaptureFixture, data_root: Path, *args: str) -> tuple[int, str, str]:
@@ -47,17 +65,43 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> t
 
 def test_a_run_writes_every_output_and_prints_the_table(finished_run: tuple[Path, str]) -> None:
     out, printed = finished_run
-    for name in ("config.yaml", "metrics.jsonl", "results.json", "learning_curve.png", "checkpoints/best.pt",
-                 "checkpoints/last.pt"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "results.json",
+        "learning_curve.png",
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+    ):
         assert (out / name).is_file(), name
     assert not [p for p in out.rglob("*.tmp")]
     results = json.loads((out / "results.json").read_text())
     assert results["schema_version"] == 1 and results["status"] == "finished"
-    for key in ("method", "backbone", "dataset", "dataset_fingerprint", "transform", "objective", "seed", "ways",
-                "shots", "queries", "device", "versions", "git_commit", "train", "evaluation", "config"):
+    for key in (
+        "method",
+        "backbone",
+        "dataset",
+        "dataset_fingerprint",
+        "transform",
+        "objective",
+        "seed",
+        "ways",
+        "shots",
+        "queries",
+        "device",
+        "versions",
+        "git_commit",
+        "train",
+        "evaluation",
+        "config",
+    ):
         assert key in results, key
     assert (results["method"], results["dataset"], results["transform"], results["objective"]) == (
-        "protonet", "synthetic", "rotation", "sla")
+        "protonet",
+        "synthetic",
+        "rotation",
+        "sla",
+    )
     assert len(results["dataset_fingerprint"]) == 64
     ev = results["evaluation"]
     assert ev["episodes"] == 20 and ev["cached"] and len(ev["episode_set"]["hash"]) == 64
@@ -77,8 +121,9 @@ def test_a_run_writes_every_output_and_prints_the_table(finished_run: tuple[Path
     assert yaml.safe_load((out / "config.yaml").read_text())["train_episodes"] == 4
 
 
-def test_eval_adds_an_evaluation_on_another_episode_set(capsys, data_root: Path,
-                                                        finished_run: tuple[Path, str]) -> None:
+def test_eval_adds_an_evaluation_on_another_episode_set(
+    capsys, data_root: Path, finished_run: tuple[Path, str]
+) -> None:
     out, _ = finished_run
     before = json.loads((out / "results.json").read_text())
     code, printed, _ = cli(capsys, data_root, "eval", str(out), "--eval-episodes", "30", "--quiet")
@@ -92,16 +137,19 @@ def test_eval_adds_an_evaluation_on_another_episode_set(capsys, data_root: Path,
     assert len(again["evaluations"]) == 2 and not again["evaluation"]["cached"]
     for kind in ("si", "ag"):
         assert again["evaluation"]["accuracy"][kind]["mean"] == pytest.approx(
-            before["evaluation"]["accuracy"][kind]["mean"])
+            before["evaluation"]["accuracy"][kind]["mean"]
+        )
 
 
-def test_default_folder_and_config_file_with_flag_override(capsys, data_root: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_folder_and_config_file_with_flag_override(
+    capsys, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "my.yaml"
     config.write_text("shots: 2\nseed: 3\ntransform: none\nobjective: baseline\nlr: 0.002\n")
-    code, printed, err = cli(capsys, data_root, "run", *TINY, "--config", str(config), "--shots", "1",
-                             "--train-episodes", "2")
+    code, printed, err = cli(
+        capsys, data_root, "run", *TINY, "--config", str(config), "--shots", "1", "--train-episodes", "2"
+    )
     assert code == 0, err
     run_dir = tmp_path / "runs" / "synthetic-protonet-5w1s-none-baseline-3"
     stored = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -110,8 +158,9 @@ def test_default_folder_and_config_file_with_flag_override(capsys, data_root: Pa
     results = json.loads((run_dir / "results.json").read_text())
     assert set(results["evaluation"]["accuracy"]) == {"plain"} and "plain" in printed
     (run_dir / "stale.txt").write_text("from before")
-    code, _, err = cli(capsys, data_root, "run", *TINY, "--config", str(config), "--shots", "1",
-                       "--train-episodes", "2", "--overwrite")
+    code, _, err = cli(
+        capsys, data_root, "run", *TINY, "--config", str(config), "--shots", "1", "--train-episodes", "2", "--overwrite"
+    )
     assert code == 0, err
     assert not (run_dir / "stale.txt").exists() and (run_dir / "results.json").is_file()
 
@@ -136,17 +185,21 @@ def _bad(capsys, data_root: Path, *args: str) -> str:
         (["--ways", "25"], "use --ways 20 or fewer"),
         (["--train-ways", "70"], "training episodes"),
         (["--shots", "100", "--queries", "60"], "lower --shots/--queries"),
-        (["--ways", "0"], "ways must be a positive integer"),
-        (["--lr", "-1"], "lr must be positive"),
-        (["--backbone-option", "depth=3"], "does not accept the options"),
+        (["--ways", "0"], "'ways' must be at least 2, got 0; fix --ways"),
+        (["--lr", "-1"], "'lr' must be greater than 0, got -1.0; fix --lr"),
+        (["--lr", "nan"], "'lr' must be a finite number, got nan; fix --lr"),
+        (["--seed", "-1"], "'seed' must be at least 0, got -1; fix --seed"),
+        (["--backbone-option", "depth=3"], "unexpected keyword argument 'depth'); it takes hidden, in_channels"),
+        (["--backbone-option", "hidden=abc"], "rejected its options {'hidden': 'abc'}"),
         (["--backbone-option", "hidden"], "expects KEY=VALUE"),
         (["--resume", "--overwrite"], "contradict"),
         (["--max-steps", "0"], "--max-steps must be a positive integer"),
         (["--ways", "x"], "invalid int value"),
     ],
 )
-def test_bad_run_arguments_fail_cleanly_and_write_nothing(capsys, data_root: Path, tmp_path: Path,
-                                                          flags: list[str], expected: str) -> None:
+def test_bad_run_arguments_fail_cleanly_and_write_nothing(
+    capsys, data_root: Path, tmp_path: Path, flags: list[str], expected: str
+) -> None:
     out = tmp_path / "run"
     line = _bad(capsys, data_root, "run", *TINY, "--out", str(out), *flags)
     assert expected in line
@@ -154,8 +207,9 @@ def test_bad_run_arguments_fail_cleanly_and_write_nothing(capsys, data_root: Pat
 
 
 def test_unprepared_dataset_names_the_prepare_command(capsys, tmp_path: Path) -> None:
-    line = _bad(capsys, tmp_path / "empty-root", "run", *TINY, "--dataset", "miniimagenet", "--out",
-                str(tmp_path / "run"))
+    line = _bad(
+        capsys, tmp_path / "empty-root", "run", *TINY, "--dataset", "miniimagenet", "--out", str(tmp_path / "run")
+    )
     assert "fewshot-sla data prepare miniimagenet" in line
     assert not (tmp_path / "run").exists()
 
@@ -163,15 +217,17 @@ def test_unprepared_dataset_names_the_prepare_command(capsys, tmp_path: Path) ->
 def test_bad_config_files_fail_cleanly(capsys, data_root: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("ways: 5\nshotz: 1\n")
-    assert "line 2: unknown key 'shotz'" in _bad(capsys, data_root, "run", "--config", str(bad), "--out",
-                                                 str(tmp_path / "r"))
+    assert "line 2: unknown key 'shotz'" in _bad(
+        capsys, data_root, "run", "--config", str(bad), "--out", str(tmp_path / "r")
+    )
     bad.write_text("ways: [5\n")
     assert "line" in _bad(capsys, data_root, "run", "--config", str(bad), "--out", str(tmp_path / "r"))
     assert not (tmp_path / "r").exists()
 
 
-def test_existing_and_unwritable_output_folders_are_refused(capsys, data_root: Path, tmp_path: Path,
-                                                            finished_run: tuple[Path, str]) -> None:
+def test_existing_and_unwritable_output_folders_are_refused(
+    capsys, data_root: Path, tmp_path: Path, finished_run: tuple[Path, str]
+) -> None:
     out, _ = finished_run
     mtime = (out / "results.json").stat().st_mtime_ns
     assert "already exists; pass --resume" in _bad(capsys, data_root, "run", *TINY, "--out", str(out))
@@ -214,9 +270,10 @@ def test_eval_and_compare_refuse_folders_that_are_not_finished_runs(capsys, data
     assert "not a finished run" in _bad(capsys, data_root, "compare", str(tmp_path), str(tmp_path))
 
 
-def test_episode_files_for_another_dataset_or_with_a_wrong_hash_are_refused(capsys, data_root: Path, tmp_path: Path,
-                                                                            finished_run: tuple[Path, str]) -> None:
-    from fewshot_sla.data.store import open_store
+def test_episode_files_for_another_dataset_or_with_a_wrong_hash_are_refused(
+    capsys, data_root: Path, tmp_path: Path, finished_run: tuple[Path, str]
+) -> None:
+    from fewshot_sla.data.catalog import open_store
 
     test = open_store("synthetic", data_root).split("test")
     order = CanonicalOrder.of_split(test)
@@ -230,12 +287,15 @@ def test_episode_files_for_another_dataset_or_with_a_wrong_hash_are_refused(caps
     data = dict(np.load(path))
     data["positions"] = data["positions"][::-1].copy()
     np.savez(tampered, **data)
-    assert "hash" in _bad(capsys, data_root, "run", *TINY, "--episodes-file", str(tampered), "--out",
-                          str(tmp_path / "r"))
-    wrong_spec = EpisodeSet.make(order, dataset="synthetic", split="test", spec=EpisodeSpec(5, 2, 5), count=20,
-                                 seed=0).save(tmp_path / "2shot.npz")
-    assert "match --ways/--shots/--queries" in _bad(capsys, data_root, "run", *TINY, "--episodes-file",
-                                                    str(wrong_spec), "--out", str(tmp_path / "r"))
+    assert "hash" in _bad(
+        capsys, data_root, "run", *TINY, "--episodes-file", str(tampered), "--out", str(tmp_path / "r")
+    )
+    wrong_spec = EpisodeSet.make(
+        order, dataset="synthetic", split="test", spec=EpisodeSpec(5, 2, 5), count=20, seed=0
+    ).save(tmp_path / "2shot.npz")
+    assert "match --ways/--shots/--queries" in _bad(
+        capsys, data_root, "run", *TINY, "--episodes-file", str(wrong_spec), "--out", str(tmp_path / "r")
+    )
     assert not (tmp_path / "r").exists()
     out, _ = finished_run
     assert "for dataset 'cifarfs'" in _bad(capsys, data_root, "eval", str(out), "--episodes-file", str(other_path))
@@ -244,9 +304,23 @@ def test_episode_files_for_another_dataset_or_with_a_wrong_hash_are_refused(caps
 
 
 def test_training_benchmark_smoke_mode_runs_on_the_cpu() -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_training.py"), "--device", "cpu",
-                           "--tiny", "--methods", "protonet", "maml", "--amp", "both"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "bench_training.py"),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--methods",
+            "protonet",
+            "maml",
+            "--amp",
+            "both",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "SLA/baseline step cost" in proc.stdout and "episodes/s" in proc.stdout
 
@@ -254,7 +328,7 @@ def test_training_benchmark_smoke_mode_runs_on_the_cpu() -> None:
 @pytest.mark.slow
 def test_the_default_call_learns_well_above_chance(capsys, data_root: Path, tmp_path: Path) -> None:
     """The documented first call (synthetic, conv4, protonet, 5-way 1-shot, rotation, sla), its full budget."""
-    code, printed, err = cli(capsys, data_root, "run", "--device", "cpu", "--quiet", "--out", str(tmp_path / "run"))
+    code, _, err = cli(capsys, data_root, "run", "--device", "cpu", "--quiet", "--out", str(tmp_path / "run"))
     assert code == 0, err
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     ev = results["evaluation"]
@@ -264,16 +338,53 @@ def test_the_default_call_learns_well_above_chance(capsys, data_root: Path, tmp_
 
 
 def test_mixed_precision_runs_and_is_recorded(capsys, data_root: Path, tmp_path: Path) -> None:
-    code, _, err = cli(capsys, data_root, "run", *TINY, "--amp", "--method", "metaoptnet-svm", "--train-episodes", "2",
-                       "--meta-batch", "2", "--out", str(tmp_path / "run"))
+    code, _, err = cli(
+        capsys,
+        data_root,
+        "run",
+        *TINY,
+        "--amp",
+        "--method",
+        "metaoptnet-svm",
+        "--train-episodes",
+        "2",
+        "--meta-batch",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert code == 0, err
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["amp"] is True and results["config"]["amp"] is True
     assert results["train"]["meta_batch"] == 2 and results["method"] == "metaoptnet-svm"
 
 
-def test_the_synthetic_default_is_announced_only_when_no_dataset_is_named(capsys, data_root: Path, tmp_path: Path) -> None:
+def test_the_synthetic_default_is_announced_only_when_no_dataset_is_named(
+    capsys, data_root: Path, tmp_path: Path
+) -> None:
     code, out, _ = cli(capsys, data_root, "run", *TINY, "--out", str(tmp_path / "a"))
     assert code == 0 and "no --dataset given" in out and "fewshot-sla data prepare" in out
     code, out, _ = cli(capsys, data_root, "run", *TINY, "--dataset", "synthetic", "--out", str(tmp_path / "b"))
     assert code == 0 and "no --dataset given" not in out
+
+
+def test_print_config_shows_the_resolved_recipe_and_writes_nothing(capsys, data_root: Path, tmp_path: Path) -> None:
+    from fewshot_sla.config import load_config
+
+    code, out, err = cli(
+        capsys,
+        data_root,
+        "run",
+        "--method",
+        "metaoptnet-svm",
+        "--dataset",
+        "cifarfs",
+        "--print-config",
+        "--out",
+        str(tmp_path / "run"),
+    )
+    assert code == 0, err
+    (tmp_path / "printed.yaml").write_text(out)
+    printed = load_config(tmp_path / "printed.yaml")
+    assert (printed.optimizer, printed.lr, printed.train_shots, printed.meta_batch) == ("sgd", 0.1, 5, 8)
+    assert not (tmp_path / "run").exists()

@@ -4,6 +4,7 @@ independent formulation (explicit per-image loops, hand-written formulas, closed
 from __future__ import annotations
 
 import itertools
+
 import pytest
 import torch
 

@@ -223,7 +223,10 @@ def test_kernel_gradient_matches_finite_differences_on_a_mixed_face() -> None:
     label_free = free.gather(-1, y.view(1, -1, 1)).squeeze(-1)
     assert bool((free.sum(-1) == 1).any()) and bool(label_free.any()) and bool((~label_free).any())
     weights = torch.randn(1, x.shape[0], ways, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    func = lambda k: (crammer_singer_dual(0.5 * (k + k.transpose(1, 2)), y[None], ways, ridge=ridge) * weights).sum()
+
+    def func(k: torch.Tensor) -> torch.Tensor:
+        return (crammer_singer_dual(0.5 * (k + k.transpose(1, 2)), y[None], ways, ridge=ridge) * weights).sum()
+
     assert torch.autograd.gradcheck(func, (kernel,), eps=1e-7, atol=1e-7)  # the full Jacobian
 
 

@@ -63,8 +63,12 @@ def test_classes_are_distinguishable_from_pixels() -> None:
     classes, per_class = list(range(80, 90)), 60
     images = render_classes(classes, images_per_class=per_class).reshape(len(classes), per_class, 32, 32, 3)
     labels = np.repeat(np.arange(len(classes))[:, None], per_class, axis=1)
-    accuracy = _nearest_centroid(images[:, :40].reshape(-1, 32, 32, 3), labels[:, :40].ravel(),
-                                 images[:, 40:].reshape(-1, 32, 32, 3), labels[:, 40:].ravel())
+    accuracy = _nearest_centroid(
+        images[:, :40].reshape(-1, 32, 32, 3),
+        labels[:, :40].ravel(),
+        images[:, 40:].reshape(-1, 32, 32, 3),
+        labels[:, 40:].ravel(),
+    )
     print(f"\n10-way nearest centroid on pixels: {accuracy:.2f} (chance 0.10)")
     assert accuracy > 0.3
 
@@ -92,8 +96,12 @@ def test_rotated_images_are_distinguishable_from_upright_ones() -> None:
     rotated = np.stack([np.rot90(images, k, axes=(1, 2)) for k in range(4)])  # [4, N, 32, 32, 3]
     half = images.shape[0] // 2
     labels = np.repeat(np.arange(4)[:, None], images.shape[0], axis=1)
-    accuracy = _nearest_centroid(rotated[:, :half].reshape(-1, 32, 32, 3), labels[:, :half].ravel(),
-                                 rotated[:, half:].reshape(-1, 32, 32, 3), labels[:, half:].ravel())
+    accuracy = _nearest_centroid(
+        rotated[:, :half].reshape(-1, 32, 32, 3),
+        labels[:, :half].ravel(),
+        rotated[:, half:].reshape(-1, 32, 32, 3),
+        labels[:, half:].ravel(),
+    )
     print(f"\n4-way rotation nearest centroid on pixels: {accuracy:.2f} (chance 0.25)")
     assert accuracy > 0.5
 
@@ -124,7 +132,7 @@ def _brute_force(params: dict[str, np.ndarray], size: int) -> np.ndarray:
 
 
 def test_rendering_matches_a_pixel_by_pixel_reference() -> None:
-    from fewshot_sla.data.synthetic import _render, _SHAPES
+    from fewshot_sla.data.synthetic import _SHAPES, _render
 
     rng = np.random.default_rng(7)
     n, size = 3, 16

@@ -13,7 +13,7 @@ inactive in eval mode, so evaluation is deterministic.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,8 @@ class DropBlock(nn.Module):
     ``ramp_steps`` training forward passes, counted in the ``steps`` buffer (saved with the model).
     """
 
+    steps: torch.Tensor
+
     def __init__(self, drop_rate: float, ramp_steps: int) -> None:
         super().__init__()
         self.drop_rate = drop_rate
@@ -51,7 +53,7 @@ class DropBlock(nn.Module):
 
     def current_rate(self) -> torch.Tensor:
         """The drop rate at the current step of the ramp, as a 0-dim tensor (no host sync)."""
-        progress = (self.steps.double() / max(self.ramp_steps, 1)).clamp(max=1.0)
+        progress = torch.clamp(self.steps.double() / max(self.ramp_steps, 1), max=1.0)
         return self.drop_rate * progress
 
     def forward(self, x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -74,9 +76,7 @@ class DropBlock(nn.Module):
 class ResidualStage(nn.Module):
     """Three conv3x3-BN(-LeakyReLU) layers plus a conv1x1-BN shortcut, LeakyReLU, maxpool 2, regulariser."""
 
-    def __init__(
-        self, in_channels: int, channels: int, drop_rate: float, dropblock: bool, ramp_steps: int
-    ) -> None:
+    def __init__(self, in_channels: int, channels: int, drop_rate: float, dropblock: bool, ramp_steps: int) -> None:
         super().__init__()
         convs: list[nn.Module] = []
         for i in range(3):
@@ -87,9 +87,7 @@ class ResidualStage(nn.Module):
             if i < 2:
                 convs.append(nn.LeakyReLU(LEAK))
         self.body = nn.Sequential(*convs)
-        self.shortcut = nn.Sequential(
-            nn.Conv2d(in_channels, channels, 1, bias=False), nn.BatchNorm2d(channels)
-        )
+        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, bias=False), nn.BatchNorm2d(channels))
         self.drop_rate = drop_rate
         self.dropblock = DropBlock(drop_rate, ramp_steps) if dropblock else None
 

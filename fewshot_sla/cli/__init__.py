@@ -2,6 +2,8 @@
 
 Each sub-command lives in its own module of this package exposing ``register(subparsers)``, which
 adds its parser and sets ``handler`` (a function taking the parsed namespace, returning an exit code).
+Handlers import the engine when they run, not when the parser is built, so ``--help`` and the light
+commands start without loading torch.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from fewshot_sla import __version__
 from fewshot_sla.errors import UserError

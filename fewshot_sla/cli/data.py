@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fewshot_sla.data.catalog import open_store, prepare_command
 from fewshot_sla.data.prepare import prepare
 from fewshot_sla.data.root import resolve_data_root
-from fewshot_sla.data.store import DatasetStore, open_store, prepare_command, store_path
+from fewshot_sla.data.store import DatasetStore, store_path
 from fewshot_sla.errors import UserError
 from fewshot_sla.registry import DATASETS
 
@@ -53,13 +54,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     prep.add_argument("dataset", metavar="DATASET", help="miniimagenet, cub, fc100, cifarfs or synthetic")
     prep.add_argument("--source", metavar="PATH", help="folder holding the raw dataset (not for synthetic)")
-    prep.add_argument("--image-size", type=_positive, metavar="PIXELS", help="side of the stored square images "
-                      "(default: the dataset's standard size, 84 for mini-ImageNet and CUB, 32 otherwise)")
-    prep.add_argument("--split-dir", metavar="DIR", help="folder of split files replacing the packaged ones "
-                      "(same format: {train,val,test}.csv for mini-ImageNet, .json otherwise); for mini-ImageNet "
-                      "CSVs beside images/ in --source take precedence over the packaged Ravi split")
-    prep.add_argument("--skip-bad", action="store_true", help="skip (and count) missing or undecodable images "
-                      "instead of stopping at the first one")
+    prep.add_argument(
+        "--image-size",
+        type=_positive,
+        metavar="PIXELS",
+        help="side of the stored square images "
+        "(default: the dataset's standard size, 84 for mini-ImageNet and CUB, 32 otherwise)",
+    )
+    prep.add_argument(
+        "--split-dir",
+        metavar="DIR",
+        help="folder of split files replacing the packaged ones "
+        "(same format: {train,val,test}.csv for mini-ImageNet, .json otherwise); for mini-ImageNet "
+        "CSVs beside images/ in --source take precedence over the packaged Ravi split",
+    )
+    prep.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip (and count) missing or undecodable images instead of stopping at the first one",
+    )
     prep.add_argument("--force", action="store_true", help="rebuild even if an up-to-date store exists")
     prep.add_argument("--seed", type=_seed, metavar="N", help="seed of a generated dataset (synthetic; default 0)")
     prep.add_argument("--workers", type=_positive, metavar="N", help="threads decoding images (default: CPUs, max 8)")
@@ -109,8 +122,10 @@ def run_info(args: argparse.Namespace) -> int:
         print("\n".join(_text(s) for s in summaries))
     bad = [s["dataset"] for s in summaries if s.get("verified") is False]
     if bad:
-        raise UserError(f"stored content of {', '.join(bad)} no longer matches its fingerprint; rebuild with "
-                        f"'{prepare_command(bad[0])} --force'")
+        raise UserError(
+            f"stored content of {', '.join(bad)} no longer matches its fingerprint; rebuild with "
+            f"'{prepare_command(bad[0])} --force'"
+        )
     return 0
 
 
@@ -119,7 +134,7 @@ def _status(dataset: str, path: Path, verify: bool) -> dict[str, Any]:
     if not path.exists():
         return {"dataset": dataset, "path": str(path), "prepared": False}
     try:
-        return _summary(DatasetStore(path), verify)
+        return _summary(DatasetStore(path, rebuild=f"{prepare_command(dataset)} --force"), verify)
     except UserError as err:
         return {"dataset": dataset, "path": str(path), "prepared": False, "problem": str(err)}
 

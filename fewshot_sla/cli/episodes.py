@@ -6,9 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
+from fewshot_sla.data.catalog import open_store
 from fewshot_sla.data.conventions import load_convention
 from fewshot_sla.data.root import resolve_data_root
-from fewshot_sla.data.store import open_store, store_path
+from fewshot_sla.data.store import store_path
 from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec
 from fewshot_sla.errors import UserError
 from fewshot_sla.registry import DATASETS
@@ -16,16 +17,22 @@ from fewshot_sla.registry import DATASETS
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``episodes`` command family."""
-    parser = subparsers.add_parser("episodes", help="make, inspect and verify fixed evaluation episode sets",
-                                   description="Fixed evaluation episode sets: files naming the images of every "
-                                               "episode by identifier, with a content hash, shared by every method.")
+    parser = subparsers.add_parser(
+        "episodes",
+        help="make, inspect and verify fixed evaluation episode sets",
+        description="Fixed evaluation episode sets: files naming the images of every "
+        "episode by identifier, with a content hash, shared by every method.",
+    )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=type(parser))
     actions.required = True
 
-    make = actions.add_parser("make", help="draw a fixed episode set and write it (.npz)",
-                              description="Draw COUNT episodes with SEED from a dataset split and write them. Needs "
-                                          "only identifiers: without a store, mini-ImageNet uses its packaged "
-                                          "Ravi split list (same identifiers, so the same episodes).")
+    make = actions.add_parser(
+        "make",
+        help="draw a fixed episode set and write it (.npz)",
+        description="Draw COUNT episodes with SEED from a dataset split and write them. Needs "
+        "only identifiers: without a store, mini-ImageNet uses its packaged "
+        "Ravi split list (same identifiers, so the same episodes).",
+    )
     make.add_argument("--dataset", required=True, help="registered dataset name (see 'fewshot-sla list datasets')")
     make.add_argument("--split", default="test", help="split to draw from (default: test)")
     make.add_argument("--ways", type=int, default=5, help="classes per episode (default 5)")
@@ -33,8 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     make.add_argument("--queries", type=int, default=15, help="query images per class (default 15)")
     make.add_argument("--count", type=int, default=1000, help="number of episodes (default 1000)")
     make.add_argument("--seed", type=int, default=0, help="seed of the episode draw (default 0)")
-    make.add_argument("--out", metavar="FILE", help="output file (default: episodes/<dataset>-<split>-<NwKsQq>-"
-                                                    "<count>-seed<seed>.npz)")
+    make.add_argument(
+        "--out",
+        metavar="FILE",
+        help="output file (default: episodes/<dataset>-<split>-<NwKsQq>-<count>-seed<seed>.npz)",
+    )
     make.set_defaults(handler=run_make)
 
     info = actions.add_parser("info", help="show what an episode set holds (checks its hash)")
@@ -42,9 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(handler=run_info)
 
-    verify = actions.add_parser("verify", help="check an episode set against a dataset's store (or split list)",
-                                description="Check the file's hash, that every image it uses exists in the "
-                                            "dataset with the same class, and whether it regenerates bit for bit.")
+    verify = actions.add_parser(
+        "verify",
+        help="check an episode set against a dataset's store (or split list)",
+        description="Check the file's hash, that every image it uses exists in the "
+        "dataset with the same class, and whether it regenerates bit for bit.",
+    )
     verify.add_argument("file", metavar="FILE")
     verify.add_argument("--dataset", required=True, help="the dataset the set is used with")
     verify.set_defaults(handler=run_verify)
@@ -81,18 +94,24 @@ def run_make(args: argparse.Namespace) -> int:
     if args.count < 1 or args.seed < 0:
         raise UserError(f"--count must be >= 1 and --seed >= 0 (got {args.count} and {args.seed})")
     order, source = split_order(args.dataset, args.split, args.data_root)
-    episode_set = EpisodeSet.make(order, dataset=args.dataset, split=args.split, spec=spec, count=args.count,
-                                  seed=args.seed)
-    out = Path(args.out) if args.out else Path("episodes") / EpisodeSet.default_name(
-        args.dataset, args.split, spec, args.count, args.seed)
+    episode_set = EpisodeSet.make(
+        order, dataset=args.dataset, split=args.split, spec=spec, count=args.count, seed=args.seed
+    )
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("episodes") / EpisodeSet.default_name(args.dataset, args.split, spec, args.count, args.seed)
+    )
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as {out / 'set.npz'}")
     try:
         episode_set.save(out)
     except OSError as err:
         raise UserError(f"cannot write {out} ({err.strerror}); choose a writable --out") from None
-    print(f"wrote {out} ({_size(out)}): {episode_set.count} {spec.tag} episodes of {args.dataset}/{args.split}, "
-          f"seed {args.seed}, drawn from {source}")
+    print(
+        f"wrote {out} ({_size(out)}): {episode_set.count} {spec.tag} episodes of {args.dataset}/{args.split}, "
+        f"seed {args.seed}, drawn from {source}"
+    )
     print(f"content sha256 {episode_set.content_hash}")
     return 0
 
@@ -100,12 +119,20 @@ def run_make(args: argparse.Namespace) -> int:
 def _describe(episode_set: EpisodeSet, path: Path) -> dict:
     s = episode_set.spec
     return {
-        "file": str(path), "size_bytes": path.stat().st_size, "dataset": episode_set.dataset,
-        "split": episode_set.split, "ways": s.ways, "shots": s.shots, "queries": s.queries,
-        "count": episode_set.count, "seed": episode_set.seed, "classes": len(episode_set.class_names),
+        "file": str(path),
+        "size_bytes": path.stat().st_size,
+        "dataset": episode_set.dataset,
+        "split": episode_set.split,
+        "ways": s.ways,
+        "shots": s.shots,
+        "queries": s.queries,
+        "count": episode_set.count,
+        "seed": episode_set.seed,
+        "classes": len(episode_set.class_names),
         "identifiers": len(episode_set.identifiers),
-        "images_used": int(len(set(episode_set.positions.ravel().tolist()))),
-        "identifiers_sha256": episode_set.identifiers_fingerprint, "content_sha256": episode_set.content_hash,
+        "images_used": len(set(episode_set.positions.ravel().tolist())),
+        "identifiers_sha256": episode_set.identifiers_fingerprint,
+        "content_sha256": episode_set.content_hash,
         "make_command": episode_set.make_command(),
     }
 
@@ -117,10 +144,14 @@ def run_info(args: argparse.Namespace) -> int:
         print(json.dumps(described, indent=2))
         return 0
     d = described
-    print(f"{d['file']} ({_size(path)}): {d['count']} episodes, {d['ways']}-way {d['shots']}-shot "
-          f"{d['queries']}-query, seed {d['seed']}")
-    print(f"  dataset/split   {d['dataset']}/{d['split']} ({d['classes']} classes, {d['identifiers']} images, "
-          f"{d['images_used']} used)")
+    print(
+        f"{d['file']} ({_size(path)}): {d['count']} episodes, {d['ways']}-way {d['shots']}-shot "
+        f"{d['queries']}-query, seed {d['seed']}"
+    )
+    print(
+        f"  dataset/split   {d['dataset']}/{d['split']} ({d['classes']} classes, {d['identifiers']} images, "
+        f"{d['images_used']} used)"
+    )
     print(f"  identifiers     sha256 {d['identifiers_sha256']}")
     print(f"  content         sha256 {d['content_sha256']} (verified)")
     print(f"  regenerate with {d['make_command']}")
@@ -138,13 +169,23 @@ def run_verify(args: argparse.Namespace) -> int:
     print(f"  content hash    matches (sha256 {episode_set.content_hash})")
     print(f"  images          all {used} images it uses are in {source}, with the same classes")
     if order.fingerprint == episode_set.identifiers_fingerprint:
-        again = EpisodeSet.make(order, dataset=args.dataset, split=episode_set.split, spec=episode_set.spec,
-                                count=episode_set.count, seed=episode_set.seed)
+        again = EpisodeSet.make(
+            order,
+            dataset=args.dataset,
+            split=episode_set.split,
+            spec=episode_set.spec,
+            count=episode_set.count,
+            seed=episode_set.seed,
+        )
         same = again.content_hash == episode_set.content_hash
         print("  split content   identical to the one the set was drawn from")
-        print(f"  regenerates     {'yes, bit for bit, with' if same else 'NO (another sampler version made it):'} "
-              f"{episode_set.make_command()}")
+        print(
+            f"  regenerates     {'yes, bit for bit, with' if same else 'NO (another sampler version made it):'} "
+            f"{episode_set.make_command()}"
+        )
     else:
-        print("  split content   differs from the one the set was drawn from (other or extra images); "
-              "the episodes still resolve")
+        print(
+            "  split content   differs from the one the set was drawn from (other or extra images); "
+            "the episodes still resolve"
+        )
     return 0

@@ -14,34 +14,52 @@ EXIT_INTERRUPTED = 130
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``leaderboard`` sub-command with its ``run`` and ``build`` actions."""
-    board = subparsers.add_parser("leaderboard", help="run benchmark grids and build leaderboards",
-                                  description="Run a grid of benchmark cells and build leaderboard tables and plots.")
+    board = subparsers.add_parser(
+        "leaderboard",
+        help="run benchmark grids and build leaderboards",
+        description="Run a grid of benchmark cells and build leaderboard tables and plots.",
+    )
     actions = board.add_subparsers(dest="action", metavar="ACTION", parser_class=type(board))
     actions.required = True
 
     run = actions.add_parser(
-        "run", help="run every unfinished cell of a grid file",
+        "run",
+        help="run every unfinished cell of a grid file",
         description="Run the cells of a grid file (benchmarks/grids/*.yaml) that have no finished result: "
-                    "finished cells are skipped, interrupted ones resumed, and a failing cell does not stop the "
-                    "others (failures are listed at the end; the exit code is then 1).")
+        "finished cells are skipped, interrupted ones resumed, and a failing cell does not stop the "
+        "others (failures are listed at the end; the exit code is then 1).",
+    )
     run.add_argument("grid", metavar="GRID", help="grid file (YAML)")
     run.add_argument("--runs-dir", metavar="DIR", help="folder of the cells' run folders (default runs/<grid name>)")
-    run.add_argument("--executor", choices=("local", "slurm"), default="local",
-                     help="local processes (default) or one Slurm job per cell through submitit")
-    run.add_argument("--jobs", type=int, metavar="N",
-                     help="cells at once (local: parallel processes, default 1; slurm: array tasks at once)")
+    run.add_argument(
+        "--executor",
+        choices=("local", "slurm"),
+        default="local",
+        help="local processes (default) or one Slurm job per cell through submitit",
+    )
+    run.add_argument(
+        "--jobs",
+        type=int,
+        metavar="N",
+        help="cells at once (local: parallel processes, default 1; slurm: array tasks at once)",
+    )
     run.add_argument("--dry-run", action="store_true", help="list the cells and what would happen to each; run nothing")
     run.set_defaults(handler=run_command)
 
     build = actions.add_parser(
-        "build", help="write leaderboard tables and plots from finished runs",
+        "build",
+        help="write leaderboard tables and plots from finished runs",
         description="Read every results.json below RUNS_DIR and write leaderboard.md, leaderboard.csv, "
-                    "paired_differences.csv and PNG plots into --out, with published numbers beside the measured.")
+        "paired_differences.csv and PNG plots into --out, with published numbers beside the measured.",
+    )
     build.add_argument("runs_dir", metavar="RUNS_DIR")
     build.add_argument("--out", metavar="DIR", required=True, help="output folder")
     which = build.add_mutually_exclusive_group()
-    which.add_argument("--published", metavar="FILE.csv",
-                       help="published-number table (default: benchmarks/published.csv of the source tree)")
+    which.add_argument(
+        "--published",
+        metavar="FILE.csv",
+        help="published-number table (default: benchmarks/published.csv of the source tree)",
+    )
     which.add_argument("--no-published", action="store_true", help="leave published numbers out")
     build.set_defaults(handler=build_command)
 
@@ -50,6 +68,7 @@ def run_command(args: argparse.Namespace) -> int:
     """``fewshot-sla leaderboard run``."""
     from fewshot_sla.leaderboard.executors import (
         SLURM_DIR,
+        Executor,
         LocalExecutor,
         SlurmExecutor,
         check_stores,
@@ -70,6 +89,7 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"{len(grid.cells)} cells: {len(plan.finished)} finished, {len(plan.tasks)} to run, in {plan.runs_dir}")
         return 0
     check_stores(grid, plan)
+    executor: Executor
     if args.executor == "slurm":
         executor = SlurmExecutor(plan.runs_dir / SLURM_DIR, grid.slurm, jobs=args.jobs)
     else:
@@ -80,8 +100,10 @@ def run_command(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     if report.failed:
         return EXIT_CELL_FAILED
-    print(f"all {len(grid.cells)} cells finished; build the leaderboard with "
-          f"'fewshot-sla leaderboard build {runs_dir} --out {runs_dir}/leaderboard'")
+    print(
+        f"all {len(grid.cells)} cells finished; build the leaderboard with "
+        f"'fewshot-sla leaderboard build {runs_dir} --out {runs_dir}/leaderboard'"
+    )
     return 0
 
 
@@ -97,8 +119,10 @@ def build_command(args: argparse.Namespace) -> int:
         if DEFAULT_PUBLISHED.is_file():
             published = load_published(DEFAULT_PUBLISHED)
         else:
-            sys.stderr.write("fewshot-sla: note: no published-number table in this installation; "
-                             "pass --published FILE.csv to show published numbers\n")
+            sys.stderr.write(
+                "fewshot-sla: note: no published-number table in this installation; "
+                "pass --published FILE.csv to show published numbers\n"
+            )
     report = build_leaderboard(args.runs_dir, args.out, published)
     for path, reason in report.skipped:
         sys.stderr.write(f"fewshot-sla: skipped {path}: {reason}\n")

@@ -11,14 +11,20 @@ from typing import Any
 import yaml
 
 from fewshot_sla.config import RunConfig, read_config_values
+from fewshot_sla.cpu_memory import reuse_freed_memory
 from fewshot_sla.errors import UserError
 from fewshot_sla.prediction_kinds import kind_label
 
 # (flag, config key, type, metavar, help) of every configuration flag of `run`; absent flags leave the
 # configuration file's (or the recipe's) value.
 _VALUE_FLAGS: tuple[tuple[str, str, Any, str, str], ...] = (
-    ("--method", "method", str, "NAME",
-     "learner: protonet, metaoptnet-svm, metaoptnet-ridge, maml, maml-fo or a plug-in (default protonet)"),
+    (
+        "--method",
+        "method",
+        str,
+        "NAME",
+        "learner: protonet, metaoptnet-svm, metaoptnet-ridge, maml, maml-fo or a plug-in (default protonet)",
+    ),
     ("--dataset", "dataset", str, "NAME", "dataset (default: synthetic, generated on first use)"),
     ("--backbone", "backbone", str, "NAME", "backbone (default: the recipe's, conv4)"),
     ("--transform", "transform", str, "NAME", "SLA transformation (default: rotation; 'none' for plain training)"),
@@ -53,43 +59,76 @@ _OPTION_FLAGS = (("--backbone-option", "backbone_options"), ("--learner-option",
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``run``, ``eval`` and ``compare`` sub-commands."""
     run = subparsers.add_parser(
-        "run", help="meta-train a learner and test it on fixed episodes",
+        "run",
+        help="meta-train a learner and test it on fixed episodes",
         description="Meta-train a learner with SLA (or a comparison objective), then test its best checkpoint on "
-                    "a fixed episode set and report accuracy with 95% confidence intervals.")
+        "a fixed episode set and report accuracy with 95% confidence intervals.",
+    )
     for flag, key, kind, metavar, text in _VALUE_FLAGS:
         run.add_argument(flag, dest=key, type=kind, metavar=metavar, help=text, default=argparse.SUPPRESS)
     for flag, key, text in _SWITCHES:
         run.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=text, default=argparse.SUPPRESS)
     for flag, key in _OPTION_FLAGS:
-        run.add_argument(flag, dest=key, action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS,
-                         help=f"extra {key.split('_')[0]} constructor option (repeatable), VALUE in YAML syntax")
+        run.add_argument(
+            flag,
+            dest=key,
+            action="append",
+            metavar="KEY=VALUE",
+            default=argparse.SUPPRESS,
+            help=f"extra {key.split('_')[0]} constructor option (repeatable), VALUE in YAML syntax",
+        )
     run.add_argument("--config", metavar="FILE.yaml", help="configuration file; flags override its values")
-    run.add_argument("--out", metavar="DIR", help="run folder (default runs/<dataset>-<method>-<N>w<K>s-"
-                                                  "<transform>-<objective>-<seed>)")
+    run.add_argument(
+        "--out",
+        metavar="DIR",
+        help="run folder (default runs/<dataset>-<method>-<N>w<K>s-<transform>-<objective>-<seed>)",
+    )
     run.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    run.add_argument("--max-steps", type=int, metavar="N",
-                     help="stop after N optimizer steps in all, saving a checkpoint (continue with --resume)")
+    run.add_argument(
+        "--max-steps",
+        type=int,
+        metavar="N",
+        help="stop after N optimizer steps in all, saving a checkpoint (continue with --resume)",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the run's resolved configuration (recipe filled in) as YAML and exit; it can be "
+        "saved and passed back with --config",
+    )
+    _add_malloc_flag(run)
     run.set_defaults(handler=run_command)
 
-    ev = subparsers.add_parser("eval", help="re-test a finished run's best checkpoint",
-                               description="Evaluate the best checkpoint of a finished run on a fixed episode set "
-                                           "and add the result to its results.json.")
+    ev = subparsers.add_parser(
+        "eval",
+        help="re-test a finished run's best checkpoint",
+        description="Evaluate the best checkpoint of a finished run on a fixed episode set "
+        "and add the result to its results.json.",
+    )
     ev.add_argument("run_dir", metavar="RUN_DIR")
     which = ev.add_mutually_exclusive_group()
     which.add_argument("--episodes-file", metavar="FILE", help="episode set file (.npz)")
     which.add_argument("--eval-episodes", type=int, metavar="N", help="number of test episodes (seed-0 set)")
     ev.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N (default: the run's)")
-    ev.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=None,
-                    help="cache embeddings (default: the run's setting)")
+    ev.add_argument(
+        "--feature-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="cache embeddings (default: the run's setting)",
+    )
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_malloc_flag(ev)
     ev.set_defaults(handler=eval_command)
 
-    cmp = subparsers.add_parser("compare", help="paired comparison of two runs on the same test episodes",
-                                description="Per-episode paired comparison (mean difference with 95% CI, paired "
-                                            "t-test and Wilcoxon signed-rank test) of two runs evaluated on the "
-                                            "same episode set of the same dataset store.")
+    cmp = subparsers.add_parser(
+        "compare",
+        help="paired comparison of two runs on the same test episodes",
+        description="Per-episode paired comparison (mean difference with 95% CI, paired "
+        "t-test and Wilcoxon signed-rank test) of two runs evaluated on the "
+        "same episode set of the same dataset store.",
+    )
     cmp.add_argument("run_a", metavar="RUN_A")
     cmp.add_argument("run_b", metavar="RUN_B")
     cmp.add_argument("--kind", help="prediction kind to compare in both runs (plain, si, ag, sd)")
@@ -98,6 +137,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cmp.add_argument("--episode-set", metavar="HASH", help="hash (prefix) of the episode set to use")
     cmp.add_argument("--json", action="store_true", help="print JSON")
     cmp.set_defaults(handler=compare_command)
+
+
+def _add_malloc_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="on the CPU, keep glibc's default allocator, which returns freed memory to the OS (by "
+        "default a CPU run keeps it for reuse: faster steps, the peak memory held until exit)",
+    )
+
+
+def _reuse_memory_on_cpu(device_type: str, args: argparse.Namespace) -> None:
+    """The CLI's one process-wide setting: keep freed memory for reuse on CPU runs (see ``cpu_memory``)."""
+    if device_type == "cpu" and not args.default_malloc:
+        reuse_freed_memory()
 
 
 def _parse_options(items: list[str], flag: str) -> dict[str, Any]:
@@ -115,7 +169,7 @@ def _parse_options(items: list[str], flag: str) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any]]:
     """The configuration (defaults < --config file < flags) and the values the user set explicitly."""
-    given = read_config_values(args.config) if args.config else {}
+    given, _ = read_config_values(args.config) if args.config else ({}, {})
     for key in RunConfig.field_names():
         if hasattr(args, key):
             value = getattr(args, key)
@@ -128,13 +182,21 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any
 
 def run_command(args: argparse.Namespace) -> int:
     """``fewshot-sla run``."""
-    from fewshot_sla.engine.runner import execute_run, plan_run
+    from fewshot_sla.engine.execute import execute_run
+    from fewshot_sla.engine.plan import plan_run
 
     cfg, given = config_from_args(args)
+    if args.print_config:
+        from fewshot_sla.engine.recipes import apply_recipe
+
+        print(apply_recipe(cfg).to_yaml(), end="")
+        return 0
     if args.max_steps is not None and args.max_steps < 1:
         raise UserError(f"--max-steps must be a positive integer, got {args.max_steps}")
-    plan = plan_run(cfg, overrides=given, out=args.out, data_root=args.data_root, resume=args.resume,
-                    overwrite=args.overwrite)
+    plan = plan_run(
+        cfg, overrides=given, out=args.out, data_root=args.data_root, resume=args.resume, overwrite=args.overwrite
+    )
+    _reuse_memory_on_cpu(plan.device.type, args)
     report = execute_run(plan, max_steps=args.max_steps, progress=not args.quiet)
     resume = f"fewshot-sla run --resume --out {report.run_dir}"
     if report.status == "max-steps":
@@ -145,44 +207,62 @@ def run_command(args: argparse.Namespace) -> int:
         return 130
     assert report.results is not None
     if "dataset" not in given:
-        print("note: no --dataset given, so this used the embedded synthetic set; for real data run "
-              "'fewshot-sla data prepare DATASET --source PATH' and pass --dataset DATASET")
+        print(
+            "note: no --dataset given, so this used the embedded synthetic set; for real data run "
+            "'fewshot-sla data prepare DATASET --source PATH' and pass --dataset DATASET"
+        )
     print(format_results(report.results, report.run_dir))
     return 0
 
 
 def eval_command(args: argparse.Namespace) -> int:
     """``fewshot-sla eval``."""
-    from fewshot_sla.engine.runner import evaluate_run
+    from fewshot_sla.engine.run_evaluation import evaluate_run
 
     if args.eval_episodes is not None and args.eval_episodes < 1:
         raise UserError(f"--eval-episodes must be a positive integer, got {args.eval_episodes}")
-    results = evaluate_run(args.run_dir, data_root=args.data_root, episodes_file=args.episodes_file,
-                           eval_episodes=args.eval_episodes, device=args.device, use_cache=args.feature_cache,
-                           progress=not args.quiet)
+    import torch
+
+    on_gpu = torch.cuda.is_available() and not (args.device or "").startswith("cpu")
+    _reuse_memory_on_cpu("cuda" if on_gpu else "cpu", args)
+    results = evaluate_run(
+        args.run_dir,
+        data_root=args.data_root,
+        episodes_file=args.episodes_file,
+        eval_episodes=args.eval_episodes,
+        device=args.device,
+        use_cache=args.feature_cache,
+        progress=not args.quiet,
+    )
     print(format_results(results, Path(args.run_dir)))
     return 0
 
 
 def compare_command(args: argparse.Namespace) -> int:
     """``fewshot-sla compare``."""
-    from fewshot_sla.engine.runner import compare_runs
+    from fewshot_sla.engine.compare import compare_runs
 
-    comparison = compare_runs(args.run_a, args.run_b, kind=args.kind, kind_a=args.kind_a, kind_b=args.kind_b,
-                              episode_set=args.episode_set)
+    comparison = compare_runs(
+        args.run_a, args.run_b, kind=args.kind, kind_a=args.kind_a, kind_b=args.kind_b, episode_set=args.episode_set
+    )
     data = comparison.as_dict()
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
     n = comparison.pairs[0][4].n
-    lines = [f"A: {comparison.run_a.path}", f"B: {comparison.run_b.path}",
-             f"{n} paired test episodes (episode set {comparison.episode_set_hash[:12]})",
-             f"  {'A':<8} {'B':<8} {'acc A %':>8} {'acc B %':>8} {'A-B %':>7} {'95% CI':>8} {'p (t)':>9} "
-             f"{'p (Wilcoxon)':>12}  wins/losses/ties"]
+    lines = [
+        f"A: {comparison.run_a.path}",
+        f"B: {comparison.run_b.path}",
+        f"{n} paired test episodes (episode set {comparison.episode_set_hash[:12]})",
+        f"  {'A':<8} {'B':<8} {'acc A %':>8} {'acc B %':>8} {'A-B %':>7} {'95% CI':>8} {'p (t)':>9} "
+        f"{'p (Wilcoxon)':>12}  wins/losses/ties",
+    ]
     for row in data["comparisons"]:
-        lines.append(f"  {kind_label(row['kind_a']):<8} {kind_label(row['kind_b']):<8} {row['mean_a']:8.2f} "
-                     f"{row['mean_b']:8.2f} {row['mean_diff']:+7.2f} {'+- ' + format(row['ci95'], '.2f'):>8} "
-                     f"{row['p_ttest']:9.2g} {row['p_wilcoxon']:12.2g}  {row['wins']}/{row['losses']}/{row['ties']}")
+        lines.append(
+            f"  {kind_label(row['kind_a']):<8} {kind_label(row['kind_b']):<8} {row['mean_a']:8.2f} "
+            f"{row['mean_b']:8.2f} {row['mean_diff']:+7.2f} {'+- ' + format(row['ci95'], '.2f'):>8} "
+            f"{row['p_ttest']:9.2g} {row['p_wilcoxon']:12.2g}  {row['wins']}/{row['losses']}/{row['ties']}"
+        )
     print("\n".join(lines))
     return 0
 
@@ -197,15 +277,21 @@ def format_results(results: dict[str, Any], run_dir: Path) -> str:
     ]
     if train:
         rate = train.get("episodes_per_s")
-        lines.append(f"trained {train['episodes']} episodes in {train['time_s']:.1f} s"
-                     + (f" ({rate:.1f} episodes/s)" if rate else "")
-                     + f", best validation at episode {train['best_episodes']}")
-    lines.append(f"tested on {ev['episodes']} episodes ({s['file']}, hash {s['hash'][:12]}"
-                 f"{', cached embeddings' if ev['cached'] else ''}) in {ev['time_s']:.1f} s")
+        lines.append(
+            f"trained {train['episodes']} episodes in {train['time_s']:.1f} s"
+            + (f" ({rate:.1f} episodes/s)" if rate else "")
+            + f", best validation at episode {train['best_episodes']}"
+        )
+    lines.append(
+        f"tested on {ev['episodes']} episodes ({s['file']}, hash {s['hash'][:12]}"
+        f"{', cached embeddings' if ev['cached'] else ''}) in {ev['time_s']:.1f} s"
+    )
     lines.append(f"  {'prediction':<11} {'accuracy':>9}  {'95% CI':>8}  {'95% CI (t)':>10}")
     for kind, acc in ev["accuracy"].items():
-        lines.append(f"  {kind_label(kind):<11} {acc['mean']:8.2f}%  {'+- ' + format(acc['ci95'], '.2f'):>8}  "
-                     f"{'+- ' + format(acc['ci95_t'], '.2f'):>10}")
+        lines.append(
+            f"  {kind_label(kind):<11} {acc['mean']:8.2f}%  {'+- ' + format(acc['ci95'], '.2f'):>8}  "
+            f"{'+- ' + format(acc['ci95_t'], '.2f'):>10}"
+        )
     lines.append(f"  {'chance':<11} {100.0 / s['ways']:8.2f}%")
     lines.append(f"results: {run_dir / 'results.json'}")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from fewshot_sla.data.store import SPLIT_NAMES
 from fewshot_sla.errors import UserError
 
 if TYPE_CHECKING:
-    from importlib.resources.abc import Traversable
+    from importlib.abc import Traversable
 
 SPLIT_FORMATS = ("ravi-csv", "class-json", "superclass-json", "pair-json")
 # The CIFAR-FS pair lists cover all 100 CIFAR-100 fine classes once: the fine -> superclass table.
@@ -66,7 +66,12 @@ def load_convention(
             "beside images/, or pass --split-dir DIR"
         )
     shipped = packaged_splits() / packaged if packaged is not None else None
-    folder: Traversable = split_dir if split_dir is not None else shipped  # type: ignore[assignment]
+    folder: Traversable
+    if split_dir is not None:
+        folder = split_dir
+    else:
+        assert shipped is not None  # one of the two is given (checked above)
+        folder = shipped
     contents = {split: _read_split_file(folder, split, ext) for split in SPLIT_NAMES}
     digest = _digest(split_format, contents)
     if split_dir is not None and shipped is not None:

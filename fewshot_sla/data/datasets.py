@@ -19,8 +19,6 @@ from fewshot_sla.data.synthetic import IMAGE_SIZE as SYNTHETIC_SIZE
 from fewshot_sla.data.synthetic import generator_identity, synthetic_splits
 from fewshot_sla.registry import DATASETS
 
-DEFAULT_DATASET = "synthetic"
-
 
 @dataclass(frozen=True)
 class DatasetInfo:

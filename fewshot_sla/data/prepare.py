@@ -98,12 +98,11 @@ def prepare(
     skipped: list[str] = []
     bar = tqdm(total=0, unit="img", desc=f"prepare {dataset}", disable=not progress, leave=False)
     pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1))
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as h5, bar, pool:
-            for split, raw in plan.read():
-                skipped += _write_split(h5, split, raw, size, pool, skip_bad, bar)
-            attrs["skipped_images"] = len(skipped)
-            fingerprint = finish_store(h5, attrs)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5, bar, pool:
+        for split, raw in plan.read():
+            skipped += _write_split(h5, split, raw, size, pool, skip_bad, bar)
+        attrs["skipped_images"] = len(skipped)
+        fingerprint = finish_store(h5, attrs)
     log(f"wrote {path} (fingerprint {fingerprint[:16]})")
     return PrepareResult(path, fingerprint, False, plan.source_format, skipped)
 
@@ -204,7 +203,7 @@ def _write_split(
     h5: h5py.File, split: str, raw: RawSplit, size: int, pool: ThreadPoolExecutor, skip_bad: bool, bar: tqdm
 ) -> list[str]:
     """Decode, resize and append every image of one split; return the paths of the unreadable ones skipped."""
-    bar.total += len(raw.labels)
+    bar.total = (bar.total or 0) + len(raw.labels)
     bar.refresh()
     group = create_split(h5, split, raw.class_names, size)
     skipped: list[str] = []

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ import h5py
 import numpy as np
 import torch
 
-from fewshot_sla.data.root import ENV_VAR, resolve_data_root
 from fewshot_sla.errors import UserError
 
 FORMAT_VERSION = 1
@@ -55,15 +53,6 @@ def store_path(dataset: str, data_root: str | os.PathLike) -> Path:
     return Path(data_root) / f"{dataset}.h5"
 
 
-def prepare_command(dataset: str) -> str:
-    """The command that (re)builds the store of ``dataset``, for error messages."""
-    from fewshot_sla.registry import DATASETS
-
-    if dataset in DATASETS and DATASETS.get(dataset).generator is not None:
-        return f"fewshot-sla data prepare {dataset}"
-    return f"fewshot-sla data prepare {dataset} --source <PATH>"
-
-
 def _chunk_rows(image_size: int) -> int:
     return min(16384, max(1, _CHUNK_BYTES // (image_size * image_size * 3)))
 
@@ -93,7 +82,7 @@ def append_rows(group: h5py.Group, images: np.ndarray, labels: np.ndarray, image
         group[key][start:] = value
 
 
-def _feed(digest: "hashlib._Hash", data: bytes) -> None:
+def _feed(digest: hashlib._Hash, data: bytes) -> None:
     digest.update(len(data).to_bytes(8, "little"))
     digest.update(data)
 
@@ -130,11 +119,15 @@ def finish_store(h5: h5py.File, attrs: dict[str, Any]) -> str:
 
 
 class DatasetStore:
-    """A prepared dataset on disk; ``split(name)`` loads one split into memory (or onto a GPU)."""
+    """A prepared dataset on disk; ``split(name)`` loads one split into memory (or onto a GPU).
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    ``rebuild`` is the command that rebuilds this store, for error messages (``catalog.open_store`` gives it).
+    """
+
+    def __init__(self, path: str | os.PathLike, rebuild: str | None = None) -> None:
         self.path = Path(path)
         dataset = self.path.stem
+        command = rebuild or f"fewshot-sla data prepare {dataset} --force"
         try:
             with h5py.File(self.path, "r") as h5:
                 self.attrs: dict[str, Any] = {k: _plain(v) for k, v in h5.attrs.items()}
@@ -143,17 +136,14 @@ class DatasetStore:
                 )
         except OSError:
             raise UserError(
-                f"store {self.path} is unreadable (damaged or not an HDF5 file); rebuild it with "
-                f"'{prepare_command(dataset)} --force'"
+                f"store {self.path} is unreadable (damaged or not an HDF5 file); rebuild it with '{command}'"
             ) from None
         if not self.attrs.get("complete"):
-            raise UserError(
-                f"store {self.path} was never finished; rebuild it with '{prepare_command(dataset)} --force'"
-            )
+            raise UserError(f"store {self.path} was never finished; rebuild it with '{command}'")
         if self.attrs.get("format_version") != FORMAT_VERSION:
             raise UserError(
                 f"store {self.path} has format version {self.attrs.get('format_version')}, this fewshot-sla "
-                f"reads version {FORMAT_VERSION}; rebuild it with '{prepare_command(dataset)} --force'"
+                f"reads version {FORMAT_VERSION}; rebuild it with '{command}'"
             )
 
     @property
@@ -232,26 +222,3 @@ def _read_images(dataset: h5py.Dataset, device: torch.device) -> torch.Tensor:
         dataset.read_direct(staging.numpy(), np.s_[start : start + n], np.s_[0:n])
         out[start : start + n].copy_(staging[:n])
     return out
-
-
-def open_store(dataset: str, data_root: str | os.PathLike | None = None) -> DatasetStore:
-    """The prepared store of a registered dataset; a generated dataset (synthetic) is built on first use.
-
-    A missing store of any other dataset is a UserError naming the ``fewshot-sla data prepare`` command.
-    """
-    from fewshot_sla.data.prepare import prepare
-    from fewshot_sla.registry import DATASETS
-
-    info = DATASETS.get(dataset)
-    root = resolve_data_root(data_root)
-    path = store_path(dataset, root)
-    if not path.exists():
-        if info.generator is None:
-            raise UserError(
-                f"dataset '{dataset}' is not prepared in {root} (no {path.name}); run "
-                f"'fewshot-sla data prepare {dataset} --source <PATH>' with <PATH> {info.source_hint} "
-                f"(and the same --data-root / ${ENV_VAR})"
-            )
-        sys.stderr.write(f"fewshot-sla: generating the {dataset} dataset into {path} (one-off, a few seconds)\n")
-        prepare(dataset, data_root=root, progress=False)
-    return DatasetStore(path)

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from fewshot_sla.data.importers.common import RawSplit
+from fewshot_sla.data.importers.common import RawSplit, rows_of
 from fewshot_sla.data.store import SPLIT_NAMES
 
 SPLIT_CLASSES = {"train": 64, "val": 16, "test": 20}
@@ -35,8 +35,16 @@ DROP = 0.2  # chance that an image lacks one given part of its class
 # Ten colours the shapes are painted in (RGB in [0, 1]).
 PALETTE = np.array(
     [
-        [0.90, 0.10, 0.10], [0.10, 0.65, 0.15], [0.15, 0.25, 0.90], [0.95, 0.80, 0.10], [0.60, 0.15, 0.75],
-        [0.05, 0.75, 0.80], [0.95, 0.50, 0.05], [0.10, 0.10, 0.10], [0.95, 0.95, 0.95], [0.55, 0.30, 0.10],
+        [0.90, 0.10, 0.10],
+        [0.10, 0.65, 0.15],
+        [0.15, 0.25, 0.90],
+        [0.95, 0.80, 0.10],
+        [0.60, 0.15, 0.75],
+        [0.05, 0.75, 0.80],
+        [0.95, 0.50, 0.05],
+        [0.10, 0.10, 0.10],
+        [0.95, 0.95, 0.95],
+        [0.55, 0.30, 0.10],
     ],
     dtype=np.float32,
 )
@@ -213,4 +221,4 @@ def synthetic_splits(seed: int = 0, image_size: int = IMAGE_SIZE) -> Iterator[tu
         names = [class_name(c) for c in classes]
         labels = np.repeat(np.arange(len(classes), dtype=np.int64), IMAGES_PER_CLASS)
         ids = [f"{name}/{i:04d}" for name in names for i in range(IMAGES_PER_CLASS)]
-        yield split, RawSplit(names, labels, ids, load=lambda i, a=images: a[i])
+        yield split, RawSplit(names, labels, ids, load=rows_of(images))

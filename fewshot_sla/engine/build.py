@@ -7,6 +7,8 @@ a run writes anything.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +19,15 @@ from torch import nn
 
 from fewshot_sla.augment import TrainAugment, normalize
 from fewshot_sla.config import RunConfig
-from fewshot_sla.data.store import DatasetStore, Split, open_store
-from fewshot_sla.episodes import CanonicalOrder, EpisodeBatch, EpisodeSpec
+from fewshot_sla.data.catalog import open_store
+from fewshot_sla.data.store import DatasetStore, Split
+from fewshot_sla.episodes import CanonicalOrder, EpisodeBatch, EpisodeSet, EpisodeSpec
 from fewshot_sla.errors import UserError
 from fewshot_sla.learners.base import Learner
+from fewshot_sla.objectives import Objective
 from fewshot_sla.registry import BACKBONES, DATASETS, LEARNERS, OBJECTIVES
 from fewshot_sla.sla import Transformation, resolve_transform
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> the GPU when one is visible, else the CPU; asking for a missing GPU is a UserError."""
@@ -64,6 +69,19 @@ def open_dataset(cfg: RunConfig, data_root: Any) -> DatasetStore:
     return open_store(cfg.dataset, data_root)
 
 
+def load_episode_file(path: str | os.PathLike[str], dataset: str, store: DatasetStore) -> EpisodeSet:
+    """A fixed episode set from a file, checked to be for ``dataset`` and a split its store has."""
+    episode_set = EpisodeSet.load(path)
+    if episode_set.dataset != dataset:
+        raise UserError(
+            f"episode file {path} is for dataset '{episode_set.dataset}', not '{dataset}'; "
+            f"use a set made with 'fewshot-sla episodes make --dataset {dataset} ...'"
+        )
+    if episode_set.split not in store.split_names:
+        raise UserError(f"episode file {path} uses split '{episode_set.split}', which the {dataset} store lacks")
+    return episode_set
+
+
 def episode_specs(cfg: RunConfig) -> tuple[EpisodeSpec, EpisodeSpec]:
     """The (training, test) episode specs of a resolved configuration."""
     train = EpisodeSpec(cfg.train_ways or cfg.ways, cfg.train_shots or cfg.shots, cfg.train_queries or cfg.queries)
@@ -93,38 +111,69 @@ class ImagePipeline:
         x = normalize(images)
         if self.image_size != self.store_size:
             lead = x.shape[:-3]
-            x = F.interpolate(x.reshape(-1, *x.shape[-3:]), size=(self.image_size, self.image_size),
-                              mode="bilinear", align_corners=False, antialias=self.image_size < self.store_size)
+            x = F.interpolate(
+                x.reshape(-1, *x.shape[-3:]),
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=self.image_size < self.store_size,
+            )
             x = x.reshape(*lead, *x.shape[-3:])
         return x
 
     def episode(self, batch: EpisodeBatch, generator: torch.Generator | None = None) -> EpisodeBatch:
         """The batch with float images ready for the learner."""
-        return dataclasses.replace(batch, support=self.images(batch.support, generator),
-                                   query=self.images(batch.query, generator))
+        return dataclasses.replace(
+            batch, support=self.images(batch.support, generator), query=self.images(batch.query, generator)
+        )
 
 
-def build_model(cfg: RunConfig, image_size: int, device: torch.device) -> tuple[Learner, nn.Module]:
-    """The learner (with its backbone) and the objective, on ``device``, initialised from the run's seed."""
-    torch.manual_seed(derived_seed(cfg.seed, "model"))
-    transform: Transformation = resolve_transform(cfg.transform)
-    backbone = _create("backbone", BACKBONES, cfg.backbone or "conv4", cfg.backbone_options)
-    feature_dim = backbone.feature_dim(image_size)
-    learner = _create("learner", LEARNERS, cfg.method, {"backbone": backbone, **cfg.learner_options})
-    objective = OBJECTIVES.create(cfg.objective, transform=transform, feature_dim=feature_dim)
-    learner.to(device)
-    objective.to(device)
-    _materialize(learner, cfg, image_size, device)
+def pipeline_for(cfg: RunConfig, store: DatasetStore) -> ImagePipeline:
+    """A run's image pipeline: its image size, and the training augmentation when the run augments."""
+    augment = TrainAugment(padding=8 if store.image_size >= 64 else 4) if cfg.augment else None
+    return ImagePipeline(cfg.image_size or store.image_size, store.image_size, augment)
+
+
+def build_model(cfg: RunConfig, image_size: int, device: torch.device) -> tuple[Learner, Objective]:
+    """The learner (with its backbone) and the objective, on ``device``, initialised from the run's seed.
+
+    Initialisation draws from torch's global generator, forked and seeded for the build: the caller's global
+    random state is the same afterwards, and the same seed gives the same initial model.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derived_seed(cfg.seed, "model"))
+        transform: Transformation = resolve_transform(cfg.transform)
+        backbone = _create("backbone", BACKBONES, cfg.backbone or "conv4", cfg.backbone_options)
+        feature_dim = backbone.feature_dim(image_size)
+        learner = _create("learner", LEARNERS, cfg.method, cfg.learner_options, backbone=backbone)
+        objective = OBJECTIVES.create(cfg.objective, transform=transform, feature_dim=feature_dim)
+        learner.to(device)
+        objective.to(device)
+        _materialize(learner, cfg, image_size, device)
     return learner, objective
 
 
-def _create(kind: str, registry: Any, name: str, options: dict[str, Any]) -> Any:
+def _create(kind: str, registry: Any, name: str, options: dict[str, Any], **parts: Any) -> Any:
+    """``registry.create(name, **parts, **options)``; option names the constructor does not take, and errors it
+    raises about its options' values, are UserErrors naming the config key to fix."""
+    factory = registry.get(name)
     try:
-        return registry.create(name, **options)
+        inspect.signature(factory).bind(**parts, **options)
     except TypeError as err:
-        shown = {k: v for k, v in options.items() if k != "backbone"}
-        raise UserError(f"{kind} '{name}' does not accept the options {shown} ({err}); "
-                        f"fix {kind}_options in the config") from None
+        accepted = [p for p in inspect.signature(factory).parameters if p not in parts and p != "self"]
+        raise UserError(
+            f"{kind} '{name}' does not take the options {options} ({err}); it takes "
+            f"{', '.join(accepted) or 'no options'}; fix {kind}_options"
+        ) from None
+    except ValueError:  # no signature to check (a builtin); let the call say what is wrong
+        pass
+    try:
+        return factory(**parts, **options)
+    except (TypeError, ValueError) as err:
+        if not options:
+            raise
+        raise UserError(f"{kind} '{name}' rejected its options {options}: {err}; fix {kind}_options") from None
 
 
 def _materialize(learner: Learner, cfg: RunConfig, image_size: int, device: torch.device) -> None:
@@ -139,4 +188,3 @@ def _materialize(learner: Learner, cfg: RunConfig, image_size: int, device: torc
     with torch.no_grad():
         learner(images, labels, images, ways)
     learner.train(was_training)
-

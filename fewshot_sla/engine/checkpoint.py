@@ -7,8 +7,9 @@ and plain Python values, so it loads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -53,7 +54,9 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
     saved = state["generators"]
     missing = set(generators) - set(saved)
     if missing:
-        raise UserError(f"checkpoint lacks generator states {sorted(missing)}; it is from another version, "
-                        "start the run again with --overwrite")
+        raise UserError(
+            f"checkpoint lacks generator states {sorted(missing)}; it is from another version, "
+            "start the run again with --overwrite"
+        )
     for name, g in generators.items():
         g.set_state(saved[name])

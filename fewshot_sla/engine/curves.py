@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,17 +28,18 @@ def plot_learning_curve(metrics_file: Path, out_png: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    train, val = [], []
+    train: list[dict[str, Any]] = []
+    val: list[dict[str, Any]] = []
     for line in Path(metrics_file).read_text().splitlines():
         record = json.loads(line)
         (train if record.get("kind") == "train" else val).append(record)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     if train:
-        episodes = np.array([r["episodes"] for r in train], dtype=float)
+        episodes = np.array([r["episodes"] for r in train], dtype=np.float64)
         window = max(1, len(train) // 50)
-        ax_loss.plot(episodes, _smooth(np.array([r["loss"] for r in train], dtype=float), window))
+        ax_loss.plot(episodes, _smooth(np.array([r["loss"] for r in train], dtype=np.float64), window))
         if all("acc" in r for r in train):
-            acc = 100 * _smooth(np.array([r["acc"] for r in train], dtype=float), window)
+            acc = 100 * _smooth(np.array([r["acc"] for r in train], dtype=np.float64), window)
             ax_acc.plot(episodes, acc, label="train (episode labels of the objective)")
     for kind in sorted({k for r in val for k in r["accuracy"]}):
         points = [(r["episodes"], r["accuracy"][kind]) for r in val if kind in r["accuracy"]]

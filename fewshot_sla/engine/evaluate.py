@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,8 +51,7 @@ def episode_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return (logits.argmax(dim=-1) == labels).double().mean(dim=1)
 
 
-def fixed_test_set(dataset: str, split: Split, spec: EpisodeSpec, count: int,
-                   run_dir: Path) -> tuple[EpisodeSet, Path]:
+def fixed_test_set(dataset: str, split: Split, spec: EpisodeSpec, count: int, run_dir: Path) -> tuple[EpisodeSet, Path]:
     """The fixed test episode set: the shipped file matching (dataset, test, spec, count), else one generated
     with seed 0 and written into ``run_dir`` (or reused from there)."""
     name = EpisodeSet.default_name(dataset, split.name, spec, count, TEST_SET_SEED)
@@ -61,16 +61,18 @@ def fixed_test_set(dataset: str, split: Split, spec: EpisodeSpec, count: int,
     local = run_dir / f"test-episodes-{name}"
     if local.is_file():
         return EpisodeSet.load(local), local
-    episode_set = EpisodeSet.make(CanonicalOrder.of_split(split), dataset=dataset, split=split.name, spec=spec,
-                                  count=count, seed=TEST_SET_SEED)
+    episode_set = EpisodeSet.make(
+        CanonicalOrder.of_split(split), dataset=dataset, split=split.name, spec=spec, count=count, seed=TEST_SET_SEED
+    )
     episode_set.save(local)
     return episode_set, local
 
 
 def validation_episode_set(dataset: str, split: Split, spec: EpisodeSpec, count: int) -> EpisodeSet:
     """The fixed validation episodes (seed 0, held in memory)."""
-    return EpisodeSet.make(CanonicalOrder.of_split(split), dataset=dataset, split=split.name, spec=spec,
-                           count=count, seed=VAL_SET_SEED)
+    return EpisodeSet.make(
+        CanonicalOrder.of_split(split), dataset=dataset, split=split.name, spec=spec, count=count, seed=VAL_SET_SEED
+    )
 
 
 def evaluate(
@@ -83,7 +85,7 @@ def evaluate(
     *,
     batch_size: int = 20,
     use_cache: bool = True,
-    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     progress: bool = False,
     desc: str = "test",
 ) -> Evaluation:
@@ -113,13 +115,14 @@ def evaluate(
                 per_episode = rows.shape[1] * rows.shape[2] * cache.copies * cache.feature_dim
                 step = max(batch_size, min(CACHED_BATCH, CACHED_ELEMENTS // per_episode))
                 for first in range(0, episode_set.count, step):
-                    episodes = cache.episode(rows[first:first + step], episode_set.spec)
+                    episodes = cache.episode(rows[first : first + step], episode_set.spec)
                     record(objective.predict_copies(learner.head, episodes), episodes.query_labels)
                     bar.update(episodes.support.shape[0])
             else:
                 for first in range(0, episode_set.count, batch_size):
-                    batch = pipeline.episode(gather_episodes(split.images, rows[first:first + batch_size],
-                                                             episode_set.spec))
+                    batch = pipeline.episode(
+                        gather_episodes(split.images, rows[first : first + batch_size], episode_set.spec)
+                    )
                     record(objective.predict(learner, batch), batch.query_labels)
                     bar.update(batch.support.shape[0])
             bar.close()

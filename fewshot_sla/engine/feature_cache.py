@@ -10,7 +10,7 @@ embeddings instead of fresh backbone passes.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -40,8 +40,14 @@ class FeatureCache:
     are computed once, so they must not depend on the batch they were computed in).
     """
 
-    def __init__(self, learner: EmbeddingLearner, objective: Objective, images_of: ImagesOf, rows: torch.Tensor,
-                 chunk: int = EMBED_CHUNK) -> None:
+    def __init__(
+        self,
+        learner: EmbeddingLearner,
+        objective: Objective,
+        images_of: ImagesOf,
+        rows: torch.Tensor,
+        chunk: int = EMBED_CHUNK,
+    ) -> None:
         if not isinstance(learner, EmbeddingLearner):
             raise TypeError(f"feature caching needs an EmbeddingLearner, got {type(learner).__name__}")
         if learner.training:
@@ -53,8 +59,9 @@ class FeatureCache:
         ops = objective.transform.ops[: self.copies]
         per_copy = []
         for op in ops:
-            parts = [learner.embed(op(images_of(used[start:start + chunk])))[0]
-                     for start in range(0, len(used), chunk)]
+            parts = [
+                learner.embed(op(images_of(used[start : start + chunk])))[0] for start in range(0, len(used), chunk)
+            ]
             per_copy.append(torch.cat(parts))
         self.table = torch.stack(per_copy)  # [copies, rows, D]
 

@@ -1,122 +1,146 @@
-"""Published training recipes (optimizer, LR schedule, training ways/shots/queries, meta-batch, budget).
+"""Published training recipes, kept as data in ``recipes.yaml`` (package data): which recipe each learner
+trains with, and what each recipe sets (optimizer, LR schedule, training ways/shots/queries, meta-batch, budget).
 
-``apply_recipe`` fills every field a configuration leaves ``None``. Schedules are stored as fractions of
-the episode budget, so a recipe keeps its shape at any ``--train-episodes``. On real datasets the default
-budget is the published one. On the embedded ``synthetic`` set (32x32) the recipes are scaled to a CPU: a
-short budget (ProtoNet: 300 episodes, measured at about 1 minute on a 2-core CPU including the synthetic set's
-generation and the 1000 test episodes), training on the test ways, and ProtoNet with 5 training queries per class instead of 15
-(the published higher-way, 15-query training would cost 18x more per episode there; on this set 5 queries
-reach the accuracy of 15 at a third of the cost).
-
-Plug-in learners without an entry here train with ``GENERIC`` (Adam 1e-3, test ways/shots); a plug-in
-package may add its own: ``RECIPES["my-learner"] = my_recipe_function``.
+``apply_recipe`` fills every field a configuration leaves ``None``; the file's header explains the rules. A
+plug-in package adds a recipe for its learner with ``add_recipe("my-learner", {"source": ..., "values": {...}})``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+from collections.abc import Mapping
+from functools import lru_cache
+from importlib import resources
+from typing import Any
 
-from fewshot_sla.config import RunConfig
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-QUICK_DATASETS = ("synthetic",)
+from fewshot_sla.config import RunConfig, check_values
+from fewshot_sla.errors import UserError
+from fewshot_sla.validation import one_line_error
 
-RecipeFunction = Callable[[RunConfig], dict[str, Any]]
-
-
-def _quick(cfg: RunConfig) -> bool:
-    return cfg.dataset in QUICK_DATASETS
-
-
-# Adam at 1e-3 without momentum or weight decay (ProtoNet, MAML and the generic recipe start from it).
-ADAM = {"optimizer": "adam", "lr": 1e-3, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
-
-
-def protonet(cfg: RunConfig) -> dict[str, Any]:
-    """Snell et al. 2017: Adam 1e-3 halved every 2000 of 20,000 episodes; 30-way (1-shot) / 20-way training.
-
-    With a ResNet-12 backbone, the MetaOptNet paper's ProtoNet instead: MetaOptNet's recipe and the scaled head.
-    """
-    if cfg.backbone == "resnet12":
-        return {**metaoptnet(cfg), "backbone": "resnet12", "learner_options": {"scaled": True}}
-    higher_way = 30 if cfg.shots == 1 else 20
-    return {
-        "backbone": "conv4",
-        **ADAM,
-        "lr_milestones": [k / 10 for k in range(1, 10)],
-        "lr_factors": [0.5**k for k in range(1, 10)],
-        "train_ways": cfg.ways if _quick(cfg) else higher_way,
-        "train_shots": cfg.shots,
-        "train_queries": 5 if _quick(cfg) else 15,
-        "meta_batch": 1,
-        "augment": False,
-        "train_episodes": 300 if _quick(cfg) else 20000,
-    }
+RECIPE_FILE = "recipes.yaml"
+MATCH_KEYS = ("dataset", "backbone", "method", "ways", "shots")
+OPTION_FIELDS = ("backbone_options", "learner_options")
 
 
-def maml(cfg: RunConfig) -> dict[str, Any]:
-    """Finn et al. 2017: conv4 with 32 filters, Adam 1e-3, meta-batch 4 (1-shot) / 2 (5-shot), 60,000 steps."""
-    meta_batch = 4 if cfg.shots == 1 else 2
-    return {
-        "backbone": "conv4",
-        "backbone_options": {"hidden": 32} if cfg.backbone in (None, "conv4") and not cfg.backbone_options else {},
-        **ADAM,
-        "lr_milestones": [],
-        "lr_factors": [],
-        "train_ways": cfg.ways,
-        "train_shots": cfg.shots,
-        "train_queries": 15,
-        "meta_batch": meta_batch,
-        "augment": False,
-        "train_episodes": 400 if _quick(cfg) else 60000 * meta_batch,
-    }
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
 
 
-def metaoptnet(cfg: RunConfig) -> dict[str, Any]:
-    """Lee et al. 2019: SGD Nesterov 0.9, wd 5e-4, lr 0.1 x {0.06, 0.012, 0.0024} at epochs 20/40/50 of 60,
-    8 episodes per batch, 15-shot (5 on CIFAR-FS) 6-query training, crop/flip/jitter augmentation."""
-    return {
-        "backbone": "conv4",
-        "optimizer": "sgd",
-        "lr": 0.1,
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 5e-4,
-        "lr_milestones": [20 / 60, 40 / 60, 50 / 60],
-        "lr_factors": [0.06, 0.012, 0.0024],
-        "train_ways": cfg.ways,
-        "train_shots": 5 if cfg.dataset in ("cifarfs", "synthetic") else 15,
-        "train_queries": 6,
-        "meta_batch": 8,
-        "augment": True,
-        "train_episodes": 240 if _quick(cfg) else 60 * 1000 * 8,
-    }
+def _is_reference(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"same_as"}
 
 
-def generic(cfg: RunConfig) -> dict[str, Any]:
-    """For plug-in learners without a recipe: Adam 1e-3, constant, training on the test ways/shots."""
-    return {
-        "backbone": "conv4",
-        **ADAM,
-        "lr_milestones": [],
-        "lr_factors": [],
-        "train_ways": cfg.ways,
-        "train_shots": cfg.shots,
-        "train_queries": cfg.queries,
-        "meta_batch": 1,
-        "augment": False,
-        "train_episodes": 300 if _quick(cfg) else 20000,
-    }
+def _check_run_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Recipe values must be RunConfig fields of the right types; ``{same_as: FIELD}`` must name a field."""
+    for key, value in values.items():
+        if _is_reference(value) and value["same_as"] not in RunConfig.model_fields:
+            raise ValueError(f"'{key}': same_as names no configuration field: {value['same_as']!r}")
+    try:
+        check_values({k: v for k, v in values.items() if not _is_reference(v)}, "recipe")
+    except UserError as err:
+        raise ValueError(str(err).removeprefix("recipe: ")) from None
+    return values
 
 
-GENERIC: RecipeFunction = generic
-RECIPES: dict[str, RecipeFunction] = {
-    "protonet": protonet,
-    "maml": maml,
-    "maml-fo": maml,
-    "metaoptnet-svm": metaoptnet,
-    "metaoptnet-ridge": metaoptnet,
-}
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Rule(_Strict):
+    """Values that apply to the runs ``when`` matches."""
+
+    when: dict[str, list[Any]] = Field(default_factory=dict)
+    values: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _listed(cls, when: Any) -> Any:
+        return {k: _as_list(v) for k, v in when.items()} if isinstance(when, dict) else when
+
+    @field_validator("when")
+    @classmethod
+    def _keys(cls, when: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        unknown = sorted(set(when) - set(MATCH_KEYS))
+        if unknown:
+            raise ValueError(f"cannot match on {', '.join(unknown)}; match on {', '.join(MATCH_KEYS)}")
+        return when
+
+    _values = field_validator("values")(_check_run_values)
+
+    def matches(self, run: Mapping[str, Any]) -> bool:
+        return all(run.get(key) in allowed for key, allowed in self.when.items())
+
+
+class _Choice(_Rule):
+    """One entry of a learner's recipe list: the recipe to use for the runs ``when`` matches."""
+
+    recipe: str
+
+
+class _Recipe(_Strict):
+    source: str
+    values: dict[str, Any]
+    rules: list[_Rule] = Field(default_factory=list)
+
+    _values = field_validator("values")(_check_run_values)
+
+
+class RecipeBook(_Strict):
+    """The whole recipe file, checked: every learner's recipe list and every recipe."""
+
+    methods: dict[str, list[_Choice]]
+    default: str
+    shared: dict[str, Any] = Field(default_factory=dict)  # blocks the file reuses through YAML anchors
+    recipes: dict[str, _Recipe]
+
+    @model_validator(mode="after")
+    def _known_recipes(self) -> RecipeBook:
+        named = [self.default] + [c.recipe for choices in self.methods.values() for c in choices]
+        missing = sorted(set(named) - set(self.recipes))
+        if missing:
+            raise ValueError(f"no recipe called {', '.join(missing)}")
+        return self
+
+    def choose(self, cfg: RunConfig) -> tuple[str, dict[str, Any]]:
+        """The recipe ``cfg``'s method trains with, and the resolved values it sets for ``cfg``."""
+        explicit = cfg.to_dict()
+        choices = self.methods.get(cfg.method) or [_Choice(recipe=self.default)]
+        choice = next((c for c in choices if c.matches(explicit)), _Choice(recipe=self.default))
+        recipe = self.recipes[choice.recipe]
+        values = dict(recipe.values)
+        for rule in recipe.rules:
+            if rule.matches({**explicit, "backbone": cfg.backbone or values.get("backbone")}):
+                values.update(rule.values)
+        values.update(choice.values)
+        resolved = {k: explicit[v["same_as"]] if _is_reference(v) else v for k, v in values.items()}
+        return choice.recipe, resolved
+
+
+def _parse(text: str, where: str) -> RecipeBook:
+    try:
+        return RecipeBook.model_validate(yaml.safe_load(text))
+    except ValidationError as err:
+        raise one_line_error(err, lambda loc: f"{where} at {'.'.join(map(str, loc))}") from None
+
+
+@lru_cache(maxsize=1)
+def recipe_book() -> RecipeBook:
+    """The packaged recipe file, read and checked once."""
+    text = resources.files("fewshot_sla.engine").joinpath(RECIPE_FILE).read_text()
+    return _parse(text, f"fewshot_sla/engine/{RECIPE_FILE}")
+
+
+def add_recipe(method: str, recipe: Mapping[str, Any]) -> None:
+    """Register a recipe for a (plug-in) learner: ``{"source": ..., "values": {...}, "rules": [...]}``."""
+    try:
+        checked = _Recipe.model_validate(dict(recipe))
+    except ValidationError as err:
+        raise one_line_error(err, lambda loc: f"recipe for '{method}' at {'.'.join(map(str, loc))}") from None
+    book = recipe_book()
+    book.recipes[method] = checked
+    book.methods[method] = [_Choice(recipe=method)]
 
 
 def default_val_every(train_episodes: int) -> int:
@@ -125,20 +149,17 @@ def default_val_every(train_episodes: int) -> int:
 
 
 def apply_recipe(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with every ``None`` field (and empty backbone options where the recipe sets some) filled in."""
-    recipe = RECIPES.get(cfg.method, GENERIC)(cfg)
+    """``cfg`` with every ``None`` field (and empty backbone/learner options where the recipe sets some) filled."""
+    _, recipe = recipe_book().choose(cfg)
     values: dict[str, Any] = {}
     for name, value in recipe.items():
         current = getattr(cfg, name)
-        if name in ("backbone_options", "learner_options"):
+        if name in OPTION_FIELDS:
             if not current and value:
                 values[name] = value
         elif current is None:
             values[name] = value
-    if (cfg.lr_milestones is None) != (cfg.lr_factors is None):  # half a schedule: let validate() say so
-        values.pop("lr_milestones", None)
-        values.pop("lr_factors", None)
-    out = dataclasses.replace(cfg, **values)
+    out = cfg.updated(values, "recipe")
     if out.val_every is None:
-        out = dataclasses.replace(out, val_every=default_val_every(out.train_episodes or 1))
-    return out.validate()
+        out = out.updated({"val_every": default_val_every(out.train_episodes or 1)}, "recipe")
+    return out

@@ -29,7 +29,7 @@ class Summary:
         """A JSON-ready dict of the fields."""
         return asdict(self)
 
-    def scaled(self, factor: float) -> "Summary":
+    def scaled(self, factor: float) -> Summary:
         """The same summary in other units (e.g. factor 100 for percent)."""
         return Summary(self.mean * factor, self.std * factor, self.n, self.ci95 * factor, self.ci95_t * factor)
 

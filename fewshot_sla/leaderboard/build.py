@@ -20,9 +20,10 @@ import json
 import math
 import os
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -92,9 +93,15 @@ class Entry:
     def display(self) -> dict[str, Any]:
         """The columns that describe this entry's setting to a reader."""
         s = self.block["episode_set"]
-        return {"dataset": self.field("dataset"), "ways": s["ways"], "shots": s["shots"],
-                "method": self.field("method"), "backbone": self.field("backbone"),
-                "transform": self.field("transform"), "objective": self.field("objective")}
+        return {
+            "dataset": self.field("dataset"),
+            "ways": s["ways"],
+            "shots": s["shots"],
+            "method": self.field("method"),
+            "backbone": self.field("backbone"),
+            "transform": self.field("transform"),
+            "objective": self.field("objective"),
+        }
 
 
 def load_entries(runs_dir: str | os.PathLike) -> tuple[list[Entry], list[tuple[Path, str]]]:
@@ -102,7 +109,8 @@ def load_entries(runs_dir: str | os.PathLike) -> tuple[list[Entry], list[tuple[P
     root = Path(runs_dir)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder; give the folder that holds the runs (e.g. runs/<grid name>)")
-    entries, skipped = [], []
+    entries: list[Entry] = []
+    skipped: list[tuple[Path, str]] = []
     for path in find_runs(root):
         try:
             run = load_results(path)
@@ -146,30 +154,73 @@ def accuracy_rows(entries: Sequence[Entry], published: Sequence[PublishedResult]
                 continue
             accs = [e.block["accuracy"][kind] for e in members]
             means = [a["mean"] for a in accs]
-            rows.append({
-                **first.display(), "source_type": "measured", "prediction": kind,
-                "headline": kind == first.headline, "accuracy": _mean(means),
-                "ci95": _mean([a["ci95"] for a in accs]), "seed_std": _std(means), "runs": len(members),
-                "seeds": " ".join(str(e.field("seed")) for e in members), "test_episodes": first.block["episodes"],
-                "train_episodes": first.config.get("train_episodes"), "episode_set": first.episode_set[:12],
-                "fingerprint": first.fingerprint[:12], "config_id": _short(first.setting), "source": "measured here",
-                "protocol": f"{first.block['episodes']} test episodes, {first.block['episode_set']['queries']} "
-                            f"queries/class, episode set {first.episode_set[:8]}",
-                "run_means": means,
-            })
+            rows.append(
+                {
+                    **first.display(),
+                    "source_type": "measured",
+                    "prediction": kind,
+                    "headline": kind == first.headline,
+                    "accuracy": _mean(means),
+                    "ci95": _mean([a["ci95"] for a in accs]),
+                    "seed_std": _std(means),
+                    "runs": len(members),
+                    "seeds": " ".join(str(e.field("seed")) for e in members),
+                    "test_episodes": first.block["episodes"],
+                    "train_episodes": first.config.get("train_episodes"),
+                    "episode_set": first.episode_set[:12],
+                    "fingerprint": first.fingerprint[:12],
+                    "config_id": _short(first.setting),
+                    "source": "measured here",
+                    "protocol": f"{first.block['episodes']} test episodes, {first.block['episode_set']['queries']} "
+                    f"queries/class, episode set {first.episode_set[:8]}",
+                    "run_means": means,
+                }
+            )
     present = {(r["dataset"], r["ways"], r["shots"]) for r in rows}
     for p in published:
         if (p.dataset, p.ways, p.shots) in present:
-            rows.append({
-                "dataset": p.dataset, "ways": p.ways, "shots": p.shots, "method": p.method, "backbone": p.backbone,
-                "transform": "", "objective": "", "source_type": "published", "prediction": "", "headline": True,
-                "accuracy": p.accuracy, "ci95": p.ci95, "seed_std": None, "runs": None, "seeds": "",
-                "test_episodes": p.test_episodes, "train_episodes": None, "episode_set": "", "fingerprint": "",
-                "config_id": "", "source": p.citation(), "protocol": p.protocol(), "run_means": [],
-            })
-    rows.sort(key=lambda r: (r["dataset"], r["ways"], r["shots"], r["method"], r["backbone"],
-                             r["source_type"] != "published", _objective_rank(r["objective"]), r["transform"],
-                             r["config_id"], r["episode_set"], display_rank(r["prediction"])))
+            rows.append(
+                {
+                    "dataset": p.dataset,
+                    "ways": p.ways,
+                    "shots": p.shots,
+                    "method": p.method,
+                    "backbone": p.backbone,
+                    "transform": "",
+                    "objective": "",
+                    "source_type": "published",
+                    "prediction": "",
+                    "headline": True,
+                    "accuracy": p.accuracy,
+                    "ci95": p.ci95,
+                    "seed_std": None,
+                    "runs": None,
+                    "seeds": "",
+                    "test_episodes": p.test_episodes,
+                    "train_episodes": None,
+                    "episode_set": "",
+                    "fingerprint": "",
+                    "config_id": "",
+                    "source": p.citation(),
+                    "protocol": p.protocol(),
+                    "run_means": [],
+                }
+            )
+    rows.sort(
+        key=lambda r: (
+            r["dataset"],
+            r["ways"],
+            r["shots"],
+            r["method"],
+            r["backbone"],
+            r["source_type"] != "published",
+            _objective_rank(r["objective"]),
+            r["transform"],
+            r["config_id"],
+            r["episode_set"],
+            display_rank(r["prediction"]),
+        )
+    )
     _label(rows)
     return rows
 
@@ -188,8 +239,11 @@ def _label(rows: list[dict[str, Any]]) -> None:
             r["training"] = r["objective"] if r["objective"] == BASELINE else f"{r['objective']} ({r['transform']})"
     # Episode sets and data are told apart per plot panel (so colours stay consistent across its methods),
     # configurations per method and backbone (the panel's x axis already separates those).
-    for key, tag, visible in (("episode_set", "set", ()), ("fingerprint", "data", ()),
-                              ("config_id", "cfg", ("method", "backbone"))):
+    for key, tag, visible in (
+        ("episode_set", "set", ()),
+        ("fingerprint", "data", ()),
+        ("config_id", "cfg", ("method", "backbone")),
+    ):
         groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
         for r in rows:
             if r["source_type"] == "measured":
@@ -218,44 +272,78 @@ def paired_rows(entries: Sequence[Entry]) -> list[dict[str, Any]]:
         same = [b for b in candidates if b.episode_set == e.episode_set and b.fingerprint == e.fingerprint]
         if not same:
             b = candidates[0]
-            why = (f"dataset stores differ (fingerprint {e.fingerprint[:8]} vs baseline {b.fingerprint[:8]})"
-                   if b.fingerprint != e.fingerprint else
-                   f"episode sets differ ({e.episode_set[:8]} vs baseline {b.episode_set[:8]})")
-            rows.append(_unpaired_row(e, f"not compared: {why}; evaluate both on one episode set "
-                                         f"with 'fewshot-sla eval'"))
+            why = (
+                f"dataset stores differ (fingerprint {e.fingerprint[:8]} vs baseline {b.fingerprint[:8]})"
+                if b.fingerprint != e.fingerprint
+                else f"episode sets differ ({e.episode_set[:8]} vs baseline {b.episode_set[:8]})"
+            )
+            rows.append(
+                _unpaired_row(e, f"not compared: {why}; evaluate both on one episode set with 'fewshot-sla eval'")
+            )
             continue
         base = same[0]
         try:
-            a = e.run.per_episode(e.episode_set)[e.headline]
-            b = base.run.per_episode(base.episode_set)[base.headline]
-            comparison = paired_comparison(a, b)
+            ours = e.run.per_episode(e.episode_set)[e.headline]
+            theirs = base.run.per_episode(base.episode_set)[base.headline]
+            comparison = paired_comparison(ours, theirs)
         except (UserError, KeyError, ValueError) as err:
             rows.append(_unpaired_row(e, f"not compared: per-episode results unusable ({err})"))
             continue
         compared[(e.setting, e.episode_set, e.fingerprint, e.headline)].append((e, comparison))
-    for members in compared.values():
-        members.sort(key=lambda m: (m[0].field("seed"), str(m[0].run.path)))
-        first = members[0][0]
-        diffs = [100.0 * c.mean_diff for _, c in members]
-        rows.append({
-            **first.display(), "comparison": f"{kind_label(first.headline)} - baseline",
-            "difference": _mean(diffs), "ci95": _mean([100.0 * c.ci95 for _, c in members]),
-            "seed_std": _std(diffs), "runs": len(members), "seeds": " ".join(str(m.field("seed")) for m, _ in members),
-            "episodes": members[0][1].n, "episode_set": first.episode_set[:12], "fingerprint": first.fingerprint[:12],
-            "config_id": _short(first.setting),
-            "p_ttest": members[0][1].p_ttest if len(members) == 1 else None, "note": "",
-            "run_diffs": diffs,
-        })
-    rows.sort(key=lambda r: (r["dataset"], r["ways"], r["shots"], r["method"], r["backbone"],
-                             _objective_rank(r["objective"]), r["transform"], r["difference"] is None))
+    for seeds in compared.values():
+        seeds.sort(key=lambda m: (m[0].field("seed"), str(m[0].run.path)))
+        first = seeds[0][0]
+        diffs = [100.0 * c.mean_diff for _, c in seeds]
+        rows.append(
+            {
+                **first.display(),
+                "comparison": f"{kind_label(first.headline)} - baseline",
+                "difference": _mean(diffs),
+                "ci95": _mean([100.0 * c.ci95 for _, c in seeds]),
+                "seed_std": _std(diffs),
+                "runs": len(seeds),
+                "seeds": " ".join(str(m.field("seed")) for m, _ in seeds),
+                "episodes": seeds[0][1].n,
+                "episode_set": first.episode_set[:12],
+                "fingerprint": first.fingerprint[:12],
+                "config_id": _short(first.setting),
+                "p_ttest": seeds[0][1].p_ttest if len(seeds) == 1 else None,
+                "note": "",
+                "run_diffs": diffs,
+            }
+        )
+    rows.sort(
+        key=lambda r: (
+            r["dataset"],
+            r["ways"],
+            r["shots"],
+            r["method"],
+            r["backbone"],
+            _objective_rank(r["objective"]),
+            r["transform"],
+            r["difference"] is None,
+        )
+    )
     return rows
 
 
 def _unpaired_row(e: Entry, note: str) -> dict[str, Any]:
-    return {**e.display(), "comparison": f"{kind_label(e.headline)} - baseline", "difference": None, "ci95": None,
-            "seed_std": None, "runs": 1, "seeds": str(e.field("seed")), "episodes": e.block["episodes"],
-            "episode_set": e.episode_set[:12], "fingerprint": e.fingerprint[:12], "config_id": _short(e.setting),
-            "p_ttest": None, "note": note, "run_diffs": []}
+    return {
+        **e.display(),
+        "comparison": f"{kind_label(e.headline)} - baseline",
+        "difference": None,
+        "ci95": None,
+        "seed_std": None,
+        "runs": 1,
+        "seeds": str(e.field("seed")),
+        "episodes": e.block["episodes"],
+        "episode_set": e.episode_set[:12],
+        "fingerprint": e.fingerprint[:12],
+        "config_id": _short(e.setting),
+        "p_ttest": None,
+        "note": note,
+        "run_diffs": [],
+    }
 
 
 def _fmt(value: float | None, digits: int = 2, sign: bool = False) -> str:
@@ -267,59 +355,171 @@ def _fmt(value: float | None, digits: int = 2, sign: bool = False) -> str:
 def _md_table(header: Sequence[str], lines: Iterable[Sequence[str]]) -> str:
     def clean(cell: str) -> str:
         return str(cell).replace("|", "\\|")
+
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(clean(c) for c in line) + " |" for line in lines]
     return "\n".join(out)
 
 
-def render_markdown(acc: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]], runs_dir: Path,
-                    n_runs: int, skipped: Sequence[tuple[Path, str]]) -> str:
+def render_markdown(
+    acc: Sequence[dict[str, Any]],
+    pairs: Sequence[dict[str, Any]],
+    runs_dir: Path,
+    n_runs: int,
+    skipped: Sequence[tuple[Path, str]],
+) -> str:
     """The leaderboard as Markdown: accuracy table (published rows marked), paired differences, plots."""
     acc_lines = []
     for r in acc:
         published = r["source_type"] == "published"
-        acc_lines.append([
-            r["dataset"], str(r["ways"]), str(r["shots"]), r["method"], r["backbone"], r["training"],
-            kind_label(r["prediction"]) if r["prediction"] else "-", _fmt(r["accuracy"]), _fmt(r["ci95"]),
-            _fmt(r["seed_std"]), str(r["runs"]) if r["runs"] else "-",
-            str(r["train_episodes"]) if r["train_episodes"] else "-",
-            f"**published**: {r['source']}; {r['protocol']}" if published else f"measured; {r['protocol']}",
-        ])
-    pair_lines = [[
-        r["dataset"], str(r["ways"]), str(r["shots"]), r["method"], r["backbone"],
-        f"{r['comparison']} ({r['objective']}, {r['transform']})", _fmt(r["difference"], sign=True),
-        _fmt(r["ci95"]), _fmt(r["seed_std"]), str(r["runs"]), str(r["episodes"]), r["episode_set"][:8],
-        r["note"] or "paired on the same episodes"] for r in pairs]
+        acc_lines.append(
+            [
+                r["dataset"],
+                str(r["ways"]),
+                str(r["shots"]),
+                r["method"],
+                r["backbone"],
+                r["training"],
+                kind_label(r["prediction"]) if r["prediction"] else "-",
+                _fmt(r["accuracy"]),
+                _fmt(r["ci95"]),
+                _fmt(r["seed_std"]),
+                str(r["runs"]) if r["runs"] else "-",
+                str(r["train_episodes"]) if r["train_episodes"] else "-",
+                f"**published**: {r['source']}; {r['protocol']}" if published else f"measured; {r['protocol']}",
+            ]
+        )
+    pair_lines = [
+        [
+            r["dataset"],
+            str(r["ways"]),
+            str(r["shots"]),
+            r["method"],
+            r["backbone"],
+            f"{r['comparison']} ({r['objective']}, {r['transform']})",
+            _fmt(r["difference"], sign=True),
+            _fmt(r["ci95"]),
+            _fmt(r["seed_std"]),
+            str(r["runs"]),
+            str(r["episodes"]),
+            r["episode_set"][:8],
+            r["note"] or "paired on the same episodes",
+        ]
+        for r in pairs
+    ]
     parts = [
-        "# Leaderboard", "",
+        "# Leaderboard",
+        "",
         f"Built {now_iso()} from {n_runs} finished run(s) under `{runs_dir}`. Accuracies are test accuracies in %. "
         "Each measured row is one setting: the mean over its runs (seeds), the 95% interval over test episodes "
         "(1.96 s / sqrt(n), per run; the mean over runs when there are several) and the standard deviation "
         "across seeds. Rows marked **published** are numbers reported in the cited papers under their own "
-        "protocol (backbone, test episodes, training budget); they were not measured here.", "",
-        "## Accuracy", "",
-        _md_table(["dataset", "ways", "shots", "method", "backbone", "training", "prediction", "accuracy %",
-                   "±95% CI (episodes)", "±std (seeds)", "runs", "train episodes", "source; protocol"], acc_lines),
-        "", "## Paired difference to the baseline", "",
+        "protocol (backbone, test episodes, training budget); they were not measured here.",
+        "",
+        "## Accuracy",
+        "",
+        _md_table(
+            [
+                "dataset",
+                "ways",
+                "shots",
+                "method",
+                "backbone",
+                "training",
+                "prediction",
+                "accuracy %",
+                "±95% CI (episodes)",
+                "±std (seeds)",
+                "runs",
+                "train episodes",
+                "source; protocol",
+            ],
+            acc_lines,
+        ),
+        "",
+        "## Paired difference to the baseline",
+        "",
         "Each non-baseline run minus the `baseline` run with the same configuration and seed, episode by episode "
         "on the same test episodes of the same dataset store (SLA runs use their SLA+AG prediction). Runs tested "
-        "on different episode sets or data are never paired; such rows say so.", "",
-        _md_table(["dataset", "ways", "shots", "method", "backbone", "comparison", "difference %",
-                   "±95% CI (paired episodes)", "±std (seeds)", "runs", "episodes", "episode set", "note"],
-                  pair_lines) if pair_lines else "No run has a baseline run to be compared with.",
-        "", "## Plots", "", "![accuracy](accuracy.png)", "", "![paired difference](paired_difference.png)", "",
+        "on different episode sets or data are never paired; such rows say so.",
+        "",
+        _md_table(
+            [
+                "dataset",
+                "ways",
+                "shots",
+                "method",
+                "backbone",
+                "comparison",
+                "difference %",
+                "±95% CI (paired episodes)",
+                "±std (seeds)",
+                "runs",
+                "episodes",
+                "episode set",
+                "note",
+            ],
+            pair_lines,
+        )
+        if pair_lines
+        else "No run has a baseline run to be compared with.",
+        "",
+        "## Plots",
+        "",
+        "![accuracy](accuracy.png)",
+        "",
+        "![paired difference](paired_difference.png)",
+        "",
     ]
     if skipped:
         parts += ["## Skipped folders", ""] + [f"- `{path}`: {reason}" for path, reason in skipped] + [""]
     return "\n".join(parts)
 
 
-ACCURACY_COLUMNS = ("source_type", "dataset", "ways", "shots", "method", "backbone", "transform", "objective",
-                    "prediction", "accuracy", "ci95", "seed_std", "runs", "seeds", "test_episodes", "train_episodes",
-                    "episode_set", "fingerprint", "config_id", "source", "protocol")
-PAIRED_COLUMNS = ("dataset", "ways", "shots", "method", "backbone", "transform", "objective", "comparison",
-                  "difference", "ci95", "seed_std", "runs", "seeds", "episodes", "p_ttest", "episode_set",
-                  "fingerprint", "config_id", "note")
+ACCURACY_COLUMNS = (
+    "source_type",
+    "dataset",
+    "ways",
+    "shots",
+    "method",
+    "backbone",
+    "transform",
+    "objective",
+    "prediction",
+    "accuracy",
+    "ci95",
+    "seed_std",
+    "runs",
+    "seeds",
+    "test_episodes",
+    "train_episodes",
+    "episode_set",
+    "fingerprint",
+    "config_id",
+    "source",
+    "protocol",
+)
+PAIRED_COLUMNS = (
+    "dataset",
+    "ways",
+    "shots",
+    "method",
+    "backbone",
+    "transform",
+    "objective",
+    "comparison",
+    "difference",
+    "ci95",
+    "seed_std",
+    "runs",
+    "seeds",
+    "episodes",
+    "p_ttest",
+    "episode_set",
+    "fingerprint",
+    "config_id",
+    "note",
+)
 
 
 def render_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -354,12 +554,24 @@ def _save(fig: Any, path: Path) -> None:
 def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Bars of headline accuracy with 95% episode intervals per method/backbone, one panel per dataset and
     shot count; dots are the runs (seeds); hatched bars are published numbers."""
-    rows = [{**r, "series": r["training"] if r["source_type"] == "published" else
-             f"{r['training']}: {kind_label(r['prediction'])}"} for r in rows if r["headline"]]
+    rows = [
+        {
+            **r,
+            "series": r["training"]
+            if r["source_type"] == "published"
+            else f"{r['training']}: {kind_label(r['prediction'])}",
+        }
+        for r in rows
+        if r["headline"]
+    ]
     panels = _panels(rows)
-    width = max([4.5] + [1.8 * len({(r["method"], r["backbone"]) for r in rows if (r["dataset"], r["ways"],
-                                                                                    r["shots"]) == p}) + 2
-                         for p in panels])
+    width = max(
+        [4.5]
+        + [
+            1.8 * len({(r["method"], r["backbone"]) for r in rows if (r["dataset"], r["ways"], r["shots"]) == p}) + 2
+            for p in panels
+        ]
+    )
     fig, axes = _figure(len(panels), min(width, 16))
     for ax, panel in zip(axes, panels):
         here = [r for r in rows if (r["dataset"], r["ways"], r["shots"]) == panel]
@@ -370,13 +582,20 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> None:
         for r in here:
             j = series.index(r["series"])
             x = groups.index((r["method"], r["backbone"])) - 0.4 + step * (j + 0.5)
-            legend[r["series"]] = ax.bar(x, r["accuracy"], step * 0.9, yerr=r["ci95"], capsize=3, color=f"C{j}",
-                                         hatch="//" if r["source_type"] == "published" else None,
-                                         edgecolor="black", linewidth=0.5)
+            legend[r["series"]] = ax.bar(
+                x,
+                r["accuracy"],
+                step * 0.9,
+                yerr=r["ci95"],
+                capsize=3,
+                color=f"C{j}",
+                hatch="//" if r["source_type"] == "published" else None,
+                edgecolor="black",
+                linewidth=0.5,
+            )
             if len(r["run_means"]) > 1:
                 ax.plot([x] * len(r["run_means"]), r["run_means"], "k.", markersize=4)
-        ax.legend([legend[label] for label in series], series, fontsize=7, loc="upper left",
-                  bbox_to_anchor=(1.01, 1.0))
+        ax.legend([legend[label] for label in series], series, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.set_xticks(range(len(groups)), [f"{m}\n{b}" for m, b in groups], fontsize=8)
         ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.set(ylabel="test accuracy (%)", title=f"{panel[0]}, {panel[1]}-way {panel[2]}-shot")
@@ -393,11 +612,19 @@ def plot_paired(rows: Sequence[dict[str, Any]], path: Path) -> None:
     fig, axes = _figure(len(panels), 6.0)
     for ax, panel in zip(axes, panels):
         here = [r for r in rows if (r["dataset"], r["ways"], r["shots"]) == panel]
-        labels = [f"{r['method']} / {r['backbone']}\n{r['comparison']} ({r['objective']}, {r['transform']})"
-                  for r in here]
+        labels = [
+            f"{r['method']} / {r['backbone']}\n{r['comparison']} ({r['objective']}, {r['transform']})" for r in here
+        ]
         y = np.arange(len(here))
-        ax.barh(y, [r["difference"] for r in here], xerr=[r["ci95"] for r in here], capsize=3,
-                color=["C2" if r["difference"] >= 0 else "C3" for r in here], edgecolor="black", linewidth=0.5)
+        ax.barh(
+            y,
+            [r["difference"] for r in here],
+            xerr=[r["ci95"] for r in here],
+            capsize=3,
+            color=["C2" if r["difference"] >= 0 else "C3" for r in here],
+            edgecolor="black",
+            linewidth=0.5,
+        )
         for yi, r in zip(y, here):
             if len(r["run_diffs"]) > 1:
                 ax.plot(r["run_diffs"], [yi] * len(r["run_diffs"]), "k.", markersize=4)
@@ -422,16 +649,19 @@ class BuildReport:
     files: list[Path]
 
 
-def build_leaderboard(runs_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                      published: Sequence[PublishedResult] = ()) -> BuildReport:
+def build_leaderboard(
+    runs_dir: str | os.PathLike, out_dir: str | os.PathLike, published: Sequence[PublishedResult] = ()
+) -> BuildReport:
     """Read every finished run below ``runs_dir`` and write the tables and plots into ``out_dir``."""
     runs_dir, out = Path(runs_dir), Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder for the leaderboard")
     entries, skipped = load_entries(runs_dir)
     if not entries:
-        raise UserError(f"no finished run (results.json) under {runs_dir}; run "
-                        f"'fewshot-sla leaderboard run GRID --runs-dir {runs_dir}' first")
+        raise UserError(
+            f"no finished run (results.json) under {runs_dir}; run "
+            f"'fewshot-sla leaderboard run GRID --runs-dir {runs_dir}' first"
+        )
     acc = accuracy_rows(entries, published)
     pairs = paired_rows(entries)
     n_runs = len({e.run.path for e in entries})

@@ -20,12 +20,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence, TextIO
+from typing import Any, Protocol, TextIO
 
 from fewshot_sla.atomic import write_text_atomic
+from fewshot_sla.data.catalog import open_store
 from fewshot_sla.errors import UserError
 from fewshot_sla.leaderboard.grid import Grid
 from fewshot_sla.results import RunPaths
@@ -52,8 +54,19 @@ class CellTask:
     def argv(self) -> list[str]:
         """The ``fewshot-sla run`` command line of this cell."""
         root = ["--data-root", self.data_root] if self.data_root else []
-        return [sys.executable, "-m", "fewshot_sla", *root, "run", "--config", str(self.config_file),
-                "--out", str(self.run_dir), "--quiet", *(["--resume"] if self.resume else [])]
+        return [
+            sys.executable,
+            "-m",
+            "fewshot_sla",
+            *root,
+            "run",
+            "--config",
+            str(self.config_file),
+            "--out",
+            str(self.run_dir),
+            "--quiet",
+            *(["--resume"] if self.resume else []),
+        ]
 
 
 @dataclass(frozen=True)
@@ -78,8 +91,13 @@ def run_cell(task: CellTask) -> CellOutcome:
         log.write(f"$ {' '.join(task.argv())}\n".encode())
         log.flush()
         try:
-            code = subprocess.run(task.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  env={**os.environ, **task.env}).returncode
+            code = subprocess.run(
+                task.argv(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **task.env},
+            ).returncode
         except OSError as err:
             return CellOutcome(task.name, "failed", time.perf_counter() - start, f"cannot start: {err}", task.log_file)
     seconds = time.perf_counter() - start
@@ -99,7 +117,7 @@ def last_error_line(log_file: Path) -> str | None:
     except OSError:
         return None
     starts = [i for i, line in enumerate(lines) if line.startswith("$ ")]
-    lines = lines[starts[-1] + 1:] if starts else lines
+    lines = lines[starts[-1] + 1 :] if starts else lines
     errors = [line for line in lines if line.startswith("fewshot-sla: error:")]
     if errors:
         return errors[-1].removeprefix("fewshot-sla: error:").strip()
@@ -136,8 +154,16 @@ def plan_grid(grid: Grid, runs_dir: str | os.PathLike, data_root: str | os.PathL
         if state == "finished":
             finished.append(cell.name)
             continue
-        tasks.append(CellTask(cell.name, run_dir, runs / CELLS_DIR / f"{cell.name}.yaml",
-                              runs / LOGS_DIR / f"{cell.name}.log", state == "resume", root_text))
+        tasks.append(
+            CellTask(
+                cell.name,
+                run_dir,
+                runs / CELLS_DIR / f"{cell.name}.yaml",
+                runs / LOGS_DIR / f"{cell.name}.log",
+                state == "resume",
+                root_text,
+            )
+        )
     return GridPlan(runs, root_text, finished, tasks)
 
 
@@ -145,8 +171,6 @@ def check_stores(grid: Grid, plan: GridPlan) -> None:
     """Open the store of every dataset a pending cell needs, before anything runs: a missing store is one
     UserError naming the prepare command, and a generated set (synthetic) is built here once, not by every
     parallel cell at the same time."""
-    from fewshot_sla.data.store import open_store
-
     cells = {cell.name: cell for cell in grid.cells}
     for dataset in sorted({cells[t.name].values["dataset"] for t in plan.tasks}):
         try:
@@ -208,17 +232,25 @@ class LocalExecutor:
         start = time.perf_counter()
         try:
             return self.runner(task)
-        except Exception as err:  # noqa: BLE001 - one broken cell must not stop the grid
-            return CellOutcome(task.name, "failed", time.perf_counter() - start, f"{type(err).__name__}: {err}",
-                               task.log_file)
+        except Exception as err:
+            return CellOutcome(
+                task.name, "failed", time.perf_counter() - start, f"{type(err).__name__}: {err}", task.log_file
+            )
 
     def _with_threads(self, task: CellTask) -> CellTask:
         """Split the CPU cores between parallel cells (unless the user set OMP_NUM_THREADS)."""
         if self.jobs == 1 or "OMP_NUM_THREADS" in os.environ:
             return task
         threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
-        return CellTask(task.name, task.run_dir, task.config_file, task.log_file, task.resume, task.data_root,
-                        {**task.env, "OMP_NUM_THREADS": threads})
+        return CellTask(
+            task.name,
+            task.run_dir,
+            task.config_file,
+            task.log_file,
+            task.resume,
+            task.data_root,
+            {**task.env, "OMP_NUM_THREADS": threads},
+        )
 
 
 class SlurmExecutor:
@@ -228,8 +260,14 @@ class SlurmExecutor:
     caps how many array tasks run at once. ``cluster="local"`` runs the same jobs as local processes.
     """
 
-    def __init__(self, folder: str | os.PathLike, parameters: dict[str, Any] | None = None, jobs: int | None = None,
-                 cluster: str = "slurm", runner: CellRunner = run_cell) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        parameters: dict[str, Any] | None = None,
+        jobs: int | None = None,
+        cluster: str = "slurm",
+        runner: CellRunner = run_cell,
+    ) -> None:
         submitit = import_submitit()
         try:
             self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
@@ -241,8 +279,9 @@ class SlurmExecutor:
         try:
             self.executor.update_parameters(**params)
         except (NameError, ValueError, TypeError, AssertionError) as err:
-            raise UserError(f"bad slurm parameters in the grid: {_one_line(err)}; fix the grid's 'slurm:' block") \
-                from None
+            raise UserError(
+                f"bad slurm parameters in the grid: {_one_line(err)}; fix the grid's 'slurm:' block"
+            ) from None
         self.runner = runner
 
     def run(self, tasks: Sequence[CellTask], report: Callable[[CellOutcome], None]) -> list[CellOutcome]:
@@ -251,17 +290,24 @@ class SlurmExecutor:
             return []
         with self.executor.batch():
             jobs = [self.executor.submit(self.runner, task) for task in tasks]
-        sys.stderr.write(f"fewshot-sla: submitted {len(jobs)} job(s): {', '.join(j.job_id for j in jobs[:3])}"
-                         f"{' ...' if len(jobs) > 3 else ''} (job files in {self.executor.folder})\n")
+        sys.stderr.write(
+            f"fewshot-sla: submitted {len(jobs)} job(s): {', '.join(j.job_id for j in jobs[:3])}"
+            f"{' ...' if len(jobs) > 3 else ''} (job files in {self.executor.folder})\n"
+        )
         outcomes = []
         try:
             for job, task in zip(jobs, tasks):
                 start = time.perf_counter()
                 try:
                     outcome = job.result()
-                except Exception as err:  # noqa: BLE001 - the job died (timeout, preemption, node failure)
-                    outcome = CellOutcome(task.name, "failed", time.perf_counter() - start,
-                                          f"slurm job {job.job_id}: {_last_line(err)}", task.log_file)
+                except Exception as err:
+                    outcome = CellOutcome(
+                        task.name,
+                        "failed",
+                        time.perf_counter() - start,
+                        f"slurm job {job.job_id}: {_last_line(err)}",
+                        task.log_file,
+                    )
                 outcomes.append(outcome)
                 report(outcome)
         except KeyboardInterrupt:
@@ -278,8 +324,10 @@ def import_submitit() -> Any:
     try:
         import submitit
     except ImportError:
-        raise UserError("the slurm executor needs submitit; install it with "
-                        "\"pip install 'fewshot-sla[slurm]'\" (or 'pip install submitit')") from None
+        raise UserError(
+            "the slurm executor needs submitit; install it with "
+            "\"pip install 'fewshot-sla[slurm]'\" (or 'pip install submitit')"
+        ) from None
     return submitit
 
 
@@ -305,8 +353,10 @@ def runs_dir_lock(runs_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise UserError(f"another 'fewshot-sla leaderboard run' is working in {runs_dir}; wait for it to end "
-                            "or choose another --runs-dir") from None
+            raise UserError(
+                f"another 'fewshot-sla leaderboard run' is working in {runs_dir}; wait for it to end "
+                "or choose another --runs-dir"
+            ) from None
         try:
             yield
         finally:
@@ -329,27 +379,39 @@ class GridReport:
     def summary(self) -> str:
         """A few lines: counts, then one line per failed cell with its error and log file."""
         done = sum(o.status == "finished" for o in self.outcomes)
-        lines = [f"{done} cell(s) finished, {len(self.skipped)} skipped (already finished), "
-                 f"{len(self.failed)} failed or interrupted"]
+        lines = [
+            f"{done} cell(s) finished, {len(self.skipped)} skipped (already finished), "
+            f"{len(self.failed)} failed or interrupted"
+        ]
         lines += [f"  FAILED {o.name}: {o.error} (log: {o.log_file})" for o in self.failed if o.status == "failed"]
-        lines += [f"  INTERRUPTED {o.name} (rerun the same command to resume it)" for o in self.failed
-                  if o.status == "interrupted"]
+        lines += [
+            f"  INTERRUPTED {o.name} (rerun the same command to resume it)"
+            for o in self.failed
+            if o.status == "interrupted"
+        ]
         if self.interrupted:
             lines.append("interrupted: rerun the same command to resume the unfinished cells")
         return "\n".join(lines)
 
 
-def run_grid(grid: Grid, runs_dir: str | os.PathLike, executor: Executor,
-             data_root: str | os.PathLike | None = None, stream: TextIO | None = None) -> GridReport:
+def run_grid(
+    grid: Grid,
+    runs_dir: str | os.PathLike,
+    executor: Executor,
+    data_root: str | os.PathLike | None = None,
+    stream: TextIO | None = None,
+) -> GridReport:
     """Run every unfinished cell of ``grid`` under ``runs_dir`` with ``executor``; failures are collected."""
     out = stream if stream is not None else sys.stderr
     with runs_dir_lock(runs_folder(runs_dir)):
         plan = plan_grid(grid, runs_dir, data_root)
         write_cell_configs(grid, plan)
         total = len(plan.tasks)
-        out.write(f"grid {grid.name}: {len(grid.cells)} cells, {len(plan.finished)} finished, "
-                  f"{sum(t.resume for t in plan.tasks)} to resume, {sum(not t.resume for t in plan.tasks)} to start, "
-                  f"in {plan.runs_dir} (each cell's output: {plan.runs_dir / LOGS_DIR}/<cell>.log)\n")
+        out.write(
+            f"grid {grid.name}: {len(grid.cells)} cells, {len(plan.finished)} finished, "
+            f"{sum(t.resume for t in plan.tasks)} to resume, {sum(not t.resume for t in plan.tasks)} to start, "
+            f"in {plan.runs_dir} (each cell's output: {plan.runs_dir / LOGS_DIR}/<cell>.log)\n"
+        )
         done: list[CellOutcome] = []
 
         def report(outcome: CellOutcome) -> None:

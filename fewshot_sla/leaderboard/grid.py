@@ -10,7 +10,7 @@ A grid file (see ``benchmarks/grids/``)::
       - maml
       - method: protonet
         backbones: [conv4]                 # optional: else the grid's backbones, else the config's, else the recipe's
-        config: ../configs/protonet-conv4.yaml   # optional recipe file (RunConfig YAML), relative to this file
+        config: recipes/protonet.yaml   # optional recipe file (RunConfig YAML), relative to this file
         settings: {train_episodes: 600}    # optional RunConfig keys for this entry
     backbones: [resnet12]                  # optional default backbones
     variants:                              # the {transform, objective} axis
@@ -22,7 +22,7 @@ A grid file (see ``benchmarks/grids/``)::
     settings: {eval_episodes: 1000}        # optional RunConfig keys shared by every cell
     rules:                                 # optional exceptions for the cells a rule's 'when' matches
       - when: {method: metaoptnet-svm, dataset: cifarfs}      # axis: value or [values]
-        config: ../configs/metaoptnet-svm-resnet12-cifarfs.yaml   # replaces the entry's recipe file
+        config: recipes/svm-cifarfs.yaml   # replaces the entry's recipe file
         settings: {train_shots: 5}
     slurm: {timeout_min: 600}              # optional submitit parameters for --executor slurm
 
@@ -32,7 +32,11 @@ then the cell's axes (dataset, method, backbone, transform, objective, ways, sho
 block may set. A recipe file must be for the cell's method and backbone when it names them; its dataset,
 ways, transform and objective are replaced by the cell's. A rule on ``backbone`` matches only cells whose
 backbone the grid or the recipe file names, and a rule that matches no cell is an error (a likely typo).
-Everything is checked before anything runs.
+Everything is checked before anything runs: the file's structure by pydantic models (unknown keys, types,
+ranges), run settings as RunConfig values, each error one line naming the file line.
+
+A cell's identity (the hash ending its folder name) covers its fully resolved configuration, the published
+recipe included, so a changed recipe or setting never reuses the run folder of a cell it no longer describes.
 """
 
 from __future__ import annotations
@@ -41,43 +45,48 @@ import hashlib
 import itertools
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fewshot_sla.config import RunConfig, read_config_values
+from fewshot_sla.config import RunConfig, check_values, read_config_values
+from fewshot_sla.engine.recipes import apply_recipe
 from fewshot_sla.errors import UserError
+from fewshot_sla.registry import ALL_REGISTRIES
+from fewshot_sla.validation import one_line_error
 from fewshot_sla.yaml_file import read_yaml
 
 AXES = ("dataset", "method", "backbone", "transform", "objective", "ways", "shots", "seed")
-AXIS_HOME = {"dataset": "datasets", "method": "methods", "backbone": "backbones", "transform": "variants",
-             "objective": "variants", "ways": "ways", "shots": "shots", "seed": "seeds"}
-TOP_KEYS = ("name", "description", "data_root", "datasets", "methods", "backbones", "variants", "ways", "shots",
-            "seeds", "settings", "rules", "slurm")
-REQUIRED_KEYS = ("datasets", "methods", "variants", "shots")
-ENTRY_KEYS = ("method", "backbones", "config", "settings")
-RULE_KEYS = ("when", "config", "settings")
-VARIANT_KEYS = ("transform", "objective")
-HASH_FREE_KEYS = ("device",)  # settings that never change a cell's results, so not part of its identity
+AXIS_HOME = {
+    "dataset": "datasets",
+    "method": "methods",
+    "backbone": "backbones",
+    "transform": "variants",
+    "objective": "variants",
+    "ways": "ways",
+    "shots": "shots",
+    "seed": "seeds",
+}
+# Settings that never change a cell's results, so not part of its identity.
+HASH_FREE_KEYS = ("device", "eval_batch", "feature_cache")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of a grid: the RunConfig values it sets and a deterministic folder name derived from them."""
+    """One run of a grid: the values the grid sets, its resolved configuration, and its folder name."""
 
     name: str
     values: dict[str, Any]
-
-    def config(self) -> RunConfig:
-        """The cell's run configuration (recipe fields still unset)."""
-        return RunConfig.from_mapping(self.values, f"cell {self.name}")
+    config: RunConfig
 
     def to_yaml(self) -> str:
-        """The values as a ``fewshot-sla run --config`` file."""
-        return yaml.safe_dump(self.values, sort_keys=False, default_flow_style=False)
+        """The resolved configuration as a ``fewshot-sla run --config`` file."""
+        return self.config.to_yaml()
 
 
 @dataclass(frozen=True)
@@ -92,33 +101,161 @@ class Grid:
     slurm: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class _Recipe:
-    """A recipe file's values (axis keys other than method and backbone dropped) and where it came from."""
-
-    file: str
-    values: dict[str, Any]
-    method: str | None
-    backbone: str | None
+# ----- the file's structure (pydantic) -----
 
 
-@dataclass(frozen=True)
-class _Entry:
+def _listed(value: Any) -> Any:
+    """A single scalar stands for a list of one."""
+    return value if isinstance(value, list) else [value]
+
+
+def _no_repeats(items: list[Any]) -> list[Any]:
+    for i, item in enumerate(items):
+        if item in items[:i]:
+            raise ValueError(f"{item!r} is listed twice; remove one")
+    return items
+
+
+def _registered(kind: str, names: list[str]) -> list[str]:
+    for name in names:
+        try:
+            ALL_REGISTRIES[kind].get(name)
+        except UserError as err:
+            raise ValueError(str(err)) from None
+    return names
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Entry(_Strict):
     method: str
-    backbones: list[str] | None
-    recipe: _Recipe | None
-    settings: dict[str, Any]
+    backbones: list[str] | None = None
+    config: str | None = None
+    settings: dict[str, Any] | None = None
+
+    @field_validator("backbones", mode="before")
+    @classmethod
+    def _one(cls, value: Any) -> Any:
+        return None if value is None else _listed(value)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, name: str) -> str:
+        return _registered("learners", [name])[0]
+
+    @field_validator("backbones")
+    @classmethod
+    def _backbones(cls, names: list[str] | None) -> list[str] | None:
+        return None if names is None else _registered("backbones", _no_repeats(names))
 
 
-@dataclass(frozen=True)
-class _Rule:
-    index: int
-    when: dict[str, list[Any]]
-    recipe: _Recipe | None
-    settings: dict[str, Any]
+class _Variant(_Strict):
+    transform: str
+    objective: str
 
-    def matches(self, axes: Mapping[str, Any]) -> bool:
-        return all(axes[key] in values for key, values in self.when.items())
+    @field_validator("transform")
+    @classmethod
+    def _transform(cls, name: str) -> str:
+        return _registered("transforms", [name])[0]
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, name: str) -> str:
+        return _registered("objectives", [name])[0]
+
+
+class _Rule(_Strict):
+    when: dict[str, list[Any]] = Field(min_length=1)
+    config: str | None = None
+    settings: dict[str, Any] | None = None
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _lists(cls, when: Any) -> Any:
+        return {k: _listed(v) for k, v in when.items()} if isinstance(when, dict) else when
+
+    @field_validator("when")
+    @classmethod
+    def _axes(cls, when: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        unknown = [k for k in when if k not in AXES]
+        if unknown:
+            raise ValueError(f"unknown axis '{unknown[0]}'; rules match on: {', '.join(AXES)}")
+        return when
+
+
+class _GridFile(_Strict):
+    name: str | None = None
+    description: str = ""
+    data_root: str | None = None
+    datasets: dict[str, dict[str, Any] | None] = Field(min_length=1)
+    methods: list[_Entry] = Field(min_length=1)
+    backbones: list[str] | None = None
+    variants: list[_Variant] = Field(min_length=1)
+    ways: list[int] = Field(default=[5], min_length=1)
+    shots: list[int] = Field(min_length=1)
+    seeds: list[int] = Field(default=[0], min_length=1)
+    settings: dict[str, Any] | None = None
+    rules: list[_Rule] = Field(default_factory=list)
+    slurm: dict[str, Any] | None = None
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _dataset_list(cls, value: Any) -> Any:
+        if isinstance(value, (list, str)):
+            names = _no_repeats(_listed(value))
+            return {name: None for name in names} if all(isinstance(n, str) for n in names) else value
+        return value
+
+    @field_validator("datasets")
+    @classmethod
+    def _datasets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _registered("datasets", list(value))
+        return value
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _method_names(cls, value: Any) -> Any:
+        return [{"method": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+    @field_validator("backbones", "ways", "shots", "seeds", mode="before")
+    @classmethod
+    def _scalars(cls, value: Any) -> Any:
+        return None if value is None else _listed(value)
+
+    @field_validator("backbones")
+    @classmethod
+    def _backbones(cls, names: list[str] | None) -> list[str] | None:
+        return None if names is None else _registered("backbones", _no_repeats(names))
+
+    @field_validator("ways", "shots", "seeds")
+    @classmethod
+    def _whole(cls, values: list[int], info: Any) -> list[int]:
+        minimum = {"ways": 2, "shots": 1, "seeds": 0}[info.field_name]
+        bad = [v for v in values if v < minimum]
+        if bad:
+            raise ValueError(f"'{info.field_name}' entries must be integers >= {minimum}, got {bad[0]!r}")
+        return _no_repeats(values)
+
+    @field_validator("variants")
+    @classmethod
+    def _distinct_variants(cls, variants: list[_Variant]) -> list[_Variant]:
+        pairs = [(v.transform, v.objective) for v in variants]
+        for i, pair in enumerate(pairs):
+            if pair in pairs[:i]:
+                raise ValueError(f"variant {pair[0]} + {pair[1]} is listed twice; remove one")
+        return variants
+
+    @field_validator("name")
+    @classmethod
+    def _word(cls, name: str | None) -> str | None:
+        if name is not None and not _NAME.match(name):
+            raise ValueError(f"'name' must be one word of letters, digits, '_', '.', '+' or '-', got {name!r}")
+        return name
+
+
+# ----- positions in the file, for error lines -----
 
 
 class _Source:
@@ -151,59 +288,92 @@ class _Source:
         return f"grid {self.path}"
 
 
+# ----- expansion into cells -----
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """A recipe file's values (axis keys other than method and backbone dropped) and where it came from."""
+
+    file: str
+    values: dict[str, Any]
+    method: str | None
+    backbone: str | None
+
+
 def load_grid(path: str | Path) -> Grid:
     """Read and check a grid file and expand it into cells; any mistake is a one-line UserError."""
     path = Path(path)
     root, data = read_yaml(path, "grid", "GRID")
     src = _Source(path, root)
     if not isinstance(data, dict):
-        raise UserError(f"grid {path} must hold a mapping with the keys {', '.join(REQUIRED_KEYS)} "
-                        "(see benchmarks/grids/)")
-    _check_keys(data, TOP_KEYS, src, ())
-    for key in REQUIRED_KEYS:
-        if data.get(key) in (None, [], {}):
-            raise UserError(f"grid {path} has no '{key}'; add '{key}:' with at least one entry")
-    name = data.get("name", path.stem)
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise UserError(f"{src.at('name')}: 'name' must be one word of letters, digits, '_', '.', '+' or '-', "
-                        f"got {name!r}")
-    description = data.get("description") or ""
-    if not isinstance(description, str):
-        raise UserError(f"{src.at('description')}: 'description' must be text")
-    data_root = data.get("data_root")
-    if data_root is not None and not isinstance(data_root, str):
-        raise UserError(f"{src.at('data_root')}: 'data_root' must be a folder path")
-    slurm = data.get("slurm") or {}
-    if not isinstance(slurm, dict) or not all(isinstance(k, str) for k in slurm):
-        raise UserError(f"{src.at('slurm')}: 'slurm' must be a mapping of submitit parameters, "
-                        "e.g. {timeout_min: 600, slurm_partition: gpu}")
+        raise UserError(
+            f"grid {path} must hold a mapping with the keys datasets, methods, variants, shots (see benchmarks/grids/)"
+        )
+    try:
+        grid = _GridFile.model_validate(data)
+    except ValidationError as err:
+        raise one_line_error(err, lambda loc: src.at(*loc), list(_GridFile.model_fields)) from None
     base = path.parent
-    shared = _settings(data.get("settings"), src, ("settings",))
-    datasets = _datasets(data["datasets"], src)
-    entries = _entries(data["methods"], src, base)
-    default_backbones = _names(data["backbones"], src, ("backbones",), "backbone") if "backbones" in data else None
-    variants = _variants(data["variants"], src)
-    ways = _ints(data.get("ways", [5]), src, ("ways",), minimum=2)
-    shots = _ints(data["shots"], src, ("shots",), minimum=1)
-    seeds = _ints(data.get("seeds", [0]), src, ("seeds",), minimum=0)
-    rules = _rules(data.get("rules"), src, base)
+    shared = _settings(grid.settings, src, ("settings",))
+    datasets = {name: _settings(s, src, ("datasets", name)) for name, s in grid.datasets.items()}
+    entries = [
+        (
+            e,
+            _recipe(e.config, src, ("methods", i, "config"), base) if e.config else None,
+            _settings(e.settings, src, ("methods", i, "settings")),
+        )
+        for i, e in enumerate(grid.methods)
+    ]
+    for i, (entry, recipe, _) in enumerate(entries):
+        if recipe is not None and recipe.method not in (None, entry.method):
+            raise UserError(
+                f"{src.at('methods', i, 'config')}: {recipe.file} is a recipe for '{recipe.method}', "
+                f"not '{entry.method}'; point 'config' at the right file"
+            )
+    rules = [
+        (
+            r,
+            _recipe(r.config, src, ("rules", i, "config"), base) if r.config else None,
+            _settings(r.settings, src, ("rules", i, "settings")),
+        )
+        for i, r in enumerate(grid.rules)
+    ]
+    for i, (rule, _, _) in enumerate(rules):
+        if rule.config is None and rule.settings is None:
+            raise UserError(f"{src.at('rules', i)}: rule {i + 1} sets nothing; give it 'config' and/or 'settings'")
     used = [False] * len(rules)
     cells: dict[str, Cell] = {}
-    for (dataset, dataset_settings), entry in itertools.product(datasets.items(), entries):
-        backbones = entry.backbones or default_backbones or [entry.recipe.backbone if entry.recipe else None]
-        for backbone, (transform, objective), n, k, seed in itertools.product(backbones, variants, ways, shots,
-                                                                            seeds):
-            axes = {"dataset": dataset, "method": entry.method, "backbone": backbone, "transform": transform,
-                    "objective": objective, "ways": n, "shots": k, "seed": seed}
-            matched = [rule for rule in rules if rule.matches(axes)]
-            for rule in matched:
-                used[rule.index] = True
-            recipe = next((r.recipe for r in reversed(matched) if r.recipe is not None), entry.recipe)
+    for (dataset, dataset_settings), (entry, entry_recipe, entry_settings) in itertools.product(
+        datasets.items(), entries
+    ):
+        backbones = entry.backbones or grid.backbones or [entry_recipe.backbone if entry_recipe else None]
+        for backbone, variant, n, k, seed in itertools.product(
+            backbones, grid.variants, grid.ways, grid.shots, grid.seeds
+        ):
+            axes = {
+                "dataset": dataset,
+                "method": entry.method,
+                "backbone": backbone,
+                "transform": variant.transform,
+                "objective": variant.objective,
+                "ways": n,
+                "shots": k,
+                "seed": seed,
+            }
+            matched = [
+                i
+                for i, (rule, _, _) in enumerate(rules)
+                if all(axes[key] in values for key, values in rule.when.items())
+            ]
+            for i in matched:
+                used[i] = True
+            recipe = next((rules[i][1] for i in reversed(matched) if rules[i][1] is not None), entry_recipe)
             if recipe is not None:
                 _check_recipe(recipe, axes, src)
-            values = {**(recipe.values if recipe else {}), **shared, **dataset_settings, **entry.settings}
-            for rule in matched:
-                values.update(rule.settings)
+            values = {**(recipe.values if recipe else {}), **shared, **dataset_settings, **entry_settings}
+            for i in matched:
+                values.update(rules[i][2])
             values.update(axes)
             if values["backbone"] is None:
                 del values["backbone"]
@@ -211,191 +381,82 @@ def load_grid(path: str | Path) -> Grid:
             if cell.name in cells:
                 raise UserError(f"grid {path} gives the cell {cell.name} twice; remove the duplicate entry")
             cells[cell.name] = cell
-    for rule, hit in zip(rules, used):
+    for i, hit in enumerate(used):
         if not hit:
-            raise UserError(f"{src.at('rules', rule.index)}: rule {rule.index + 1} matches no cell of the grid; "
-                            "fix its 'when' (values must be the grid's datasets, methods, backbones, ...)")
-    root_path = (base / data_root).resolve() if data_root else None
-    return Grid(name, path, description.strip(), root_path, list(cells.values()), dict(slurm))
+            raise UserError(
+                f"{src.at('rules', i)}: rule {i + 1} matches no cell of the grid; "
+                "fix its 'when' (values must be the grid's datasets, methods, backbones, ...)"
+            )
+    root_path = (base / grid.data_root).resolve() if grid.data_root else None
+    return Grid(
+        grid.name or path.stem, path, grid.description.strip(), root_path, list(cells.values()), dict(grid.slurm or {})
+    )
 
 
-def cell_name(values: Mapping[str, Any], backbone: str) -> str:
-    """``<dataset>-<method>-<backbone>-<N>w<K>s-<transform>-<objective>-s<seed>-<hash>``; the 8 hex digits
-    cover every value of the cell, so that a changed setting never reuses an old run folder."""
-    identity = {k: v for k, v in values.items() if k not in HASH_FREE_KEYS}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-    v = values
-    return (f"{v['dataset']}-{v['method']}-{backbone}-{v['ways']}w{v['shots']}s-{v['transform']}-{v['objective']}"
-            f"-s{v['seed']}-{digest}")
+def cell_identity(config: RunConfig) -> str:
+    """8 hex digits naming a resolved configuration (settings that never change results left out)."""
+    identity = {k: v for k, v in config.to_dict().items() if k not in HASH_FREE_KEYS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def cell_name(config: RunConfig) -> str:
+    """``<dataset>-<method>-<backbone>-<N>w<K>s-<transform>-<objective>-s<seed>-<identity>``."""
+    c = config
+    return (
+        f"{c.dataset}-{c.method}-{c.backbone}-{c.ways}w{c.shots}s-{c.transform}-{c.objective}-s{c.seed}"
+        f"-{cell_identity(c)}"
+    )
 
 
 def _cell(values: dict[str, Any], src: _Source) -> Cell:
-    """Check one cell's full configuration (ranges, and the recipe it resolves to) and name it."""
-    from fewshot_sla.engine.recipes import apply_recipe
-
-    label = (f"{values['dataset']} / {values['method']} / {values.get('backbone') or 'recipe backbone'} / "
-             f"{values['transform']} + {values['objective']} / {values['ways']}-way {values['shots']}-shot")
+    """Resolve one cell's configuration (its recipe filled in, ranges checked) and name it."""
+    label = (
+        f"{values['dataset']} / {values['method']} / {values.get('backbone') or 'recipe backbone'} / "
+        f"{values['transform']} + {values['objective']} / {values['ways']}-way {values['shots']}-shot"
+    )
     try:
-        resolved = apply_recipe(RunConfig.from_mapping(values, f"grid {src.path}").validate())
+        resolved = apply_recipe(RunConfig.from_mapping(values, f"grid {src.path}"))
     except UserError as err:
         reason = re.sub(r"; fix --[\w-]+$", "; fix it in the grid", str(err))  # the grid, not a flag, set it
         raise UserError(f"grid {src.path}, cell {label}: {reason}") from None
-    return Cell(cell_name(values, str(resolved.backbone)), values)
+    return Cell(cell_name(resolved), values, resolved)
 
 
 def _check_recipe(recipe: _Recipe, axes: Mapping[str, Any], src: _Source) -> None:
     """A recipe file used for a cell must be for that cell's method and backbone."""
     for key, own in (("method", recipe.method), ("backbone", recipe.backbone)):
         if own is not None and axes[key] is not None and own != axes[key]:
-            raise UserError(f"grid {src.path}: recipe file {recipe.file} is for {key} '{own}' but is used for "
-                            f"{key} '{axes[key]}'; point 'config' at a recipe for that {key}")
+            raise UserError(
+                f"grid {src.path}: recipe file {recipe.file} is for {key} '{own}' but is used for "
+                f"{key} '{axes[key]}'; point 'config' at a recipe for that {key}"
+            )
 
 
-def _check_keys(mapping: Mapping[str, Any], valid: tuple[str, ...], src: _Source, where: tuple[Any, ...]) -> None:
-    for key in mapping:
-        if key not in valid:
-            raise UserError(f"{src.at(*where, key)}: unknown key '{key}'; valid keys here: {', '.join(valid)}")
-
-
-def _settings(value: Any, src: _Source, where: tuple[Any, ...]) -> dict[str, Any]:
+def _settings(value: dict[str, Any] | None, src: _Source, where: tuple[Any, ...]) -> dict[str, Any]:
     """A checked mapping of RunConfig keys (no grid axis among them), values converted to their types."""
-    if value is None:
+    if not value:
         return {}
-    if not isinstance(value, dict):
-        raise UserError(f"{src.at(*where)}: '{where[-1]}' must be a mapping of run settings (RunConfig keys)")
     for key in value:
         if key in AXES:
-            raise UserError(f"{src.at(*where, key)}: '{key}' is a grid axis, not a setting; "
-                            f"give it under '{AXIS_HOME[key]}'")
-    return {key: getattr(RunConfig.from_mapping({key: item}, src.at(*where, key)), key) for key, item in value.items()}
+            raise UserError(
+                f"{src.at(*where, key)}: '{key}' is a grid axis, not a setting; give it under '{AXIS_HOME[key]}'"
+            )
+    return {key: check_values({key: item}, src.at(*where, key))[key] for key, item in value.items()}
 
 
-def _known(kind: str, name: Any, where: str) -> str:
-    """``name`` when it is registered as a ``kind`` (dataset, learner, ...), else a UserError at ``where``."""
-    from fewshot_sla.registry import ALL_REGISTRIES
-
-    if not isinstance(name, str):
-        raise UserError(f"{where}: {kind} names must be text, got {name!r}")
-    try:
-        ALL_REGISTRIES[kind + "s"].get(name)
-    except UserError as err:
-        raise UserError(f"{where}: {err}") from None
-    return name
-
-
-def _list(value: Any, src: _Source, where: tuple[Any, ...], what: str) -> list[Any]:
-    """A non-empty list (a single scalar is a list of one) without repeated items."""
-    items = value if isinstance(value, list) else [value]
-    if not items or any(isinstance(item, (dict, list)) or item is None for item in items):
-        raise UserError(f"{src.at(*where)}: '{where[-1]}' must be {what} or a non-empty list of them")
-    for i, item in enumerate(items):
-        if item in items[:i]:
-            raise UserError(f"{src.at(*where, i)}: {item!r} is listed twice in '{where[-1]}'; remove one")
-    return items
-
-
-def _names(value: Any, src: _Source, where: tuple[Any, ...], kind: str) -> list[str]:
-    """A non-empty list of registered ``kind`` names."""
-    items = _list(value, src, where, f"a {kind} name")
-    return [_known(kind, item, src.at(*where, i)) for i, item in enumerate(items)]
-
-
-def _ints(value: Any, src: _Source, where: tuple[Any, ...], minimum: int) -> list[int]:
-    """A non-empty list of integers >= ``minimum``."""
-    items = _list(value, src, where, "an integer")
-    for i, item in enumerate(items):
-        if not isinstance(item, int) or isinstance(item, bool) or item < minimum:
-            raise UserError(f"{src.at(*where, i)}: '{where[-1]}' entries must be integers >= {minimum}, got {item!r}")
-    return items
-
-
-def _datasets(value: Any, src: _Source) -> dict[str, dict[str, Any]]:
-    """Dataset name -> its settings, from a list of names or a mapping name: settings."""
-    if isinstance(value, dict):
-        return {_known("dataset", name, src.at("datasets", name)): _settings(s, src, ("datasets", name))
-                for name, s in value.items()}
-    return {name: {} for name in _names(value, src, ("datasets",), "dataset")}
-
-
-def _recipe(value: Any, src: _Source, where: tuple[Any, ...], base: Path) -> _Recipe:
+def _recipe(value: str, src: _Source, where: tuple[Any, ...], base: Path) -> _Recipe:
     """Read a recipe file named by a ``config`` key (relative to the grid file)."""
-    if not isinstance(value, str):
-        raise UserError(f"{src.at(*where)}: 'config' must be a file path")
     file = base / value
     if not file.is_file():
-        raise UserError(f"{src.at(*where)}: recipe file {file} does not exist; fix the 'config' path "
-                        "(relative to the grid file)")
-    values = read_config_values(file)
+        raise UserError(
+            f"{src.at(*where)}: recipe file {file} does not exist; fix the 'config' path (relative to the grid file)"
+        )
+    values, _ = read_config_values(file)
     backbone = values.get("backbone")
     if backbone is not None:
-        _known("backbone", backbone, str(file))
+        try:
+            _registered("backbones", [backbone])
+        except ValueError as err:
+            raise UserError(f"{file}: {err}") from None
     kept = {k: v for k, v in values.items() if k not in AXES or k == "backbone"}
     return _Recipe(str(file), kept, values.get("method"), backbone)
-
-
-def _entries(value: Any, src: _Source, base: Path) -> list[_Entry]:
-    """The method entries: a name, or {method, backbones, config, settings}."""
-    if not isinstance(value, list):
-        raise UserError(f"{src.at('methods')}: 'methods' must be a list of method names or "
-                        "{method: NAME, backbones: [...], config: FILE, settings: {...}} entries")
-    out = []
-    for i, item in enumerate(value):
-        where = ("methods", i)
-        if isinstance(item, str):
-            out.append(_Entry(_known("learner", item, src.at(*where)), None, None, {}))
-            continue
-        if not isinstance(item, dict) or "method" not in item:
-            raise UserError(f"{src.at(*where)}: each method entry is a name or a mapping with a 'method' key")
-        _check_keys(item, ENTRY_KEYS, src, where)
-        method = _known("learner", item["method"], src.at(*where, "method"))
-        recipe = _recipe(item["config"], src, (*where, "config"), base) if "config" in item else None
-        if recipe is not None and recipe.method not in (None, method):
-            raise UserError(f"{src.at(*where, 'config')}: {recipe.file} is a recipe for '{recipe.method}', "
-                            f"not '{method}'; point 'config' at the right file")
-        backbones = _names(item["backbones"], src, (*where, "backbones"), "backbone") if "backbones" in item else None
-        out.append(_Entry(method, backbones, recipe, _settings(item.get("settings"), src, (*where, "settings"))))
-    return out
-
-
-def _variants(value: Any, src: _Source) -> list[tuple[str, str]]:
-    """The (transform, objective) pairs, each a registered name."""
-    if not isinstance(value, list) or not value:
-        raise UserError(f"{src.at('variants')}: 'variants' must be a list like "
-                        "[{transform: none, objective: baseline}, {transform: rotation, objective: sla}]")
-    out: list[tuple[str, str]] = []
-    for i, entry in enumerate(value):
-        if not isinstance(entry, dict):
-            raise UserError(f"{src.at('variants', i)}: each variant is a mapping with the keys transform, objective")
-        _check_keys(entry, VARIANT_KEYS, src, ("variants", i))
-        for key in VARIANT_KEYS:
-            if key not in entry:
-                raise UserError(f"{src.at('variants', i)}: variant {i + 1} needs '{key}: <name>'")
-        pair = (_known("transform", entry["transform"], src.at("variants", i, "transform")),
-                _known("objective", entry["objective"], src.at("variants", i, "objective")))
-        if pair in out:
-            raise UserError(f"{src.at('variants', i)}: variant {pair[0]} + {pair[1]} is listed twice; remove one")
-        out.append(pair)
-    return out
-
-
-def _rules(value: Any, src: _Source, base: Path) -> list[_Rule]:
-    """The rules: which cells (``when``) get another recipe file and/or extra settings."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise UserError(f"{src.at('rules')}: 'rules' must be a list of {{when: {{...}}, config: FILE, "
-                        "settings: {...}} entries")
-    out = []
-    for i, item in enumerate(value):
-        where = ("rules", i)
-        if not isinstance(item, dict) or not isinstance(item.get("when"), dict) or not item["when"]:
-            raise UserError(f"{src.at(*where)}: each rule needs 'when: {{axis: value, ...}}' "
-                            f"(axes: {', '.join(AXES)})")
-        _check_keys(item, RULE_KEYS, src, where)
-        _check_keys(item["when"], AXES, src, (*where, "when"))
-        if "config" not in item and "settings" not in item:
-            raise UserError(f"{src.at(*where)}: rule {i + 1} sets nothing; give it 'config' and/or 'settings'")
-        when = {key: _list(v, src, (*where, "when", key), "a value") for key, v in item["when"].items()}
-        recipe = _recipe(item["config"], src, (*where, "config"), base) if "config" in item else None
-        out.append(_Rule(i, when, recipe, _settings(item.get("settings"), src, (*where, "settings"))))
-    return out

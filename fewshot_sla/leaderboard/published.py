@@ -16,8 +16,21 @@ from fewshot_sla.errors import UserError
 
 # The repository's table (present in a source checkout, not in an installed wheel).
 DEFAULT_PUBLISHED = Path(__file__).resolve().parents[2] / "benchmarks" / "published.csv"
-COLUMNS = ("method", "backbone", "backbone_detail", "dataset", "ways", "shots", "accuracy", "ci95",
-           "test_episodes", "test_queries", "source", "reference", "note")
+COLUMNS = (
+    "method",
+    "backbone",
+    "backbone_detail",
+    "dataset",
+    "ways",
+    "shots",
+    "accuracy",
+    "ci95",
+    "test_episodes",
+    "test_queries",
+    "source",
+    "reference",
+    "note",
+)
 REQUIRED = ("method", "backbone", "dataset", "ways", "shots", "accuracy", "ci95", "source")
 
 
@@ -61,8 +74,9 @@ def load_published(path: str | Path = DEFAULT_PUBLISHED) -> list[PublishedResult
     try:
         text = path.read_text()
     except OSError as err:
-        raise UserError(f"cannot read the published-number table {path}: {err.strerror}; "
-                        "check --published or pass --no-published") from None
+        raise UserError(
+            f"cannot read the published-number table {path}: {err.strerror}; check --published or pass --no-published"
+        ) from None
     reader = csv.DictReader(text.splitlines())
     header = reader.fieldnames or []
     missing = [c for c in REQUIRED if c not in header]
@@ -76,16 +90,23 @@ def load_published(path: str | Path = DEFAULT_PUBLISHED) -> list[PublishedResult
         for column in REQUIRED:
             if not row[column].strip():
                 raise UserError(f"{where}: '{column}' is empty")
-        rows.append(PublishedResult(
-            method=row["method"].strip(), backbone=row["backbone"].strip(),
-            backbone_detail=row.get("backbone_detail", "").strip(), dataset=row["dataset"].strip(),
-            ways=_number(row["ways"], int, where, "ways"), shots=_number(row["shots"], int, where, "shots"),
-            accuracy=_number(row["accuracy"], float, where, "accuracy"),
-            ci95=_number(row["ci95"], float, where, "ci95"),
-            test_episodes=_optional_int(row.get("test_episodes", ""), where, "test_episodes"),
-            test_queries=_optional_int(row.get("test_queries", ""), where, "test_queries"),
-            source=row["source"].strip(), reference=row.get("reference", "").strip(), note=row.get("note", "").strip(),
-        ))
+        rows.append(
+            PublishedResult(
+                method=row["method"].strip(),
+                backbone=row["backbone"].strip(),
+                backbone_detail=row.get("backbone_detail", "").strip(),
+                dataset=row["dataset"].strip(),
+                ways=int(_number(row["ways"], int, where, "ways")),
+                shots=int(_number(row["shots"], int, where, "shots")),
+                accuracy=_number(row["accuracy"], float, where, "accuracy"),
+                ci95=_number(row["ci95"], float, where, "ci95"),
+                test_episodes=_optional_int(row.get("test_episodes", ""), where, "test_episodes"),
+                test_queries=_optional_int(row.get("test_queries", ""), where, "test_queries"),
+                source=row["source"].strip(),
+                reference=row.get("reference", "").strip(),
+                note=row.get("note", "").strip(),
+            )
+        )
     return rows
 
 
@@ -93,8 +114,9 @@ def _number(text: str, kind: type, where: str, column: str) -> float | int:
     try:
         value = kind(text.strip())
     except ValueError:
-        raise UserError(f"{where}: '{column}' must be {'an integer' if kind is int else 'a number'}, "
-                        f"got {text!r}") from None
+        raise UserError(
+            f"{where}: '{column}' must be {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
     if not math.isfinite(value) or value < 0:
         raise UserError(f"{where}: '{column}' must be a non-negative number, got {text!r}")
     return value

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -37,7 +38,8 @@ class EmbeddingLearner(Learner):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """[B, R, C, H, W] images -> [B, R, D] embeddings, in one backbone pass."""
         b, r = images.shape[:2]
-        return self.backbone(images.flatten(0, 1)).reshape(b, r, -1)
+        features: torch.Tensor = self.backbone(images.flatten(0, 1))
+        return features.reshape(b, r, -1)
 
     def head(
         self,

@@ -30,7 +30,7 @@ Choices, stated:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -102,14 +102,17 @@ class MAML(LazyModuleMixin, Learner):
         self.first_order = first_order
         self.episodes = episodes
         use_batch_statistics(backbone)
-        self.head_weight: nn.Parameter = nn.UninitializedParameter()
+        self.head_weight: nn.Parameter | nn.UninitializedParameter = nn.UninitializedParameter()
         self.head_bias = nn.Parameter(torch.zeros(()))
 
     def initialize_parameters(self, support: torch.Tensor, *args: object, **kwargs: object) -> None:
         """Materialise the head row (zeros) with the backbone's feature size at this image size."""
         if isinstance(self.head_weight, nn.UninitializedParameter):
+            feature_dim = getattr(self.backbone, "feature_dim", None)
+            if not callable(feature_dim):
+                raise TypeError("MAML's backbone needs feature_dim(image_size) -> int (the backbone contract)")
             with torch.no_grad():
-                self.head_weight.materialize((self.backbone.feature_dim(support.shape[-1]),))
+                self.head_weight.materialize((int(feature_dim(support.shape[-1])),))
                 self.head_weight.zero_()
 
     def forward(
@@ -143,14 +146,15 @@ class MAML(LazyModuleMixin, Learner):
         keep_graph: bool,
     ) -> torch.Tensor:
         """One episode: [S,C,H,W], [S], [Q,C,H,W] -> [Q, ways] logits after adaptation."""
-        body = {k: v for k, v in self.backbone.named_parameters()}
+        body: Params = dict(self.backbone.named_parameters())
         head = {
             "weight": self.head_weight.expand(ways, self.head_weight.shape[0]),
             "bias": self.head_bias.expand(ways),
         }
 
         def features(params: Params, images: torch.Tensor) -> torch.Tensor:
-            return functional_call(self.backbone, params, (images,))
+            out: torch.Tensor = functional_call(self.backbone, params, (images,))
+            return out
 
         if self.adapt == "head":
             support_features = features(body, support)
@@ -179,9 +183,7 @@ class MAML(LazyModuleMixin, Learner):
         with torch.set_grad_enabled(keep_graph):
             return linear(features(params, query), head)
 
-    def _adapt(
-        self, fast: Params, loss_fn: Callable[[Params], torch.Tensor], steps: int, second_order: bool
-    ) -> Params:
+    def _adapt(self, fast: Params, loss_fn: Callable[[Params], torch.Tensor], steps: int, second_order: bool) -> Params:
         """``steps`` gradient steps on ``loss_fn``; first order treats the inner gradients as constants."""
         for _ in range(steps):
             if self.episodes == "vmap" and second_order:

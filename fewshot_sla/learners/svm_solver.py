@@ -44,6 +44,7 @@ size); the solution is returned in the kernel's dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -245,7 +246,7 @@ class _CrammerSingerDual(torch.autograd.Function):
     """alpha(K): the dual solution, differentiated implicitly through the KKT system of its final face."""
 
     @staticmethod
-    def forward(ctx, kernel, labels, ways, *options):  # type: ignore[override]
+    def forward(ctx: Any, kernel: torch.Tensor, labels: torch.Tensor, ways: int, *options: Any) -> torch.Tensor:
         solution = solve_dual(kernel, labels, ways, *options)
         face = solution.face
         ctx.save_for_backward(solution.alpha, face.free, face.multi, face.order, face.valid, face.inv, face.schur)
@@ -253,7 +254,7 @@ class _CrammerSingerDual(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_alpha):  # type: ignore[override]
+    def backward(ctx: Any, grad_alpha: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         alpha, *face = ctx.saved_tensors
         grad = grad_alpha.to(torch.float64)
         adjoint = _Face(*face).solve(grad, torch.zeros(grad.shape[:2], dtype=grad.dtype, device=grad.device))
@@ -277,4 +278,7 @@ def crammer_singer_dual(
     Gradients flow to ``kernel`` by implicit differentiation (see the module docstring); options as in
     :func:`solve_dual`.
     """
-    return _CrammerSingerDual.apply(kernel, labels, ways, cost, ridge, max_iter, pdas_steps, tol, warm_steps)
+    alpha: torch.Tensor = _CrammerSingerDual.apply(
+        kernel, labels, ways, cost, ridge, max_iter, pdas_steps, tol, warm_steps
+    )
+    return alpha

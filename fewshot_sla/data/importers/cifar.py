@@ -7,7 +7,7 @@ test images (600 per class). Class names are the fine class names; identifiers `
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +71,19 @@ def _read(root: Path, convention: SplitConvention) -> Iterator[tuple[str, RawSpl
             rows[name] = found
             ids[name] = [f"{parts[p][0]}/{r}" for p, r in found]
         labels, flat, image_ids = stack_split(class_names, rows, ids)
-        yield split, RawSplit(
-            class_names, labels, image_ids, load=lambda i, f=flat: parts[f[i][0]][1][f[i][1]]
-        )
+        yield split, RawSplit(class_names, labels, image_ids, load=_rows_of_parts(parts, flat))
+
+
+def _rows_of_parts(
+    parts: list[tuple[str, np.ndarray, np.ndarray]], flat: list[tuple[int, int]]
+) -> Callable[[int], np.ndarray]:
+    """A ``RawSplit.load``: image ``i`` is row ``flat[i][1]`` of the images of file ``flat[i][0]``."""
+
+    def load(i: int) -> np.ndarray:
+        part, row = flat[i]
+        return parts[part][1][row]
+
+    return load
 
 
 CIFAR100_PYTHON = Layout(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,24 @@ class BadImage(Exception):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+
+
+def rows_of(images: np.ndarray, rows: Sequence[int] | np.ndarray | None = None) -> Callable[[int], np.ndarray]:
+    """A ``RawSplit.load``: image ``i`` is ``images[rows[i]]`` (``images[i]`` without ``rows``)."""
+
+    def load(i: int) -> np.ndarray:
+        return images[i if rows is None else rows[i]]
+
+    return load
+
+
+def files_of(paths: Sequence[Path]) -> Callable[[int], np.ndarray]:
+    """A ``RawSplit.load``: image ``i`` is decoded from ``paths[i]``."""
+
+    def load(i: int) -> np.ndarray:
+        return read_image_file(paths[i])
+
+    return load
 
 
 @dataclass
@@ -172,14 +190,16 @@ def ravi_ids_by_position(
 def require_images(data: Any, path: Path) -> np.ndarray:
     """A uint8 image array ``[N, H, W, 3]`` from a pickle; CIFAR's flat ``[N, 3*H*W]`` (CHW) rows are unpacked."""
     if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2:
-        side = int(round((data.shape[1] / 3) ** 0.5))
+        side = round((data.shape[1] / 3) ** 0.5)
         if 3 * side * side == data.shape[1]:
             return data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1)
     if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 4 and data.shape[3] == 3:
         return data
     shape = getattr(data, "shape", None)
-    raise UserError(f"{path} holds images of shape {shape} and type {getattr(data, 'dtype', type(data).__name__)}; "
-                    "expected uint8 [N, H, W, 3] (or CIFAR's [N, 3072])")
+    raise UserError(
+        f"{path} holds images of shape {shape} and type {getattr(data, 'dtype', type(data).__name__)}; "
+        "expected uint8 [N, H, W, 3] (or CIFAR's [N, 3072])"
+    )
 
 
 def require_labels(labels: Any, count: int, path: Path, key: str) -> np.ndarray:
@@ -187,7 +207,7 @@ def require_labels(labels: Any, count: int, path: Path, key: str) -> np.ndarray:
     try:
         array = np.asarray(labels, dtype=np.int64)
     except (TypeError, ValueError):
-        array = np.zeros(0)
+        array = np.zeros(0, dtype=np.int64)
     if array.shape != (count,):
         raise UserError(f"{path}: '{key}' must hold one integer label per image ({count}); got shape {array.shape}")
     return array

@@ -14,7 +14,7 @@ from fewshot_sla.data.conventions import SplitConvention
 from fewshot_sla.data.importers.common import (
     Layout,
     RawSplit,
-    read_image_file,
+    files_of,
     require_files,
     some_classes,
     stack_split,
@@ -74,7 +74,7 @@ def _read(root: Path, convention: SplitConvention) -> Iterator[tuple[str, RawSpl
         ids = {name: sorted(per_class[name]) for name in split_classes}
         paths = {name: [images / rel for rel in rels] for name, rels in ids.items()}
         labels, flat_paths, image_ids = stack_split(split_classes, paths, ids)
-        yield split, RawSplit(split_classes, labels, image_ids, load=lambda i, p=flat_paths: read_image_file(p[i]))
+        yield split, RawSplit(split_classes, labels, image_ids, load=files_of(flat_paths))
 
 
 CUB = Layout(

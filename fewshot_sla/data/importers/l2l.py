@@ -21,6 +21,7 @@ from fewshot_sla.data.importers.common import (
     require_files,
     require_images,
     require_keys,
+    rows_of,
     stack_split,
 )
 from fewshot_sla.errors import UserError
@@ -60,7 +61,7 @@ def _read(root: Path, convention: SplitConvention) -> Iterator[tuple[str, RawSpl
         ids = ravi_ids_by_position(convention, split, {k: len(v) for k, v in rows.items()}, path.name)
         class_names = sorted(rows)
         labels, flat_rows, image_ids = stack_split(class_names, rows, ids)
-        yield split, RawSplit(class_names, labels, image_ids, load=lambda i, a=images, r=flat_rows: a[r[i]])
+        yield split, RawSplit(class_names, labels, image_ids, load=rows_of(images, flat_rows))
 
 
 L2L = Layout(

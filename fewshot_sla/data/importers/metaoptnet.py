@@ -28,6 +28,7 @@ from fewshot_sla.data.importers.common import (
     require_images,
     require_keys,
     require_labels,
+    rows_of,
     stack_split,
 )
 from fewshot_sla.data.store import SPLIT_NAMES
@@ -68,7 +69,7 @@ def _read_mini(root: Path, convention: SplitConvention) -> Iterator[tuple[str, R
         ids = ravi_ids_by_position(convention, split, {k: len(v) for k, v in rows.items()}, path.name)
         class_names = sorted(rows)
         labels, flat_rows, image_ids = stack_split(class_names, rows, ids)
-        yield split, RawSplit(class_names, labels, image_ids, load=lambda i, a=images, r=flat_rows: a[r[i]])
+        yield split, RawSplit(class_names, labels, image_ids, load=rows_of(images, flat_rows))
 
 
 def _cifar_layout(prefix: str, title: str) -> Layout:
@@ -96,7 +97,7 @@ def _cifar_layout(prefix: str, title: str) -> Layout:
             ids = {name: [f"{path.stem}/{row}" for row in r] for name, r in rows.items()}
             class_names = sorted(rows)
             labels, flat_rows, image_ids = stack_split(class_names, rows, ids)
-            yield split, RawSplit(class_names, labels, image_ids, load=lambda i, a=images, r=flat_rows: a[r[i]])
+            yield split, RawSplit(class_names, labels, image_ids, load=rows_of(images, flat_rows))
 
     return Layout(
         name="metaoptnet-pickle",

@@ -14,7 +14,7 @@ from fewshot_sla.data.conventions import SplitConvention
 from fewshot_sla.data.importers.common import (
     Layout,
     RawSplit,
-    read_image_file,
+    files_of,
     some_classes,
     stack_split,
 )
@@ -62,7 +62,7 @@ def _read(root: Path, convention: SplitConvention) -> Iterator[tuple[str, RawSpl
         ids = {wnid: convention.files[split][wnid] for wnid in class_names}
         paths = {wnid: [images / name for name in names] for wnid, names in ids.items()}
         labels, flat_paths, image_ids = stack_split(class_names, paths, ids)
-        yield split, RawSplit(class_names, labels, image_ids, load=lambda i, p=flat_paths: read_image_file(p[i]))
+        yield split, RawSplit(class_names, labels, image_ids, load=files_of(flat_paths))
 
 
 RAVI = Layout(

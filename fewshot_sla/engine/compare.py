@@ -1,0 +1,119 @@
+"""Comparing two finished runs episode by episode on an episode set both were evaluated on."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fewshot_sla.engine.stats import PairedComparison, paired_comparison
+from fewshot_sla.errors import UserError
+from fewshot_sla.prediction_kinds import display_order, headline_kind
+from fewshot_sla.results import RunResult, load_results
+
+
+@dataclass
+class Comparison:
+    """A paired comparison of two runs on one episode set: one entry per (kind of A, kind of B) pair."""
+
+    run_a: RunResult
+    run_b: RunResult
+    episode_set_hash: str
+    pairs: list[tuple[str, str, float, float, PairedComparison]]  # kind_a, kind_b, mean_a %, mean_b %, stats
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (accuracies and differences in percent, p-values as they are)."""
+        out = []
+        for kind_a, kind_b, mean_a, mean_b, c in self.pairs:
+            d = c.as_dict()
+            for key in ("mean_diff", "std_diff", "ci95", "ci95_t"):
+                d[key] = 100.0 * d[key]
+            out.append({"kind_a": kind_a, "kind_b": kind_b, "mean_a": mean_a, "mean_b": mean_b, **d})
+        return {
+            "run_a": str(self.run_a.path),
+            "run_b": str(self.run_b.path),
+            "episode_set_hash": self.episode_set_hash,
+            "comparisons": out,
+        }
+
+
+def compare_runs(
+    run_a: str | os.PathLike,
+    run_b: str | os.PathLike,
+    *,
+    kind: str | None = None,
+    kind_a: str | None = None,
+    kind_b: str | None = None,
+    episode_set: str | None = None,
+) -> Comparison:
+    """Compare two finished runs episode by episode on an episode set both were evaluated on."""
+    a, b = load_results(run_a), load_results(run_b)
+    if a.data["dataset"] != b.data["dataset"] or a.data["dataset_fingerprint"] != b.data["dataset_fingerprint"]:
+        raise UserError(
+            f"the runs used different data ({a.data['dataset']} {a.data['dataset_fingerprint'][:12]} vs "
+            f"{b.data['dataset']} {b.data['dataset_fingerprint'][:12]}); compare runs on the same store"
+        )
+    set_hash = _common_episode_set(a, b, episode_set)
+    block_a, block_b = a.evaluation_for(set_hash), b.evaluation_for(set_hash)
+    assert block_a is not None and block_b is not None
+    kinds_a, kinds_b = list(block_a["accuracy"]), list(block_b["accuracy"])
+    if kind is not None:
+        kind_a, kind_b = kind_a or kind, kind_b or kind
+    if kind_a is None and kind_b is None:
+        shared = display_order([k for k in kinds_a if k in kinds_b])
+        if not shared:
+            raise UserError(
+                f"the runs share no prediction kind ({run_a}: {', '.join(kinds_a)}; {run_b}: "
+                f"{', '.join(kinds_b)}); choose them with --kind-a and --kind-b"
+            )
+        wanted = [(k, k) for k in shared]
+    else:
+        wanted = [(kind_a or headline_kind(kinds_a), kind_b or headline_kind(kinds_b))]
+    for ka, kb in wanted:
+        for k, kinds, run in ((ka, kinds_a, run_a), (kb, kinds_b, run_b)):
+            if k not in kinds:
+                raise UserError(f"run {run} has no '{k}' predictions; it has: {', '.join(kinds)}")
+    per_a, per_b = a.per_episode(set_hash), b.per_episode(set_hash)
+    pairs = [
+        (
+            ka,
+            kb,
+            100.0 * float(per_a[ka].mean()),
+            100.0 * float(per_b[kb].mean()),
+            paired_comparison(per_a[ka], per_b[kb]),
+        )
+        for ka, kb in wanted
+    ]
+    return Comparison(a, b, set_hash, pairs)
+
+
+def _common_episode_set(a: RunResult, b: RunResult, prefix: str | None) -> str:
+    hashes_a = [blk["episode_set"]["hash"] for blk in a.data.get("evaluations", [])]
+    hashes_b = [blk["episode_set"]["hash"] for blk in b.data.get("evaluations", [])]
+    common = [h for h in hashes_a if h in hashes_b]
+    if prefix is not None:
+        common = [h for h in common if h.startswith(prefix)]
+        if not common:
+            raise UserError(
+                f"no episode set with hash {prefix}... was used to evaluate both runs; "
+                "see 'episode_set' in their results.json"
+            )
+    if not common:
+        file_a = a.evaluation["episode_set"]["file"]
+        raise UserError(
+            f"the runs were evaluated on different episode sets ({a.path}: "
+            f"{a.evaluation['episode_set']['hash'][:12]}, {b.path}: "
+            f"{b.evaluation['episode_set']['hash'][:12]}); evaluate both on one set, e.g. "
+            f"'fewshot-sla eval {b.path} --episodes-file {_set_file(a, file_a)}'"
+        )
+    latest_a, latest_b = a.evaluation["episode_set"]["hash"], b.evaluation["episode_set"]["hash"]
+    for h in (latest_a, latest_b):
+        if h in common:
+            return h
+    return common[-1]
+
+
+def _set_file(run: RunResult, file: str) -> str:
+    path = Path(file)
+    return str(path if path.is_absolute() or path.exists() else run.path / path)

@@ -1,0 +1,99 @@
+"""Executing a planned run: train (or continue training), then test the best checkpoint and write results.json."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fewshot_sla.atomic import write_text_atomic
+from fewshot_sla.engine.build import describe_device, episode_specs
+from fewshot_sla.engine.evaluate import fixed_test_set
+from fewshot_sla.engine.plan import RunPlan
+from fewshot_sla.engine.run_evaluation import evaluate_checkpoint
+from fewshot_sla.engine.train import Trainer
+from fewshot_sla.results import RunPaths, RunRecord, git_commit, now_iso, versions
+
+
+@dataclass
+class RunReport:
+    """What ``execute_run`` did: status ``finished``, ``max-steps`` or ``interrupted``; results when finished."""
+
+    status: str
+    step: int
+    run_dir: Path
+    results: dict[str, Any] | None
+
+
+def execute_run(
+    plan: RunPlan,
+    *,
+    max_steps: int | None = None,
+    progress: bool = True,
+    step_hook: Callable[[int], None] | None = None,
+) -> RunReport:
+    """Train (or continue training) the planned model, then evaluate its best checkpoint and write results.json."""
+    cfg, paths = plan.cfg, RunPaths(plan.run_dir)
+    if plan.overwrite and plan.run_dir.exists():
+        shutil.rmtree(plan.run_dir)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    if not plan.resume:
+        write_text_atomic(paths.config, cfg.to_yaml())
+    trainer = Trainer(
+        cfg,
+        plan.run_dir,
+        plan.learner,
+        plan.objective,
+        plan.splits["train"],
+        plan.splits["val"],
+        plan.pipeline,
+        plan.device,
+        progress=progress,
+    )
+    outcome = trainer.run(resume=plan.resume, max_steps=max_steps, step_hook=step_hook)
+    if outcome.status != "finished":
+        return RunReport(outcome.status, outcome.step, plan.run_dir, None)
+    assert outcome.summary is not None
+    record = RunRecord(
+        status="finished",
+        method=cfg.method,
+        backbone=str(cfg.backbone),
+        dataset=cfg.dataset,
+        dataset_fingerprint=plan.store.fingerprint,
+        transform=cfg.transform,
+        objective=cfg.objective,
+        seed=cfg.seed,
+        ways=cfg.ways,
+        shots=cfg.shots,
+        queries=cfg.queries,
+        train=outcome.summary,
+        device=describe_device(plan.device),
+        amp=cfg.amp,
+        versions=versions(),
+        git_commit=git_commit(),
+        created=now_iso(),
+        config=cfg.to_dict(),
+    )
+    if plan.episode_file is not None:
+        episode_set, set_path = plan.episode_file, Path(str(cfg.episodes_file))
+    else:
+        episode_set, set_path = fixed_test_set(
+            cfg.dataset, plan.splits["test"], episode_specs(cfg)[1], cfg.eval_episodes, plan.run_dir
+        )
+    results = evaluate_checkpoint(
+        record.to_dict(),
+        plan.run_dir,
+        cfg,
+        plan.learner,
+        plan.objective,
+        episode_set,
+        set_path,
+        plan.splits[episode_set.split],
+        plan.pipeline,
+        plan.device,
+        plan.store.fingerprint,
+        progress,
+    )
+    return RunReport("finished", outcome.step, plan.run_dir, results)

@@ -1,0 +1,178 @@
+"""Testing a run's best checkpoint on a fixed episode set and recording it in the run's results.json.
+
+``evaluate_checkpoint`` is the last step of every run and the whole of ``fewshot-sla eval``; ``evaluate_run``
+re-tests a finished run (on another episode set or count) from its folder alone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewshot_sla.config import RunConfig, load_config
+from fewshot_sla.data.store import Split
+from fewshot_sla.engine.build import (
+    ImagePipeline,
+    build_model,
+    check_names,
+    check_split,
+    describe_device,
+    episode_specs,
+    load_episode_file,
+    open_dataset,
+    pipeline_for,
+    resolve_device,
+)
+from fewshot_sla.engine.checkpoint import load_checkpoint
+from fewshot_sla.engine.evaluate import evaluate, fixed_test_set
+from fewshot_sla.engine.stats import summarize
+from fewshot_sla.episodes import EpisodeSet
+from fewshot_sla.errors import UserError
+from fewshot_sla.learners.base import Learner
+from fewshot_sla.objectives import Objective
+from fewshot_sla.prediction_kinds import headline_kind
+from fewshot_sla.results import (
+    AccuracySummary,
+    EpisodeSetInfo,
+    EvaluationRecord,
+    RunPaths,
+    add_evaluation,
+    load_results,
+    save_per_episode,
+    write_results,
+)
+
+
+def autocast_for(device: torch.device, amp: bool) -> Callable[[], Any]:
+    """The autocast context of a run: bfloat16 mixed precision when it asks for AMP."""
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+def evaluate_checkpoint(
+    results: dict[str, Any],
+    run_dir: Path,
+    cfg: RunConfig,
+    learner: Learner,
+    objective: Objective,
+    episode_set: EpisodeSet,
+    set_path: Path,
+    split: Split,
+    pipeline: ImagePipeline,
+    device: torch.device,
+    fingerprint: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """Load the best checkpoint, evaluate it on ``episode_set``, store per-episode results, write results.json."""
+    paths = RunPaths(run_dir)
+    best = load_checkpoint(paths.best_checkpoint)
+    learner.load_state_dict(best["model"])
+    objective.load_state_dict(best["objective"])
+    outcome = evaluate(
+        learner,
+        objective,
+        episode_set,
+        split,
+        cfg.dataset,
+        pipeline,
+        batch_size=cfg.eval_batch,
+        use_cache=cfg.feature_cache,
+        autocast=autocast_for(device, cfg.amp),
+        progress=progress,
+    )
+    per_episode = paths.per_episode(episode_set.content_hash)
+    save_per_episode(per_episode, outcome.accuracies, episode_set.content_hash, fingerprint)
+    try:
+        shown_path = str(set_path.resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        shown_path = str(set_path)
+    spec = episode_set.spec
+    record = EvaluationRecord(
+        episode_set=EpisodeSetInfo(
+            hash=episode_set.content_hash,
+            file=shown_path,
+            dataset=episode_set.dataset,
+            split=episode_set.split,
+            ways=spec.ways,
+            shots=spec.shots,
+            queries=spec.queries,
+            count=episode_set.count,
+            seed=episode_set.seed,
+        ),
+        episodes=outcome.episodes,
+        checkpoint="best",
+        best_step=int(best["step"]),
+        cached=outcome.cached,
+        time_s=outcome.time_s,
+        episodes_per_s=outcome.episodes / outcome.time_s if outcome.time_s > 0 else None,
+        accuracy={
+            kind: AccuracySummary.model_validate(summarize(acc).scaled(100.0).as_dict())
+            for kind, acc in outcome.accuracies.items()
+        },
+        headline=headline_kind(list(outcome.accuracies)),
+        per_episode_file=str(per_episode.relative_to(run_dir)),
+        device=describe_device(device),
+    )
+    results = add_evaluation(results, record)
+    write_results(run_dir, results)
+    return results
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    data_root: Any,
+    episodes_file: str | None = None,
+    eval_episodes: int | None = None,
+    device: str | None = None,
+    use_cache: bool | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Re-evaluate a finished run's best checkpoint on another (or the same) fixed episode set."""
+    run_dir = Path(run_dir)
+    previous = load_results(run_dir)
+    cfg = load_config(RunPaths(run_dir).config)
+    changes: dict[str, Any] = {}
+    if device is not None:
+        changes["device"] = device
+    if use_cache is not None:
+        changes["feature_cache"] = use_cache
+    cfg = cfg.updated(changes, "command line")
+    dev = resolve_device(cfg.device)
+    check_names(cfg)
+    store = open_dataset(cfg, data_root)
+    if store.fingerprint != previous.data["dataset_fingerprint"]:
+        raise UserError(
+            f"the {cfg.dataset} store changed since {run_dir} was trained (fingerprint "
+            f"{store.fingerprint[:12]} vs {previous.data['dataset_fingerprint'][:12]}); "
+            "rebuild the original store or train a new run"
+        )
+    if episodes_file is not None:
+        episode_set = load_episode_file(episodes_file, cfg.dataset, store)
+        set_path = Path(episodes_file)
+        split = store.split(episode_set.split, device=dev)
+    else:
+        split = store.split("test", device=dev)
+        spec = episode_specs(cfg)[1]
+        check_split(split, spec, "test")
+        episode_set, set_path = fixed_test_set(cfg.dataset, split, spec, eval_episodes or cfg.eval_episodes, run_dir)
+    episode_set.rows_in(split, cfg.dataset)
+    pipeline = pipeline_for(cfg, store)
+    learner, objective = build_model(cfg, pipeline.image_size, dev)
+    return evaluate_checkpoint(
+        previous.data,
+        run_dir,
+        cfg,
+        learner,
+        objective,
+        episode_set,
+        set_path,
+        split,
+        pipeline,
+        dev,
+        store.fingerprint,
+        progress,
+    )
