@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One prepared GPU check (under 8 minutes on one GPU): meta-training episodes/s and step GPU memory of every
 # method with ResNet-12 at 84x84 (the synthetic set resized on the GPU), with and without rotation SLA,
-# meta-batch 1 and 8, AMP off and on; then evaluation episodes/s with and without the feature cache.
+# meta-batch 1 and 8, AMP off and on; then evaluation episodes/s with and without the feature cache; then the
+# paper step's memory against the micro-batch and checkpointing, and two processes sharing the GPU.
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; needs torch with CUDA, numpy, scipy, h5py, tqdm, pyyaml
 #
 # Every code path it runs also runs on the CPU in seconds:
 #   python benchmarks/bench_training.py --device cpu --tiny --amp both
 #   python benchmarks/bench_eval_cache.py --device cpu --tiny
+#   python benchmarks/bench_scale.py --case paper --tiny && python benchmarks/bench_scale.py --case processes --tiny
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -32,4 +34,10 @@ timeout 100 "$PY" benchmarks/bench_eval_cache.py --device cuda --backbone resnet
     --cached 2000 --uncached 200 --data-root "$DATA_ROOT" || status=1
 timeout 60 "$PY" benchmarks/bench_eval_cache.py --device cuda --backbone resnet12 --image-size 84 --amp \
     --cached 2000 --uncached 200 --data-root "$DATA_ROOT" || status=1
+echo "== scale: the paper step (MetaOptNet-SVM + SLA, ResNet-12 at 84x84, 3,360 images) per micro-batch K =="
+timeout 200 "$PY" benchmarks/bench_scale.py --case paper --device cuda --options 8:on,4:off,2:off,1:off || status=1
+
+echo "== scale: 2 processes sharing the GPU (gloo) against 1 =="
+timeout 150 "$PY" benchmarks/bench_scale.py --case processes --device cuda --rounds 1 --episodes 320 \
+    --data-root "$DATA_ROOT" || status=1
 exit $status

@@ -26,6 +26,8 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 T = TypeVar("T")
+# Fields that may change when a run is resumed (where and how it executes, not what it computes).
+RESUME_FREE_KEYS = ("device", "micro_batch", "checkpointing")
 
 
 def required(value: T | None, name: str) -> T:
@@ -90,6 +92,10 @@ class RunConfig(BaseModel):
     amp: bool = False
     eval_batch: int = Field(default=20, ge=1)  # episodes per evaluation batch
     feature_cache: bool = True  # cache embeddings for EmbeddingLearners at evaluation
+    # Scale (None: chosen by the memory preflight, engine/memory.py).
+    micro_batch: int | None = _positive()  # episodes per backward pass in each process (gradients accumulate)
+    checkpointing: bool | None = None  # recompute the backbone's stage activations in backward instead of storing
+    sync_batchnorm: bool = False  # with several processes on GPUs: BatchNorm statistics over all processes
 
     @field_validator("device")
     @classmethod

@@ -230,6 +230,18 @@ class EpisodeBatch:
         """Number of episodes B."""
         return self.support.shape[0]
 
+    def select(self, episodes: slice) -> EpisodeBatch:
+        """Some of the episodes (a slice along the batch dimension), as views."""
+        return EpisodeBatch(
+            self.support[episodes],
+            self.support_labels[episodes],
+            self.query[episodes],
+            self.query_labels[episodes],
+            self.ways,
+            self.support_index[episodes],
+            self.query_index[episodes],
+        )
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> EpisodeBatch:
         """The same episodes with every tensor on ``device``."""
 

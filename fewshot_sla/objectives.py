@@ -126,6 +126,10 @@ class Objective(nn.Module):
         self.transform = resolve_transform(transform)
         self.feature_dim = feature_dim
 
+    def learner_ways(self, ways: int) -> int:
+        """The ways of the episodes this objective hands the learner in training, for N-way training episodes."""
+        return ways
+
     @property
     def prediction_copies(self) -> int:
         """How many copies of each image (the first ones of the transformation) the predictions use."""
@@ -245,6 +249,10 @@ class LabelAugmentation(Objective):
 
     kinds: ClassVar[tuple[PredictionKind, ...]] = (SLA_SI, SLA_AG)
     uses_copies = True
+
+    def learner_ways(self, ways: int) -> int:
+        """N*M: the learner sees the joint (class, transformation) labels."""
+        return ways * self.transform.m
 
     def _joint(self, learner: Learner, episode: Any) -> tuple[Any, torch.Tensor]:
         augmented = augment_episode(episode, self.transform)

@@ -29,6 +29,9 @@ half-width, s the sample standard deviation over episodes)::
     evaluation       the latest evaluation block (below)
     evaluations      every evaluation block, one per distinct episode set (latest last)
     device           e.g. "cpu" or "cuda (NVIDIA H100 80GB HBM3)";  amp  bool
+    memory           {micro_batch, checkpointing, processes, estimated_step_bytes, budget_bytes, budget,
+                      available_bytes, measured_peak_bytes, measured_baseline_bytes}: the memory plan of the training
+                      (per process) and the peak measured while it trained (for a resumed run: since the resume)
     versions         {python, torch, numpy, fewshot_sla}
     git_commit       str or null
     created, updated ISO-8601 UTC times
@@ -219,6 +222,20 @@ class EvaluationRecord(_Record):
     device: str
 
 
+class MemoryRecord(_Record):
+    """The memory plan of a run's training (per process) and the peak measured while it trained."""
+
+    micro_batch: int
+    checkpointing: bool
+    processes: int
+    estimated_step_bytes: int | None  # the preflight's estimate of one step (engine/memory.py)
+    budget_bytes: int | None
+    budget: str  # where the budget came from
+    available_bytes: int | None
+    measured_peak_bytes: int | None  # GPU: peak allocation; CPU: the process's peak resident memory (VmHWM)
+    measured_baseline_bytes: int | None  # the same quantity when training started (GPU: allocated; CPU: VmRSS)
+
+
 class RunRecord(_Record):
     """What a finished run was: its parts, data, training summary and environment."""
 
@@ -240,6 +257,7 @@ class RunRecord(_Record):
     git_commit: str | None
     created: str
     config: dict[str, Any]
+    memory: MemoryRecord | None = None
 
 
 def write_results(run_dir: Path, results: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from fewshot_sla.backbones.resnet12 import DropBlock, dropblock_size_for
+from fewshot_sla.backbones.resnet12 import DropBlock, ResNet12, dropblock_size_for
 from fewshot_sla.errors import UserError
 from fewshot_sla.registry import BACKBONES
 
@@ -108,12 +108,24 @@ def test_dropblock_size_follows_metaoptnet() -> None:
 def test_dropblock_is_identity_in_eval_and_counts_training_steps() -> None:
     block = DropBlock(drop_rate=0.1, ramp_steps=4)
     x = torch.randn(2, 3, 10, 10)
-    assert torch.equal(block.eval()(x, 5), x)
-    assert int(block.steps) == 0
+    block.eval().advance()
+    assert torch.equal(block(x, 5), x)
+    assert int(block.steps) == 0  # evaluation passes do not advance the ramp
     block.train()
     for step in range(1, 7):
+        block.advance()  # once per training pass, as ResNet12.forward does
         block(x, 5)
+        block(x, 5)  # a recomputation (activation checkpointing) does not advance it
         assert float(block.current_rate()) == pytest.approx(0.1 * min(step / 4, 1.0))
+
+
+def test_resnet12_advances_each_dropblock_once_per_training_pass() -> None:
+    net = ResNet12(channels=(4, 4, 4, 4)).train()
+    x = torch.randn(2, 3, 16, 16)
+    for _ in range(3):
+        net(x)
+    net.eval()(x)
+    assert [int(s.dropblock.steps) for s in net.stages if s.dropblock is not None] == [3, 3]
 
 
 def _dropped_units_form_whole_blocks(keep: torch.Tensor, size: int) -> bool:
@@ -136,6 +148,7 @@ def _dropped_units_form_whole_blocks(keep: torch.Tensor, size: int) -> bool:
 def test_dropblock_drops_whole_blocks_at_the_target_rate_and_rescales() -> None:
     torch.manual_seed(0)
     block = DropBlock(drop_rate=0.2, ramp_steps=1).train()
+    block.advance()
     ones = torch.ones(64, 8, 10, 10)
     out = block(ones, 3)
     keep = (out != 0).to(out.dtype)

@@ -10,7 +10,8 @@ from fewshot_sla.config import RunConfig, load_config
 from fewshot_sla.engine.recipes import _parse, add_recipe, apply_recipe, default_val_every, recipe_book
 from fewshot_sla.errors import UserError
 
-OPTIONAL_FIELDS = ["image_size", "episodes_file"]  # the only fields a resolved configuration may leave empty
+# The only fields a recipe-resolved configuration may leave empty (the memory plan resolves the last two).
+OPTIONAL_FIELDS = ["image_size", "episodes_file", "micro_batch", "checkpointing"]
 
 
 def test_yaml_round_trip_keeps_every_field(tmp_path: Path) -> None:

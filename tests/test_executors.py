@@ -261,3 +261,27 @@ def test_one_real_cell_is_resumed_and_finished_end_to_end(tmp_path: Path, capsys
     assert "0 cell(s) finished, 1 skipped" in capsys.readouterr().err
     assert main(["leaderboard", "build", str(runs), "--out", str(tmp_path / "board")]) == 0
     assert "synthetic" in (tmp_path / "board" / "leaderboard.md").read_text()
+
+
+def test_a_slurm_job_of_two_tasks_runs_the_cell_as_one_distributed_run(
+    tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """submitit's local executor starts two tasks (as Slurm would on a node); each runs one process of the cell."""
+    pytest.importorskip("submitit", reason="submitit is not installed (pip install 'fewshot-sla[slurm]')")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MASTER_PORT", "29731")  # else submitit draws one from the job id
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(
+        REAL_GRID.replace("SHOTS", "1")
+        .replace("methods: [protonet]", "methods: [metaoptnet-ridge]")
+        .replace("device: cpu,", "device: cpu, meta_batch: 2,")
+    )
+    grid = load_grid(grid_file)
+    executor = SlurmExecutor(tmp_path / "jobs", {"timeout_min": 5, "tasks_per_node": 2}, cluster="local")
+    report = run_grid(grid, tmp_path / "runs", executor, data_root=data_root, stream=io.StringIO())
+    assert [o.status for o in report.outcomes] == ["finished"], report.summary()
+    (cell,) = grid.cells
+    results = load_results(tmp_path / "runs" / cell.name)
+    assert results.data["memory"]["processes"] == 2
+    logs = sorted(p.name for p in (tmp_path / "runs" / "_logs").iterdir())
+    assert logs == [f"{cell.name}.log", f"{cell.name}.rank1.log"]

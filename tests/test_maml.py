@@ -45,10 +45,11 @@ def _tiny_learner(name: str = "maml", seed: int = 0, **options):
     torch.manual_seed(seed)
     learner = LEARNERS.create(name, backbone=Tiny(), inner_lr=0.5, train_steps=3, **options).double()
     support, labels, query, _ = _episodes(seed)
-    learner(support, labels, query, WAYS)  # materialise the head row, then make it non-trivial
-    with torch.no_grad():
-        learner.head_weight.copy_(torch.randn(4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
-        learner.head_bias.fill_(0.3)
+    learner(support, labels, query, WAYS)  # materialise the head, then give its bias a non-trivial value too
+    if learner.head == "learned":
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(seed)
+            learner.head_bias.copy_(torch.randn(WAYS, generator=g, dtype=torch.float64))
     return learner
 
 
@@ -89,12 +90,15 @@ def test_second_order_meta_gradient_matches_finite_differences(adapt: str, episo
 
 def _explicit_adaptation(learner: nn.Module, support, labels, steps: int, adapt: str = "all"):
     """Plain-tensor MAML inner loop on the Tiny model, adapted parameters returned as new leaves."""
-    row, bias = learner.head_weight.detach(), learner.head_bias.detach()
+    if learner.head == "learned":
+        weight, bias = learner.head_weight.detach().clone(), learner.head_bias.detach().clone()
+    else:
+        weight, bias = torch.zeros(WAYS, 4, dtype=torch.float64), torch.zeros(WAYS, dtype=torch.float64)
     params = [
         learner.backbone.linear.weight.detach().clone(),
         learner.backbone.linear.bias.detach().clone(),
-        row.expand(WAYS, -1).clone(),
-        bias.expand(WAYS).clone(),
+        weight,
+        bias,
     ]
     for _ in range(steps):
         params = [p.requires_grad_(True) for p in params]
@@ -125,12 +129,7 @@ def test_first_order_gradient_is_the_outer_gradient_at_the_adapted_parameters(ad
         adapted = _explicit_adaptation(learner, support[e], labels[e], learner.train_steps, adapt)
         loss = F.cross_entropy(_explicit_logits(adapted, query[e]), query_labels[e]) / EPISODES
         g_w1, g_b1, g_wh, g_bh = torch.autograd.grad(loss, adapted)
-        by_name = {
-            "backbone.linear.weight": g_w1,
-            "backbone.linear.bias": g_b1,
-            "head_weight": g_wh.sum(0),  # the shared row is repeated over the ways
-            "head_bias": g_bh.sum(),
-        }
+        by_name = {"backbone.linear.weight": g_w1, "backbone.linear.bias": g_b1, "head_weight": g_wh, "head_bias": g_bh}
         for i, name in enumerate(names):
             expected[i] += by_name[name]
     for name, a, b in zip(names, got, expected):
@@ -153,12 +152,7 @@ def test_first_and_second_order_differ_with_inner_steps_and_agree_without() -> N
     plain = _explicit_adaptation(learner, support[0], labels[0], 0)
     loss = sum(F.cross_entropy(_explicit_logits(plain, query[e]), query_labels[e]) for e in range(EPISODES)) / EPISODES
     g_w1, g_b1, g_wh, g_bh = torch.autograd.grad(loss, plain)
-    expected = {
-        "backbone.linear.weight": g_w1,
-        "backbone.linear.bias": g_b1,
-        "head_weight": g_wh.sum(0),
-        "head_bias": g_bh.sum(),
-    }
+    expected = {"backbone.linear.weight": g_w1, "backbone.linear.bias": g_b1, "head_weight": g_wh, "head_bias": g_bh}
     names = [n for n, _ in learner.named_parameters()]
     for name, a, b in zip(names, grads[0], grads[1]):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), name
@@ -177,8 +171,8 @@ def test_meta_gradient_matches_learn2learn_clone_adapt(name: str) -> None:
     body.load_state_dict(learner.backbone.state_dict())
     head = nn.Linear(4, WAYS).double()
     with torch.no_grad():
-        head.weight.copy_(learner.head_weight.expand(WAYS, -1))
-        head.bias.fill_(float(learner.head_bias))
+        head.weight.copy_(learner.head_weight)
+        head.bias.copy_(learner.head_bias)
     maml = l2l.algorithms.MAML(nn.Sequential(body, head), lr=learner.inner_lr, first_order=name == "maml-fo")
     support, labels, query, query_labels = episode
     losses = []
@@ -188,12 +182,12 @@ def test_meta_gradient_matches_learn2learn_clone_adapt(name: str) -> None:
             clone.adapt(F.cross_entropy(clone(support[e]), labels[e]))
         losses.append(F.cross_entropy(clone(query[e]), query_labels[e]))
     (sum(losses) / EPISODES).backward()
-    # Our head is one row repeated per way: its gradient is the sum over learn2learn's rows.
+    # A standard N-way output layer on both sides.
     theirs = {
         "backbone.linear.weight": body.linear.weight.grad,
         "backbone.linear.bias": body.linear.bias.grad,
-        "head_weight": head.weight.grad.sum(0),
-        "head_bias": head.bias.grad.sum(),
+        "head_weight": head.weight.grad,
+        "head_bias": head.bias.grad,
     }
     for key, value in ours.items():
         torch.testing.assert_close(value, theirs[key], rtol=1e-9, atol=1e-12, msg=key)
@@ -260,12 +254,13 @@ def test_vmap_refuses_second_order_through_batchnorm() -> None:
 
 def test_lazy_head_trains_with_an_early_optimizer_and_round_trips_through_state_dict() -> None:
     learner = _conv_learner().train()
-    optimizer = torch.optim.SGD(learner.parameters(), lr=0.5)  # before the head row has a size
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.5)  # before the head has a size
     episode = _episodes(7, side=16)
     _outer_loss(learner, episode).backward()
+    start = learner.head_weight.detach().clone()
     optimizer.step()
-    assert learner.head_weight.shape == (4,)
-    assert learner.head_weight.abs().sum() > 0, "the optimizer must update the head row"
+    assert learner.head_weight.shape == (WAYS, 4) and learner.head_bias.shape == (WAYS,)
+    assert not torch.equal(learner.head_weight, start), "the optimizer must update the head"
     fresh = _conv_learner()
     fresh.load_state_dict(learner.state_dict())
     support, labels, query, _ = episode
@@ -273,13 +268,58 @@ def test_lazy_head_trains_with_an_early_optimizer_and_round_trips_through_state_
     assert torch.equal(fresh(support, labels, query, WAYS), learner(support, labels, query, WAYS))
 
 
-def test_head_fits_any_number_of_ways() -> None:
-    learner = _conv_learner().eval()
+def _ways_episode(ways: int):
     g = torch.Generator().manual_seed(8)
+    support = torch.randn(1, ways, 3, 16, 16, generator=g, dtype=torch.float64)
+    query = torch.randn(1, 3, 3, 16, 16, generator=g, dtype=torch.float64)
+    return support, torch.arange(ways)[None], query, ways
+
+
+def test_the_learned_head_has_its_training_ways_and_serves_fewer() -> None:
+    learner = _conv_learner().eval()
+    learner(*_ways_episode(6))  # sized by its first episode: 6 outputs
+    assert learner.head_weight.shape[0] == 6
+    assert learner(*_ways_episode(2)).shape == (1, 3, 2)  # its first two rows
+    with pytest.raises(UserError, match="learned head has 6 outputs"):
+        learner(*_ways_episode(7))
+
+
+def test_the_zero_head_has_no_parameter_and_fits_any_number_of_ways() -> None:
+    learner = _conv_learner(head="zero").eval()
+    assert not [n for n, _ in learner.named_parameters() if n.startswith("head")]
     for ways in (2, 12):
-        support = torch.randn(1, ways, 3, 16, 16, generator=g, dtype=torch.float64)
-        query = torch.randn(1, 3, 3, 16, 16, generator=g, dtype=torch.float64)
-        assert learner(support, torch.arange(ways)[None], query, ways).shape == (1, 3, ways)
+        assert learner(*_ways_episode(ways)).shape == (1, 3, ways)
+
+
+@pytest.mark.parametrize("head", ["learned", "zero"])
+def test_zero_head_meta_gradients_match_finite_differences_too(head: str) -> None:
+    learner = _tiny_learner(head=head).train()
+    episode = _episodes(9)
+    got = _meta_gradient(learner, episode)
+    assert all(float(g.abs().max()) > 1e-8 for g in got), "every parameter receives a meta-gradient"
+    params = list(learner.parameters())
+    theta = nn.utils.parameters_to_vector(params).detach()
+    direction = torch.randn(theta.shape, generator=torch.Generator().manual_seed(1), dtype=theta.dtype)
+    with torch.no_grad():
+        values = []
+        for sign in (1, -1):
+            nn.utils.vector_to_parameters(theta + sign * 1e-6 * direction, params)
+            values.append(_outer_loss(learner, episode).item())
+        nn.utils.vector_to_parameters(theta, params)
+    assert (torch.cat([g.flatten() for g in got]) @ direction).item() == pytest.approx(
+        (values[0] - values[1]) / 2e-6, rel=1e-6, abs=1e-9
+    )
+
+
+def test_under_sla_the_engine_sizes_the_head_for_the_joint_ways() -> None:
+    from fewshot_sla.config import RunConfig
+    from fewshot_sla.engine.build import build_model
+    from fewshot_sla.engine.recipes import apply_recipe
+
+    for objective, transform, rows in (("sla", "rotation", 20), ("baseline", "none", 5), ("da", "rotation", 5)):
+        cfg = apply_recipe(RunConfig(method="maml", objective=objective, transform=transform))
+        learner, _ = build_model(cfg, 32, torch.device("cpu"))
+        assert learner.head_weight.shape[0] == rows, objective
 
 
 @pytest.mark.parametrize(
@@ -288,6 +328,7 @@ def test_head_fits_any_number_of_ways() -> None:
         ({"inner_lr": -1.0}, "must be >= 0"),
         ({"adapt": "body"}, "unknown adapt"),
         ({"episodes": "jit"}, "unknown episodes"),
+        ({"head": "shared"}, "unknown head 'shared'; choose one of: learned, zero"),
     ],
 )
 def test_bad_options_are_user_errors(options: dict, message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fewshot_sla.backbones.checkpointing import run_stage
 from fewshot_sla.backbones.common import HALVINGS, check_image_size, final_side
 from fewshot_sla.errors import UserError
 from fewshot_sla.registry import BACKBONES
@@ -15,14 +16,15 @@ class Conv4(nn.Module):
     """Four conv3x3 (padding 1) - BatchNorm - ReLU - maxpool2 blocks, flattened; any input size >= 16.
 
     ``hidden`` filters in every block (64: ProtoNet recipe, 32: MAML recipe). Convolutions carry no bias
-    because the BatchNorm that follows would cancel it. The convolution weights are stored channels-last,
-    which makes every block compute in that memory layout; the flattened output keeps the channel-major
-    order. (Converting the input instead fails under ``torch.func.vmap``.) On the 2-core CPU a forward and
-    backward pass took 25-40% less time per image at 32x32 and 84x84; ResNet-12 gained nothing and keeps the
-    default layout.
+    because the BatchNorm that follows would cancel it; ``batch_norm=False`` drops BatchNorm (the convolutions
+    then get a bias), so that no output depends on the other images of a pass. The convolution weights are
+    stored channels-last, which makes every block compute in that memory layout; the flattened output keeps the
+    channel-major order. (Converting the input instead fails under ``torch.func.vmap``.) On the 2-core CPU a
+    forward and backward pass took 25-40% less time per image at 32x32 and 84x84; ResNet-12 gained nothing and
+    keeps the default layout.
     """
 
-    def __init__(self, hidden: int = 64, in_channels: int = 3) -> None:
+    def __init__(self, hidden: int = 64, in_channels: int = 3, batch_norm: bool = True) -> None:
         super().__init__()
         if hidden < 1 or in_channels < 1:
             raise UserError(f"conv4 needs hidden >= 1 and in_channels >= 1, got {hidden} and {in_channels}")
@@ -30,14 +32,20 @@ class Conv4(nn.Module):
         layers: list[nn.Module] = []
         channels = in_channels
         for _ in range(HALVINGS):
-            layers += [
-                nn.Conv2d(channels, hidden, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm2d(hidden),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-            ]
+            conv = nn.Conv2d(channels, hidden, kernel_size=3, padding=1, bias=not batch_norm)
+            norm: list[nn.Module] = [nn.BatchNorm2d(hidden)] if batch_norm else []
+            layers += [conv, *norm, nn.ReLU(), nn.MaxPool2d(2)]
             channels = hidden
         self.features = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+        self.checkpointing = False  # activation checkpointing of the four blocks (see backbones/checkpointing.py)
+        # The four conv-BN-ReLU-pool blocks, as slices of ``features`` (the same layers, no new parameters; a
+        # plain list, so neither registered twice nor in the state dict).
+        per_block = len(self.features) // HALVINGS
+        self._blocks = [self.features[i * per_block : (i + 1) * per_block] for i in range(HALVINGS)]
+
+    def checkpoint_stages(self) -> list[nn.Module]:
+        """The four blocks forward runs in turn."""
+        return list(self._blocks)
 
     def feature_dim(self, image_size: int) -> int:
         """Length of the flattened output for square ``image_size`` inputs (84 -> 25 * hidden)."""
@@ -46,4 +54,7 @@ class Conv4(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> [N, hidden * (H // 16) * (W // 16)]."""
         check_image_size("conv4", images.shape[-2], images.shape[-1])
-        return self.features(images).flatten(1)
+        x = images
+        for index, block in enumerate(self._blocks):
+            x = run_stage(block, x, checkpointed=self.checkpointing and index < len(self._blocks) - 1)
+        return x.flatten(1)

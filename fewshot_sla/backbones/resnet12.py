@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshot_sla.backbones.checkpointing import run_stage
 from fewshot_sla.backbones.common import check_image_size, final_side
 from fewshot_sla.errors import UserError
 from fewshot_sla.registry import BACKBONES
@@ -56,11 +57,16 @@ class DropBlock(nn.Module):
         progress = torch.clamp(self.steps.double() / max(self.ramp_steps, 1), max=1.0)
         return self.drop_rate * progress
 
+    def advance(self) -> None:
+        """Count one training forward pass (the ramp's clock). The backbone calls it once per pass, outside any
+        checkpointed region, so that a recomputation sees the same rate."""
+        if self.training and self.drop_rate != 0:
+            self.steps += 1
+
     def forward(self, x: torch.Tensor, block_size: int) -> torch.Tensor:
         """[N, C, H, W] -> same shape; identity in eval mode or with a zero rate."""
         if not self.training or self.drop_rate == 0:
             return x
-        self.steps += 1
         height, width = x.shape[-2:]
         block = min(block_size, height, width)
         valid = (height - block + 1) * (width - block + 1)
@@ -89,7 +95,7 @@ class ResidualStage(nn.Module):
         self.body = nn.Sequential(*convs)
         self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, bias=False), nn.BatchNorm2d(channels))
         self.drop_rate = drop_rate
-        self.dropblock = DropBlock(drop_rate, ramp_steps) if dropblock else None
+        self.dropblock: DropBlock | None = DropBlock(drop_rate, ramp_steps) if dropblock else None
 
     def forward(self, x: torch.Tensor, block_size: int) -> torch.Tensor:
         """[N, C_in, H, W] -> [N, C, H // 2, W // 2]; ``block_size`` is used by DropBlock stages only."""
@@ -132,12 +138,17 @@ class ResNet12(nn.Module):
             ResidualStage(widths[i], widths[i + 1], drop_rate, dropblock=i >= 2, ramp_steps=dropblock_ramp_steps)
             for i in range(4)
         )
+        self.checkpointing = False  # activation checkpointing of the four stages (see backbones/checkpointing.py)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="leaky_relu")
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+
+    def checkpoint_stages(self) -> list[nn.Module]:
+        """The four residual stages forward runs in turn."""
+        return list(self.stages)
 
     def feature_dim(self, image_size: int) -> int:
         """Length of the output for square ``image_size`` inputs (84 -> 16000, or 640 pooled)."""
@@ -148,9 +159,12 @@ class ResNet12(nn.Module):
         """[N, C, H, W] -> [N, D] features."""
         check_image_size("resnet12", images.shape[-2], images.shape[-1])
         block = self.dropblock_size or dropblock_size_for(images.shape[-1])
-        x = images
         for stage in self.stages:
-            x = stage(x, block)
+            if isinstance(stage, ResidualStage) and stage.dropblock is not None:
+                stage.dropblock.advance()
+        x = images
+        for index, stage in enumerate(self.stages):
+            x = run_stage(stage, x, block, checkpointed=self.checkpointing and index < len(self.stages) - 1)
         if self.avg_pool:
             x = x.mean(dim=(-2, -1))
         return x.flatten(1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -61,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except UserError as err:
-        sys.stderr.write(f"fewshot-sla: error: {err}\n")
+        if not (err.shared and os.environ.get("RANK", "0") != "0"):  # one line per run, not per process
+            sys.stderr.write(f"fewshot-sla: error: {err}\n")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         sys.stderr.write("fewshot-sla: interrupted\n")

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -14,6 +14,9 @@ from fewshot_sla.config import RunConfig, read_config_values
 from fewshot_sla.cpu_memory import reuse_freed_memory
 from fewshot_sla.errors import UserError
 from fewshot_sla.prediction_kinds import kind_label
+
+if TYPE_CHECKING:
+    from fewshot_sla.engine.distributed import Processes
 
 # (flag, config key, type, metavar, help) of every configuration flag of `run`; absent flags leave the
 # configuration file's (or the recipe's) value.
@@ -47,11 +50,25 @@ _VALUE_FLAGS: tuple[tuple[str, str, Any, str, str], ...] = (
     ("--eval-batch", "eval_batch", int, "B", "episodes per evaluation batch (default 20)"),
     ("--seed", "seed", int, "S", "seed of every random stream (default 0)"),
     ("--device", "device", str, "DEV", "auto (default), cpu, cuda or cuda:N"),
+    (
+        "--micro-batch",
+        "micro_batch",
+        int,
+        "K",
+        "episodes per backward pass in each process, gradients accumulated (default: chosen by the memory check)",
+    ),
 )
 _SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("--amp", "amp", "bfloat16 mixed precision (default off)"),
     ("--augment", "augment", "random crop/flip/colour jitter of training images (default: the recipe's)"),
     ("--feature-cache", "feature_cache", "cache embeddings at evaluation (default on)"),
+    (
+        "--checkpointing",
+        "checkpointing",
+        "recompute the backbone's stage activations in backward instead of storing them (default: only when "
+        "the memory check needs it)",
+    ),
+    ("--sync-batchnorm", "sync_batchnorm", "BatchNorm statistics over all processes (several processes on GPUs)"),
 )
 _OPTION_FLAGS = (("--backbone-option", "backbone_options"), ("--learner-option", "learner_options"))
 
@@ -98,6 +115,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="print the run's resolved configuration (recipe filled in) as YAML and exit; it can be "
         "saved and passed back with --config",
     )
+    run.add_argument(
+        "--fit-memory",
+        metavar="auto|check|off",
+        default="auto",
+        help="before training, estimate one step's memory: auto (default) picks the micro-batch and "
+        "checkpointing that fit the budget, check refuses a run that does not fit, off skips it",
+    )
+    run.add_argument(
+        "--memory-budget",
+        type=float,
+        metavar="GB",
+        help="memory one process may use for a training step (default: 90%% of a GPU's free memory; "
+        "on a CPU the smaller of 90%% of the available RAM and a third of the machine's)",
+    )
+    _add_process_flags(run)
     _add_malloc_flag(run)
     run.set_defaults(handler=run_command)
 
@@ -119,6 +151,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="cache embeddings (default: the run's setting)",
     )
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_process_flags(ev)
     _add_malloc_flag(ev)
     ev.set_defaults(handler=eval_command)
 
@@ -137,6 +170,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cmp.add_argument("--episode-set", metavar="HASH", help="hash (prefix) of the episode set to use")
     cmp.add_argument("--json", action="store_true", help="print JSON")
     cmp.set_defaults(handler=compare_command)
+
+
+def _add_process_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dist-backend",
+        metavar="auto|gloo|nccl",
+        default="auto",
+        help="under torchrun: the torch.distributed backend (auto: nccl with one GPU per process, else gloo)",
+    )
+
+
+def _join(args: argparse.Namespace, device: str) -> Processes:
+    """This process's place in a torchrun/Slurm launch, joined to the others (one process: nothing to join)."""
+    from fewshot_sla.engine.distributed import check_process_count, from_environment, initialize, process_device
+
+    processes = from_environment()
+    if processes.active:
+        try:
+            dev = process_device(processes, device)
+            backend = check_process_count(processes, dev, args.dist_backend)
+        except UserError as err:  # every process finds the same problem: report it once
+            raise UserError(str(err), shared=True) from None
+        initialize(processes, dev, backend)
+    return processes
+
+
+def _agreed(processes: Processes, error: UserError | None) -> None:
+    """Every process learns whether any failed (so none waits for the others forever); the first error is
+    raised everywhere, reported once."""
+    message = processes.first_error(None if error is None else str(error))
+    if message is not None:
+        raise UserError(message, shared=processes.active)
 
 
 def _add_malloc_flag(parser: argparse.ArgumentParser) -> None:
@@ -193,11 +258,35 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     if args.max_steps is not None and args.max_steps < 1:
         raise UserError(f"--max-steps must be a positive integer, got {args.max_steps}")
-    plan = plan_run(
-        cfg, overrides=given, out=args.out, data_root=args.data_root, resume=args.resume, overwrite=args.overwrite
-    )
-    _reuse_memory_on_cpu(plan.device.type, args)
-    report = execute_run(plan, max_steps=args.max_steps, progress=not args.quiet)
+    from fewshot_sla.engine.distributed import shutdown
+
+    processes = _join(args, cfg.device)
+    try:
+        plan = None
+        try:
+            plan = plan_run(
+                cfg,
+                overrides=given,
+                out=args.out,
+                data_root=args.data_root,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                processes=processes,
+                fit_memory=args.fit_memory,
+                memory_budget_gb=args.memory_budget,
+            )
+        except UserError as err:
+            _agreed(processes, err)
+        _agreed(processes, None)
+        assert plan is not None
+        _reuse_memory_on_cpu(plan.device.type, args)
+        if processes.writer and not args.quiet:
+            sys.stderr.write(f"fewshot-sla: {plan.memory.summary()}\n")
+        report = execute_run(plan, max_steps=args.max_steps, progress=not args.quiet)
+    finally:
+        shutdown()
+    if not processes.writer:
+        return 0 if report.status != "interrupted" else 130
     resume = f"fewshot-sla run --resume --out {report.run_dir}"
     if report.status == "max-steps":
         sys.stderr.write(f"fewshot-sla: stopped after step {report.step} (--max-steps); continue with '{resume}'\n")
@@ -217,25 +306,46 @@ def run_command(args: argparse.Namespace) -> int:
 
 def eval_command(args: argparse.Namespace) -> int:
     """``fewshot-sla eval``."""
-    from fewshot_sla.engine.run_evaluation import evaluate_run
-
     if args.eval_episodes is not None and args.eval_episodes < 1:
         raise UserError(f"--eval-episodes must be a positive integer, got {args.eval_episodes}")
     import torch
 
     on_gpu = torch.cuda.is_available() and not (args.device or "").startswith("cpu")
     _reuse_memory_on_cpu("cuda" if on_gpu else "cpu", args)
-    results = evaluate_run(
-        args.run_dir,
-        data_root=args.data_root,
-        episodes_file=args.episodes_file,
-        eval_episodes=args.eval_episodes,
-        device=args.device,
-        use_cache=args.feature_cache,
-        progress=not args.quiet,
-    )
+    from fewshot_sla.engine.distributed import shutdown
+
+    processes = _join(args, args.device or "auto")
+    try:
+        results = _evaluate_agreed(args, processes)
+    finally:
+        shutdown()
+    if not processes.writer:
+        return 0
     print(format_results(results, Path(args.run_dir)))
     return 0
+
+
+def _evaluate_agreed(args: argparse.Namespace, processes: Processes) -> dict[str, Any]:
+    """``evaluate_run`` in every process, failures agreed on (see ``_agreed``)."""
+    from fewshot_sla.engine.run_evaluation import evaluate_run
+
+    results = None
+    try:
+        results = evaluate_run(
+            args.run_dir,
+            data_root=args.data_root,
+            episodes_file=args.episodes_file,
+            eval_episodes=args.eval_episodes,
+            device=args.device,
+            use_cache=args.feature_cache,
+            progress=not args.quiet,
+            processes=processes,
+        )
+    except UserError as err:
+        _agreed(processes, err)
+    _agreed(processes, None)
+    assert results is not None
+    return results
 
 
 def compare_command(args: argparse.Namespace) -> int:

@@ -150,7 +150,7 @@ def build_model(cfg: RunConfig, image_size: int, device: torch.device) -> tuple[
         objective = OBJECTIVES.create(cfg.objective, transform=transform, feature_dim=feature_dim)
         learner.to(device)
         objective.to(device)
-        _materialize(learner, cfg, image_size, device)
+        _materialize(learner, objective, cfg, image_size, device)
     return learner, objective
 
 
@@ -176,11 +176,12 @@ def _create(kind: str, registry: Any, name: str, options: dict[str, Any], **part
         raise UserError(f"{kind} '{name}' rejected its options {options}: {err}; fix {kind}_options") from None
 
 
-def _materialize(learner: Learner, cfg: RunConfig, image_size: int, device: torch.device) -> None:
-    """Run one dummy episode through a learner with lazy parameters so that they get their shapes."""
+def _materialize(learner: Learner, objective: Objective, cfg: RunConfig, image_size: int, device: torch.device) -> None:
+    """Run one dummy episode through a learner with lazy parameters so that they get their shapes: with the ways
+    the objective will hand it in training (N*M under SLA)."""
     if not any(isinstance(p, nn.parameter.UninitializedParameter) for p in learner.parameters()):
         return
-    ways = cfg.ways
+    ways = objective.learner_ways(cfg.train_ways or cfg.ways)
     images = torch.zeros(1, ways, 3, image_size, image_size, device=device)
     labels = torch.arange(ways, device=device).unsqueeze(0)
     was_training = learner.training

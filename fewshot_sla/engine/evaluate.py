@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from fewshot_sla.data.store import Split
 from fewshot_sla.engine.build import ImagePipeline
+from fewshot_sla.engine.distributed import SINGLE, Processes
 from fewshot_sla.engine.feature_cache import FeatureCache, ImagesOf
 from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec, gather_episodes
 from fewshot_sla.learners.base import EmbeddingLearner, Learner
@@ -51,9 +52,12 @@ def episode_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return (logits.argmax(dim=-1) == labels).double().mean(dim=1)
 
 
-def fixed_test_set(dataset: str, split: Split, spec: EpisodeSpec, count: int, run_dir: Path) -> tuple[EpisodeSet, Path]:
+def fixed_test_set(
+    dataset: str, split: Split, spec: EpisodeSpec, count: int, run_dir: Path, write: bool = True
+) -> tuple[EpisodeSet, Path]:
     """The fixed test episode set: the shipped file matching (dataset, test, spec, count), else one generated
-    with seed 0 and written into ``run_dir`` (or reused from there)."""
+    with seed 0 and written into ``run_dir`` (or reused from there; ``write=False``: kept in memory only, as the
+    processes other than the writing one do)."""
     name = EpisodeSet.default_name(dataset, split.name, spec, count, TEST_SET_SEED)
     shipped = SHIPPED_EPISODES / name
     if shipped.is_file():
@@ -64,7 +68,8 @@ def fixed_test_set(dataset: str, split: Split, spec: EpisodeSpec, count: int, ru
     episode_set = EpisodeSet.make(
         CanonicalOrder.of_split(split), dataset=dataset, split=split.name, spec=spec, count=count, seed=TEST_SET_SEED
     )
-    episode_set.save(local)
+    if write:
+        episode_set.save(local)
     return episode_set, local
 
 
@@ -88,19 +93,22 @@ def evaluate(
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     progress: bool = False,
     desc: str = "test",
+    processes: Processes = SINGLE,
 ) -> Evaluation:
     """Evaluate ``learner`` (eval mode) on every episode of ``episode_set`` drawn from ``split``.
 
     ``use_cache`` embeds each image (and copy) once when the learner is an ``EmbeddingLearner``; other learners
-    (MAML adapts per episode) always run on images.
+    (MAML adapts per episode) always run on images. With several ``processes`` each evaluates its contiguous
+    share of the episodes and every process gets all per-episode results, in episode order.
     """
     was_training = learner.training, objective.training
     learner.eval()
     objective.eval()
     start = time.perf_counter()
-    rows = episode_set.rows_in(split, dataset)
+    rows = episode_set.rows_in(split, dataset)[processes.share(episode_set.count)]
+    count = rows.shape[0]
     cached = use_cache and isinstance(learner, EmbeddingLearner)
-    results: dict[str, list[torch.Tensor]] = {}
+    results: dict[str, list[torch.Tensor]] = {kind.name: [] for kind in objective.kinds}
 
     def record(predictions: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
         for kind, logits in predictions.items():
@@ -108,18 +116,18 @@ def evaluate(
 
     try:
         with torch.no_grad(), autocast():
-            bar = tqdm(total=episode_set.count, desc=desc, unit="ep", disable=not progress, leave=False)
-            if cached:
+            bar = tqdm(total=count, desc=desc, unit="ep", disable=not progress, leave=False)
+            if cached and count:
                 assert isinstance(learner, EmbeddingLearner)
                 cache = FeatureCache(learner, objective, ImagesOf(split.images, pipeline.images), rows)
                 per_episode = rows.shape[1] * rows.shape[2] * cache.copies * cache.feature_dim
                 step = max(batch_size, min(CACHED_BATCH, CACHED_ELEMENTS // per_episode))
-                for first in range(0, episode_set.count, step):
+                for first in range(0, count, step):
                     episodes = cache.episode(rows[first : first + step], episode_set.spec)
                     record(objective.predict_copies(learner.head, episodes), episodes.query_labels)
                     bar.update(episodes.support.shape[0])
             else:
-                for first in range(0, episode_set.count, batch_size):
+                for first in range(0, count, batch_size):
                     batch = pipeline.episode(
                         gather_episodes(split.images, rows[first : first + batch_size], episode_set.spec)
                     )
@@ -129,5 +137,7 @@ def evaluate(
     finally:
         learner.train(was_training[0])
         objective.train(was_training[1])
-    accuracies = {kind: torch.cat(parts).numpy() for kind, parts in results.items()}
-    return Evaluation(accuracies, cached, time.perf_counter() - start)
+    accuracies = {
+        kind: torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.float64) for kind, parts in results.items()
+    }
+    return Evaluation(processes.gather(accuracies), cached, time.perf_counter() - start)

@@ -14,7 +14,7 @@ from fewshot_sla.engine.evaluate import fixed_test_set
 from fewshot_sla.engine.plan import RunPlan
 from fewshot_sla.engine.run_evaluation import evaluate_checkpoint
 from fewshot_sla.engine.train import Trainer
-from fewshot_sla.results import RunPaths, RunRecord, git_commit, now_iso, versions
+from fewshot_sla.results import MemoryRecord, RunPaths, RunRecord, git_commit, now_iso, versions
 
 
 @dataclass
@@ -35,12 +35,14 @@ def execute_run(
     step_hook: Callable[[int], None] | None = None,
 ) -> RunReport:
     """Train (or continue training) the planned model, then evaluate its best checkpoint and write results.json."""
-    cfg, paths = plan.cfg, RunPaths(plan.run_dir)
-    if plan.overwrite and plan.run_dir.exists():
-        shutil.rmtree(plan.run_dir)
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
-    if not plan.resume:
-        write_text_atomic(paths.config, cfg.to_yaml())
+    cfg, paths, processes = plan.cfg, RunPaths(plan.run_dir), plan.processes
+    if processes.writer:
+        if plan.overwrite and plan.run_dir.exists():
+            shutil.rmtree(plan.run_dir)
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        if not plan.resume:
+            write_text_atomic(paths.config, cfg.to_yaml())
+    processes.barrier()
     trainer = Trainer(
         cfg,
         plan.run_dir,
@@ -51,6 +53,7 @@ def execute_run(
         plan.pipeline,
         plan.device,
         progress=progress,
+        processes=processes,
     )
     outcome = trainer.run(resume=plan.resume, max_steps=max_steps, step_hook=step_hook)
     if outcome.status != "finished":
@@ -75,12 +78,23 @@ def execute_run(
         git_commit=git_commit(),
         created=now_iso(),
         config=cfg.to_dict(),
+        memory=MemoryRecord(
+            micro_batch=plan.memory.micro_batch,
+            checkpointing=plan.memory.checkpointing,
+            processes=processes.world_size,
+            estimated_step_bytes=plan.memory.estimate,
+            budget_bytes=plan.memory.budget,
+            budget=plan.memory.source,
+            available_bytes=plan.memory.available,
+            measured_peak_bytes=outcome.peak_bytes,
+            measured_baseline_bytes=outcome.baseline_bytes,
+        ),
     )
     if plan.episode_file is not None:
         episode_set, set_path = plan.episode_file, Path(str(cfg.episodes_file))
     else:
         episode_set, set_path = fixed_test_set(
-            cfg.dataset, plan.splits["test"], episode_specs(cfg)[1], cfg.eval_episodes, plan.run_dir
+            cfg.dataset, plan.splits["test"], episode_specs(cfg)[1], cfg.eval_episodes, plan.run_dir, processes.writer
         )
     results = evaluate_checkpoint(
         record.to_dict(),
@@ -95,5 +109,6 @@ def execute_run(
         plan.device,
         plan.store.fingerprint,
         progress,
+        processes,
     )
     return RunReport("finished", outcome.step, plan.run_dir, results)

@@ -1,12 +1,15 @@
 """Planning a run: resolve and check everything a user can get wrong before anything is written.
 
 ``plan_run`` resolves the configuration (recipe, or the stored one on ``--resume``), checks names, device,
-dataset, episode specs, the episode file and the output folder, loads the splits and builds the model once;
-``execute.execute_run`` then trains and tests exactly what was planned.
+dataset, episode specs, the episode file and the output folder, loads the splits, builds the model once and
+plans its memory (``memory.py``: the micro-batch and checkpointing it trains with, written into the resolved
+configuration); ``execute.execute_run`` then trains and tests exactly what was planned. Every process of a
+distributed run plans the same run; only process 0 will write.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,34 +17,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from fewshot_sla.config import RunConfig, load_config
+from fewshot_sla.backbones import checkpointing
+from fewshot_sla.config import RESUME_FREE_KEYS, RunConfig, load_config, required
 from fewshot_sla.data.store import DatasetStore, Split
 from fewshot_sla.engine.build import (
     ImagePipeline,
     build_model,
     check_names,
     check_split,
+    derived_seed,
     episode_specs,
     load_episode_file,
     open_dataset,
     pipeline_for,
     resolve_device,
 )
+from fewshot_sla.engine.distributed import SINGLE, Processes, process_device
+from fewshot_sla.engine.memory import FIT_MODES, MemoryPlan, memory_budget, plan_memory, profile_step
 from fewshot_sla.engine.recipes import apply_recipe
-from fewshot_sla.episodes import EpisodeSet
+from fewshot_sla.episodes import EpisodeSampler, EpisodeSet
 from fewshot_sla.errors import UserError
 from fewshot_sla.learners.base import Learner
 from fewshot_sla.objectives import Objective
 from fewshot_sla.results import RunPaths, default_run_dir
 
-# Keys that may differ between the stored configuration and the flags of a --resume call.
-RESUME_FREE_KEYS = ("device",)
-
 
 @dataclass
 class RunPlan:
-    """A checked run, ready to execute: resolved configuration, folder, device, data and the built model."""
+    """A checked run, ready to execute: resolved configuration, folder, device, data, the built model, its memory
+    plan and this process's place in the run."""
 
     cfg: RunConfig
     run_dir: Path
@@ -54,37 +60,40 @@ class RunPlan:
     pipeline: ImagePipeline
     learner: Learner
     objective: Objective
+    memory: MemoryPlan
+    processes: Processes = SINGLE
 
 
 def plan_run(
     cfg: RunConfig,
     *,
     overrides: Mapping[str, Any],
-    out: str | os.PathLike | None,
+    out: str | os.PathLike[str] | None,
     data_root: Any,
     resume: bool = False,
     overwrite: bool = False,
+    processes: Processes = SINGLE,
+    fit_memory: str = "auto",
+    memory_budget_gb: float | None = None,
 ) -> RunPlan:
     """Resolve and check a run without writing anything (every user mistake is a UserError here)."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass only one")
+    if fit_memory not in FIT_MODES:
+        raise UserError(f"--fit-memory must be one of {', '.join(FIT_MODES)}, got '{fit_memory}'")
+    if memory_budget_gb is not None and not (memory_budget_gb > 0 and math.isfinite(memory_budget_gb)):
+        raise UserError(f"--memory-budget must be a positive number of GB, got {memory_budget_gb}")
     if resume:
-        run_dir = (
-            Path(out)
-            if out is not None
-            else default_run_dir(cfg.dataset, cfg.method, cfg.ways, cfg.shots, cfg.transform, cfg.objective, cfg.seed)
-        )
+        run_dir = Path(out) if out is not None else _default_dir(cfg)
         cfg = _resumable_config(run_dir, overrides)
     else:
         cfg = apply_recipe(cfg)
-        run_dir = (
-            Path(out)
-            if out is not None
-            else default_run_dir(cfg.dataset, cfg.method, cfg.ways, cfg.shots, cfg.transform, cfg.objective, cfg.seed)
-        )
+        run_dir = Path(out) if out is not None else _default_dir(cfg)
         _check_output_folder(run_dir, overwrite)
     check_names(cfg)
-    device = resolve_device(cfg.device)
+    device = process_device(processes, cfg.device) if processes.active else resolve_device(cfg.device)
+    meta_batch = required(cfg.meta_batch, "meta_batch")
+    _check_scale(cfg, meta_batch, processes, device)
     store = open_dataset(cfg, data_root)
     splits = {name: store.split(name, device=device) for name in ("train", "val", "test")}
     train_spec, test_spec = episode_specs(cfg)
@@ -99,15 +108,78 @@ def plan_run(
             s = episode_file.spec
             raise UserError(
                 f"--episodes-file holds {s.ways}-way {s.shots}-shot {s.queries}-query episodes but the "
-                f"run tests {cfg.ways}-way {cfg.shots}-shot {cfg.queries}-query; "
-                "match --ways/--shots/--queries"
+                f"run tests {cfg.ways}-way {cfg.shots}-shot {cfg.queries}-query; match --ways/--shots/--queries"
             )
         if episode_file.split not in splits:
             splits[episode_file.split] = store.split(episode_file.split, device=device)
         episode_file.rows_in(splits[episode_file.split], cfg.dataset)
     pipeline = pipeline_for(cfg, store)
     learner, objective = build_model(cfg, pipeline.image_size, device)  # bad backbone/learner options fail here
-    return RunPlan(cfg, run_dir, device, store, splits, episode_file, resume, overwrite, pipeline, learner, objective)
+    can_checkpoint = checkpointing.supports(learner.backbone) and learner.supports_checkpointing
+    if cfg.checkpointing and not can_checkpoint:
+        why = (
+            f"learner '{cfg.method}' adapts functional copies of the weights, which a recomputation cannot see"
+            if not learner.supports_checkpointing
+            else f"backbone '{cfg.backbone}' does not support it (built-in backbones that do: conv4, resnet12)"
+        )
+        raise UserError(f"activation checkpointing is not available here: {why}; drop --checkpointing")
+    profile = None
+    if fit_memory != "off":
+        sampler = EpisodeSampler(splits["train"], train_spec, seed=derived_seed(cfg.seed, "memory-probe"))
+        optimizer = str(cfg.optimizer)
+        profile = profile_step(
+            learner, objective, sampler, pipeline, meta_batch, optimizer, cfg.momentum or 0.0, cfg.amp
+        )
+    budget = memory_budget(device, processes.local_world_size, memory_budget_gb)
+    share = meta_batch // processes.world_size
+    memory = plan_memory(
+        profile, share, fit_memory, budget, learner, cfg.micro_batch, cfg.checkpointing, can_checkpoint
+    )
+    cfg = cfg.updated({"micro_batch": memory.micro_batch, "checkpointing": memory.checkpointing}, "memory plan")
+    if memory.checkpointing:
+        checkpointing.enable(learner.backbone)
+    if cfg.sync_batchnorm:
+        learner = nn.SyncBatchNorm.convert_sync_batchnorm(learner)
+    return RunPlan(
+        cfg,
+        run_dir,
+        device,
+        store,
+        splits,
+        episode_file,
+        resume,
+        overwrite,
+        pipeline,
+        learner,
+        objective,
+        memory,
+        processes,
+    )
+
+
+def _default_dir(cfg: RunConfig) -> Path:
+    return default_run_dir(cfg.dataset, cfg.method, cfg.ways, cfg.shots, cfg.transform, cfg.objective, cfg.seed)
+
+
+def _check_scale(cfg: RunConfig, meta_batch: int, processes: Processes, device: torch.device) -> None:
+    """The micro-batch and the process count must fit the meta-batch; SyncBatchNorm needs processes on GPUs."""
+    if cfg.micro_batch is not None and cfg.micro_batch > meta_batch:
+        raise UserError(
+            f"--micro-batch {cfg.micro_batch} is above the meta-batch of {meta_batch} episodes; use "
+            f"--micro-batch {meta_batch} or fewer"
+        )
+    world = processes.world_size
+    if meta_batch % world:
+        counts = [n for n in range(1, meta_batch + 1) if meta_batch % n == 0]
+        raise UserError(
+            f"{world} processes cannot share a meta-batch of {meta_batch} episodes evenly; use a process count in "
+            f"{counts} or --meta-batch {world * max(1, round(meta_batch / world))}"
+        )
+    if cfg.sync_batchnorm and not (processes.active and device.type == "cuda"):
+        raise UserError(
+            "--sync-batchnorm synchronises BatchNorm across processes on GPUs (torch's SyncBatchNorm has no CPU "
+            "kernel); launch several processes on GPUs with torchrun, or drop it"
+        )
 
 
 def _resumable_config(run_dir: Path, overrides: Mapping[str, Any]) -> RunConfig:

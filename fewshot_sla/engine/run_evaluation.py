@@ -28,6 +28,7 @@ from fewshot_sla.engine.build import (
     resolve_device,
 )
 from fewshot_sla.engine.checkpoint import load_checkpoint
+from fewshot_sla.engine.distributed import SINGLE, Processes, process_device
 from fewshot_sla.engine.evaluate import evaluate, fixed_test_set
 from fewshot_sla.engine.stats import summarize
 from fewshot_sla.episodes import EpisodeSet
@@ -65,8 +66,10 @@ def evaluate_checkpoint(
     device: torch.device,
     fingerprint: str,
     progress: bool,
+    processes: Processes = SINGLE,
 ) -> dict[str, Any]:
-    """Load the best checkpoint, evaluate it on ``episode_set``, store per-episode results, write results.json."""
+    """Load the best checkpoint, evaluate it on ``episode_set`` (each process its share), store per-episode results
+    and write results.json (process 0); every process returns the results."""
     paths = RunPaths(run_dir)
     best = load_checkpoint(paths.best_checkpoint)
     learner.load_state_dict(best["model"])
@@ -81,10 +84,12 @@ def evaluate_checkpoint(
         batch_size=cfg.eval_batch,
         use_cache=cfg.feature_cache,
         autocast=autocast_for(device, cfg.amp),
-        progress=progress,
+        progress=progress and processes.writer,
+        processes=processes,
     )
     per_episode = paths.per_episode(episode_set.content_hash)
-    save_per_episode(per_episode, outcome.accuracies, episode_set.content_hash, fingerprint)
+    if processes.writer:
+        save_per_episode(per_episode, outcome.accuracies, episode_set.content_hash, fingerprint)
     try:
         shown_path = str(set_path.resolve().relative_to(run_dir.resolve()))
     except ValueError:
@@ -117,7 +122,8 @@ def evaluate_checkpoint(
         device=describe_device(device),
     )
     results = add_evaluation(results, record)
-    write_results(run_dir, results)
+    if processes.writer:
+        write_results(run_dir, results)
     return results
 
 
@@ -130,8 +136,10 @@ def evaluate_run(
     device: str | None = None,
     use_cache: bool | None = None,
     progress: bool = True,
+    processes: Processes = SINGLE,
 ) -> dict[str, Any]:
-    """Re-evaluate a finished run's best checkpoint on another (or the same) fixed episode set."""
+    """Re-evaluate a finished run's best checkpoint on another (or the same) fixed episode set (with several
+    processes, each evaluates its share of the episodes; process 0 writes)."""
     run_dir = Path(run_dir)
     previous = load_results(run_dir)
     cfg = load_config(RunPaths(run_dir).config)
@@ -141,7 +149,7 @@ def evaluate_run(
     if use_cache is not None:
         changes["feature_cache"] = use_cache
     cfg = cfg.updated(changes, "command line")
-    dev = resolve_device(cfg.device)
+    dev = process_device(processes, cfg.device) if processes.active else resolve_device(cfg.device)
     check_names(cfg)
     store = open_dataset(cfg, data_root)
     if store.fingerprint != previous.data["dataset_fingerprint"]:
@@ -158,7 +166,8 @@ def evaluate_run(
         split = store.split("test", device=dev)
         spec = episode_specs(cfg)[1]
         check_split(split, spec, "test")
-        episode_set, set_path = fixed_test_set(cfg.dataset, split, spec, eval_episodes or cfg.eval_episodes, run_dir)
+        count = eval_episodes or cfg.eval_episodes
+        episode_set, set_path = fixed_test_set(cfg.dataset, split, spec, count, run_dir, processes.writer)
     episode_set.rows_in(split, cfg.dataset)
     pipeline = pipeline_for(cfg, store)
     learner, objective = build_model(cfg, pipeline.image_size, dev)
@@ -175,4 +184,5 @@ def evaluate_run(
         dev,
         store.fingerprint,
         progress,
+        processes,
     )

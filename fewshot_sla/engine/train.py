@@ -1,7 +1,11 @@
 """The meta-training loop: meta-batches of episodes, periodic validation, checkpoints, resume, Ctrl-C.
 
 A step draws B episodes from the training split, augments and normalises them on the device, and sends
-them through ``objective.loss`` in one call (one backbone pass for the whole meta-batch). Every
+them through ``objective.loss`` in micro-batches of ``micro_batch`` episodes (one backbone pass each; the
+losses are weighted by their share of the B episodes and the gradients accumulate, so the step's gradient is
+the one of the whole meta-batch). With several processes (``distributed.py``) every process draws the same B
+episodes from the same streams, takes its contiguous share, and the gradients and metrics are summed over
+processes once per step; process 0 alone writes metrics, checkpoints and plots. Every
 ``val_every`` episodes the model is validated on a fixed validation episode set; the best model is kept in
 ``checkpoints/best.pt`` and the full training state (model, optimizer, scheduler, every RNG, step) in
 ``checkpoints/last.pt``. Resuming from ``last.pt`` replays the same random streams, so an interrupted run
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -28,13 +33,15 @@ from torch import nn
 from tqdm import tqdm
 
 from fewshot_sla.atomic import write_text_atomic
-from fewshot_sla.config import RunConfig, required
+from fewshot_sla.config import RESUME_FREE_KEYS, RunConfig, required
 from fewshot_sla.data.store import Split
 from fewshot_sla.engine.build import ImagePipeline, derived_seed, episode_specs
 from fewshot_sla.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from fewshot_sla.engine.curves import plot_learning_curve
+from fewshot_sla.engine.distributed import SINGLE, Processes
 from fewshot_sla.engine.evaluate import evaluate, validation_episode_set
-from fewshot_sla.episodes import EpisodeSampler
+from fewshot_sla.engine.memory import PeakMeter
+from fewshot_sla.episodes import EpisodeBatch, EpisodeSampler
 from fewshot_sla.errors import UserError
 from fewshot_sla.learners.base import Learner
 from fewshot_sla.objectives import Objective
@@ -65,6 +72,30 @@ def lr_factor(cfg: RunConfig, step: int, total_steps: int) -> float:
     return factor
 
 
+def accumulate_gradients(
+    learner: Learner,
+    objective: Objective,
+    episodes: EpisodeBatch,
+    micro_batch: int,
+    meta_batch: int,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> dict[str, float]:
+    """Backpropagate ``objective.loss`` over ``episodes`` in micro-batches of ``micro_batch`` episodes, each loss
+    weighted by its share of the ``meta_batch`` episodes, adding to the parameters' gradients: the gradient of the
+    meta-batch's mean loss when ``episodes`` is all of it (or this process's part of it). Returns the metrics,
+    weighted the same way (``loss`` as trained on)."""
+    totals: dict[str, float] = {}
+    for first in range(0, episodes.batch_size, micro_batch):
+        part = episodes.select(slice(first, first + micro_batch))
+        with autocast():
+            loss, metrics = objective.loss(learner, part)
+        weight = part.batch_size / meta_batch  # the meta-batch loss is the mean over its episodes
+        (loss * weight).backward()
+        for key, value in {**metrics, "loss": float(loss.detach())}.items():
+            totals[key] = totals.get(key, 0.0) + weight * float(value)
+    return totals
+
+
 def total_steps(cfg: RunConfig) -> int:
     """Optimizer steps of the whole run (each takes ``meta_batch`` episodes)."""
     return math.ceil(required(cfg.train_episodes, "train_episodes") / required(cfg.meta_batch, "meta_batch"))
@@ -84,11 +115,14 @@ class TrainState:
 
 @dataclass
 class TrainOutcome:
-    """How training ended (``finished``, ``max-steps`` or ``interrupted``) and the results block it produced."""
+    """How training ended (``finished``, ``max-steps`` or ``interrupted``), the results block it produced, and
+    the peak memory measured while it trained (see ``memory.PeakMeter``)."""
 
     status: str
     step: int
     summary: TrainSummary | None
+    peak_bytes: int | None = None
+    baseline_bytes: int | None = None
 
 
 class Trainer:
@@ -105,16 +139,21 @@ class Trainer:
         pipeline: ImagePipeline,
         device: torch.device,
         progress: bool = True,
+        processes: Processes = SINGLE,
     ) -> None:
         self.cfg = cfg
+        self.processes = processes
         self.meta_batch = required(cfg.meta_batch, "meta_batch")
+        self.share = processes.share(self.meta_batch)  # this process's episodes of each meta-batch
+        per_process = self.share.stop - self.share.start
+        self.micro_batch = min(cfg.micro_batch or per_process, per_process)
         self.val_every = required(cfg.val_every, "val_every")
         self.paths = RunPaths(run_dir)
         self.learner, self.objective = learner, objective
         self.val_split = val_split
         self.pipeline = pipeline
         self.device = device
-        self.progress = progress
+        self.progress = progress and processes.writer
         train_spec, test_spec = episode_specs(cfg)
         self.train_spec = train_spec
         self.sampler = EpisodeSampler(train_split, train_spec, seed=derived_seed(cfg.seed, "train-episodes"))
@@ -123,6 +162,7 @@ class Trainer:
         self.val_set = validation_episode_set(cfg.dataset, val_split, test_spec, cfg.val_episodes)
         self.total_steps = total_steps(cfg)
         params = [p for p in list(learner.parameters()) + list(objective.parameters()) if p.requires_grad]
+        self.params = params
         self.optimizer = make_optimizer(cfg, params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg, s, self.total_steps)
@@ -153,7 +193,13 @@ class Trainer:
 
     def _restore(self) -> None:
         ckpt = load_checkpoint(self.paths.last_checkpoint)
-        if ckpt.get("config") != self.cfg.to_dict():
+
+        def computed(config: Any) -> dict[str, Any]:
+            """What determines the run's numbers (keys newer than the checkpoint count as their defaults)."""
+            full = {**RunConfig().to_dict(), **dict(config or {})}
+            return {k: v for k, v in full.items() if k not in RESUME_FREE_KEYS}
+
+        if computed(ckpt.get("config")) != computed(self.cfg.to_dict()):
             raise UserError(
                 f"{self.paths.last_checkpoint} belongs to another configuration than "
                 f"{self.paths.config}; start again with --overwrite"
@@ -174,7 +220,7 @@ class Trainer:
 
     def _truncate_metrics(self) -> None:
         """Drop metrics lines of steps after the restored checkpoint (they will be recomputed)."""
-        if not self.paths.metrics.is_file():
+        if not self.processes.writer or not self.paths.metrics.is_file():
             return
         kept = []
         for line in self.paths.metrics.read_text().splitlines():
@@ -189,21 +235,29 @@ class Trainer:
     # ----- control -----
     @contextlib.contextmanager
     def _graceful_interrupt(self) -> Iterator[None]:
-        """The first Ctrl-C asks to stop after the current step (and save); a second one interrupts at once."""
+        """The first Ctrl-C asks to stop after the current step (and save); a second one interrupts at once.
+        SIGTERM (a launcher stopping its workers, a Slurm preemption) exits at once but through the normal
+        unwinding, so that no half-written file is left behind; the run resumes from its last checkpoint."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
         previous = signal.getsignal(signal.SIGINT)
+        previous_term = signal.getsignal(signal.SIGTERM)
 
         def handler(signum: int, frame: Any) -> None:
             self.stop_requested = True
             signal.signal(signal.SIGINT, previous)
 
+        def terminate(signum: int, frame: Any) -> None:
+            raise SystemExit(128 + signum)
+
         signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, terminate)
         try:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, previous_term)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Mixed precision (bfloat16) when the run asks for it."""
@@ -223,6 +277,7 @@ class Trainer:
             batch_size=self.cfg.eval_batch,
             use_cache=self.cfg.feature_cache,
             autocast=self.autocast,
+            processes=self.processes,
         )
         restore_rng_state(saved, generators)
         return {kind: 100.0 * float(acc.mean()) for kind, acc in outcome.accuracies.items()}
@@ -243,7 +298,10 @@ class Trainer:
         b = self.meta_batch
         status = "finished"
         start = time.perf_counter() - state.time_s
-        with self._graceful_interrupt(), open(self.paths.metrics, "a") as log:
+        meter = PeakMeter(self.device)
+        meter.start()
+        log_file = self.paths.metrics if self.processes.writer else Path(os.devnull)
+        with self._graceful_interrupt(), open(log_file, "a") as log:
             bar = tqdm(
                 total=self.total_steps,
                 initial=state.step,
@@ -269,14 +327,24 @@ class Trainer:
         state.time_s = time.perf_counter() - start
         if self.stop_requested:  # Ctrl-C during the last step: stop before the evaluation
             status = "interrupted"
+        peak = meter.peak()
         if status != "finished":
-            save_checkpoint(self.paths.last_checkpoint, self._checkpoint())
-            return TrainOutcome(status, state.step, None)
-        plot_learning_curve(self.paths.metrics, self.paths.curve)
-        return TrainOutcome(status, state.step, self.summary())
+            self._save(self.paths.last_checkpoint, self._checkpoint())
+            self.processes.barrier()
+            return TrainOutcome(status, state.step, None, peak, meter.baseline)
+        if self.processes.writer:
+            plot_learning_curve(self.paths.metrics, self.paths.curve)
+        self.processes.barrier()  # the best checkpoint is on disk before any process reads it
+        return TrainOutcome(status, state.step, self.summary(), peak, meter.baseline)
+
+    def _save(self, path: Path, state: dict[str, Any]) -> None:
+        """Write a checkpoint (process 0 only)."""
+        if self.processes.writer:
+            save_checkpoint(path, state)
 
     def step(self, step_hook: Callable[[int], None] | None = None) -> dict[str, float]:
-        """One optimizer step on a meta-batch; returns the objective's metrics and the learning rate used.
+        """One optimizer step on a meta-batch; returns the objective's metrics (over the whole meta-batch, every
+        process included) and the learning rate used.
 
         A non-finite loss stops the run with a UserError (the last checkpoint is kept).
         """
@@ -285,24 +353,30 @@ class Trainer:
         self.learner.train()
         self.objective.train()
         batch = self.sampler.sample(self.meta_batch)
-        episode = self.pipeline.episode(batch, self.augment_generator if self.cfg.augment else None)
-        with self.autocast():
-            loss, metrics = self.objective.loss(self.learner, episode)
-        if not bool(torch.isfinite(loss.detach())):
+        episodes = self.pipeline.episode(batch, self.augment_generator if self.cfg.augment else None)
+        mine = episodes.select(self.share)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = accumulate_gradients(
+            self.learner, self.objective, mine, self.micro_batch, self.meta_batch, self.autocast
+        )
+        summed = torch.tensor([*totals.values(), float(self.stop_requested)], dtype=torch.float64, device=self.device)
+        values = self.processes.sum_(summed).tolist()
+        totals = dict(zip(totals, values))
+        self.stop_requested = self.stop_requested or values[-1] > 0  # any process's Ctrl-C stops them all here
+        if not math.isfinite(totals["loss"]):
             raise UserError(
-                f"training diverged: the loss is {float(loss.detach())} at step {self.state.step + 1}; "
+                f"training diverged: the loss is {totals['loss']} at step {self.state.step + 1}; "
                 f"the last good checkpoint is kept in {self.paths.last_checkpoint}; lower --lr (now "
                 f"{self.cfg.lr}) or turn off --amp, then start again with --overwrite"
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.processes.sum_gradients(self.params)
         self.optimizer.step()
         self.scheduler.step()
         self.state.step += 1
         self.state.step_time_s += time.perf_counter() - t0
         if step_hook is not None:
             step_hook(self.state.step)
-        return {"lr": lr, **{k: float(v) for k, v in metrics.items()}}
+        return {"lr": lr, **totals}
 
     def _validate_and_save(self, log: Any, bar: tqdm, start: float) -> None:
         state = self.state
@@ -325,7 +399,7 @@ class Trainer:
             bar.write(f"step {state.step}: validation " + ", ".join(f"{k} {v:.2f}%" for k, v in accuracy.items()))
         if accuracy[key] > state.best_accuracy:
             state.best_accuracy, state.best_step, state.best_val = accuracy[key], state.step, accuracy
-            save_checkpoint(
+            self._save(
                 self.paths.best_checkpoint,
                 {
                     "model": self.learner.state_dict(),
@@ -335,7 +409,7 @@ class Trainer:
                 },
             )
         state.time_s = time.perf_counter() - start
-        save_checkpoint(self.paths.last_checkpoint, self._checkpoint())
+        self._save(self.paths.last_checkpoint, self._checkpoint())
 
     def summary(self) -> TrainSummary:
         """The ``train`` block of results.json."""

@@ -22,12 +22,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from fewshot_sla.atomic import write_text_atomic
 from fewshot_sla.data.catalog import open_store
+from fewshot_sla.engine.memory import CONCURRENT_RUNS_VAR
 from fewshot_sla.errors import UserError
 from fewshot_sla.leaderboard.grid import Grid
 from fewshot_sla.results import RunPaths
@@ -84,29 +85,65 @@ CellRunner = Callable[[CellTask], CellOutcome]
 
 
 def run_cell(task: CellTask) -> CellOutcome:
-    """Run one cell as a ``fewshot-sla run`` process, its output going to the cell's log file."""
-    task.log_file.parent.mkdir(parents=True, exist_ok=True)
+    """Run one cell as a ``fewshot-sla run`` process, its output going to the cell's log file.
+
+    In a Slurm job of several tasks (``slurm: {nodes: n, tasks_per_node: g}``), every task runs this: each starts
+    one process of the cell's distributed run, with the rendezvous that submitit's ``TorchDistributedEnvironment``
+    derives from the job (process 0 writes the run and ``<cell>.log``; process r logs to ``<cell>.rank<r>.log``).
+    """
+    env = {**os.environ, **task.env}
+    log_file = task.log_file
+    processes = slurm_processes()
+    if processes is not None:
+        env.update(processes)
+        if processes["RANK"] != "0":
+            log_file = log_file.with_name(f"{log_file.stem}.rank{processes['RANK']}{log_file.suffix}")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(task.log_file, "ab") as log:
+    with open(log_file, "ab") as log:
         log.write(f"$ {' '.join(task.argv())}\n".encode())
         log.flush()
         try:
             code = subprocess.run(
-                task.argv(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, **task.env},
+                task.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
             ).returncode
         except OSError as err:
-            return CellOutcome(task.name, "failed", time.perf_counter() - start, f"cannot start: {err}", task.log_file)
+            return CellOutcome(task.name, "failed", time.perf_counter() - start, f"cannot start: {err}", log_file)
     seconds = time.perf_counter() - start
+    if processes is not None and processes["RANK"] != "0":  # process 0 writes results.json and reports the cell
+        status = "finished" if code == 0 else "interrupted" if code == EXIT_INTERRUPTED else "failed"
+        return CellOutcome(task.name, status, seconds, None if code == 0 else last_error_line(log_file), log_file)
     if code == 0 and RunPaths(task.run_dir).results.is_file():
         return CellOutcome(task.name, "finished", seconds, None, task.log_file)
     if code == EXIT_INTERRUPTED:
         return CellOutcome(task.name, "interrupted", seconds, "interrupted (state saved)", task.log_file)
     reason = last_error_line(task.log_file) or f"exit code {code} without results.json"
     return CellOutcome(task.name, "failed", seconds, reason, task.log_file)
+
+
+def slurm_processes() -> dict[str, str] | None:
+    """The torch.distributed environment of this task when it runs in a submitit job of several tasks (from
+    ``submitit.helpers.TorchDistributedEnvironment``), else None."""
+    try:
+        import submitit
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:
+        return None
+    try:
+        job = submitit.JobEnvironment()
+        if job.num_tasks <= 1:
+            return None
+        dist = TorchDistributedEnvironment()
+    except RuntimeError:  # not inside a submitit job
+        return None
+    return {
+        "MASTER_ADDR": str(dist.master_addr),
+        "MASTER_PORT": str(dist.master_port),
+        "RANK": str(dist.rank),
+        "WORLD_SIZE": str(dist.world_size),
+        "LOCAL_RANK": str(dist.local_rank),
+        "LOCAL_WORLD_SIZE": str(dist.local_world_size),
+    }
 
 
 def last_error_line(log_file: Path) -> str | None:
@@ -238,19 +275,14 @@ class LocalExecutor:
             )
 
     def _with_threads(self, task: CellTask) -> CellTask:
-        """Split the CPU cores between parallel cells (unless the user set OMP_NUM_THREADS)."""
-        if self.jobs == 1 or "OMP_NUM_THREADS" in os.environ:
+        """Split the CPU cores between parallel cells (unless the user set OMP_NUM_THREADS), and tell each cell
+        how many runs share the machine (its memory budget is a share of it)."""
+        if self.jobs == 1:
             return task
+        if "OMP_NUM_THREADS" in os.environ:
+            return replace(task, env={**task.env, CONCURRENT_RUNS_VAR: str(self.jobs)})
         threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
-        return CellTask(
-            task.name,
-            task.run_dir,
-            task.config_file,
-            task.log_file,
-            task.resume,
-            task.data_root,
-            {**task.env, "OMP_NUM_THREADS": threads},
-        )
+        return replace(task, env={**task.env, "OMP_NUM_THREADS": threads, CONCURRENT_RUNS_VAR: str(self.jobs)})
 
 
 class SlurmExecutor:
@@ -299,7 +331,7 @@ class SlurmExecutor:
             for job, task in zip(jobs, tasks):
                 start = time.perf_counter()
                 try:
-                    outcome = job.result()
+                    outcome = job.results()[0]  # a job of several tasks: process 0's outcome is the cell's
                 except Exception as err:
                     outcome = CellOutcome(
                         task.name,

@@ -72,7 +72,7 @@ AXIS_HOME = {
     "seed": "seeds",
 }
 # Settings that never change a cell's results, so not part of its identity.
-HASH_FREE_KEYS = ("device", "eval_batch", "feature_cache")
+HASH_FREE_KEYS = ("device", "eval_batch", "feature_cache", "checkpointing")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -18,9 +18,20 @@ class Learner(nn.Module):
     ``self.training`` selects training-time settings (e.g. solver iterations, inner steps).
     """
 
+    # Whether each episode's logits depend on that episode alone, in training mode too (no statistics shared
+    # across the episodes of a pass): then a meta-batch split into micro-batches gives the same gradient.
+    episodes_independent: ClassVar[bool] = False
+    # Whether the backbone's stages may be checkpointed (recomputed in backward from the module's parameters).
+    supports_checkpointing: ClassVar[bool] = True
+
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
+
+    @property
+    def preferred_micro_batch(self) -> int | None:
+        """Episodes per backward pass when a run sets none (None: all of a process's episodes at once)."""
+        return None
 
     def forward(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, ways: int

@@ -8,12 +8,16 @@ outer loss at the adapted parameters). The B episodes of a meta-batch share one 
 objective's mean of the outer losses.
 
 Choices, stated:
-- Head: a linear classifier on backbone features whose initialisation is one learnable row (weight vector
-  and bias, zero at start) repeated ``ways`` times at the start of every adaptation (as in Ye & Chao,
-  "How to Train Your MAML to Excel in Few-Shot Classification", ICLR 2022). It fits any number of ways,
-  including an SLA episode's N*M, and is invariant to the random class-to-label assignment of episodes. The
-  row's length is the backbone's ``feature_dim`` at the first episode's image size (it is materialised on the
-  first call, as a torch lazy parameter; loading a state dict works before or after that call).
+- Head (``head``): ``"learned"`` (the default, Finn et al.'s MAML): a linear layer with one row per output,
+  meta-learned with the backbone; weights Glorot-uniform and biases zero at start, as in Finn et al.'s code.
+  Its size is the ways the learner first sees (N, or N*M for an SLA episode) and the backbone's
+  ``feature_dim`` at that image size: it is materialised on the first call (a torch lazy parameter; the engine
+  makes that call with the training ways before building the optimizer). Fewer ways later use its first rows;
+  more are an error. ``"zero"``: every adaptation starts from an all-zero head of as many rows as the episode
+  has ways, with no head parameter at all: the "zeroing trick" of Kao, Chiu & Chen, "MAML is a Noisy
+  Contrastive Learner in Classification", ICLR 2022. (A single shared row repeated for every class, as this
+  learner once had, receives exactly no meta-gradient: softmax cross-entropy ignores a shift common to all
+  classes, so such a row is the zero head in disguise.)
 - What adapts: ``adapt="all"`` (MAML: every backbone parameter and the head) or ``adapt="head"`` (only the
   head, as ANIL; the backbone still learns through the meta-gradient).
 - BatchNorm: as in the original MAML, every BatchNorm layer of the backbone normalises with the statistics of
@@ -44,6 +48,7 @@ from fewshot_sla.registry import LEARNERS
 
 Params = dict[str, torch.Tensor]
 ADAPT = ("all", "head")
+HEADS = ("learned", "zero")
 EPISODES = ("loop", "vmap")
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -68,8 +73,18 @@ class MAML(LazyModuleMixin, Learner):
     """MAML over any backbone: per-episode gradient adaptation of the backbone and a linear head.
 
     Options: ``inner_lr`` (0.01), ``train_steps`` (5), ``test_steps`` (10), ``adapt`` ("all" | "head"),
-    ``first_order`` (False), ``episodes`` ("loop" | "vmap").
+    ``first_order`` (False), ``episodes`` ("loop" | "vmap"), ``head`` ("learned" | "zero").
     """
+
+    episodes_independent = True  # each episode adapts on its own, BatchNorm statistics included
+    # Adapted weights live in torch.func.functional_call only while the forward runs; a checkpointed stage would
+    # be recomputed in backward with the module's own weights instead (measured: 1e-4 relative gradient errors).
+    supports_checkpointing = False
+
+    @property
+    def preferred_micro_batch(self) -> int | None:
+        """One episode per backward pass when looping: the loop then holds one episode's graph at a time."""
+        return 1 if self.episodes == "loop" else None
 
     def __init__(
         self,
@@ -80,6 +95,7 @@ class MAML(LazyModuleMixin, Learner):
         adapt: str = "all",
         first_order: bool = False,
         episodes: str = "loop",
+        head: str = "learned",
     ) -> None:
         super().__init__(backbone)
         name = type(self).__name__
@@ -87,6 +103,8 @@ class MAML(LazyModuleMixin, Learner):
             raise UserError(f"{name}: inner_lr, train_steps and test_steps must be >= 0")
         if adapt not in ADAPT:
             raise UserError(f"{name}: unknown adapt '{adapt}'; choose one of: {', '.join(ADAPT)}")
+        if head not in HEADS:
+            raise UserError(f"{name}: unknown head '{head}'; choose one of: {', '.join(HEADS)}")
         if episodes not in EPISODES:
             raise UserError(f"{name}: unknown episodes '{episodes}'; choose one of: {', '.join(EPISODES)}")
         has_batch_norm = any(isinstance(m, BATCH_NORMS) for m in backbone.modules())
@@ -102,24 +120,53 @@ class MAML(LazyModuleMixin, Learner):
         self.first_order = first_order
         self.episodes = episodes
         use_batch_statistics(backbone)
-        self.head_weight: nn.Parameter | nn.UninitializedParameter = nn.UninitializedParameter()
-        self.head_bias = nn.Parameter(torch.zeros(()))
+        self.head = head
+        if head == "learned":
+            self.head_weight: nn.Parameter | nn.UninitializedParameter = nn.UninitializedParameter()
+            self.head_bias: nn.Parameter | nn.UninitializedParameter = nn.UninitializedParameter()
 
-    def initialize_parameters(self, support: torch.Tensor, *args: object, **kwargs: object) -> None:
-        """Materialise the head row (zeros) with the backbone's feature size at this image size."""
-        if isinstance(self.head_weight, nn.UninitializedParameter):
-            feature_dim = getattr(self.backbone, "feature_dim", None)
-            if not callable(feature_dim):
-                raise TypeError("MAML's backbone needs feature_dim(image_size) -> int (the backbone contract)")
-            with torch.no_grad():
-                self.head_weight.materialize((int(feature_dim(support.shape[-1])),))
-                self.head_weight.zero_()
+    def initialize_parameters(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, ways: int
+    ) -> None:
+        """Materialise the learned head for ``ways`` outputs and the backbone's feature size at this image size:
+        Glorot-uniform weights and zero biases, as Finn et al. initialise their output layer."""
+        weight, bias = getattr(self, "head_weight", None), getattr(self, "head_bias", None)
+        if not (isinstance(weight, nn.UninitializedParameter) and isinstance(bias, nn.UninitializedParameter)):
+            return
+        with torch.no_grad():
+            weight.materialize((ways, self._feature_dim(support.shape[-1])))
+            bias.materialize((ways,))
+            nn.init.xavier_uniform_(self.head_weight)
+            self.head_bias.zero_()
+
+    def _feature_dim(self, image_size: int) -> int:
+        feature_dim = getattr(self.backbone, "feature_dim", None)
+        if not callable(feature_dim):
+            raise TypeError("MAML's backbone needs feature_dim(image_size) -> int (the backbone contract)")
+        return int(feature_dim(image_size))
+
+    def _initial_head(self, ways: int, image_size: int, like: torch.Tensor) -> Params:
+        """The head every adaptation starts from: the learned layer's first ``ways`` rows, or zeros."""
+        if self.head == "zero":
+            dim = self._feature_dim(image_size)
+            # Leaves the inner loop differentiates (and adapts), not parameters: no meta-gradient reaches them.
+            return {
+                "weight": like.new_zeros(ways, dim).requires_grad_(),
+                "bias": like.new_zeros(ways).requires_grad_(),
+            }
+        rows = self.head_weight.shape[0]
+        if ways > rows:
+            raise UserError(
+                f"MAML's learned head has {rows} outputs (the ways it was trained on) but this episode has {ways}; "
+                f"test with at most {rows} ways (SLA multiplies the ways by the copies), or use head='zero'"
+            )
+        return {"weight": self.head_weight[:ways], "bias": self.head_bias[:ways]}
 
     def forward(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, ways: int
     ) -> torch.Tensor:
         """[B,S,C,H,W], [B,S], [B,Q,C,H,W], ways -> query logits [B,Q,ways] of the adapted models."""
-        self.initialize_parameters(support)
+        self.initialize_parameters(support, support_labels, query, ways)
         steps = self.train_steps if self.training else self.test_steps
         second_order = self.training and not self.first_order
         keep_graph = torch.is_grad_enabled()
@@ -147,10 +194,7 @@ class MAML(LazyModuleMixin, Learner):
     ) -> torch.Tensor:
         """One episode: [S,C,H,W], [S], [Q,C,H,W] -> [Q, ways] logits after adaptation."""
         body: Params = dict(self.backbone.named_parameters())
-        head = {
-            "weight": self.head_weight.expand(ways, self.head_weight.shape[0]),
-            "bias": self.head_bias.expand(ways),
-        }
+        head = self._initial_head(ways, support.shape[-1], support)
 
         def features(params: Params, images: torch.Tensor) -> torch.Tensor:
             out: torch.Tensor = functional_call(self.backbone, params, (images,))
