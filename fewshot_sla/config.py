@@ -81,8 +81,11 @@ class RunConfig(BaseModel):
     momentum: float | None = _number(ge=0)
     nesterov: bool | None = None
     weight_decay: float | None = _number(ge=0)
-    lr_milestones: list[float] | None = None  # fractions of train_episodes where the LR changes
+    lr_milestones: list[float] | None = None  # fractions of lr_schedule_episodes where the LR changes
     lr_factors: list[float] | None = None  # LR multiplier (relative to lr) from each milestone on
+    # The episodes the milestones are fractions of (None: the run's train_episodes, the schedule compressed or
+    # stretched to the budget; a recipe sets its published budget, so a shorter run follows its first part).
+    lr_schedule_episodes: int | None = _positive()
     augment: bool | None = None  # random crop / flip / colour jitter on training images
     val_episodes: int = Field(default=200, ge=1)
     val_every: int | None = _positive()  # training episodes between validations (and checkpoints)

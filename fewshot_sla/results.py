@@ -48,6 +48,7 @@ An evaluation block::
                      (see ``prediction_kinds``; intervals are null for a single episode)
     headline         the kind to quote first (the most preferred kind: ag, else sd, si, plain)
     per_episode_file path of the per-episode .npz, relative to the run directory
+    diagnostics      the learner's solver statistics over the episodes, e.g. {"svm_unconverged": fraction}
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from fewshot_sla import __version__
 from fewshot_sla.atomic import atomic_path, write_text_atomic
@@ -220,6 +221,7 @@ class EvaluationRecord(_Record):
     headline: str
     per_episode_file: str
     device: str
+    diagnostics: dict[str, float] = Field(default_factory=dict)  # the learner's solver statistics
 
 
 class MemoryRecord(_Record):
@@ -258,6 +260,7 @@ class RunRecord(_Record):
     created: str
     config: dict[str, Any]
     memory: MemoryRecord | None = None
+    learner_settings: dict[str, Any] = Field(default_factory=dict)  # e.g. the SVM's solver and its budget
 
 
 def write_results(run_dir: Path, results: dict[str, Any]) -> None:

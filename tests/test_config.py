@@ -10,8 +10,9 @@ from fewshot_sla.config import RunConfig, load_config
 from fewshot_sla.engine.recipes import _parse, add_recipe, apply_recipe, default_val_every, recipe_book
 from fewshot_sla.errors import UserError
 
-# The only fields a recipe-resolved configuration may leave empty (the memory plan resolves the last two).
-OPTIONAL_FIELDS = ["image_size", "episodes_file", "micro_batch", "checkpointing"]
+# The only fields a recipe-resolved configuration may leave empty (unset lr_schedule_episodes: the run's budget;
+# the memory plan resolves the last two).
+OPTIONAL_FIELDS = ["image_size", "episodes_file", "lr_schedule_episodes", "micro_batch", "checkpointing"]
 
 
 def test_yaml_round_trip_keeps_every_field(tmp_path: Path) -> None:
@@ -238,3 +239,55 @@ def test_metaoptnet_schedule_changes_the_lr_at_epochs_20_40_50_of_60() -> None:
         epoch: 0.1 if epoch < 20 else 0.006 if epoch < 40 else 0.0012 if epoch < 50 else 0.00024 for epoch in range(60)
     }
     assert seen == pytest.approx(published)
+
+
+def test_an_anchored_schedule_follows_the_published_one_for_as_long_as_a_run_lasts() -> None:
+    from fewshot_sla.engine.train import lr_factor, total_steps
+
+    base = dict(
+        method="protonet",
+        dataset="miniimagenet",
+        lr_milestones=[k / 10 for k in range(1, 10)],
+        lr_factors=[0.5**k for k in range(1, 10)],
+        meta_batch=1,
+    )
+    for episodes, last in ((300, 1.0), (6000, 0.25), (20000, 0.5**9)):
+        anchored = apply_recipe(RunConfig(**base, train_episodes=episodes, lr_schedule_episodes=20000))
+        steps = total_steps(anchored)
+        assert lr_factor(anchored, steps - 1, steps) == pytest.approx(last), episodes
+    compressed = apply_recipe(RunConfig(**base, train_episodes=300))
+    assert lr_factor(compressed, 299, 300) == pytest.approx(0.5**9)  # every decay squeezed into 300 episodes
+
+
+def test_set_overrides_any_field_with_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from fewshot_sla.cli import main
+
+    assert (
+        main(
+            [
+                "run",
+                "--method",
+                "metaoptnet-svm",
+                "--set",
+                "momentum=0.5",
+                "--set",
+                "lr_milestones=[0.5]",
+                "--set",
+                "lr_factors=[0.1]",
+                "--print-config",
+            ]
+        )
+        == 0
+    )
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    cfg = load_config(printed)
+    assert (cfg.momentum, cfg.lr_milestones, cfg.lr_factors, cfg.optimizer) == (0.5, [0.5], [0.1], "sgd")
+    for flags, expected in (
+        (["--set", "momentun=0.5"], "unknown key 'momentun'"),
+        (["--set", "momentum=fast"], "--set: 'momentum' must be a number"),
+        (["--set", "momentum"], "--set expects KEY=VALUE"),
+    ):
+        assert main(["run", *flags, "--print-config"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err

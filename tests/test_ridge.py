@@ -88,7 +88,8 @@ def test_reduced_precision_features_are_solved_in_float32() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = learner.head(support.bfloat16(), labels, query.bfloat16(), ways)
     assert got.dtype == torch.float32
-    expected = _numpy_ridge(support.bfloat16().double(), labels, query.bfloat16().double(), ways)
+    scale = float(learner.scale)  # 2, MetaOptNet's effective start
+    expected = _numpy_ridge(support.bfloat16().double(), labels, query.bfloat16().double(), ways, scale=scale)
     assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -97,3 +98,20 @@ def test_bad_options_are_user_errors() -> None:
         LEARNERS.create("metaoptnet-ridge", backbone=torch.nn.Identity(), lam=0)
     with pytest.raises(UserError, match="unknown solve"):
         LEARNERS.create("metaoptnet-ridge", backbone=torch.nn.Identity(), solve="svd")
+
+
+def test_initial_logits_equal_metaoptnets_ridge_qp_with_its_unit_scale() -> None:
+    """MetaOptNet's head solves min 1/2 z^T (K + lam I) z - 2 y^T z per class column (logits Q X^T z, times its
+    learnable scale initialised to 1); a fresh learner starts at the same logits."""
+    from fewshot_sla.learners.metaoptnet_ridge import MetaOptNetRidge
+
+    g = torch.Generator().manual_seed(11)
+    support = torch.randn(2, 10, 7, generator=g, dtype=torch.float64)
+    query = torch.randn(2, 6, 7, generator=g, dtype=torch.float64)
+    labels = torch.arange(10).remainder(5).expand(2, 10)
+    y = torch.nn.functional.one_hot(labels, 5).double()
+    kernel = support @ support.transpose(1, 2)
+    z = torch.linalg.solve(kernel + LAM * torch.eye(10, dtype=torch.float64), 2 * y)  # the QP's stationary point
+    metaoptnet = 1.0 * (query @ support.transpose(1, 2) @ z)
+    learner = MetaOptNetRidge(torch.nn.Identity()).double()
+    torch.testing.assert_close(learner.head(support, labels, query, 5), metaoptnet, rtol=1e-10, atol=1e-12)

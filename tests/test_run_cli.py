@@ -388,3 +388,29 @@ def test_print_config_shows_the_resolved_recipe_and_writes_nothing(capsys, data_
     printed = load_config(tmp_path / "printed.yaml")
     assert (printed.optimizer, printed.lr, printed.train_shots, printed.meta_batch) == ("sgd", 0.1, 5, 8)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unconverged_solver_is_logged_warned_and_recorded(capsys, data_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code, _, err = cli(
+        capsys,
+        data_root,
+        "run",
+        *TINY,
+        "--method",
+        "metaoptnet-svm",
+        "--learner-option",
+        "solver=interior-point",
+        "--learner-option",
+        "eval_iterations=1",
+        "--out",
+        str(out),
+    )
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("fewshot-sla: warning:")]
+    assert warnings and all("'svm' stopped short of its tolerance" in w for w in warnings)
+    results = json.loads((out / "results.json").read_text())
+    assert results["evaluation"]["diagnostics"] == {"svm_unconverged": 1.0}  # one iteration at test
+    assert results["learner_settings"] == {"solver": "interior-point", "train_iterations": 15, "eval_iterations": 1}
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("svm_unconverged" in r for r in steps if r["kind"] == "train")

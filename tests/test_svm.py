@@ -309,3 +309,109 @@ def test_bad_options_are_user_errors(options: dict) -> None:
     with pytest.raises(UserError) as info:
         MetaOptNetSVM(backbone=nn.Identity(), **options)
     assert "\n" not in str(info.value)
+
+
+# ----- MetaOptNet's solver budget: the interior-point method qpth runs -----
+
+
+def _problem(episodes: int = 2, support: int = 20, ways: int = 5, dim: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(episodes, support, dim, generator=g, dtype=torch.float64)
+    labels = torch.arange(ways).repeat_interleave(support // ways).expand(episodes, support)
+    return x, labels
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 15])
+def test_interior_point_reproduces_qpth_on_metaoptnets_qp(iterations: int) -> None:
+    """Side by side with qpth (MetaOptNet's solver, run as MetaOptNet sets up its SVM-CS QP densely): the same
+    iterate after the same budget, and the same gradient."""
+    qp_module = pytest.importorskip("qpth.qp", reason="qpth is not installed (pip install --no-deps qpth)")
+    from fewshot_sla.learners.svm_interior_point import interior_point_dual
+
+    x, labels = _problem()
+    b, s, c = x.shape[0], x.shape[1], 5
+    weights = torch.randn(b, s, c, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = []
+    solutions = []
+    for use_qpth in (True, False):
+        xs = x.clone().requires_grad_()
+        kernel = xs @ xs.transpose(1, 2)
+        if use_qpth:
+            onehot = F.one_hot(labels, c).double()
+            eye_c = torch.eye(c, dtype=torch.float64)
+            q = torch.stack([torch.kron(kernel[e], eye_c) for e in range(b)]) + torch.eye(s * c, dtype=torch.float64)
+            g = torch.eye(s * c, dtype=torch.float64).expand(b, -1, -1)
+            a = torch.kron(torch.eye(s, dtype=torch.float64), torch.ones(1, c, dtype=torch.float64)).expand(b, -1, -1)
+            solver = qp_module.QPFunction(verbose=-1, maxIter=iterations)
+            alpha = solver(
+                q, -onehot.reshape(b, -1), g, 0.1 * onehot.reshape(b, -1), a, torch.zeros(b, s, dtype=torch.float64)
+            ).reshape(b, s, c)
+        else:
+            alpha = interior_point_dual(kernel, labels, c, 0.1, 1.0, iterations)
+        (alpha * weights).sum().backward()
+        solutions.append(alpha.detach())
+        grads.append(xs.grad)
+    torch.testing.assert_close(solutions[1], solutions[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-8, atol=1e-11)
+
+
+def test_interior_point_converges_to_the_exact_dual_with_its_gradient() -> None:
+    from fewshot_sla.learners.svm_interior_point import interior_point_dual
+
+    x, labels = _problem(3, 40, 10, 8, seed=2)
+    weights = torch.randn(3, 40, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    results = []
+    for method in ("interior", "exact"):
+        xs = x.clone().requires_grad_()
+        kernel = xs @ xs.transpose(1, 2)
+        if method == "interior":
+            alpha = interior_point_dual(kernel, labels, 10, 0.1, 1.0, 40)
+        else:
+            alpha = crammer_singer_dual(kernel, labels, 10, cost=0.1, ridge=1.0, max_iter=100)
+        (alpha * weights).sum().backward()
+        results.append((alpha.detach(), xs.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-8, atol=1e-10)
+    # The gradient uses qpth's backward scaling, multipliers and slacks clamped at 1e-8: close to the exact
+    # solver's (where active bounds are fixed), not equal to it.
+    ours, exact = results[0][1], results[1][1]
+    assert float((ours - exact).norm() / exact.norm()) < 1e-2
+
+
+def test_a_short_budget_approaches_feasibility_and_counts_as_unconverged() -> None:
+    from fewshot_sla.learners.svm_interior_point import solve_interior_point
+
+    x, labels = _problem(4, 40, 10, 8, seed=4)
+    kernel = x @ x.transpose(1, 2)
+    bound = 0.1 * F.one_hot(labels, 10).double()
+    violations = []
+    for iterations, converged in ((1, False), (3, False), (8, False), (30, True)):
+        solution = solve_interior_point(kernel, labels, 10, 0.1, 1.0, iterations)
+        # An infeasible-start method: the bounds hold only in the limit, the row sums from the start.
+        violations.append(float((solution.alpha - bound).clamp(min=0).max()))
+        assert float(solution.alpha.sum(-1).abs().max()) < 1e-12
+        assert bool((solution.converged == converged).all()), iterations
+    assert violations[0] > violations[1] > violations[2] and violations[3] < 1e-9
+
+
+def test_the_learner_offers_metaoptnets_budget_and_reports_what_did_not_converge() -> None:
+    from fewshot_sla.learners.metaoptnet_svm import MetaOptNetSVM
+
+    g = torch.Generator().manual_seed(5)
+    support = torch.randn(2, 20, 8, generator=g, dtype=torch.float64)
+    labels = torch.arange(5).repeat_interleave(4).expand(2, 20)
+    query = torch.randn(2, 10, 8, generator=g, dtype=torch.float64)
+    budget = MetaOptNetSVM(torch.nn.Identity(), solver="interior-point").double().eval()
+    exact = MetaOptNetSVM(torch.nn.Identity()).double().eval()
+    assert budget.settings() == {"solver": "interior-point", "train_iterations": 15, "eval_iterations": 3}
+    assert exact.settings()["solver"] == "exact"
+    short = budget.head(support, labels, query, 5)
+    assert budget.pop_diagnostics() == {"svm_unconverged": 1.0}  # 3 iterations at test: none converged
+    assert budget.pop_diagnostics() == {}  # reset
+    budget.train()
+    converged = budget.head(support, labels, query, 5)  # 15 in training
+    assert budget.pop_diagnostics() == {"svm_unconverged": 0.0}
+    torch.testing.assert_close(converged, exact.head(support, labels, query, 5), rtol=1e-6, atol=1e-8)
+    assert exact.pop_diagnostics() == {"svm_unconverged": 0.0}
+    assert not torch.allclose(short, converged, rtol=1e-3)
+    with pytest.raises(UserError, match="unknown solver 'qp'"):
+        MetaOptNetSVM(torch.nn.Identity(), solver="qp")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from fewshot_sla.config import RunConfig, read_config_values
+from fewshot_sla.config import RunConfig, check_values, read_config_values
 from fewshot_sla.cpu_memory import reuse_freed_memory
 from fewshot_sla.errors import UserError
 from fewshot_sla.prediction_kinds import kind_label
@@ -95,6 +95,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help=f"extra {key.split('_')[0]} constructor option (repeatable), VALUE in YAML syntax",
         )
     run.add_argument("--config", metavar="FILE.yaml", help="configuration file; flags override its values")
+    run.add_argument(
+        "--set",
+        dest="set_values",
+        action="append",
+        metavar="KEY=VALUE",
+        default=[],
+        help="any configuration field (see --print-config), VALUE in YAML syntax; repeatable; "
+        "overrides --config and the other flags, e.g. --set momentum=0.5 --set lr_milestones=[0.5]",
+    )
     run.add_argument(
         "--out",
         metavar="DIR",
@@ -242,6 +251,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any
                 flag = "--" + key.replace("_options", "-option")
                 value = {**given.get(key, {}), **_parse_options(value, flag)}
             given[key] = value
+    settings = _parse_options(args.set_values, "--set")
+    for key in settings:
+        if key not in RunConfig.model_fields:
+            raise UserError(f"--set {key}=...: unknown key '{key}'; valid keys: {', '.join(RunConfig.field_names())}")
+    given.update(check_values(settings, "command line: --set") if settings else {})
     return RunConfig.from_mapping(given, "command line"), given
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from fewshot_sla.engine.build import ImagePipeline
 from fewshot_sla.engine.distributed import SINGLE, Processes
 from fewshot_sla.engine.feature_cache import FeatureCache, ImagesOf
 from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec, gather_episodes
-from fewshot_sla.learners.base import EmbeddingLearner, Learner
+from fewshot_sla.learners.base import UNCONVERGED, EmbeddingLearner, Learner
 from fewshot_sla.objectives import Objective
 
 # Shipped episode sets live in the repository's episodes/ folder, beside the package.
@@ -40,11 +40,21 @@ class Evaluation:
     accuracies: dict[str, np.ndarray]
     cached: bool
     time_s: float
+    diagnostics: dict[str, float] = field(default_factory=dict)  # the learner's, over the episodes (see base)
 
     @property
     def episodes(self) -> int:
         """Number of episodes evaluated."""
         return len(next(iter(self.accuracies.values())))
+
+
+def unconverged_message(fractions: dict[str, float]) -> str:
+    """``'svm' stopped short of its tolerance on 12.5% of the episodes`` for diagnostics ending in UNCONVERGED."""
+    parts = [
+        f"'{k.removesuffix(UNCONVERGED)}' stopped short of its tolerance on {100 * v:.1f}% of the episodes"
+        for k, v in fractions.items()
+    ]
+    return "; ".join(parts) + " (the learner's solver; see its iteration options)"
 
 
 def episode_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -140,4 +150,7 @@ def evaluate(
     accuracies = {
         kind: torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.float64) for kind, parts in results.items()
     }
-    return Evaluation(processes.gather(accuracies), cached, time.perf_counter() - start)
+    share = count / max(1, episode_set.count)  # fractions over this process's episodes, weighted to the whole set
+    mine = {key: np.array([share * value]) for key, value in learner.pop_diagnostics().items()}
+    diagnostics = {key: float(values.sum()) for key, values in processes.gather(mine).items()}
+    return Evaluation(processes.gather(accuracies), cached, time.perf_counter() - start, diagnostics)

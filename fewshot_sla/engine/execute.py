@@ -78,6 +78,7 @@ def execute_run(
         git_commit=git_commit(),
         created=now_iso(),
         config=cfg.to_dict(),
+        learner_settings=plan.learner.settings(),
         memory=MemoryRecord(
             micro_batch=plan.memory.micro_batch,
             checkpointing=plan.memory.checkpointing,

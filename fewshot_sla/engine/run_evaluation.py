@@ -7,6 +7,7 @@ re-tests a finished run (on another episode set or count) from its folder alone.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,11 @@ from fewshot_sla.engine.build import (
 )
 from fewshot_sla.engine.checkpoint import load_checkpoint
 from fewshot_sla.engine.distributed import SINGLE, Processes, process_device
-from fewshot_sla.engine.evaluate import evaluate, fixed_test_set
+from fewshot_sla.engine.evaluate import evaluate, fixed_test_set, unconverged_message
 from fewshot_sla.engine.stats import summarize
 from fewshot_sla.episodes import EpisodeSet
 from fewshot_sla.errors import UserError
-from fewshot_sla.learners.base import Learner
+from fewshot_sla.learners.base import UNCONVERGED, Learner
 from fewshot_sla.objectives import Objective
 from fewshot_sla.prediction_kinds import headline_kind
 from fewshot_sla.results import (
@@ -120,7 +121,13 @@ def evaluate_checkpoint(
         headline=headline_kind(list(outcome.accuracies)),
         per_episode_file=str(per_episode.relative_to(run_dir)),
         device=describe_device(device),
+        diagnostics=outcome.diagnostics,
     )
+    stopped = {k: v for k, v in outcome.diagnostics.items() if k.endswith(UNCONVERGED) and v > 0}
+    if stopped and processes.writer:
+        sys.stderr.write(
+            f"fewshot-sla: warning: {unconverged_message(stopped)} in this evaluation (recorded in results.json)\n"
+        )
     results = add_evaluation(results, record)
     if processes.writer:
         write_results(run_dir, results)

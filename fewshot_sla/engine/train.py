@@ -21,6 +21,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,11 +40,11 @@ from fewshot_sla.engine.build import ImagePipeline, derived_seed, episode_specs
 from fewshot_sla.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from fewshot_sla.engine.curves import plot_learning_curve
 from fewshot_sla.engine.distributed import SINGLE, Processes
-from fewshot_sla.engine.evaluate import evaluate, validation_episode_set
+from fewshot_sla.engine.evaluate import evaluate, unconverged_message, validation_episode_set
 from fewshot_sla.engine.memory import PeakMeter
 from fewshot_sla.episodes import EpisodeBatch, EpisodeSampler
 from fewshot_sla.errors import UserError
-from fewshot_sla.learners.base import Learner
+from fewshot_sla.learners.base import UNCONVERGED, Learner
 from fewshot_sla.objectives import Objective
 from fewshot_sla.prediction_kinds import headline_kind
 from fewshot_sla.results import RunPaths, TrainSummary
@@ -64,10 +65,14 @@ def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Op
 
 
 def lr_factor(cfg: RunConfig, step: int, total_steps: int) -> float:
-    """The LR multiplier at ``step`` (0-based): the factor of the last milestone (a fraction of the budget) reached."""
+    """The LR multiplier at ``step`` (0-based): the factor of the last milestone reached. Milestones are fractions
+    of ``lr_schedule_episodes`` (in steps of ``meta_batch`` episodes), else of the run's ``total_steps``."""
+    span = total_steps
+    if cfg.lr_schedule_episodes is not None:
+        span = math.ceil(cfg.lr_schedule_episodes / required(cfg.meta_batch, "meta_batch"))
     factor = 1.0
     for milestone, value in zip(cfg.lr_milestones or [], cfg.lr_factors or []):
-        if step >= milestone * total_steps:
+        if step >= milestone * span:
             factor = value
     return factor
 
@@ -169,6 +174,7 @@ class Trainer:
         )
         self.state = TrainState()
         self.stop_requested = False
+        self._warned: set[str] = set()
 
     # ----- state -----
     def _generators(self) -> dict[str, torch.Generator]:
@@ -337,6 +343,16 @@ class Trainer:
         self.processes.barrier()  # the best checkpoint is on disk before any process reads it
         return TrainOutcome(status, state.step, self.summary(), peak, meter.baseline)
 
+    def _warn_unconverged(self, metrics: dict[str, float], where: str) -> None:
+        """Say once per run (process 0) when a learner's solver stopped short of its tolerance."""
+        stopped = {k: v for k, v in metrics.items() if k.endswith(UNCONVERGED) and v > 0}
+        if stopped and self.processes.writer and where not in self._warned:
+            self._warned.add(where)
+            sys.stderr.write(
+                f"fewshot-sla: warning: {unconverged_message(stopped)} in {where} (step "
+                f"{self.state.step + 1}; logged per step in {self.paths.metrics.name})\n"
+            )
+
     def _save(self, path: Path, state: dict[str, Any]) -> None:
         """Write a checkpoint (process 0 only)."""
         if self.processes.writer:
@@ -359,6 +375,8 @@ class Trainer:
         totals = accumulate_gradients(
             self.learner, self.objective, mine, self.micro_batch, self.meta_batch, self.autocast
         )
+        share = mine.batch_size / self.meta_batch  # this process's part of the meta-batch
+        totals.update({key: share * value for key, value in self.learner.pop_diagnostics().items()})
         summed = torch.tensor([*totals.values(), float(self.stop_requested)], dtype=torch.float64, device=self.device)
         values = self.processes.sum_(summed).tolist()
         totals = dict(zip(totals, values))
@@ -369,6 +387,7 @@ class Trainer:
                 f"the last good checkpoint is kept in {self.paths.last_checkpoint}; lower --lr (now "
                 f"{self.cfg.lr}) or turn off --amp, then start again with --overwrite"
             )
+        self._warn_unconverged(totals, "training")
         self.processes.sum_gradients(self.params)
         self.optimizer.step()
         self.scheduler.step()

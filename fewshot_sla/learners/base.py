@@ -9,6 +9,8 @@ from typing import ClassVar, TypeVar
 import torch
 from torch import nn
 
+UNCONVERGED = "_unconverged"
+
 
 class Learner(nn.Module):
     """Maps B episodes to query logits, differentiably.
@@ -32,6 +34,16 @@ class Learner(nn.Module):
     def preferred_micro_batch(self) -> int | None:
         """Episodes per backward pass when a run sets none (None: all of a process's episodes at once)."""
         return None
+
+    def settings(self) -> dict[str, object]:
+        """Choices that change what the learner computes, recorded in results.json (e.g. a solver)."""
+        return {}
+
+    def pop_diagnostics(self) -> dict[str, float]:
+        """Statistics of the calls since the last ``pop_diagnostics``, then reset. Keys ending in
+        ``UNCONVERGED`` are fractions of episodes whose inner solver stopped short of its tolerance; the engine
+        logs every key and warns when such a fraction is above 0."""
+        return {}
 
     def forward(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, ways: int

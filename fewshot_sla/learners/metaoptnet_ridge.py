@@ -2,9 +2,11 @@
 
 Per episode, with support features X [S, D], one-hot targets Y [S, W] and lambda = 50:
 ``W* = argmin |X W - Y|^2 + lambda |W|^2 = (X^T X + lambda I_D)^-1 X^T Y = X^T (X X^T + lambda I_S)^-1 Y``
-(the second form by the Woodbury identity). Query logits are ``scale * Q W*`` with a learnable scale
-(initialised to 1, as MetaOptNet's classification head); no bias. Whichever of the S x S or D x D systems is
-smaller is solved, by Cholesky factorisation batched over the episodes.
+(the second form by the Woodbury identity). Query logits are ``scale * Q W*`` with a learnable scale, no bias.
+The scale starts at 2: MetaOptNet's ridge head solves ``1/2 z^T (K + lambda I) z - 2 y^T z``, whose logits are
+twice the ridge-regression logits, and multiplies them by its own learnable scale initialised to 1, so MetaOptNet
+starts from twice the ridge logits; starting ours at 2 gives the same logits at every step of training.
+Whichever of the S x S or D x D systems is smaller is solved, by Cholesky factorisation batched over the episodes.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class MetaOptNetRidge(EmbeddingLearner):
     or force ``woodbury`` / ``primal``.
     """
 
-    def __init__(self, backbone: nn.Module, lam: float = 50.0, solve: str = "auto") -> None:
+    def __init__(self, backbone: nn.Module, lam: float = 50.0, solve: str = "auto", scale: float = 2.0) -> None:
         super().__init__(backbone)
         if not lam > 0:
             raise UserError(f"metaoptnet-ridge needs lam > 0 (the ridge penalty; MetaOptNet uses 50), got {lam}")
@@ -54,7 +56,7 @@ class MetaOptNetRidge(EmbeddingLearner):
             raise UserError(f"metaoptnet-ridge: unknown solve '{solve}'; choose one of: {', '.join(SOLVES)}")
         self.lam = float(lam)
         self.solve = solve
-        self.scale = nn.Parameter(torch.ones(()))
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
 
     @full_precision
     def head(

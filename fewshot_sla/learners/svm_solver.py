@@ -246,8 +246,11 @@ class _CrammerSingerDual(torch.autograd.Function):
     """alpha(K): the dual solution, differentiated implicitly through the KKT system of its final face."""
 
     @staticmethod
-    def forward(ctx: Any, kernel: torch.Tensor, labels: torch.Tensor, ways: int, *options: Any) -> torch.Tensor:
+    def forward(
+        ctx: Any, kernel: torch.Tensor, labels: torch.Tensor, ways: int, report: list[torch.Tensor], *options: Any
+    ) -> torch.Tensor:
         solution = solve_dual(kernel, labels, ways, *options)
+        report.append(solution.converged)
         face = solution.face
         ctx.save_for_backward(solution.alpha, face.free, face.multi, face.order, face.valid, face.inv, face.schur)
         return solution.alpha.to(kernel.dtype)
@@ -259,7 +262,7 @@ class _CrammerSingerDual(torch.autograd.Function):
         grad = grad_alpha.to(torch.float64)
         adjoint = _Face(*face).solve(grad, torch.zeros(grad.shape[:2], dtype=grad.dtype, device=grad.device))
         grad_kernel = -(adjoint @ alpha.transpose(1, 2))
-        return grad_kernel.to(grad_alpha.dtype), *([None] * 8)
+        return grad_kernel.to(grad_alpha.dtype), *([None] * 9)
 
 
 def crammer_singer_dual(
@@ -272,13 +275,13 @@ def crammer_singer_dual(
     pdas_steps: int = 10,
     tol: float = 1e-9,
     warm_steps: int = 10,
+    report: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Differentiable dual solution alpha [B,S,ways] of B episodes from kernel [B,S,S] and labels [B,S].
 
     Gradients flow to ``kernel`` by implicit differentiation (see the module docstring); options as in
-    :func:`solve_dual`.
+    :func:`solve_dual`; each call appends its episodes' convergence flags [B] to ``report`` when given.
     """
-    alpha: torch.Tensor = _CrammerSingerDual.apply(
-        kernel, labels, ways, cost, ridge, max_iter, pdas_steps, tol, warm_steps
-    )
+    options = (cost, ridge, max_iter, pdas_steps, tol, warm_steps)
+    alpha: torch.Tensor = _CrammerSingerDual.apply(kernel, labels, ways, report if report is not None else [], *options)
     return alpha
