@@ -42,9 +42,13 @@ def _positive() -> Any:
     return Field(default=None, ge=1)
 
 
-def _number(*, gt: float | None = None, ge: float | None = None) -> Any:
-    """An optional finite number above ``gt`` or from ``ge`` on (None: the recipe's value)."""
-    return Field(default=None, allow_inf_nan=False, gt=gt, ge=ge)
+def _number(*, gt: float | None = None, ge: float | None = None, le: float | None = None) -> Any:
+    """An optional finite number above ``gt`` or from ``ge`` on, up to ``le`` (None: the recipe's value)."""
+    return Field(default=None, allow_inf_nan=False, gt=gt, ge=ge, le=le)
+
+
+MAX_EPISODE_SET = 1_000_000  # test or validation episodes of one set (a set of 10^6 5-way episodes is ~1 GB)
+MAX_IMAGE_SIZE = 1024  # pixels a side of the images a run resizes to (a store's own limit is in data/prepare.py)
 
 
 class RunConfig(BaseModel):
@@ -63,12 +67,13 @@ class RunConfig(BaseModel):
     objective: str = "sla"
     backbone_options: dict[str, Any] = Field(default_factory=dict)
     learner_options: dict[str, Any] = Field(default_factory=dict)
-    image_size: int | None = _positive()  # resize every image to this size on the device; None keeps the store's
+    # Resize every image to this size on the device (None keeps the store's).
+    image_size: int | None = Field(default=None, ge=1, le=MAX_IMAGE_SIZE)
     # Test episodes.
     ways: int = Field(default=5, ge=2)
     shots: int = Field(default=1, ge=1)
     queries: int = Field(default=15, ge=1)
-    eval_episodes: int = Field(default=1000, ge=1)
+    eval_episodes: int = Field(default=1000, ge=1, le=MAX_EPISODE_SET)
     episodes_file: str | None = None
     # Meta-training (None: the recipe's value).
     train_ways: int | None = Field(default=None, ge=2)
@@ -78,7 +83,7 @@ class RunConfig(BaseModel):
     meta_batch: int | None = _positive()
     optimizer: Literal["sgd", "adam"] | None = None
     lr: float | None = _number(gt=0)
-    momentum: float | None = _number(ge=0)
+    momentum: float | None = _number(ge=0, le=1)
     nesterov: bool | None = None
     weight_decay: float | None = _number(ge=0)
     lr_milestones: list[float] | None = None  # fractions of lr_schedule_episodes where the LR changes
@@ -87,7 +92,7 @@ class RunConfig(BaseModel):
     # stretched to the budget; a recipe sets its published budget, so a shorter run follows its first part).
     lr_schedule_episodes: int | None = _positive()
     augment: bool | None = None  # random crop / flip / colour jitter on training images
-    val_episodes: int = Field(default=200, ge=1)
+    val_episodes: int = Field(default=200, ge=1, le=MAX_EPISODE_SET)
     val_every: int | None = _positive()  # training episodes between validations (and checkpoints)
     # Execution.
     seed: int = Field(default=0, ge=0, lt=2**63)
@@ -167,16 +172,17 @@ def config_error(err: ValidationError, source: str, lines: Mapping[str, int] | N
     return one_line_error(err, where, RunConfig.field_names(), hint)
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read a YAML config file; malformed YAML or an unknown/ill-typed key is a UserError naming the line."""
-    values, lines = read_config_values(path)
+def load_config(path: str | Path, fix: str = "check the --config path") -> RunConfig:
+    """Read a YAML config file; malformed YAML or an unknown/ill-typed key is a UserError naming the line.
+    ``fix`` is the advice when it cannot be read."""
+    values, lines = read_config_values(path, fix)
     return RunConfig.from_mapping(values, f"config file {path}", lines)
 
 
-def read_config_values(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+def read_config_values(path: str | Path, fix: str = "check the --config path") -> tuple[dict[str, Any], dict[str, int]]:
     """The key: value pairs a YAML config file sets, checked against the RunConfig fields, with their lines."""
     path = Path(path)
-    root, data = read_yaml(path, "config file", "--config")
+    root, data = read_yaml(path, "config file", fix)
     if data is None:
         return {}, {}
     if not isinstance(data, dict):

@@ -133,13 +133,14 @@ class CanonicalOrder:
         """sha256 over the ``class<TAB>identifier`` lines in canonical order: names the split's content."""
         return _fingerprint(self.class_names, self.class_sizes, self.identifiers)
 
-    def check(self, spec: EpisodeSpec) -> None:
-        """Raise a UserError when ``spec`` cannot be drawn from this split."""
+    def check(self, spec: EpisodeSpec, flags: str = "--") -> None:
+        """Raise a UserError when ``spec`` cannot be drawn from this split; the advice names the options
+        ``<flags>ways``, ``<flags>shots`` and ``<flags>queries`` (``--train-`` for the training episodes)."""
         n_classes = len(self.class_names)
         if spec.ways > n_classes:
             raise UserError(
                 f"{spec.ways}-way episodes need {spec.ways} classes but {self.where} has {n_classes}; "
-                f"use --ways {n_classes} or fewer"
+                f"use {flags}ways {n_classes} or fewer"
             )
         smallest = int(np.argmin(self.class_sizes))
         size = int(self.class_sizes[smallest])
@@ -147,7 +148,7 @@ class CanonicalOrder:
             raise UserError(
                 f"{spec.shots} shots + {spec.queries} queries need {spec.per_class} images per class but "
                 f"class '{self.class_names[smallest]}' of {self.where} has {size}; "
-                f"lower --shots/--queries to at most {size} together"
+                f"lower {flags}shots/{flags}queries to at most {size} together"
             )
 
 

@@ -68,6 +68,7 @@ from pydantic import BaseModel, Field, field_validator
 from fewshot_sla import __version__
 from fewshot_sla.atomic import atomic_path, write_text_atomic
 from fewshot_sla.errors import UserError
+from fewshot_sla.io_errors import IOFailure, read_text
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
@@ -75,6 +76,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
 CHECKPOINT_DIR = "checkpoints"
+INCOMPLETE_RUN = "the run folder is incomplete; start the run again with --overwrite"
 PER_EPISODE_DIR = "per_episode"
 
 
@@ -319,10 +321,11 @@ class RunResult:
         try:
             with np.load(file) as npz:
                 return {k: npz[k] for k in npz.files if k not in ("episode_set_hash", "dataset_fingerprint")}
-        except (OSError, ValueError) as err:
-            raise UserError(
-                f"cannot read per-episode results {file}: {err}; re-run 'fewshot-sla eval {self.path}'"
-            ) from None
+        except (OSError, ValueError, EOFError):
+            episodes = Path(block["episode_set"]["file"])
+            episodes = episodes if episodes.is_absolute() else self.path / episodes
+            again = f"fewshot-sla eval {self.path} --episodes-file {episodes}"
+            raise UserError(f"per-episode results {file} are missing or damaged; rebuild them with '{again}'") from None
 
 
 def load_results(run_dir: str | os.PathLike) -> RunResult:
@@ -338,10 +341,12 @@ def load_results(run_dir: str | os.PathLike) -> RunResult:
             else "give the folder of a run made by 'fewshot-sla run'"
         )
         raise UserError(f"{path} is not a finished run (no {RESULTS_FILE}); {hint}")
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read {file}: {err}; re-evaluate with 'fewshot-sla eval {path}'") from None
+    data = _read_results(file)
+    if data is None:
+        raise UserError(
+            f"{file} is damaged (not valid JSON); rebuild it from the run's checkpoints with "
+            f"'fewshot-sla run --resume --out {path}' (this re-tests the best checkpoint)"
+        )
     version = data.get("schema_version") if isinstance(data, dict) else None
     if not isinstance(version, int):
         raise UserError(f"{file} has no schema_version; it was not written by fewshot-sla")
@@ -352,9 +357,32 @@ def load_results(run_dir: str | os.PathLike) -> RunResult:
         )
     if data.get("status") != "finished" or "evaluation" not in data:
         raise UserError(
-            f"{path} is not a finished run (results.json has no evaluation); evaluate it with 'fewshot-sla eval {path}'"
+            f"{file} records no finished evaluation; rebuild it from the run's checkpoints with "
+            f"'fewshot-sla run --resume --out {path}'"
         )
     return RunResult(path, data)
+
+
+def _read_results(file: Path) -> Any:
+    """The parsed content of a results file, or None when it is damaged (cut short, or not JSON)."""
+    try:
+        return json.loads(read_text(file, "the results file", "check the run folder"))
+    except ValueError:
+        return None
+    except UserError as err:
+        if isinstance(err, IOFailure):
+            raise
+        return None  # not UTF-8 text
+
+
+def is_finished(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` holds a finished run: a readable results.json that says so. A damaged results file
+    does not count, so that ``run --resume`` can rebuild it."""
+    file = RunPaths(Path(run_dir)).results
+    if not file.is_file():
+        return False
+    data = _read_results(file)
+    return isinstance(data, dict) and data.get("status") == "finished" and "evaluation" in data
 
 
 def find_runs(root: str | os.PathLike) -> list[Path]:

@@ -8,15 +8,14 @@ from typing import Any
 import yaml
 
 from fewshot_sla.errors import UserError
+from fewshot_sla.io_errors import read_text
 
 
-def read_yaml(path: Path, label: str, flag: str) -> tuple[yaml.Node | None, Any]:
+def read_yaml(path: Path, label: str, fix: str) -> tuple[yaml.Node | None, Any]:
     """``(node tree, data)`` of the YAML file ``path``; ``label`` names it in errors (e.g. 'config file'),
-    ``flag`` is the option that named the path (e.g. '--config'). The node tree gives line numbers."""
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise UserError(f"cannot read {label} {path}: {err.strerror}; check the {flag} path") from None
+    ``fix`` is the advice when it cannot be read (e.g. 'check the --config path'). The node tree gives line
+    numbers."""
+    text = read_text(path, label, fix)
     try:
         return yaml.compose(text, Loader=yaml.SafeLoader), yaml.safe_load(text)
     except yaml.YAMLError as err:

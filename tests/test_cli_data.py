@@ -62,6 +62,7 @@ def test_info_text_json_all_and_verify(tmp_path: Path, small_synthetic: int, cap
     assert code == 0 and "cub: not prepared" in out and "fewshot-sla data prepare cub --source <PATH>" in out
     (root / "cub.h5").write_bytes(b"half a download")
     code, out, _ = cli(capsys, root, "info", "--json")
+    assert code == 2  # the listing is printed, then the damaged store is the error
     assert {d["dataset"]: d["prepared"] for d in json.loads(out)} == {
         "cifarfs": False,
         "cub": False,
@@ -70,8 +71,9 @@ def test_info_text_json_all_and_verify(tmp_path: Path, small_synthetic: int, cap
         "synthetic": True,
         "tinyimagenet": False,
     }
-    code, out, _ = cli(capsys, root, "info")
-    assert code == 0 and f"cub: store {root / 'cub.h5'} is unreadable" in out
+    code, out, err = cli(capsys, root, "info")
+    assert f"cub: store {root / 'cub.h5'} is unreadable" in out
+    assert code == 2 and err.count("\n") == 1 and "fewshot-sla data prepare cub --source <PATH> --force" in err
 
 
 def test_info_verify_reports_changed_content(
@@ -191,6 +193,43 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(
     assert visible(err).startswith("fewshot-sla: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert fragment in visible(err)
     assert leftovers(root) == []
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["data", "info"], ["data", "prepare", "synthetic"], ["run", "--out", "r"], ["episodes", "make"]],
+    ids=["info", "prepare", "run", "episodes"],
+)
+@pytest.mark.parametrize("where", ["is", "below"])
+def test_a_data_root_that_is_a_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, command: list[str], where: str
+) -> None:
+    blocker = tmp_path / "store-file"
+    blocker.write_bytes(b"x")
+    root = blocker if where == "is" else blocker / "data"
+    args = ["--data-root", str(root), *[str(tmp_path / "r") if a == "r" else a for a in command]]
+    if command[0] == "episodes":
+        args += ["--dataset", "synthetic", "--out", str(tmp_path / "e.npz")]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"--data-root {root} " in err and "not a folder; give a folder for the dataset stores" in err
+    assert sorted(tmp_path.iterdir()) == [blocker]
+
+
+def test_a_split_file_that_is_not_utf8_is_one_line(
+    tmp_path: Path, ravi_source: Callable, capsys: pytest.CaptureFixture
+) -> None:
+    source, _ = ravi_source()
+    splits = _mkdir(tmp_path / "splits")
+    for split in ("train", "val", "test"):
+        (splits / f"{split}.csv").write_bytes("filename,label\nn0000000100000001.jpg,caf\u00e9\n".encode("latin1"))
+    code, _, err = cli(
+        capsys, tmp_path / "data", "prepare", "miniimagenet", "--source", str(source), "--split-dir", str(splits)
+    )
+    assert code == 2 and visible(err).count("\n") == 1
+    assert f"split file {splits / 'train.csv'} is not UTF-8 text (byte 0xe9 at offset" in visible(err)
+    assert leftovers(tmp_path / "data") == []
 
 
 def test_corrupt_image_message_names_the_file(

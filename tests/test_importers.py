@@ -288,7 +288,7 @@ class _Hostile:
         return (__import__("os").system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("kind", ["truncated", "wrong keys", "hostile"])
+@pytest.mark.parametrize("kind", ["truncated", "wrong keys", "hostile", "string rows"])
 def test_damaged_wrong_or_hostile_pickles_are_refused(tmp_path: Path, kind: str) -> None:
     lists = _ravi_lists({"train": (1, 2), "val": (1, 2), "test": (1, 2)})
     _write_l2l(tmp_path / "src", lists, 4)
@@ -297,6 +297,10 @@ def test_damaged_wrong_or_hostile_pickles_are_refused(tmp_path: Path, kind: str)
         "truncated": (pickle.dumps({"image_data": np.zeros(9)})[:-20], r"cannot read .*mini-imagenet-cache-train.pkl"),
         "wrong keys": (pickle.dumps({"images": 1}), r"lacks the key\(s\) image_data, class_dict"),
         "hostile": (pickle.dumps(_Hostile(marker)), r"cannot read .*: it references (posix|nt).system"),
+        "string rows": (
+            pickle.dumps({"image_data": np.zeros((2, 4, 4, 3), np.uint8), "class_dict": {"n01": ["0", "1"]}}),
+            r"'class_dict' entry 'n01' must be a list of integer row indices, got str32 values such as \['0'\]",
+        ),
     }[kind]
     (tmp_path / "src" / L2L_FILES["train"]).write_bytes(content)
     with pytest.raises(UserError, match=message) as err:

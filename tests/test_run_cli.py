@@ -183,7 +183,18 @@ def _bad(capsys, data_root: Path, *args: str) -> str:
         (["--transform", "shear"], "unknown transform 'shear'"),
         (["--objective", "sla++"], "unknown objective 'sla++'"),
         (["--ways", "25"], "use --ways 20 or fewer"),
-        (["--train-ways", "70"], "training episodes"),
+        (
+            ["--train-ways", "70"],
+            "training episodes: 70-way episodes need 70 classes but split 'train' has 64; use --train-ways 64 or fewer",
+        ),
+        (["--train-shots", "1000", "--train-queries", "1000"], "lower --train-shots/--train-queries"),
+        (["--image-size", "5000"], "'image_size' must be at most 1024, got 5000"),
+        (["--eval-episodes", "2000000"], "'eval_episodes' must be at most 1000000"),
+        (["--set", "momentum=1.5"], "'momentum' must be at most 1, got 1.5"),
+        (
+            ["--method", "maml", "--learner-option", "inner_lr=.inf"],
+            "learner option inner_lr must be a finite number, got inf",
+        ),
         (["--shots", "100", "--queries", "60"], "lower --shots/--queries"),
         (["--ways", "0"], "'ways' must be at least 2, got 0; fix --ways"),
         (["--lr", "-1"], "'lr' must be greater than 0, got -1.0; fix --lr"),
@@ -222,6 +233,13 @@ def test_bad_config_files_fail_cleanly(capsys, data_root: Path, tmp_path: Path) 
     )
     bad.write_text("ways: [5\n")
     assert "line" in _bad(capsys, data_root, "run", "--config", str(bad), "--out", str(tmp_path / "r"))
+    bad.write_bytes("seed: 3  # r\u00e9sum\u00e9\n".encode("latin1"))
+    assert f"cannot read config file {bad}: it is not UTF-8 text (byte 0xe9 at offset 12)" in _bad(
+        capsys, data_root, "run", "--config", str(bad), "--out", str(tmp_path / "r")
+    )
+    assert f"cannot read config file {tmp_path}: it is a folder, not a file; check the --config path" in _bad(
+        capsys, data_root, "run", "--config", str(tmp_path), "--out", str(tmp_path / "r")
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -230,7 +248,15 @@ def test_existing_and_unwritable_output_folders_are_refused(
 ) -> None:
     out, _ = finished_run
     mtime = (out / "results.json").stat().st_mtime_ns
-    assert "already exists; pass --resume" in _bad(capsys, data_root, "run", *TINY, "--out", str(out))
+    assert f"already exists; re-evaluate it with 'fewshot-sla eval {out}'" in _bad(
+        capsys, data_root, "run", *TINY, "--out", str(out)
+    )
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text((out / "config.yaml").read_text())
+    assert "already exists; pass --resume to continue it" in _bad(
+        capsys, data_root, "run", *TINY, "--out", str(unfinished)
+    )
     assert "already finished" in _bad(capsys, data_root, "run", *TINY, "--out", str(out), "--resume")
     assert (out / "results.json").stat().st_mtime_ns == mtime
     other = tmp_path / "not-a-run"

@@ -80,6 +80,60 @@ def test_verify_detects_a_changed_pixel(tmp_path: Path) -> None:
     assert not store.verify()
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda h5: h5["test/images"].__setitem__((4, 5, 5, 2), h5["test/images"][4, 5, 5, 2] ^ 128),
+        lambda h5: h5["train/labels"].__setitem__(0, 2),
+        lambda h5: h5["val/image_ids"].__setitem__(1, b"val/999.jpg"),
+        lambda h5: h5["train/class_names"].__setitem__(1, b"renamed"),
+    ],
+    ids=["pixel", "label", "image id", "class name"],
+)
+def test_every_load_refuses_a_split_whose_content_changed(tmp_path: Path, damage) -> None:
+    path = tmp_path / "toy.h5"
+    _write(path, _content())
+    with h5py.File(path, "r+") as h5:
+        damage(h5)
+    store = DatasetStore(path, rebuild="fewshot-sla data prepare toy --force")
+    assert store.checked
+    damaged = [name for name in store.split_names if _refused(store, name)]
+    assert len(damaged) == 1, damaged  # only the damaged split, and it is named
+    with pytest.raises(
+        UserError,
+        match=rf"'{damaged[0]}' split of store .* does not match its checksum.*"
+        r"rebuild it with 'fewshot-sla data prepare toy --force'",
+    ):
+        store.split(damaged[0])
+
+
+def _refused(store: DatasetStore, name: str) -> bool:
+    try:
+        store.split(name)
+    except UserError:
+        return True
+    return False
+
+
+def test_a_store_without_checksums_loads_with_a_note_on_upgrading_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    content = _content()
+    path = tmp_path / "cub.h5"
+    _write(path, content)
+    with h5py.File(path, "r+") as h5:  # as an older fewshot-sla wrote it
+        for name in list(h5.attrs):
+            if name.startswith("digest_"):
+                del h5.attrs[name]
+    for _ in range(2):
+        store = open_store("cub", tmp_path)
+        assert not store.checked
+        assert np.array_equal(store.split("val").images.numpy(), content["val"][0])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no content checksums" in err
+    assert "rebuild it with 'fewshot-sla data prepare cub --source <PATH> --force'" in err
+
+
 def test_summary_counts_classes_and_images(tmp_path: Path) -> None:
     _write(tmp_path / "toy.h5", _content())
     summary = DatasetStore(tmp_path / "toy.h5").summary()

@@ -65,9 +65,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (err.shared and os.environ.get("RANK", "0") != "0"):  # one line per run, not per process
             sys.stderr.write(f"fewshot-sla: error: {err}\n")
         return EXIT_USER_ERROR
+    except (OSError, UnicodeDecodeError, MemoryError) as err:  # the last line of defence: still one line
+        sys.stderr.write(f"fewshot-sla: error: {_environment_error(err)}\n")
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         sys.stderr.write("fewshot-sla: interrupted\n")
         return 130
+
+
+def _environment_error(err: BaseException) -> str:
+    """One line for a failure of the machine rather than of the suite: a file that cannot be read or written, a
+    file that is not text, memory running out."""
+    if isinstance(err, MemoryError):
+        return (
+            "out of memory; lower --meta-batch, pass --micro-batch or --checkpointing, or use a machine with more "
+            "memory"
+        )
+    if isinstance(err, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({err.reason} at offset {err.start}); save it as UTF-8 text"
+    from fewshot_sla.io_errors import io_error
+
+    return str(io_error(err, None, "read or write"))
 
 
 if __name__ == "__main__":

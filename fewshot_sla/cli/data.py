@@ -120,6 +120,9 @@ def run_info(args: argparse.Namespace) -> int:
         print(json.dumps(summaries[0] if args.dataset else summaries, indent=2))
     else:
         print("\n".join(_text(s) for s in summaries))
+    problems = [s["problem"] for s in summaries if "problem" in s]
+    if problems:
+        raise UserError(problems[0])
     bad = [s["dataset"] for s in summaries if s.get("verified") is False]
     if bad:
         raise UserError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -262,7 +263,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any
 def run_command(args: argparse.Namespace) -> int:
     """``fewshot-sla run``."""
     from fewshot_sla.engine.execute import execute_run
-    from fewshot_sla.engine.plan import plan_run
+    from fewshot_sla.engine.plan import plan_run, run_directory, run_folder_lock
 
     cfg, given = config_from_args(args)
     if args.print_config:
@@ -276,27 +277,30 @@ def run_command(args: argparse.Namespace) -> int:
 
     processes = _join(args, cfg.device)
     try:
-        plan = None
-        try:
-            plan = plan_run(
-                cfg,
-                overrides=given,
-                out=args.out,
-                data_root=args.data_root,
-                resume=args.resume,
-                overwrite=args.overwrite,
-                processes=processes,
-                fit_memory=args.fit_memory,
-                memory_budget_gb=args.memory_budget,
-            )
-        except UserError as err:
-            _agreed(processes, err)
-        _agreed(processes, None)
-        assert plan is not None
-        _reuse_memory_on_cpu(plan.device.type, args)
-        if processes.writer and not args.quiet:
-            sys.stderr.write(f"fewshot-sla: {plan.memory.summary()}\n")
-        report = execute_run(plan, max_steps=args.max_steps, progress=not args.quiet)
+        with contextlib.ExitStack() as held:
+            plan = None
+            try:
+                if processes.writer:  # one writer per run folder, from the check of the folder to the last write
+                    held.enter_context(run_folder_lock(run_directory(cfg, args.out)))
+                plan = plan_run(
+                    cfg,
+                    overrides=given,
+                    out=args.out,
+                    data_root=args.data_root,
+                    resume=args.resume,
+                    overwrite=args.overwrite,
+                    processes=processes,
+                    fit_memory=args.fit_memory,
+                    memory_budget_gb=args.memory_budget,
+                )
+            except UserError as err:
+                _agreed(processes, err)
+            _agreed(processes, None)
+            assert plan is not None
+            _reuse_memory_on_cpu(plan.device.type, args)
+            if processes.writer and not args.quiet:
+                sys.stderr.write(f"fewshot-sla: {plan.memory.summary()}\n")
+            report = execute_run(plan, max_steps=args.max_steps, progress=not args.quiet)
     finally:
         shutdown()
     if not processes.writer:
@@ -341,20 +345,23 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def _evaluate_agreed(args: argparse.Namespace, processes: Processes) -> dict[str, Any]:
     """``evaluate_run`` in every process, failures agreed on (see ``_agreed``)."""
+    from fewshot_sla.engine.plan import run_folder_lock
     from fewshot_sla.engine.run_evaluation import evaluate_run
 
     results = None
+    run_dir = Path(args.run_dir)
     try:
-        results = evaluate_run(
-            args.run_dir,
-            data_root=args.data_root,
-            episodes_file=args.episodes_file,
-            eval_episodes=args.eval_episodes,
-            device=args.device,
-            use_cache=args.feature_cache,
-            progress=not args.quiet,
-            processes=processes,
-        )
+        with run_folder_lock(run_dir) if processes.writer and run_dir.is_dir() else contextlib.nullcontext():
+            results = evaluate_run(
+                args.run_dir,
+                data_root=args.data_root,
+                episodes_file=args.episodes_file,
+                eval_episodes=args.eval_episodes,
+                device=args.device,
+                use_cache=args.feature_cache,
+                progress=not args.quiet,
+                processes=processes,
+            )
     except UserError as err:
         _agreed(processes, err)
     _agreed(processes, None)

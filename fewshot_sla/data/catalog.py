@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from fewshot_sla.data.prepare import prepare
 from fewshot_sla.data.root import ENV_VAR, resolve_data_root
@@ -26,7 +27,8 @@ def prepare_command(dataset: str) -> str:
 def open_store(dataset: str, data_root: str | os.PathLike | None = None) -> DatasetStore:
     """The prepared store of a registered dataset; a generated dataset (synthetic) is built on first use.
 
-    A missing store of any other dataset is a UserError naming the ``fewshot-sla data prepare`` command.
+    A missing store of any other dataset is a UserError naming the ``fewshot-sla data prepare`` command. A store
+    without content checksums (prepared before they existed) loads with a one-line note on how to upgrade it.
     """
     info = DATASETS.get(dataset)
     root = resolve_data_root(data_root)
@@ -39,5 +41,15 @@ def open_store(dataset: str, data_root: str | os.PathLike | None = None) -> Data
                 f"(and the same --data-root / ${ENV_VAR})"
             )
         sys.stderr.write(f"fewshot-sla: generating the {dataset} dataset into {path} (one-off, a few seconds)\n")
-        prepare(dataset, data_root=root, progress=False)
-    return DatasetStore(path, rebuild=f"{prepare_command(dataset)} --force")
+        prepare(dataset, data_root=root, progress=False, wait=True)  # a concurrent first use waits, then reuses
+    store = DatasetStore(path, rebuild=f"{prepare_command(dataset)} --force")
+    if not store.checked and path not in _NOTED and os.environ.get("RANK", "0") == "0":
+        _NOTED.add(path)
+        sys.stderr.write(
+            f"fewshot-sla: note: {path} has no content checksums (an older fewshot-sla prepared it), so its loads "
+            f"are not verified; rebuild it with '{store.rebuild}' to have them checked\n"
+        )
+    return store
+
+
+_NOTED: set[Path] = set()  # stores whose missing checksums were already pointed out by this process

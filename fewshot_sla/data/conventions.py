@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from fewshot_sla.data.store import SPLIT_NAMES
 from fewshot_sla.errors import UserError
+from fewshot_sla.io_errors import io_error
 
 if TYPE_CHECKING:
     from importlib.abc import Traversable
@@ -100,7 +101,20 @@ def _read_split_file(folder: Traversable, split: str, ext: str) -> bytes:
     entry = folder / f"{split}.{ext}"
     if not entry.is_file():
         raise UserError(f"split file {entry} is missing; a split folder needs {{train,val,test}}.{ext}")
-    return entry.read_bytes()
+    try:
+        return entry.read_bytes()
+    except OSError as err:
+        raise io_error(err, str(entry), "read the split file") from None
+
+
+def _text(entry: Traversable, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"split file {entry} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+            "save it as UTF-8 text"
+        ) from None
 
 
 def _digest(split_format: str, contents: dict[str, bytes]) -> str:
@@ -113,7 +127,7 @@ def _digest(split_format: str, contents: dict[str, bytes]) -> str:
 
 def _parse_ravi_csv(entry: Traversable, raw: bytes) -> dict[str, list[str]]:
     """``filename,label`` rows -> class -> file names in file order."""
-    reader = csv.reader(io.StringIO(raw.decode("utf-8")))
+    reader = csv.reader(io.StringIO(_text(entry, raw)))
     header = next(reader, None)
     if header != ["filename", "label"]:
         raise UserError(f"split file {entry} must start with the header 'filename,label' (Ravi format)")
@@ -133,7 +147,7 @@ def _parse_ravi_csv(entry: Traversable, raw: bytes) -> dict[str, list[str]]:
 
 def _parse_json_split(entry: Traversable, raw: bytes, split_format: str) -> list[str]:
     try:
-        items = json.loads(raw)
+        items = json.loads(_text(entry, raw))
     except json.JSONDecodeError as err:
         raise UserError(f"split file {entry} is not valid JSON ({err.msg} at line {err.lineno})") from None
     if split_format == "pair-json":

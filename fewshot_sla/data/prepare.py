@@ -21,13 +21,14 @@ import numpy as np
 from tqdm import tqdm
 
 from fewshot_sla import __version__
-from fewshot_sla.atomic import atomic_path
+from fewshot_sla.atomic import atomic_path, remove_temporaries
 from fewshot_sla.data.conventions import load_convention
 from fewshot_sla.data.datasets import DatasetInfo
 from fewshot_sla.data.importers.common import BadImage, Layout, RawSplit, resize_rgb
 from fewshot_sla.data.root import resolve_data_root
 from fewshot_sla.data.store import DatasetStore, append_rows, create_split, finish_store, store_path
 from fewshot_sla.errors import UserError
+from fewshot_sla.locks import exclusive, lock_path
 from fewshot_sla.registry import DATASETS
 
 MAX_IMAGE_SIZE = 1024
@@ -69,9 +70,11 @@ def prepare(
     seed: int = 0,
     workers: int | None = None,
     progress: bool = True,
+    wait: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> PrepareResult:
-    """Build ``<data_root>/<dataset>.h5`` from ``source`` (or from ``seed`` for a generated dataset)."""
+    """Build ``<data_root>/<dataset>.h5`` from ``source`` (or from ``seed`` for a generated dataset). One prepare
+    of a store runs at a time: another one is refused, or waited for (``wait``)."""
     info = DATASETS.get(dataset)
     size = info.image_size if image_size is None else image_size
     if not 1 <= size <= MAX_IMAGE_SIZE:
@@ -81,11 +84,24 @@ def prepare(
     else:
         plan = _imported(info, size, source, split_dir, log)
     path = store_path(dataset, resolve_data_root(data_root))
-    if not force and path.exists():
-        existing = _existing(path)
-        if existing is not None and existing.attrs.get("source_key") == plan.key:
-            log(f"{path} is already prepared from this source (fingerprint {existing.fingerprint[:16]}); reusing it")
-            return PrepareResult(path, existing.fingerprint, True, plan.source_format)
+    with exclusive(lock_path(path), f"the store {path}", "wait for that prepare to finish", wait=wait):
+        remove_temporaries(path.parent, path.name)  # of a killed prepare
+        if not force and path.exists():
+            existing = _existing(path)
+            if existing is not None and existing.attrs.get("source_key") == plan.key:
+                log(
+                    f"{path} is already prepared from this source (fingerprint {existing.fingerprint[:16]}); reusing it"
+                )
+                return PrepareResult(path, existing.fingerprint, True, plan.source_format)
+        fingerprint, skipped = _write_store(path, plan, dataset, size, skip_bad, workers, progress)
+    log(f"wrote {path} (fingerprint {fingerprint[:16]})")
+    return PrepareResult(path, fingerprint, False, plan.source_format, skipped)
+
+
+def _write_store(
+    path: Path, plan: _Plan, dataset: str, size: int, skip_bad: bool, workers: int | None, progress: bool
+) -> tuple[str, list[str]]:
+    """Write the store of ``plan`` to ``path`` atomically; its fingerprint and the images skipped."""
     attrs = {
         **plan.attrs,
         "dataset": dataset,
@@ -103,8 +119,7 @@ def prepare(
             skipped += _write_split(h5, split, raw, size, pool, skip_bad, bar)
         attrs["skipped_images"] = len(skipped)
         fingerprint = finish_store(h5, attrs)
-    log(f"wrote {path} (fingerprint {fingerprint[:16]})")
-    return PrepareResult(path, fingerprint, False, plan.source_format, skipped)
+    return fingerprint, skipped
 
 
 def _generated(

@@ -5,14 +5,25 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fewshot_sla.errors import UserError
+
 ENV_VAR = "FEWSHOT_SLA_DATA"
 
 
 def resolve_data_root(cli_value: str | os.PathLike | None = None) -> Path:
-    """The data root a command should use, in order of precedence: flag, environment, default."""
+    """The data root a command should use, in order of precedence: flag, environment, default. A path that is,
+    or lies below, a file is a UserError."""
     if cli_value:
-        return Path(cli_value).expanduser()
-    if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "fewshot-sla"
+        root, source = Path(cli_value).expanduser(), "--data-root"
+    elif os.environ.get(ENV_VAR):
+        root, source = Path(os.environ[ENV_VAR]).expanduser(), f"${ENV_VAR}"
+    else:
+        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root, source = Path(cache) / "fewshot-sla", "the default data root"
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == root else f"lies below the file {existing}"
+        raise UserError(f"{source} {root} {where}, not a folder; give a folder for the dataset stores")
+    return root

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -91,7 +92,7 @@ def episode_specs(cfg: RunConfig) -> tuple[EpisodeSpec, EpisodeSpec]:
 def check_split(split: Split, spec: EpisodeSpec, what: str) -> None:
     """A UserError when ``split`` cannot serve ``spec`` (the message says which flag to change)."""
     try:
-        CanonicalOrder.of_split(split).check(spec)
+        CanonicalOrder.of_split(split).check(spec, "--train-" if what == "training" else "--")
     except UserError as err:
         raise UserError(f"{what} episodes: {err}") from None
 
@@ -158,6 +159,9 @@ def _create(kind: str, registry: Any, name: str, options: dict[str, Any], **part
     """``registry.create(name, **parts, **options)``; option names the constructor does not take, and errors it
     raises about its options' values, are UserErrors naming the config key to fix."""
     factory = registry.get(name)
+    for key, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{kind} option {key} must be a finite number, got {value}; fix {kind}_options")
     try:
         inspect.signature(factory).bind(**parts, **options)
     except TypeError as err:

@@ -15,24 +15,29 @@ import torch
 
 from fewshot_sla.atomic import atomic_path
 from fewshot_sla.errors import UserError
+from fewshot_sla.io_errors import io_error, write_error
 
 
 def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically (a crash mid-write keeps the previous checkpoint)."""
-    with atomic_path(path) as tmp:
-        torch.save(dict(state), tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(dict(state), tmp)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a failed write ("unexpected pos")
+        raise write_error(err, path, "the checkpoint") from None
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU; a missing or corrupt file is a UserError."""
+def load_checkpoint(path: Path, fix: str = "train the run again with --overwrite") -> dict[str, Any]:
+    """Read a checkpoint onto the CPU; a missing, unreadable or damaged file is a UserError ending in ``fix``."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} is missing; the run was not trained this far, start it again")
+        raise UserError(f"checkpoint {path} is missing; {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"checkpoint {path} cannot be read ({first}); delete it or start with --overwrite") from None
+    except OSError as err:
+        raise io_error(err, path, "read the checkpoint", fix) from None
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, AttributeError, TypeError):
+        raise UserError(f"checkpoint {path} is damaged (cut short, or not a fewshot-sla checkpoint); {fix}") from None
 
 
 def rng_state(generators: Mapping[str, torch.Generator]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from fewshot_sla.engine.evaluate import fixed_test_set
 from fewshot_sla.engine.plan import RunPlan
 from fewshot_sla.engine.run_evaluation import evaluate_checkpoint
 from fewshot_sla.engine.train import Trainer
+from fewshot_sla.io_errors import IOFailure, write_error
 from fewshot_sla.results import MemoryRecord, RunPaths, RunRecord, git_commit, now_iso, versions
 
 
@@ -34,7 +35,38 @@ def execute_run(
     progress: bool = True,
     step_hook: Callable[[int], None] | None = None,
 ) -> RunReport:
-    """Train (or continue training) the planned model, then evaluate its best checkpoint and write results.json."""
+    """Train (or continue training) the planned model, then evaluate its best checkpoint and write results.json.
+
+    A failure leaves a folder that ``--resume`` continues, or nothing: a new run that fails before its first
+    checkpoint removes its folder."""
+    try:
+        return _execute(plan, max_steps, progress, step_hook)
+    except BaseException as err:
+        replacement = _after_failure(plan, err) if plan.processes.writer else err
+        if replacement is not err:
+            raise replacement from None
+        raise
+
+
+def _after_failure(plan: RunPlan, err: BaseException) -> BaseException:
+    """Clean up after a failed run and say what to do next."""
+    paths = RunPaths(plan.run_dir)
+    if isinstance(err, OSError):  # a plain write into the run folder failed (a full disk, say)
+        err = write_error(err, err.filename or plan.run_dir, None if err.filename else "into the run folder")
+    if paths.last_checkpoint.is_file():
+        if isinstance(err, IOFailure):
+            return err.then(f"continue with 'fewshot-sla run --resume --out {plan.run_dir}'")
+        return err
+    if not plan.resume and plan.run_dir.is_dir():
+        shutil.rmtree(plan.run_dir, ignore_errors=True)  # nothing worth resuming was written yet
+        if isinstance(err, IOFailure):
+            return err.then("run the command again (the new run folder was removed)")
+    return err
+
+
+def _execute(
+    plan: RunPlan, max_steps: int | None, progress: bool, step_hook: Callable[[int], None] | None
+) -> RunReport:
     cfg, paths, processes = plan.cfg, RunPaths(plan.run_dir), plan.processes
     if processes.writer:
         if plan.overwrite and plan.run_dir.exists():

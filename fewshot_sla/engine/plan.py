@@ -9,9 +9,10 @@ distributed run plans the same run; only process 0 will write.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fewshot_sla.atomic import remove_temporaries
 from fewshot_sla.backbones import checkpointing
 from fewshot_sla.config import RESUME_FREE_KEYS, RunConfig, load_config, required
 from fewshot_sla.data.store import DatasetStore, Split
@@ -40,8 +42,9 @@ from fewshot_sla.engine.recipes import apply_recipe
 from fewshot_sla.episodes import EpisodeSampler, EpisodeSet
 from fewshot_sla.errors import UserError
 from fewshot_sla.learners.base import Learner
+from fewshot_sla.locks import exclusive, lock_path
 from fewshot_sla.objectives import Objective
-from fewshot_sla.results import RunPaths, default_run_dir
+from fewshot_sla.results import INCOMPLETE_RUN, RunPaths, default_run_dir, is_finished
 
 
 @dataclass
@@ -83,12 +86,11 @@ def plan_run(
         raise UserError(f"--fit-memory must be one of {', '.join(FIT_MODES)}, got '{fit_memory}'")
     if memory_budget_gb is not None and not (memory_budget_gb > 0 and math.isfinite(memory_budget_gb)):
         raise UserError(f"--memory-budget must be a positive number of GB, got {memory_budget_gb}")
+    run_dir = run_directory(cfg, out)
     if resume:
-        run_dir = Path(out) if out is not None else _default_dir(cfg)
         cfg = _resumable_config(run_dir, overrides)
     else:
         cfg = apply_recipe(cfg)
-        run_dir = Path(out) if out is not None else _default_dir(cfg)
         _check_output_folder(run_dir, overwrite)
     check_names(cfg)
     device = process_device(processes, cfg.device) if processes.active else resolve_device(cfg.device)
@@ -157,8 +159,21 @@ def plan_run(
     )
 
 
-def _default_dir(cfg: RunConfig) -> Path:
+def run_directory(cfg: RunConfig, out: str | os.PathLike[str] | None) -> Path:
+    """The run folder: ``out``, else the default one named after the run's dataset, method, task and seed."""
+    if out is not None:
+        return Path(out)
     return default_run_dir(cfg.dataset, cfg.method, cfg.ways, cfg.shots, cfg.transform, cfg.objective, cfg.seed)
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder's lock while a run or an evaluation writes it (one writer at a time), and clear the
+    temporary files a killed writer left in it."""
+    _check_location(run_dir)
+    with exclusive(lock_path(run_dir), f"run folder {run_dir}", "wait for it to end, or choose another --out"):
+        remove_temporaries(run_dir, recursive=True)
+        yield
 
 
 def _check_scale(cfg: RunConfig, meta_batch: int, processes: Processes, device: torch.device) -> None:
@@ -187,12 +202,12 @@ def _resumable_config(run_dir: Path, overrides: Mapping[str, Any]) -> RunConfig:
     paths = RunPaths(run_dir)
     if not paths.config.is_file():
         raise UserError(f"nothing to resume in {run_dir} (no {paths.config.name}); start the run without --resume")
-    if paths.results.is_file():
+    if is_finished(run_dir):  # a damaged results file is rebuilt by resuming (the last checkpoint is final)
         raise UserError(
             f"{run_dir} already finished; re-evaluate it with 'fewshot-sla eval {run_dir}' "
             "or start again with --overwrite"
         )
-    stored = load_config(paths.config)
+    stored = load_config(paths.config, INCOMPLETE_RUN)
     changed = [k for k, v in overrides.items() if k not in RESUME_FREE_KEYS and getattr(stored, k) != v]
     if changed:
         raise UserError(
@@ -204,20 +219,28 @@ def _resumable_config(run_dir: Path, overrides: Mapping[str, Any]) -> RunConfig:
 
 def _check_output_folder(run_dir: Path, overwrite: bool) -> None:
     """An existing non-empty folder needs --overwrite (and must be a run); the location must be writable."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {run_dir} is a file, not a folder; choose another --out")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not overwrite:
-            raise UserError(
-                f"output folder {run_dir} already exists; pass --resume to continue it, "
-                "--overwrite to replace it, or choose another --out"
-            )
+            if is_finished(run_dir):
+                advice = f"re-evaluate it with 'fewshot-sla eval {run_dir}', pass --overwrite to replace it"
+            elif RunPaths(run_dir).config.is_file():
+                advice = "pass --resume to continue it, --overwrite to replace it"
+            else:
+                advice = "empty it"
+            raise UserError(f"output folder {run_dir} already exists; {advice}, or choose another --out")
         if not RunPaths(run_dir).config.is_file():
             raise UserError(
                 f"--overwrite refuses to delete {run_dir}: it is not a fewshot-sla run folder; choose another --out"
             )
+    _check_location(run_dir)
+
+
+def _check_location(run_dir: Path) -> None:
+    """The run folder must be a folder, or creatable in a writable one."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file, not a folder; choose another --out")
     parent = run_dir
-    while not parent.exists():
+    while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"cannot create --out {run_dir}: {parent} is a file, not a folder; choose another --out")

@@ -38,6 +38,7 @@ from fewshot_sla.learners.base import UNCONVERGED, Learner
 from fewshot_sla.objectives import Objective
 from fewshot_sla.prediction_kinds import headline_kind
 from fewshot_sla.results import (
+    INCOMPLETE_RUN,
     AccuracySummary,
     EpisodeSetInfo,
     EvaluationRecord,
@@ -149,7 +150,7 @@ def evaluate_run(
     processes, each evaluates its share of the episodes; process 0 writes)."""
     run_dir = Path(run_dir)
     previous = load_results(run_dir)
-    cfg = load_config(RunPaths(run_dir).config)
+    cfg = load_config(RunPaths(run_dir).config, INCOMPLETE_RUN)
     changes: dict[str, Any] = {}
     if device is not None:
         changes["device"] = device

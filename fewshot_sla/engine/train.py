@@ -175,6 +175,7 @@ class Trainer:
         self.state = TrainState()
         self.stop_requested = False
         self._warned: set[str] = set()
+        self.saved_step: int | None = None  # the step of checkpoints/last.pt, once there is one
 
     # ----- state -----
     def _generators(self) -> dict[str, torch.Generator]:
@@ -198,7 +199,10 @@ class Trainer:
         }
 
     def _restore(self) -> None:
-        ckpt = load_checkpoint(self.paths.last_checkpoint)
+        ckpt = load_checkpoint(
+            self.paths.last_checkpoint,
+            "delete it to retrain from the start with --resume, or start again with --overwrite",
+        )
 
         def computed(config: Any) -> dict[str, Any]:
             """What determines the run's numbers (keys newer than the checkpoint count as their defaults)."""
@@ -215,6 +219,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         restore_rng_state(ckpt["rng"], self._generators())
+        self.saved_step = int(ckpt["step"])
         self.state = TrainState(
             ckpt["step"],
             ckpt["best_accuracy"],
@@ -382,11 +387,7 @@ class Trainer:
         totals = dict(zip(totals, values))
         self.stop_requested = self.stop_requested or values[-1] > 0  # any process's Ctrl-C stops them all here
         if not math.isfinite(totals["loss"]):
-            raise UserError(
-                f"training diverged: the loss is {totals['loss']} at step {self.state.step + 1}; "
-                f"the last good checkpoint is kept in {self.paths.last_checkpoint}; lower --lr (now "
-                f"{self.cfg.lr}) or turn off --amp, then start again with --overwrite"
-            )
+            raise self._diverged(totals["loss"])
         self._warn_unconverged(totals, "training")
         self.processes.sum_gradients(self.params)
         self.optimizer.step()
@@ -396,6 +397,20 @@ class Trainer:
         if step_hook is not None:
             step_hook(self.state.step)
         return {"lr": lr, **totals}
+
+    def _diverged(self, loss: float) -> UserError:
+        """The error of a non-finite loss, naming the last good checkpoint if one was saved."""
+        if self.saved_step is not None:
+            kept = f"the last good checkpoint, {self.paths.last_checkpoint} (step {self.saved_step}), is kept"
+            restart = "start again with --overwrite"
+        else:
+            kept = "no checkpoint had been saved yet"
+            restart = "run again"
+        amp = " or turn off --amp" if self.cfg.amp else ""
+        return UserError(
+            f"training diverged: the loss is {loss} at step {self.state.step + 1}; {kept}; lower --lr (now "
+            f"{self.cfg.lr}){amp}, then {restart}"
+        )
 
     def _validate_and_save(self, log: Any, bar: tqdm, start: float) -> None:
         state = self.state
@@ -429,6 +444,7 @@ class Trainer:
             )
         state.time_s = time.perf_counter() - start
         self._save(self.paths.last_checkpoint, self._checkpoint())
+        self.saved_step = state.step
 
     def summary(self) -> TrainSummary:
         """The ``train`` block of results.json."""

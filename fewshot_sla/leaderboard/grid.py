@@ -304,7 +304,7 @@ class _Recipe:
 def load_grid(path: str | Path) -> Grid:
     """Read and check a grid file and expand it into cells; any mistake is a one-line UserError."""
     path = Path(path)
-    root, data = read_yaml(path, "grid", "GRID")
+    root, data = read_yaml(path, "grid", "check the GRID path")
     src = _Source(path, root)
     if not isinstance(data, dict):
         raise UserError(

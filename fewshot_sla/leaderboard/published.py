@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fewshot_sla.errors import UserError
+from fewshot_sla.io_errors import read_text
 
 # The repository's table (present in a source checkout, not in an installed wheel).
 DEFAULT_PUBLISHED = Path(__file__).resolve().parents[2] / "benchmarks" / "published.csv"
@@ -71,12 +72,7 @@ class PublishedResult:
 def load_published(path: str | Path = DEFAULT_PUBLISHED) -> list[PublishedResult]:
     """Read a published-number table; a malformed row is a UserError naming the file and row."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise UserError(
-            f"cannot read the published-number table {path}: {err.strerror}; check --published or pass --no-published"
-        ) from None
+    text = read_text(path, "the published-number table", "check --published or pass --no-published")
     reader = csv.DictReader(text.splitlines())
     header = reader.fieldnames or []
     missing = [c for c in REQUIRED if c not in header]

@@ -44,7 +44,10 @@ def _source_files(root: Path) -> list[Path]:
 
 def _read(root: Path, convention: SplitConvention) -> Iterator[tuple[str, RawSplit]]:
     train, test, meta = require_files(root, FILES, FOLDER)
-    names = [str(n) for n in require_keys(load_pickle(meta), ("fine_label_names",), meta)["fine_label_names"]]
+    listed = require_keys(load_pickle(meta), ("fine_label_names",), meta)["fine_label_names"]
+    if not isinstance(listed, (list, tuple)):
+        raise UserError(f"{meta}: 'fine_label_names' must be a list of class names; the file is damaged")
+    names = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in listed]
     wanted = {name for split in SPLIT_NAMES for name in convention.classes[split]}
     if wanted - set(names):
         raise UserError(

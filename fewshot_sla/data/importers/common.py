@@ -13,6 +13,7 @@ from PIL import Image
 
 from fewshot_sla.data.conventions import SplitConvention
 from fewshot_sla.errors import UserError
+from fewshot_sla.io_errors import io_error
 
 
 class BadImage(Exception):
@@ -128,6 +129,8 @@ def load_pickle(path: Path) -> Any:
             return _DataUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
         raise UserError(f"cannot read {path}: {err or 'truncated file'}; replace the damaged file") from None
+    except OSError as err:
+        raise io_error(err, path, "read") from None
 
 
 def require_keys(obj: Any, keys: Iterable[str], path: Path) -> dict:

@@ -21,6 +21,7 @@ from fewshot_sla.data.importers.common import (
 )
 from fewshot_sla.data.store import SPLIT_NAMES
 from fewshot_sla.errors import UserError
+from fewshot_sla.io_errors import read_text
 
 FOLDER = "CUB_200_2011"
 TXT_FILES = ("images.txt", "classes.txt", "image_class_labels.txt")
@@ -40,7 +41,9 @@ def _source_files(root: Path) -> list[Path]:
 def _read_table(path: Path) -> dict[str, str]:
     """A CUB ``<id> <value>`` text file as {id: value}; a malformed line is a UserError naming it."""
     table: dict[str, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(
+        read_text(path, "CUB metadata file", "replace the damaged file").splitlines(), start=1
+    ):
         if not line.strip():
             continue
         parts = line.split(maxsplit=1)

@@ -45,7 +45,15 @@ def _class_rows(class_dict: object, count: int, path: Path) -> dict[str, list[in
     """``class_dict`` checked: str keys, integer rows within ``0..count-1``, each row used once."""
     if not isinstance(class_dict, dict) or not all(isinstance(k, str) for k in class_dict):
         raise UserError(f"{path}: 'class_dict' must map class names to lists of row indices")
-    rows = {k: [int(i) for i in np.asarray(v, dtype=np.int64).reshape(-1)] for k, v in class_dict.items()}
+    rows = {}
+    for name, value in class_dict.items():
+        array = np.asarray(value)
+        if array.dtype.kind not in "iu" and not (array.size == 0 and array.dtype.kind == "f"):
+            raise UserError(
+                f"{path}: 'class_dict' entry {name!r} must be a list of integer row indices, got "
+                f"{array.dtype.name} values such as {array.reshape(-1)[:1].tolist()}; the file is damaged"
+            )
+        rows[name] = [int(i) for i in array.astype(np.int64).reshape(-1)]
     flat = [i for r in rows.values() for i in r]
     if any(not 0 <= i < count for i in flat) or len(set(flat)) != len(flat):
         raise UserError(f"{path}: 'class_dict' has row indices outside 0..{count - 1} or repeated; the file is damaged")

@@ -48,7 +48,12 @@ def _rows_by_label(labels: np.ndarray) -> dict[int, list[int]]:
 def _mini_class_names(obj: dict, by_label: dict[int, list[int]], expected: list[str], path: Path) -> dict[int, str]:
     """label -> wnid, from ``catname2label`` when the pickle has it, else sorted labels onto sorted wnids."""
     if "catname2label" in obj:
-        names = {int(label): str(name) for name, label in dict(obj["catname2label"]).items()}
+        try:
+            names = {int(label): str(name) for name, label in dict(obj["catname2label"]).items()}
+        except (TypeError, ValueError):
+            raise UserError(
+                f"{path}: 'catname2label' must map class names to integer labels; the file is damaged"
+            ) from None
         unnamed = sorted(set(by_label) - set(names))
         if unnamed:
             raise UserError(f"{path}: labels {unnamed[:3]} have no entry in 'catname2label'; the file is damaged")
