@@ -10,9 +10,8 @@ from fewshot_sla.config import RunConfig, load_config
 from fewshot_sla.engine.recipes import _parse, add_recipe, apply_recipe, default_val_every, recipe_book
 from fewshot_sla.errors import UserError
 
-# The only fields a recipe-resolved configuration may leave empty (unset lr_schedule_episodes: the run's budget;
-# the memory plan resolves the last two).
-OPTIONAL_FIELDS = ["image_size", "episodes_file", "lr_schedule_episodes", "micro_batch", "checkpointing"]
+# The only fields a recipe-resolved configuration may leave empty (the memory plan resolves the last two).
+OPTIONAL_FIELDS = ["image_size", "episodes_file", "micro_batch", "checkpointing"]
 
 
 def test_yaml_round_trip_keeps_every_field(tmp_path: Path) -> None:
@@ -162,7 +161,25 @@ def test_unknown_method_uses_the_generic_recipe_and_every_recipe_resolves() -> N
     assert (cfg.optimizer, cfg.train_shots, cfg.train_queries) == ("adam", 3, 7)
     for method in recipe_book().methods:
         resolved = apply_recipe(RunConfig(method=method))
-        assert [k for k, v in resolved.to_dict().items() if v is None] == OPTIONAL_FIELDS, method
+        empty = {k for k, v in resolved.to_dict().items() if v is None}
+        # a constant learning rate needs no schedule span; a decaying one is anchored to its published budget
+        constant = [] if resolved.lr_milestones else ["lr_schedule_episodes"]
+        assert empty == set(OPTIONAL_FIELDS + constant), method
+
+
+@pytest.mark.parametrize("method", ["protonet", "metaoptnet-svm", "metaoptnet-ridge"])
+def test_short_recipes_keep_their_learning_rate_and_published_ones_decay_as_published(method: str) -> None:
+    from fewshot_sla.engine.train import lr_factor, total_steps
+
+    short = apply_recipe(RunConfig(method=method, dataset="synthetic"))
+    steps = total_steps(short)
+    assert short.train_episodes is not None and short.train_episodes < 1000
+    assert lr_factor(short, steps - 1, steps) == 1.0  # the default job ends at its full learning rate
+    published = apply_recipe(RunConfig(method=method, dataset="miniimagenet"))
+    assert published.lr_schedule_episodes == published.train_episodes
+    steps = total_steps(published)
+    assert published.lr_factors is not None
+    assert lr_factor(published, steps - 1, steps) == published.lr_factors[-1]
 
 
 def test_validation_cadence_scales_with_the_budget() -> None:
@@ -223,16 +240,16 @@ def test_metaoptnet_schedule_changes_the_lr_at_epochs_20_40_50_of_60() -> None:
 
     from fewshot_sla.engine.train import lr_factor, make_optimizer
 
-    cfg = apply_recipe(RunConfig(method="metaoptnet-svm", dataset="miniimagenet", train_episodes=60 * 10 * 8))
-    steps = 60 * 10  # a scaled-down budget: 10 batches of 8 episodes per epoch
+    cfg = apply_recipe(RunConfig(method="metaoptnet-svm", dataset="miniimagenet"))
+    steps = 60 * 1000  # the published budget: 1000 batches of 8 episodes per epoch
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = make_optimizer(cfg, [param])
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps))
     seen = {}
     for step in range(steps):
-        if step % 10 == 0:
-            seen[step // 10] = optimizer.param_groups[0]["lr"]
+        if step % 1000 == 0:
+            seen[step // 1000] = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
     published = {
@@ -255,7 +272,7 @@ def test_an_anchored_schedule_follows_the_published_one_for_as_long_as_a_run_las
         anchored = apply_recipe(RunConfig(**base, train_episodes=episodes, lr_schedule_episodes=20000))
         steps = total_steps(anchored)
         assert lr_factor(anchored, steps - 1, steps) == pytest.approx(last), episodes
-    compressed = apply_recipe(RunConfig(**base, train_episodes=300))
+    compressed = apply_recipe(RunConfig(**base, train_episodes=300, lr_schedule_episodes=300))
     assert lr_factor(compressed, 299, 300) == pytest.approx(0.5**9)  # every decay squeezed into 300 episodes
 
 

@@ -192,6 +192,12 @@ def test_every_shipped_grid_is_valid(path: Path) -> None:
     assert load_grid(path).cells
 
 
+def test_an_entry_can_restrict_the_shots(tmp_path: Path) -> None:
+    grid = load_grid(write(tmp_path, GRID.replace("  - maml", "  - {method: maml, shots: 1}")))
+    axes = [(c.values["method"], c.values["shots"]) for c in grid.cells]
+    assert axes == [("protonet", 1), ("protonet", 5), ("protonet", 1), ("protonet", 5), ("maml", 1), ("maml", 1)]
+
+
 BAD = [
     ("unknown top-level key", GRID + "sedes: [1]\n", "line 14: unknown key 'sedes'"),
     ("unknown method", GRID.replace("  - maml", "  - mamal"), "line 7: unknown learner 'mamal'"),
@@ -212,6 +218,7 @@ BAD = [
     ("zero shots", GRID.replace("shots: [1, 5]", "shots: [1, 0]"), "line 12: 'shots' entries must be integers >= 1"),
     ("text shots", GRID.replace("shots: [1, 5]", "shots: five"), "line 12: 'shots' must be an integer, got 'five'"),
     ("repeated shots", GRID.replace("shots: [1, 5]", "shots: [1, 1]"), "listed twice"),
+    ("zero entry shots", GRID.replace("  - maml", "  - {method: maml, shots: 0}"), "line 7: 'shots' entries must be"),
     ("axis in settings", GRID.replace("eval_episodes: 20", "shots: 3"), "'shots' is a grid axis"),
     ("missing shots", GRID.replace("shots: [1, 5]\n", ""), "'shots' is required"),
     (

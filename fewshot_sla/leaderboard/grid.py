@@ -10,6 +10,7 @@ A grid file (see ``benchmarks/grids/``)::
       - maml
       - method: protonet
         backbones: [conv4]                 # optional: else the grid's backbones, else the config's, else the recipe's
+        shots: [1]                         # optional: else the grid's shots
         config: recipes/protonet.yaml   # optional recipe file (RunConfig YAML), relative to this file
         settings: {train_episodes: 600}    # optional RunConfig keys for this entry
     backbones: [resnet12]                  # optional default backbones
@@ -116,6 +117,15 @@ def _no_repeats(items: list[Any]) -> list[Any]:
     return items
 
 
+def _whole_numbers(axis: str, values: list[int], minimum: int) -> list[int]:
+    bad = [v for v in values if v < minimum]
+    if bad:
+        raise ValueError(f"'{axis}' entries must be integers >= {minimum}, got {bad[0]!r}")
+    if not values:
+        raise ValueError(f"'{axis}' must list at least one value")
+    return _no_repeats(values)
+
+
 def _registered(kind: str, names: list[str]) -> list[str]:
     for name in names:
         try:
@@ -132,13 +142,19 @@ class _Strict(BaseModel):
 class _Entry(_Strict):
     method: str
     backbones: list[str] | None = None
+    shots: list[int] | None = None
     config: str | None = None
     settings: dict[str, Any] | None = None
 
-    @field_validator("backbones", mode="before")
+    @field_validator("backbones", "shots", mode="before")
     @classmethod
     def _one(cls, value: Any) -> Any:
         return None if value is None else _listed(value)
+
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, shots: list[int] | None) -> list[int] | None:
+        return None if shots is None else _whole_numbers("shots", shots, 1)
 
     @field_validator("method")
     @classmethod
@@ -232,11 +248,7 @@ class _GridFile(_Strict):
     @field_validator("ways", "shots", "seeds")
     @classmethod
     def _whole(cls, values: list[int], info: Any) -> list[int]:
-        minimum = {"ways": 2, "shots": 1, "seeds": 0}[info.field_name]
-        bad = [v for v in values if v < minimum]
-        if bad:
-            raise ValueError(f"'{info.field_name}' entries must be integers >= {minimum}, got {bad[0]!r}")
-        return _no_repeats(values)
+        return _whole_numbers(info.field_name, values, {"ways": 2, "shots": 1, "seeds": 0}[info.field_name])
 
     @field_validator("variants")
     @classmethod
@@ -349,7 +361,7 @@ def load_grid(path: str | Path) -> Grid:
     ):
         backbones = entry.backbones or grid.backbones or [entry_recipe.backbone if entry_recipe else None]
         for backbone, variant, n, k, seed in itertools.product(
-            backbones, grid.variants, grid.ways, grid.shots, grid.seeds
+            backbones, grid.variants, grid.ways, entry.shots or grid.shots, grid.seeds
         ):
             axes = {
                 "dataset": dataset,
