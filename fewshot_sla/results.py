@@ -12,10 +12,13 @@ A run directory holds::
     per_episode/<h>.npz      per-episode test accuracies (fractions in [0, 1], float64) for the episode set whose
                              hash starts with <h>: one array per prediction kind, plus 0-d string arrays
                              ``episode_set_hash`` and ``dataset_fingerprint``
-    test-episodes-*.npz      the test episode set, when none shipped in ``episodes/`` matched and one was generated
+    test-episodes-*.npz      the test episode set, when neither the data root's ``episodes/`` folder nor the package's
+                             shipped sets held a match and one was generated
     results.json             written last: its presence marks a finished run
 
 ``results.json`` is built from the typed records below (``RunRecord``, ``TrainSummary``, ``EvaluationRecord``);
+``ResultsFile`` is the whole file, and ``results.schema.json`` (shipped in the package, generated from it by
+``results_schema()``) is its JSON Schema. Strict JSON: a value that is not a finite number is written as null.
 schema_version 1 (accuracies in percent; ``ci95`` = 1.96 s / sqrt(n), ``ci95_t`` = t-based
 half-width, s the sample standard deviation over episodes)::
 
@@ -26,8 +29,8 @@ half-width, s the sample standard deviation over episodes)::
     train            {ways, shots, queries, episodes, meta_batch, steps, time_s (wall, validation included),
                       episodes_per_s (training steps only), best_step, best_episodes, best_val_accuracy,
                       val_key, val_episodes}
-    evaluation       the latest evaluation block (below)
-    evaluations      every evaluation block, one per distinct episode set (latest last)
+    evaluation       the main evaluation block (below): the run's own test set, the one its training ended with
+    evaluations      every evaluation block, one per distinct episode set (the main one included; latest last)
     device           e.g. "cpu" or "cuda (NVIDIA H100 80GB HBM3)";  amp  bool
     memory           {micro_batch, checkpointing, processes, estimated_step_bytes, budget_bytes, budget,
                       available_bytes, measured_peak_bytes, measured_baseline_bytes}: the memory plan of the training
@@ -39,7 +42,9 @@ half-width, s the sample standard deviation over episodes)::
 
 An evaluation block::
 
-    episode_set      {hash, file, dataset, split, ways, shots, queries, count, seed}
+    episode_set      {hash, file, source, dataset, split, ways, shots, queries, count, seed}; source: "shipped" (in
+                     the package), "user" (DATA_ROOT/episodes/), "run" (generated into the run folder), "file"
+                     (given with --episodes-file)
     episodes         number of test episodes n
     checkpoint       "best";  best_step  the training step it was saved at
     cached           whether embeddings were cached (EmbeddingLearners)
@@ -55,6 +60,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -63,12 +69,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fewshot_sla import __version__
 from fewshot_sla.atomic import atomic_path, write_text_atomic
 from fewshot_sla.errors import UserError
 from fewshot_sla.io_errors import IOFailure, read_text
+from fewshot_sla.package_data import shipped_episode_sets
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
@@ -157,6 +164,8 @@ def git_commit() -> str | None:
 
 
 class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict, in field order."""
         return self.model_dump(mode="json")
@@ -175,7 +184,7 @@ class TrainSummary(_Record):
     episodes_per_s: float | None
     best_step: int
     best_episodes: int
-    best_val_accuracy: float
+    best_val_accuracy: float | None  # null when no validation ran
     val_key: str | None
     val_episodes: int
 
@@ -185,6 +194,7 @@ class EpisodeSetInfo(_Record):
 
     hash: str
     file: str
+    source: str = "file"  # user (DATA_ROOT/episodes), shipped (in the package), run (generated there), file (given)
     dataset: str
     split: str
     ways: int
@@ -223,7 +233,7 @@ class EvaluationRecord(_Record):
     headline: str
     per_episode_file: str
     device: str
-    diagnostics: dict[str, float] = Field(default_factory=dict)  # the learner's solver statistics
+    diagnostics: dict[str, float | None] = Field(default_factory=dict)  # the learner's solver statistics
 
 
 class MemoryRecord(_Record):
@@ -265,18 +275,51 @@ class RunRecord(_Record):
     learner_settings: dict[str, Any] = Field(default_factory=dict)  # e.g. the SVM's solver and its budget
 
 
+class ResultsFile(RunRecord):
+    """The whole ``results.json``: a finished run with its evaluations (see the module docstring)."""
+
+    schema_version: int
+    evaluation: EvaluationRecord
+    evaluations: list[EvaluationRecord] = Field(min_length=1)
+    updated: str
+
+
+SCHEMA_FILE = Path(__file__).with_name("results.schema.json")
+
+
+def results_schema() -> dict[str, Any]:
+    """The JSON Schema of ``results.json``, as shipped in ``results.schema.json``."""
+    schema = ResultsFile.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every float that is not finite (NaN, +-inf) replaced by None: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_results(run_dir: Path, results: dict[str, Any]) -> None:
     """Write ``results.json`` atomically, stamping the schema version and update time."""
-    results = {"schema_version": SCHEMA_VERSION, **results, "updated": now_iso()}
-    write_text_atomic(RunPaths(Path(run_dir)).results, json.dumps(results, indent=2, allow_nan=True) + "\n")
+    results = _finite({"schema_version": SCHEMA_VERSION, **results, "updated": now_iso()})
+    write_text_atomic(RunPaths(Path(run_dir)).results, json.dumps(results, indent=2, allow_nan=False) + "\n")
 
 
 def add_evaluation(results: dict[str, Any], record: EvaluationRecord) -> dict[str, Any]:
-    """``results`` with ``record`` as its latest evaluation (replacing an older one on the same episode set)."""
+    """``results`` with ``record`` added to its evaluations (replacing an older one on the same episode set). It
+    becomes the main evaluation only when there is none yet or it re-evaluates the main one's episode set."""
     block = record.to_dict()
     h = block["episode_set"]["hash"]
     kept = [b for b in results.get("evaluations", []) if b["episode_set"]["hash"] != h]
-    return {**results, "evaluation": block, "evaluations": kept + [block]}
+    main = results.get("evaluation")
+    if main is None or main["episode_set"]["hash"] == h:
+        main = block
+    return {**results, "evaluation": main, "evaluations": kept + [block]}
 
 
 def save_per_episode(
@@ -298,7 +341,7 @@ class RunResult:
 
     @property
     def evaluation(self) -> dict[str, Any]:
-        """The latest evaluation block."""
+        """The main evaluation block (the run's own test set)."""
         return self.data["evaluation"]
 
     def evaluation_for(self, episode_set_hash: str) -> dict[str, Any] | None:
@@ -309,7 +352,7 @@ class RunResult:
         return None
 
     def accuracy(self, kind: str) -> dict[str, float]:
-        """The latest evaluation's summary (percent) of one prediction kind."""
+        """The main evaluation's summary (percent) of one prediction kind."""
         return self.evaluation["accuracy"][kind]
 
     def per_episode(self, episode_set_hash: str) -> dict[str, np.ndarray]:
@@ -323,7 +366,10 @@ class RunResult:
                 return {k: npz[k] for k in npz.files if k not in ("episode_set_hash", "dataset_fingerprint")}
         except (OSError, ValueError, EOFError):
             episodes = Path(block["episode_set"]["file"])
-            episodes = episodes if episodes.is_absolute() else self.path / episodes
+            if block["episode_set"].get("source") == "shipped":
+                episodes = shipped_episode_sets() / episodes.name
+            elif not episodes.is_absolute():
+                episodes = self.path / episodes
             again = f"fewshot-sla eval {self.path} --episodes-file {episodes}"
             raise UserError(f"per-episode results {file} are missing or damaged; rebuild them with '{again}'") from None
 

@@ -65,6 +65,35 @@ def ravi_source(tmp_path: Path) -> Callable[..., tuple[Path, dict[str, tuple[int
     return make
 
 
+@pytest.fixture(scope="session", autouse=True)
+def every_results_file_follows_the_schema(tmp_path_factory: pytest.TempPathFactory):
+    """After the last test: every results.json the suite wrote (in this process or in subprocesses, all below
+    pytest's temporary folder) is strict JSON that the shipped schema accepts. Files that are not JSON at all
+    are the ones tests damage on purpose."""
+    yield
+    import json
+
+    import jsonschema
+
+    from fewshot_sla.results import SCHEMA_FILE
+
+    def no_constants(constant: str) -> None:
+        raise jsonschema.ValidationError(f"{constant} is not JSON")
+
+    schema = json.loads(SCHEMA_FILE.read_text())
+    wrong = []
+    for path in sorted(tmp_path_factory.getbasetemp().rglob("results.json")):
+        try:
+            json.loads(path.read_text())
+        except ValueError:
+            continue
+        try:
+            jsonschema.validate(json.loads(path.read_text(), parse_constant=no_constants), schema)
+        except jsonschema.ValidationError as err:
+            wrong.append(f"{path}: {err.message}")
+    assert not wrong, "results.json files that break the schema:\n" + "\n".join(wrong)
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data root holding the full synthetic store, generated once per test session."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from test_episodes import FakeSplit, make_split, reorder
 
 from fewshot_sla.episodes import SET_CHUNK, CanonicalOrder, EpisodeSampler, EpisodeSet, EpisodeSpec, PositionSampler
 from fewshot_sla.errors import UserError
+from fewshot_sla.package_data import shipped_episode_sets
 
 SPEC = EpisodeSpec(ways=3, shots=2, queries=3)
 
@@ -256,9 +256,9 @@ def test_position_sampler_is_device_independent_for_sets():
     assert np.array_equal(made.positions.astype(np.int64), cpu.numpy())
 
 
-# --- The sets shipped in episodes/ -------------------------------------------------------------------------------
+# --- The sets shipped in the package (fewshot_sla/episode_sets/) -------------------------------------------------
 
-SHIPPED_DIR = Path(__file__).resolve().parents[1] / "episodes"
+SHIPPED_DIR = shipped_episode_sets()
 STANDARD = [
     (dataset, count, shots) for dataset in ("miniimagenet", "synthetic") for count in (1000, 10000) for shots in (1, 5)
 ]

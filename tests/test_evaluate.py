@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from fewshot_sla.data.store import Split
-from fewshot_sla.engine import evaluate as evaluate_module
 from fewshot_sla.engine.build import ImagePipeline
 from fewshot_sla.engine.evaluate import episode_accuracy, evaluate, fixed_test_set, validation_episode_set
 from fewshot_sla.engine.feature_cache import FeatureCache, ImagesOf
@@ -190,23 +189,32 @@ def test_episode_accuracy_matches_a_loop() -> None:
     np.testing.assert_allclose(episode_accuracy(logits, labels).numpy(), expected)
 
 
-def test_test_set_is_generated_once_into_the_run_folder(tmp_path: Path, split: Split, monkeypatch) -> None:
-    monkeypatch.setattr(evaluate_module, "SHIPPED_EPISODES", tmp_path / "shipped")
-    spec = EpisodeSpec(3, 1, 2)
-    first, path = fixed_test_set("toy", split, spec, 10, tmp_path / "run")
-    assert path.parent == tmp_path / "run" and path.is_file()
-    again, same = fixed_test_set("toy", split, spec, 10, tmp_path / "run")
+def test_test_set_is_generated_once_into_the_run_folder(tmp_path: Path, split: Split) -> None:
+    spec = EpisodeSpec(3, 1, 2)  # no set of this made-up dataset is shipped or in the user's folder
+    first, path, source = fixed_test_set("toy", split, spec, 10, tmp_path / "run", tmp_path / "data")
+    assert path.parent == tmp_path / "run" and path.is_file() and source == "run"
+    again, same, _ = fixed_test_set("toy", split, spec, 10, tmp_path / "run", tmp_path / "data")
     assert same == path and again.content_hash == first.content_hash and again.seed == 0
 
 
-def test_a_shipped_test_set_is_preferred(tmp_path: Path, split: Split, monkeypatch) -> None:
+def test_a_shipped_test_set_is_preferred_and_a_user_set_wins(tmp_path: Path, split: Split, monkeypatch) -> None:
+    import fewshot_sla.package_data as package_data
+
     spec = EpisodeSpec(3, 1, 2)
-    shipped = EpisodeSet.make(CanonicalOrder.of_split(split), dataset="toy", split="test", spec=spec, count=10, seed=0)
-    shipped.save(tmp_path / "shipped" / EpisodeSet.default_name("toy", "test", spec, 10, 0))
-    monkeypatch.setattr(evaluate_module, "SHIPPED_EPISODES", tmp_path / "shipped")
-    found, path = fixed_test_set("toy", split, spec, 10, tmp_path / "run")
-    assert path.parent == tmp_path / "shipped" and found.content_hash == shipped.content_hash
+    name = EpisodeSet.default_name("toy", "test", spec, 10, 0)
+    order = CanonicalOrder.of_split(split)
+    shipped = EpisodeSet.make(order, dataset="toy", split="test", spec=spec, count=10, seed=0)
+    shipped.save(tmp_path / "shipped" / name)
+    monkeypatch.setattr(package_data, "shipped_episode_sets", lambda: tmp_path / "shipped")
+    found, path, source = fixed_test_set("toy", split, spec, 10, tmp_path / "run", tmp_path / "data")
+    assert (path.parent, source) == (tmp_path / "shipped", "shipped") and found.content_hash == shipped.content_hash
     assert not (tmp_path / "run").exists()
+    # A user's file of the same name in DATA_ROOT/episodes/ wins (here one drawn with another seed inside).
+    users = EpisodeSet.make(order, dataset="toy", split="test", spec=spec, count=10, seed=5)
+    users.save(tmp_path / "data" / "episodes" / name)
+    found, path, source = fixed_test_set("toy", split, spec, 10, tmp_path / "run", tmp_path / "data")
+    assert (path, source) == (tmp_path / "data" / "episodes" / name, "user")
+    assert found.content_hash == users.content_hash != shipped.content_hash
 
 
 def test_validation_set_is_fixed(split: Split) -> None:

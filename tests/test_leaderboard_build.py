@@ -89,7 +89,11 @@ def make_run(
         "accuracy": {kind: _summary(v) for kind, v in per_episode.items()},
         "headline": "ag" if "ag" in per_episode else "plain",
         "per_episode_file": str(paths.per_episode(episode_set).relative_to(run_dir)),
+        "best_step": 100,
+        "device": "cpu",
     }
+    train = dict(ways=5, shots=shots, queries=15, episodes=100, meta_batch=1, steps=100, time_s=1.0)
+    train.update(episodes_per_s=100.0, best_step=100, best_episodes=100, best_val_accuracy=50.0, val_episodes=10)
     write_results(
         run_dir,
         {
@@ -104,9 +108,12 @@ def make_run(
             "ways": 5,
             "shots": shots,
             "queries": 15,
-            "train": {},
+            "train": {**train, "val_key": block["headline"]},
             "device": "cpu",
             "amp": False,
+            "versions": {"python": "3", "torch": "2", "numpy": "2", "fewshot_sla": "0"},
+            "git_commit": None,
+            "created": "2026-01-01T00:00:00+00:00",
             "config": cfg.to_dict(),
             "evaluation": block,
             "evaluations": [block],

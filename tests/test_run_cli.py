@@ -126,11 +126,13 @@ def test_eval_adds_an_evaluation_on_another_episode_set(
 ) -> None:
     out, _ = finished_run
     before = json.loads((out / "results.json").read_text())
-    code, printed, _ = cli(capsys, data_root, "eval", str(out), "--eval-episodes", "30", "--quiet")
-    assert code == 0 and "SLA+AG" in printed
+    code, printed, err = cli(capsys, data_root, "eval", str(out), "--eval-episodes", "30", "--quiet")
+    assert code == 0 and "SLA+AG" in printed and "tested on 30 episodes" in printed
+    assert "the main evaluation stays the run's own test set" in err
     after = json.loads((out / "results.json").read_text())
-    assert after["evaluation"]["episodes"] == 30 and len(after["evaluations"]) == 2
-    assert after["evaluations"][0] == before["evaluation"]
+    # The other set is added; the run's own test evaluation stays the main one.
+    assert after["evaluation"] == before["evaluation"] and len(after["evaluations"]) == 2
+    assert after["evaluations"][0] == before["evaluation"] and after["evaluations"][1]["episodes"] == 30
     # The same set again replaces its entry and reproduces the same numbers.
     code, _, _ = cli(capsys, data_root, "eval", str(out), "--eval-episodes", "20", "--quiet", "--no-feature-cache")
     again = json.loads((out / "results.json").read_text())
@@ -327,6 +329,10 @@ def test_episode_files_for_another_dataset_or_with_a_wrong_hash_are_refused(
     assert "for dataset 'cifarfs'" in _bad(capsys, data_root, "eval", str(out), "--episodes-file", str(other_path))
     code, printed, _ = cli(capsys, data_root, "eval", str(out), "--episodes-file", str(path), "--quiet")
     assert code == 0 and "good.npz" in printed
+    # eval takes a set of another spec, and says so.
+    code, printed, err = cli(capsys, data_root, "eval", str(out), "--episodes-file", str(wrong_spec), "--quiet")
+    assert code == 0 and "2shot.npz" in printed
+    assert "this episode set is 5-way 2-shot; the run was set up for 5-way 1-shot" in err
 
 
 def test_training_benchmark_smoke_mode_runs_on_the_cpu() -> None:

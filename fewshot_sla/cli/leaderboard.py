@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     which.add_argument(
         "--published",
         metavar="FILE.csv",
-        help="published-number table (default: benchmarks/published.csv of the source tree)",
+        help="published-number table (default: the one shipped with the package)",
     )
     which.add_argument("--no-published", action="store_true", help="leave published numbers out")
     build.set_defaults(handler=build_command)
@@ -116,13 +116,7 @@ def build_command(args: argparse.Namespace) -> int:
     if args.published:
         published = load_published(args.published)
     elif not args.no_published:
-        if DEFAULT_PUBLISHED.is_file():
-            published = load_published(DEFAULT_PUBLISHED)
-        else:
-            sys.stderr.write(
-                "fewshot-sla: note: no published-number table in this installation; "
-                "pass --published FILE.csv to show published numbers\n"
-            )
+        published = load_published(DEFAULT_PUBLISHED)
     report = build_leaderboard(args.runs_dir, args.out, published)
     for path, reason in report.skipped:
         sys.stderr.write(f"fewshot-sla: skipped {path}: {reason}\n")

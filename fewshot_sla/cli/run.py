@@ -339,8 +339,30 @@ def eval_command(args: argparse.Namespace) -> int:
         shutdown()
     if not processes.writer:
         return 0
-    print(format_results(results, Path(args.run_dir)))
+    block = results["evaluations"][-1]
+    print(format_results(results, Path(args.run_dir), block))
+    for note in evaluation_notes(results, block):
+        sys.stderr.write(f"fewshot-sla: note: {note}\n")
     return 0
+
+
+def evaluation_notes(results: dict[str, Any], block: dict[str, Any]) -> list[str]:
+    """What to say about an evaluation on a set other than the run's own: where it went, and a spec that differs
+    from the one the run was set up for."""
+    notes = []
+    s, main = block["episode_set"], results["evaluation"]["episode_set"]
+    if (s["ways"], s["shots"]) != (results["ways"], results["shots"]):
+        train = results.get("train", {})
+        notes.append(
+            f"this episode set is {s['ways']}-way {s['shots']}-shot; the run was set up for {results['ways']}-way "
+            f"{results['shots']}-shot (trained on {train.get('ways')}-way {train.get('shots')}-shot episodes)"
+        )
+    if s["hash"] != main["hash"]:
+        notes.append(
+            f"added to the evaluations in results.json; the main evaluation stays the run's own test set "
+            f"({main['file']}, hash {main['hash'][:12]})"
+        )
+    return notes
 
 
 def _evaluate_agreed(args: argparse.Namespace, processes: Processes) -> dict[str, Any]:
@@ -398,9 +420,10 @@ def compare_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_results(results: dict[str, Any], run_dir: Path) -> str:
-    """The small end-of-run table: accuracy with 95% CIs per prediction kind, plus context lines."""
-    ev, train = results["evaluation"], results.get("train", {})
+def format_results(results: dict[str, Any], run_dir: Path, block: dict[str, Any] | None = None) -> str:
+    """The small end-of-run table of an evaluation block (default: the main one): accuracy with 95% CIs per
+    prediction kind, plus context lines."""
+    ev, train = block or results["evaluation"], results.get("train", {})
     s = ev["episode_set"]
     lines = [
         f"{results['method']} / {results['backbone']} on {results['dataset']}: {s['ways']}-way {s['shots']}-shot, "

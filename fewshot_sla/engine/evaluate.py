@@ -24,9 +24,8 @@ from fewshot_sla.engine.feature_cache import FeatureCache, ImagesOf
 from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec, gather_episodes
 from fewshot_sla.learners.base import UNCONVERGED, EmbeddingLearner, Learner
 from fewshot_sla.objectives import Objective
+from fewshot_sla.package_data import find_episode_set
 
-# Shipped episode sets live in the repository's episodes/ folder, beside the package.
-SHIPPED_EPISODES = Path(__file__).resolve().parents[2] / "episodes"
 TEST_SET_SEED = 0
 VAL_SET_SEED = 0
 CACHED_BATCH = 200  # at most this many episodes per head call on cached features
@@ -63,24 +62,25 @@ def episode_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 def fixed_test_set(
-    dataset: str, split: Split, spec: EpisodeSpec, count: int, run_dir: Path, write: bool = True
-) -> tuple[EpisodeSet, Path]:
-    """The fixed test episode set: the shipped file matching (dataset, test, spec, count), else one generated
-    with seed 0 and written into ``run_dir`` (or reused from there; ``write=False``: kept in memory only, as the
+    dataset: str, split: Split, spec: EpisodeSpec, count: int, run_dir: Path, data_root: Path | None, write: bool = True
+) -> tuple[EpisodeSet, Path, str]:
+    """The fixed test episode set matching (dataset, test, spec, count), its path and source: the user's file in
+    ``data_root/episodes/`` (``"user"``), else the shipped one (``"shipped"``), else one generated with seed 0 and
+    written into ``run_dir`` or reused from there (``"run"``; ``write=False``: kept in memory only, as the
     processes other than the writing one do)."""
     name = EpisodeSet.default_name(dataset, split.name, spec, count, TEST_SET_SEED)
-    shipped = SHIPPED_EPISODES / name
-    if shipped.is_file():
-        return EpisodeSet.load(shipped), shipped
+    found = find_episode_set(name, data_root)
+    if found is not None:
+        return EpisodeSet.load(found.path), found.path, found.source
     local = run_dir / f"test-episodes-{name}"
     if local.is_file():
-        return EpisodeSet.load(local), local
+        return EpisodeSet.load(local), local, "run"
     episode_set = EpisodeSet.make(
         CanonicalOrder.of_split(split), dataset=dataset, split=split.name, spec=spec, count=count, seed=TEST_SET_SEED
     )
     if write:
         episode_set.save(local)
-    return episode_set, local
+    return episode_set, local, "run"
 
 
 def validation_episode_set(dataset: str, split: Split, spec: EpisodeSpec, count: int) -> EpisodeSet:

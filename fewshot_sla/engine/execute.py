@@ -124,10 +124,16 @@ def _execute(
         ),
     )
     if plan.episode_file is not None:
-        episode_set, set_path = plan.episode_file, Path(str(cfg.episodes_file))
+        episode_set, set_path, set_source = plan.episode_file, Path(str(cfg.episodes_file)), "file"
     else:
-        episode_set, set_path = fixed_test_set(
-            cfg.dataset, plan.splits["test"], episode_specs(cfg)[1], cfg.eval_episodes, plan.run_dir, processes.writer
+        episode_set, set_path, set_source = fixed_test_set(
+            cfg.dataset,
+            plan.splits["test"],
+            episode_specs(cfg)[1],
+            cfg.eval_episodes,
+            plan.run_dir,
+            plan.store.path.parent,
+            processes.writer,
         )
     results = evaluate_checkpoint(
         record.to_dict(),
@@ -137,6 +143,7 @@ def _execute(
         plan.objective,
         episode_set,
         set_path,
+        set_source,
         plan.splits[episode_set.split],
         plan.pipeline,
         plan.device,

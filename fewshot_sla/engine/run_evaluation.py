@@ -63,6 +63,7 @@ def evaluate_checkpoint(
     objective: Objective,
     episode_set: EpisodeSet,
     set_path: Path,
+    set_source: str,
     split: Split,
     pipeline: ImagePipeline,
     device: torch.device,
@@ -92,15 +93,18 @@ def evaluate_checkpoint(
     per_episode = paths.per_episode(episode_set.content_hash)
     if processes.writer:
         save_per_episode(per_episode, outcome.accuracies, episode_set.content_hash, fingerprint)
-    try:
+    if set_source == "shipped":
+        shown_path = f"fewshot_sla/episode_sets/{set_path.name}"
+    elif set_source == "run":
         shown_path = str(set_path.resolve().relative_to(run_dir.resolve()))
-    except ValueError:
+    else:
         shown_path = str(set_path)
     spec = episode_set.spec
     record = EvaluationRecord(
         episode_set=EpisodeSetInfo(
             hash=episode_set.content_hash,
             file=shown_path,
+            source=set_source,
             dataset=episode_set.dataset,
             split=episode_set.split,
             ways=spec.ways,
@@ -122,7 +126,7 @@ def evaluate_checkpoint(
         headline=headline_kind(list(outcome.accuracies)),
         per_episode_file=str(per_episode.relative_to(run_dir)),
         device=describe_device(device),
-        diagnostics=outcome.diagnostics,
+        diagnostics=dict[str, float | None](outcome.diagnostics),
     )
     stopped = {k: v for k, v in outcome.diagnostics.items() if k.endswith(UNCONVERGED) and v > 0}
     if stopped and processes.writer:
@@ -168,14 +172,16 @@ def evaluate_run(
         )
     if episodes_file is not None:
         episode_set = load_episode_file(episodes_file, cfg.dataset, store)
-        set_path = Path(episodes_file)
+        set_path, set_source = Path(episodes_file), "file"
         split = store.split(episode_set.split, device=dev)
     else:
         split = store.split("test", device=dev)
         spec = episode_specs(cfg)[1]
         check_split(split, spec, "test")
         count = eval_episodes or cfg.eval_episodes
-        episode_set, set_path = fixed_test_set(cfg.dataset, split, spec, count, run_dir, processes.writer)
+        episode_set, set_path, set_source = fixed_test_set(
+            cfg.dataset, split, spec, count, run_dir, store.path.parent, processes.writer
+        )
     episode_set.rows_in(split, cfg.dataset)
     pipeline = pipeline_for(cfg, store)
     learner, objective = build_model(cfg, pipeline.image_size, dev)
@@ -187,6 +193,7 @@ def evaluate_run(
         objective,
         episode_set,
         set_path,
+        set_source,
         split,
         pipeline,
         dev,

@@ -1,4 +1,4 @@
-"""Published reference numbers (``benchmarks/published.csv``): what the literature reports, with its protocol.
+"""Published reference numbers (``published.csv``, shipped beside this module): what the literature reports.
 
 One row per (method, backbone, dataset, ways, shots): mean test accuracy and 95% interval in percent, the
 test protocol (backbone detail, test episodes, queries per class when the source states it), the source
@@ -14,9 +14,9 @@ from pathlib import Path
 
 from fewshot_sla.errors import UserError
 from fewshot_sla.io_errors import read_text
+from fewshot_sla.package_data import published_table
 
-# The repository's table (present in a source checkout, not in an installed wheel).
-DEFAULT_PUBLISHED = Path(__file__).resolve().parents[2] / "benchmarks" / "published.csv"
+DEFAULT_PUBLISHED = published_table()
 COLUMNS = (
     "method",
     "backbone",
