@@ -249,6 +249,25 @@ def test_bad_argument_value_is_one_line_exit_2(tmp_path: Path, capsys: pytest.Ca
     assert leftovers(tmp_path) == []
 
 
+def test_prepare_help_lists_every_registered_dataset_with_its_stored_size(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fewshot_sla.registry import DATASETS
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "prepare", "--help"])
+    assert exit_.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    dataset = next(line for line in lines if line.strip().startswith("DATASET "))
+    size = next(line for line in lines if line.strip().startswith("--image-size"))
+    assert "tinyimagenet" in DATASETS.names() and DATASETS.get("tinyimagenet").image_size == 64
+    assert dataset.endswith(f"a registered dataset: {', '.join(DATASETS.names())}")
+    sizes = ", ".join(f"{name} {info.image_size}" for name, info in DATASETS.items())
+    assert size.endswith(f"(default: the dataset's standard size: {sizes})") and "otherwise" not in size
+    assert "tinyimagenet 64" in size and "miniimagenet 84" in size and "cifarfs 32" in size
+
+
 def test_skip_bad_counts_and_skips_unreadable_images(
     tmp_path: Path, ravi_source: Callable, capsys: pytest.CaptureFixture
 ) -> None:

@@ -81,15 +81,44 @@ def test_shared_kinds_are_compared_with_scipy_statistics(capsys, runs: dict[str,
         assert 0 <= row["p_wilcoxon"] <= 1
 
 
-def test_different_kinds_can_be_paired_and_the_table_is_printed(capsys, runs: dict[str, Path]) -> None:
-    code, out, err = compare(capsys, str(runs["sla0"]), str(runs["plain"]))
-    assert code == 2 and "share no prediction kind" in err and "--kind-a" in err
-    code, out, err = compare(capsys, str(runs["sla0"]), str(runs["plain"]), "--kind-a", "ag", "--kind-b", "plain")
+NOTE = "pairing A's SLA+AG with B's plain (the runs share no prediction kind; choose others with --kind-a/--kind-b)"
+
+
+def test_an_sla_run_and_a_baseline_pair_their_headline_kinds_and_say_so(capsys, runs: dict[str, Path]) -> None:
+    sla, plain = str(runs["sla0"]), str(runs["plain"])
+    code, out, err = compare(capsys, sla, plain, "--json")
     assert code == 0, err
-    assert "SLA+AG" in out and "plain" in out and "24 paired test episodes" in out
+    auto = json.loads(out)
+    code, out, err = compare(capsys, sla, plain, "--kind-a", "ag", "--kind-b", "plain", "--json")
+    assert code == 0, err
+    explicit = json.loads(out)
+    assert [(c["kind_a"], c["kind_b"]) for c in auto["comparisons"]] == [("ag", "plain")]
+    assert auto["comparisons"] == explicit["comparisons"]
+    assert auto["comparisons"][0]["mean_b"] == pytest.approx(100 * per_episode(runs["plain"])["plain"].mean())
+    assert auto["note"] == NOTE and explicit["note"] is None
+    code, out, err = compare(capsys, sla, plain)
+    assert code == 0, err
+    assert [line for line in out.splitlines() if "pairing" in line] == [f"note: {NOTE}"]
+    assert "SLA+AG" in out and "24 paired test episodes" in out
+    code, out, err = compare(capsys, plain, sla, "--json")
+    assert json.loads(out)["note"].startswith("pairing A's plain with B's SLA+AG")
+    assert [(c["kind_a"], c["kind_b"]) for c in json.loads(out)["comparisons"]] == [("plain", "ag")]
+
+
+def test_explicit_kinds_win_over_the_headline_pairing(capsys, runs: dict[str, Path]) -> None:
+    sla, plain = str(runs["sla0"]), str(runs["plain"])
+    code, out, err = compare(capsys, sla, plain, "--kind-a", "si", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert [(c["kind_a"], c["kind_b"]) for c in data["comparisons"]] == [("si", "plain")] and data["note"] is None
+    assert data["comparisons"][0]["mean_a"] == pytest.approx(100 * per_episode(runs["sla0"])["si"].mean())
+    code, out, err = compare(capsys, sla, plain, "--kind-a", "si")
+    assert code == 0 and "SLA+SI" in out and "pairing" not in out
     code, out, err = compare(capsys, str(runs["sla0"]), str(runs["sla1"]), "--kind", "ag", "--json")
     assert [c["kind_a"] for c in json.loads(out)["comparisons"]] == ["ag"]
-    code, out, err = compare(capsys, str(runs["sla0"]), str(runs["plain"]), "--kind", "si")
+    code, out, err = compare(capsys, str(runs["sla0"]), str(runs["sla1"]))
+    assert code == 0 and "pairing" not in out  # shared kinds: compared kind by kind, as before
+    code, out, err = compare(capsys, sla, plain, "--kind", "si")
     assert code == 2 and "has no 'si' predictions" in err
 
 

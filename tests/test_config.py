@@ -183,10 +183,19 @@ def test_short_recipes_keep_their_learning_rate_and_published_ones_decay_as_publ
 
 
 def test_validation_cadence_scales_with_the_budget() -> None:
-    assert default_val_every(100) == 100
-    assert default_val_every(1200) == 500
-    assert default_val_every(480_000) == 24_000
-    assert apply_recipe(RunConfig(train_episodes=40)).val_every == 40
+    """At least 4 validations per run (every episode on tiny budgets), every 500 episodes in between, 20 per run on
+    long budgets: from 2,000 episodes up the cadence (and so the cost of long runs) is what it was before."""
+    assert [default_val_every(e) for e in (1, 3, 8, 100, 300, 1200, 1999)] == [1, 1, 2, 25, 75, 300, 499]
+    assert default_val_every(2000) == 500 and default_val_every(10_000) == 500
+    assert default_val_every(20_000) == 1000 and default_val_every(480_000) == 24_000
+    for episodes in range(1, 30_000, 7):
+        every = default_val_every(episodes)
+        assert 1 <= every <= episodes
+        assert -(-episodes // every) >= min(4, episodes)  # validations, the last one at the end of the run
+        if episodes >= 2000:
+            assert every == min(episodes, max(500, episodes // 20))  # the cadence before short runs got 4
+    assert apply_recipe(RunConfig(train_episodes=40)).val_every == 10
+    assert apply_recipe(RunConfig(train_episodes=40, val_every=40)).val_every == 40
 
 
 def test_every_builtin_learner_has_a_recipe_entry() -> None:

@@ -105,6 +105,13 @@ def test_cli_lists_the_plugin_learner(plugin_env):
     assert "cosine-protonet" in json.loads(out)["learners"]
 
 
+def test_run_help_lists_the_plugin_learner_with_the_builtins(plugin_env):
+    env, root = plugin_env
+    out = run([sys.executable, "-m", "fewshot_sla", "run", "--help"], {**env, "COLUMNS": "1000"}, root)
+    method = next(line for line in out.splitlines() if line.strip().startswith("--method"))
+    assert "cosine-protonet" in method and "protonet" in method.replace("cosine-protonet", "")
+
+
 def test_the_plugin_learner_trains_with_the_sla_objective(plugin_env):
     env, root = plugin_env
     script = root / "train_plugin.py"
@@ -121,3 +128,34 @@ def test_without_the_plugin_the_learner_is_unknown():
     from fewshot_sla.registry import LEARNERS
 
     assert "cosine-protonet" not in LEARNERS.names()
+
+
+def test_run_help_lists_every_registered_learner_and_objective(capsys, monkeypatch):
+    from fewshot_sla.cli import main
+    from fewshot_sla.registry import LEARNERS, OBJECTIVES
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option, names unbroken
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--help"])
+    assert exited.value.code == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--")}
+    assert f"learner: {', '.join(LEARNERS.names())} (default protonet)" in lines["--method"]
+    assert f"training objective: {', '.join(OBJECTIVES.names())} (default sla)" in lines["--objective"]
+
+
+def test_a_plugin_that_fails_to_load_fails_only_help_and_in_one_line(capsys, monkeypatch):
+    from fewshot_sla.cli import main
+    from fewshot_sla.errors import UserError
+    from fewshot_sla.registry import LEARNERS
+
+    def broken(pattern: str = "*") -> list[str]:
+        raise UserError("plug-in 'bad' (bad:register) failed to load: ImportError: no module named bad")
+
+    monkeypatch.setattr(LEARNERS, "names", broken)
+    assert main(["list", "datasets"]) == 0  # building the parser loads no plug-in
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--help"])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and out == ""
+    assert err == "fewshot-sla: error: plug-in 'bad' (bad:register) failed to load: ImportError: no module named bad\n"

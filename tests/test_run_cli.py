@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -208,6 +209,8 @@ def _bad(capsys, data_root: Path, *args: str) -> str:
         (["--resume", "--overwrite"], "contradict"),
         (["--max-steps", "0"], "--max-steps must be a positive integer"),
         (["--ways", "x"], "invalid int value"),
+        (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+        (["--threads", "two"], "argument --threads: expected a whole number, got 'two'"),
     ],
 )
 def test_bad_run_arguments_fail_cleanly_and_write_nothing(
@@ -217,6 +220,23 @@ def test_bad_run_arguments_fail_cleanly_and_write_nothing(
     line = _bad(capsys, data_root, "run", *TINY, "--out", str(out), *flags)
     assert expected in line
     assert not out.exists()
+
+
+def test_threads_reach_torch_in_run_and_eval_and_are_left_to_torch_by_default(
+    capsys, data_root: Path, tmp_path: Path, finished_run: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)  # the process's own thread count stays as it is
+    run_dir = tmp_path / "run"
+    assert cli(capsys, data_root, "run", *TINY, "--out", str(run_dir), "--threads", "3")[0] == 0
+    assert calls == [3]
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run[0], copy)
+    assert cli(capsys, data_root, "eval", str(copy), "--quiet", "--threads", "2")[0] == 0
+    assert calls == [3, 2]
+    assert cli(capsys, data_root, "eval", str(copy), "--quiet")[0] == 0
+    assert calls == [3, 2]  # no --threads: torch's own choice (e.g. OMP_NUM_THREADS) stands
+    assert "argument --threads: must be at least 1" in _bad(capsys, data_root, "eval", str(copy), "--threads", "-2")
 
 
 def test_unprepared_dataset_names_the_prepare_command(capsys, tmp_path: Path) -> None:

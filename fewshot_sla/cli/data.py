@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,64 @@ from fewshot_sla.data.prepare import prepare
 from fewshot_sla.data.root import resolve_data_root
 from fewshot_sla.data.store import DatasetStore, store_path
 from fewshot_sla.errors import UserError
-from fewshot_sla.registry import DATASETS
+from fewshot_sla.registry import ALL_REGISTRIES, DATASETS
+
+# The help texts a parser fills in only when its help is shown: action -> a function making its text.
+HelpTexts = dict[argparse.Action, Callable[[], str]]
+
+
+class _HelpFromRegistries(argparse.Action):
+    """``-h/--help`` that first sets the help texts naming registered entries, built-in and plug-ins', so that
+    building the parser loads no registry and no plug-in (a broken plug-in fails only its own help)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, texts: HelpTexts, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
+        self.texts = texts
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        from fewshot_sla.cli import EXIT_USER_ERROR
+
+        try:
+            for action, text in self.texts.items():
+                action.help = text()
+        except UserError as err:  # a plug-in that fails to load
+            parser.exit(EXIT_USER_ERROR, f"fewshot-sla: error: {err}\n")
+        parser.print_help()
+        parser.exit()
+
+
+def help_from_registries(parser: argparse.ArgumentParser) -> HelpTexts:
+    """Give ``parser`` (made with ``add_help=False``) its ``-h/--help``, which first sets the help of each action
+    in the returned mapping from its function; add entries as the actions are made (see ``listed_help``)."""
+    texts: HelpTexts = {}
+    parser.add_argument("-h", "--help", action=_HelpFromRegistries, texts=texts, help="show this help message and exit")
+    return texts
+
+
+class _RegisteredNames(dict[str, str]):
+    """``{kind}`` -> the registered names of that kind (a key of ``ALL_REGISTRIES``), looked up on first use."""
+
+    def __missing__(self, kind: str) -> str:
+        self[kind] = ", ".join(ALL_REGISTRIES[kind].names())
+        return self[kind]
+
+
+def listed_help(texts: HelpTexts, action: argparse.Action, template: str) -> None:
+    """Help of ``action``: ``template`` with each ``{kind}`` (``{learners}``, ``{datasets}``, ...) the registered
+    names of that kind once help is shown; until then it names the listing command."""
+    action.help = template.format_map({kind: f"see 'fewshot-sla list {kind}'" for kind in ALL_REGISTRIES})
+    texts[action] = lambda: template.format_map(_RegisteredNames())
+
+
+def _stored_sizes() -> str:
+    """Each registered dataset with the side of its stored images, e.g. ``cub 84, fc100 32``."""
+    return ", ".join(f"{name} {info.image_size}" for name, info in DATASETS.items())
 
 
 def _integer(text: str, minimum: int) -> int:
@@ -25,7 +83,7 @@ def _integer(text: str, minimum: int) -> int:
     return value
 
 
-def _positive(text: str) -> int:
+def positive_integer(text: str) -> int:
     """argparse type: an integer >= 1."""
     return _integer(text, 1)
 
@@ -51,16 +109,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="build a dataset's store from its raw files (the synthetic set needs none)",
         description="Detect which raw layout --source holds, read it, resize the images and write "
         "<data root>/<DATASET>.h5. Safe to re-run: an up-to-date store is reused.",
+        add_help=False,
     )
-    prep.add_argument("dataset", metavar="DATASET", help="miniimagenet, cub, fc100, cifarfs or synthetic")
+    texts = help_from_registries(prep)
+    listed_help(texts, prep.add_argument("dataset", metavar="DATASET"), "a registered dataset: {datasets}")
     prep.add_argument("--source", metavar="PATH", help="folder holding the raw dataset (not for synthetic)")
-    prep.add_argument(
+    size = prep.add_argument(
         "--image-size",
-        type=_positive,
+        type=positive_integer,
         metavar="PIXELS",
-        help="side of the stored square images "
-        "(default: the dataset's standard size, 84 for mini-ImageNet and CUB, 32 otherwise)",
+        help="side of the stored square images (default: the dataset's standard size)",
     )
+    texts[size] = lambda: f"side of the stored square images (default: the dataset's standard size: {_stored_sizes()})"
     prep.add_argument(
         "--split-dir",
         metavar="DIR",
@@ -75,7 +135,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     prep.add_argument("--force", action="store_true", help="rebuild even if an up-to-date store exists")
     prep.add_argument("--seed", type=_seed, metavar="N", help="seed of a generated dataset (synthetic; default 0)")
-    prep.add_argument("--workers", type=_positive, metavar="N", help="threads decoding images (default: CPUs, max 8)")
+    prep.add_argument(
+        "--workers", type=positive_integer, metavar="N", help="threads decoding images (default: CPUs, max 8)"
+    )
     prep.set_defaults(handler=run_prepare)
 
     info = actions.add_parser(

@@ -11,28 +11,36 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from fewshot_sla.cli.data import help_from_registries, listed_help, positive_integer
 from fewshot_sla.config import RunConfig, check_values, read_config_values
 from fewshot_sla.cpu_memory import reuse_freed_memory
 from fewshot_sla.errors import UserError
-from fewshot_sla.prediction_kinds import kind_label
+from fewshot_sla.prediction_kinds import kind_label, kind_table
 
 if TYPE_CHECKING:
     from fewshot_sla.engine.distributed import Processes
 
 # (flag, config key, type, metavar, help) of every configuration flag of `run`; absent flags leave the
-# configuration file's (or the recipe's) value.
+# configuration file's (or the recipe's) value. A help text's {learners}, {objectives}, ... become the registered
+# names, plug-ins' included, when help is shown (see ``listed_help``).
 _VALUE_FLAGS: tuple[tuple[str, str, Any, str, str], ...] = (
     (
         "--method",
         "method",
         str,
         "NAME",
-        "learner: protonet, metaoptnet-svm, metaoptnet-ridge, maml, maml-fo or a plug-in (default protonet)",
+        "learner: {learners} (default protonet)",
     ),
-    ("--dataset", "dataset", str, "NAME", "dataset (default: synthetic, generated on first use)"),
-    ("--backbone", "backbone", str, "NAME", "backbone (default: the recipe's, conv4)"),
-    ("--transform", "transform", str, "NAME", "SLA transformation (default: rotation; 'none' for plain training)"),
-    ("--objective", "objective", str, "NAME", "sla (default), sla+sd, baseline, da or mt"),
+    ("--dataset", "dataset", str, "NAME", "dataset: {datasets} (default: synthetic, generated on first use)"),
+    ("--backbone", "backbone", str, "NAME", "backbone: {backbones} (default: the recipe's, conv4)"),
+    (
+        "--transform",
+        "transform",
+        str,
+        "NAME",
+        "SLA transformation: {transforms} (default: rotation; 'none' for plain training)",
+    ),
+    ("--objective", "objective", str, "NAME", "training objective: {objectives} (default sla)"),
     ("--ways", "ways", int, "N", "test ways (default 5)"),
     ("--shots", "shots", int, "K", "test shots (default 1)"),
     ("--queries", "queries", int, "Q", "test queries per class (default 15)"),
@@ -81,9 +89,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="meta-train a learner and test it on fixed episodes",
         description="Meta-train a learner with SLA (or a comparison objective), then test its best checkpoint on "
         "a fixed episode set and report accuracy with 95% confidence intervals.",
+        add_help=False,
     )
+    texts = help_from_registries(run)
     for flag, key, kind, metavar, text in _VALUE_FLAGS:
-        run.add_argument(flag, dest=key, type=kind, metavar=metavar, help=text, default=argparse.SUPPRESS)
+        action = run.add_argument(flag, dest=key, type=kind, metavar=metavar, default=argparse.SUPPRESS)
+        listed_help(texts, action, text)
     for flag, key, text in _SWITCHES:
         run.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=text, default=argparse.SUPPRESS)
     for flag, key in _OPTION_FLAGS:
@@ -141,6 +152,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_process_flags(run)
     _add_malloc_flag(run)
+    _add_threads_flag(run)
     run.set_defaults(handler=run_command)
 
     ev = subparsers.add_parser(
@@ -163,6 +175,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_process_flags(ev)
     _add_malloc_flag(ev)
+    _add_threads_flag(ev)
     ev.set_defaults(handler=eval_command)
 
     cmp = subparsers.add_parser(
@@ -170,13 +183,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="paired comparison of two runs on the same test episodes",
         description="Per-episode paired comparison (mean difference with 95% CI, paired "
         "t-test and Wilcoxon signed-rank test) of two runs evaluated on the "
-        "same episode set of the same dataset store.",
+        "same episode set of the same dataset store. By default every prediction kind the runs share is "
+        "compared; runs that share none (SLA against a baseline) pair each run's headline kind (SLA+AG with plain).",
+        add_help=False,
     )
+    texts = help_from_registries(cmp)
     cmp.add_argument("run_a", metavar="RUN_A")
     cmp.add_argument("run_b", metavar="RUN_B")
-    cmp.add_argument("--kind", help="prediction kind to compare in both runs (plain, si, ag, sd)")
-    cmp.add_argument("--kind-a", help="prediction kind of RUN_A (e.g. ag)")
-    cmp.add_argument("--kind-b", help="prediction kind of RUN_B (e.g. plain)")
+    kind = cmp.add_argument("--kind", help="prediction kind to compare in both runs")
+    texts[kind] = lambda: f"prediction kind to compare in both runs: {', '.join(kind_table())}"
+    cmp.add_argument(
+        "--kind-a", help="prediction kind of RUN_A, e.g. ag (default: RUN_A's headline kind when only --kind-b is set)"
+    )
+    cmp.add_argument(
+        "--kind-b",
+        help="prediction kind of RUN_B, e.g. plain (default: RUN_B's headline kind when only --kind-a is set)",
+    )
     cmp.add_argument("--episode-set", metavar="HASH", help="hash (prefix) of the episode set to use")
     cmp.add_argument("--json", action="store_true", help="print JSON")
     cmp.set_defaults(handler=compare_command)
@@ -221,6 +243,25 @@ def _add_malloc_flag(parser: argparse.ArgumentParser) -> None:
         help="on the CPU, keep glibc's default allocator, which returns freed memory to the OS (by "
         "default a CPU run keeps it for reuse: faster steps, the peak memory held until exit)",
     )
+
+
+def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=positive_integer,
+        metavar="N",
+        help="CPU threads of torch's operations in this process, in each process under torchrun (default: "
+        "torch's own choice: OMP_NUM_THREADS when set, which torchrun sets to 1 for several processes per "
+        "machine, else one per core)",
+    )
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """``--threads``: torch's intra-op thread count in this process; without it torch's own choice stands."""
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def _reuse_memory_on_cpu(device_type: str, args: argparse.Namespace) -> None:
@@ -273,6 +314,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     if args.max_steps is not None and args.max_steps < 1:
         raise UserError(f"--max-steps must be a positive integer, got {args.max_steps}")
+    _set_threads(args)
     from fewshot_sla.engine.distributed import shutdown
 
     processes = _join(args, cfg.device)
@@ -326,6 +368,7 @@ def eval_command(args: argparse.Namespace) -> int:
     """``fewshot-sla eval``."""
     if args.eval_episodes is not None and args.eval_episodes < 1:
         raise UserError(f"--eval-episodes must be a positive integer, got {args.eval_episodes}")
+    _set_threads(args)
     import torch
 
     on_gpu = torch.cuda.is_available() and not (args.device or "").startswith("cpu")
@@ -406,6 +449,7 @@ def compare_command(args: argparse.Namespace) -> int:
     lines = [
         f"A: {comparison.run_a.path}",
         f"B: {comparison.run_b.path}",
+        *([f"note: {comparison.note}"] if comparison.note else []),
         f"{n} paired test episodes (episode set {comparison.episode_set_hash[:12]})",
         f"  {'A':<8} {'B':<8} {'acc A %':>8} {'acc B %':>8} {'A-B %':>7} {'95% CI':>8} {'p (t)':>9} "
         f"{'p (Wilcoxon)':>12}  wins/losses/ties",

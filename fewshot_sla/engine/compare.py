@@ -9,18 +9,23 @@ from typing import Any
 
 from fewshot_sla.engine.stats import PairedComparison, paired_comparison
 from fewshot_sla.errors import UserError
-from fewshot_sla.prediction_kinds import display_order, headline_kind
+from fewshot_sla.prediction_kinds import display_order, headline_kind, kind_label
 from fewshot_sla.results import RunResult, load_results
 
 
 @dataclass
 class Comparison:
-    """A paired comparison of two runs on one episode set: one entry per (kind of A, kind of B) pair."""
+    """A paired comparison of two runs on one episode set: one entry per (kind of A, kind of B) pair.
+
+    ``note``: how the kinds were paired when no flag chose them and the runs share none (each run's headline
+    kind), for the reader; None otherwise.
+    """
 
     run_a: RunResult
     run_b: RunResult
     episode_set_hash: str
     pairs: list[tuple[str, str, float, float, PairedComparison]]  # kind_a, kind_b, mean_a %, mean_b %, stats
+    note: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (accuracies and differences in percent, p-values as they are)."""
@@ -34,6 +39,7 @@ class Comparison:
             "run_a": str(self.run_a.path),
             "run_b": str(self.run_b.path),
             "episode_set_hash": self.episode_set_hash,
+            "note": self.note,
             "comparisons": out,
         }
 
@@ -47,7 +53,12 @@ def compare_runs(
     kind_b: str | None = None,
     episode_set: str | None = None,
 ) -> Comparison:
-    """Compare two finished runs episode by episode on an episode set both were evaluated on."""
+    """Compare two finished runs episode by episode on an episode set both were evaluated on.
+
+    Without ``kind``/``kind_a``/``kind_b``, every kind the runs share is compared; runs that share none (an SLA
+    run against a baseline) pair their headline kinds (SLA+AG with plain), and the comparison's ``note`` says so.
+    A kind a flag leaves open is the run's headline kind.
+    """
     a, b = load_results(run_a), load_results(run_b)
     if a.data["dataset"] != b.data["dataset"] or a.data["dataset_fingerprint"] != b.data["dataset_fingerprint"]:
         raise UserError(
@@ -60,16 +71,18 @@ def compare_runs(
     kinds_a, kinds_b = list(block_a["accuracy"]), list(block_b["accuracy"])
     if kind is not None:
         kind_a, kind_b = kind_a or kind, kind_b or kind
-    if kind_a is None and kind_b is None:
-        shared = display_order([k for k in kinds_a if k in kinds_b])
-        if not shared:
-            raise UserError(
-                f"the runs share no prediction kind ({run_a}: {', '.join(kinds_a)}; {run_b}: "
-                f"{', '.join(kinds_b)}); choose them with --kind-a and --kind-b"
-            )
-        wanted = [(k, k) for k in shared]
-    else:
+    note = None
+    shared = display_order([k for k in kinds_a if k in kinds_b])
+    if kind_a is not None or kind_b is not None:
         wanted = [(kind_a or headline_kind(kinds_a), kind_b or headline_kind(kinds_b))]
+    elif shared:
+        wanted = [(k, k) for k in shared]
+    else:  # e.g. an SLA run (si, ag) against a baseline (plain): each run's headline
+        wanted = [(headline_kind(kinds_a), headline_kind(kinds_b))]
+        note = (
+            f"pairing A's {kind_label(wanted[0][0])} with B's {kind_label(wanted[0][1])} (the runs share no "
+            "prediction kind; choose others with --kind-a/--kind-b)"
+        )
     for ka, kb in wanted:
         for k, kinds, run in ((ka, kinds_a, run_a), (kb, kinds_b, run_b)):
             if k not in kinds:
@@ -85,7 +98,7 @@ def compare_runs(
         )
         for ka, kb in wanted
     ]
-    return Comparison(a, b, set_hash, pairs)
+    return Comparison(a, b, set_hash, pairs, note)
 
 
 def _common_episode_set(a: RunResult, b: RunResult, prefix: str | None) -> str:

@@ -144,8 +144,9 @@ def add_recipe(method: str, recipe: Mapping[str, Any]) -> None:
 
 
 def default_val_every(train_episodes: int) -> int:
-    """Validate every 500 episodes, or 20 times per run on long budgets, never beyond the budget."""
-    return min(train_episodes, max(500, train_episodes // 20))
+    """Validate every 500 episodes, or 20 times per run on long budgets (over 10,000 episodes), and at least 4
+    times per run on short ones (under 2,000 episodes; every episode under 8)."""
+    return min(max(500, train_episodes // 20), max(1, train_episodes // 4))
 
 
 def apply_recipe(cfg: RunConfig) -> RunConfig:
