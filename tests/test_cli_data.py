@@ -69,6 +69,7 @@ def test_info_text_json_all_and_verify(tmp_path: Path, small_synthetic: int, cap
         "fc100": False,
         "miniimagenet": False,
         "synthetic": True,
+        "tieredimagenet": False,
         "tinyimagenet": False,
     }
     code, out, err = cli(capsys, root, "info")

@@ -3,8 +3,9 @@
 The canonical lists ship as package data under ``fewshot_sla/data/splits/`` (copied verbatim from their
 MIT-licensed sources, licences beside them); a folder of files in the same format can replace them.
 Formats: ``ravi-csv`` ({train,val,test}.csv with ``filename,label``), ``class-json`` (a JSON list of
-class names per split), ``superclass-json`` (FC100: a JSON list of CIFAR-100 superclasses per split) and
-``pair-json`` (CIFAR-FS: a JSON list of ``[superclass, fine class]`` pairs per split).
+class names per split), ``superclass-json`` (FC100: a JSON list of CIFAR-100 superclasses per split),
+``pair-json`` (CIFAR-FS: a JSON list of ``[superclass, fine class]`` pairs per split) and ``tiered-csv``
+(tieredImageNet, Ren et al.'s files: {train,val,test}.csv with one ``wnid,superclass wnid`` row per class).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fewshot_sla.io_errors import io_error
 if TYPE_CHECKING:
     from importlib.abc import Traversable
 
-SPLIT_FORMATS = ("ravi-csv", "class-json", "superclass-json", "pair-json")
+SPLIT_FORMATS = ("ravi-csv", "class-json", "superclass-json", "pair-json", "tiered-csv")
 # The CIFAR-FS pair lists cover all 100 CIFAR-100 fine classes once: the fine -> superclass table.
 _CIFAR_PAIRS = "torchmeta/cifar100/cifar-fs"
 
@@ -60,7 +61,7 @@ def load_convention(
     """
     if split_format not in SPLIT_FORMATS:
         raise ValueError(f"unknown split format {split_format!r}")
-    ext = "csv" if split_format == "ravi-csv" else "json"
+    ext = "csv" if split_format in ("ravi-csv", "tiered-csv") else "json"
     if packaged is None and split_dir is None:
         raise UserError(
             f"the '{name}' split has no packaged split files; the source must hold train/val/test.{ext} "
@@ -85,6 +86,8 @@ def load_convention(
         if split_format == "ravi-csv":
             files[split] = _parse_ravi_csv(entry, raw)
             classes[split] = sorted(files[split])
+        elif split_format == "tiered-csv":
+            classes[split] = sorted(parse_superclass_csv(entry, raw))
         else:
             classes[split] = _parse_json_split(entry, raw, split_format)
     _check_disjoint(classes, folder)
@@ -143,6 +146,24 @@ def _parse_ravi_csv(entry: Traversable, raw: bytes) -> dict[str, list[str]]:
     if not per_class:
         raise UserError(f"split file {entry} lists no images; fill it or remove --split-dir")
     return per_class
+
+
+def parse_superclass_csv(entry: Traversable, raw: bytes) -> dict[str, str]:
+    """``wnid,superclass`` rows (Ren et al.'s tieredImageNet files; no header, blank lines ignored) as
+    {class: superclass}."""
+    table: dict[str, str] = {}
+    for line, row in enumerate(csv.reader(io.StringIO(_text(entry, raw))), start=1):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            raise UserError(f"split file {entry} line {line}: expected 'class,superclass', got {','.join(row)!r}")
+        name = row[0].strip()
+        if name in table:
+            raise UserError(f"split file {entry} line {line}: {name} is listed twice; list each class once")
+        table[name] = row[1].strip()
+    if not table:
+        raise UserError(f"split file {entry} lists no classes")
+    return table
 
 
 def _parse_json_split(entry: Traversable, raw: bytes, split_format: str) -> list[str]:

@@ -15,6 +15,7 @@ from fewshot_sla.data.importers.cub import CUB
 from fewshot_sla.data.importers.l2l import L2L
 from fewshot_sla.data.importers.metaoptnet import CIFAR_FS, FC100, MINI
 from fewshot_sla.data.importers.ravi import RAVI
+from fewshot_sla.data.importers.tiered import LAYOUTS as TIERED
 from fewshot_sla.data.synthetic import IMAGE_SIZE as SYNTHETIC_SIZE
 from fewshot_sla.data.synthetic import generator_identity, synthetic_splits
 from fewshot_sla.registry import DATASETS
@@ -93,6 +94,18 @@ for _info in (
         layouts=(CIFAR100_PYTHON, CIFAR_FS),
         split_format="pair-json",
         packaged_splits="torchmeta/cifar100/cifar-fs",
+    ),
+    DatasetInfo(
+        name="tieredimagenet",
+        title="tieredImageNet",
+        image_size=84,
+        split_convention="ren",
+        source_hint="the folder of the {train,val,test}_images_png.pkl + _labels.pkl files (Ren et al., learn2learn), "
+        "of the {train,val,test}_images.npz + _labels.pkl files (MetaOptNet), or holding train/, val/, test/ "
+        "with one folder per wnid (tiered-imagenet-tools)",
+        layouts=TIERED,
+        split_format="tiered-csv",
+        packaged_splits="tieredimagenet",
     ),
     DatasetInfo(
         name="tinyimagenet",
