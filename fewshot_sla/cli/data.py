@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fewshot_sla.data.catalog import open_store, prepare_command
-from fewshot_sla.data.prepare import prepare
+from fewshot_sla.data.catalog import open_store, prepare_command, user_datasets
+from fewshot_sla.data.prepare import LAYOUTS, prepare
 from fewshot_sla.data.root import resolve_data_root
 from fewshot_sla.data.store import DatasetStore, store_path
 from fewshot_sla.errors import UserError
@@ -112,15 +112,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         add_help=False,
     )
     texts = help_from_registries(prep)
-    listed_help(texts, prep.add_argument("dataset", metavar="DATASET"), "a registered dataset: {datasets}")
+    listed_help(
+        texts,
+        prep.add_argument("dataset", metavar="DATASET"),
+        "a new name for your own images (with --layout imagefolder), or a registered dataset: {datasets}",
+    )
     prep.add_argument("--source", metavar="PATH", help="folder holding the raw dataset (not for synthetic)")
     size = prep.add_argument(
         "--image-size",
         type=positive_integer,
         metavar="PIXELS",
-        help="side of the stored square images (default: the dataset's standard size)",
+        help="side of the stored square images, 84 for your own images (default: the dataset's standard size)",
     )
-    texts[size] = lambda: f"side of the stored square images (default: the dataset's standard size: {_stored_sizes()})"
+    texts[size] = lambda: (
+        "side of the stored square images, 84 for your own images (default: the dataset's standard "
+        f"size: {_stored_sizes()})"
+    )
+    prep.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        help="prepare your own images under a new DATASET name: imagefolder = --source DIR holding one "
+        "subfolder of images per class (DIR/<class>/*.jpg|png|...); identifiers are paths relative to DIR",
+    )
+    prep.add_argument(
+        "--split-file",
+        metavar="FILE.csv",
+        help="(imagefolder) the class split: CSV rows 'class,split' (split: train, val or test; optional header "
+        "'class,split'; '#' comments), every class folder listed once, at least 2 classes per split",
+    )
+    prep.add_argument(
+        "--split-fractions",
+        metavar="TRAIN,VAL,TEST",
+        help="(imagefolder, without --split-file) fractions of the classes per split (default 0.64,0.16,0.20): "
+        "val and test get round-half-up(fraction x classes), at least 2 each, train the rest",
+    )
+    prep.add_argument(
+        "--split-seed",
+        type=_seed,
+        metavar="N",
+        help="(imagefolder, without --split-file) seed of the class split (default 0): the sorted class names "
+        "permuted by numpy's default_rng(N)",
+    )
     prep.add_argument(
         "--split-dir",
         metavar="DIR",
@@ -144,7 +176,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "info",
         help="per split: classes, images, image size, fingerprint (all datasets when none is named)",
     )
-    info.add_argument("dataset", metavar="DATASET", nargs="?", help="a registered dataset (default: all)")
+    info.add_argument(
+        "dataset",
+        metavar="DATASET",
+        nargs="?",
+        help="a registered dataset or one of your own images prepared in the data root (default: all)",
+    )
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.add_argument("--verify", action="store_true", help="recompute the fingerprint from the stored content")
     info.set_defaults(handler=run_info)
@@ -152,8 +189,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Handler of ``data prepare``."""
-    if args.seed is not None and DATASETS.get(args.dataset).generator is None:
-        raise UserError(f"--seed applies to generated datasets (synthetic) only; drop it for {args.dataset}")
+    generated = args.dataset in DATASETS and DATASETS.get(args.dataset).generator is not None
+    if args.seed is not None and not generated:
+        seed_of_split = "; the class split of your own images takes --split-seed" if args.layout else ""
+        raise UserError(
+            f"--seed applies to generated datasets (synthetic) only; drop it for {args.dataset}{seed_of_split}"
+        )
     result = prepare(
         args.dataset,
         args.source,
@@ -165,6 +206,10 @@ def run_prepare(args: argparse.Namespace) -> int:
         seed=args.seed or 0,
         workers=args.workers,
         log=print,
+        layout=args.layout,
+        split_file=args.split_file,
+        split_fractions=args.split_fractions,
+        split_seed=args.split_seed,
     )
     if result.skipped:
         print(f"skipped {len(result.skipped)} unreadable image(s), e.g. {result.skipped[0]}")
@@ -177,7 +222,8 @@ def run_info(args: argparse.Namespace) -> int:
         summaries = [_summary(open_store(args.dataset, args.data_root), args.verify)]
     else:
         root = resolve_data_root(args.data_root)
-        summaries = [_status(name, store_path(name, root), args.verify) for name in DATASETS.names()]
+        names = DATASETS.names() + user_datasets(root)  # the registered ones, then those of the user's images
+        summaries = [_status(name, store_path(name, root), args.verify) for name in names]
     if args.json:
         print(json.dumps(summaries[0] if args.dataset else summaries, indent=2))
     else:

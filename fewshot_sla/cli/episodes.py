@@ -6,13 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from fewshot_sla.data.catalog import open_store
+from fewshot_sla.data.catalog import open_store, packaged_files
 from fewshot_sla.data.conventions import load_convention
 from fewshot_sla.data.root import resolve_data_root
 from fewshot_sla.data.store import store_path
 from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec
 from fewshot_sla.errors import UserError
-from fewshot_sla.registry import DATASETS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def split_order(dataset: str, split: str, data_root: str | None) -> tuple[CanonicalOrder, str]:
     """The canonical order of a dataset split and where it came from: the prepared store when there is one,
     else the dataset's packaged file list (mini-ImageNet's Ravi CSVs)."""
-    packaged = DATASETS.get(dataset).packaged_files
+    packaged = packaged_files(dataset)
     if packaged is not None and not store_path(dataset, resolve_data_root(data_root)).exists():
         convention = load_convention(*packaged)
         per_split = convention.files or {}  # a ravi-csv convention always lists files

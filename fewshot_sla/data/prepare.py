@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from fewshot_sla import __version__
 from fewshot_sla.atomic import atomic_path, remove_temporaries
 from fewshot_sla.data.conventions import load_convention
 from fewshot_sla.data.datasets import DatasetInfo
+from fewshot_sla.data.importers import imagefolder
 from fewshot_sla.data.importers.common import BadImage, Layout, RawSplit, resize_rgb
 from fewshot_sla.data.root import resolve_data_root
 from fewshot_sla.data.store import DatasetStore, append_rows, create_split, finish_store, store_path
@@ -32,6 +34,10 @@ from fewshot_sla.locks import exclusive, lock_path
 from fewshot_sla.registry import DATASETS
 
 MAX_IMAGE_SIZE = 1024
+USER_ATTR = "user_dataset"  # store attribute marking a dataset of the user's own images: its layout (imagefolder)
+LAYOUTS = (imagefolder.LAYOUT,)  # the layouts ``--layout`` names, for datasets of the user's own images
+# A user dataset's name: it names the store file and run folders.
+USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _BATCH_BYTES = 8 << 20  # images decoded (in parallel) and appended to the store per step: about 8 MB
 _TASK = 32  # images one thread decodes per task
 
@@ -72,20 +78,46 @@ def prepare(
     progress: bool = True,
     wait: bool = False,
     log: Callable[[str], None] = lambda message: None,
+    layout: str | None = None,
+    split_file: str | os.PathLike | None = None,
+    split_fractions: str | tuple[float, float, float] | None = None,
+    split_seed: int | None = None,
 ) -> PrepareResult:
     """Build ``<data_root>/<dataset>.h5`` from ``source`` (or from ``seed`` for a generated dataset). One prepare
-    of a store runs at a time: another one is refused, or waited for (``wait``)."""
-    info = DATASETS.get(dataset)
-    size = info.image_size if image_size is None else image_size
+    of a store runs at a time: another one is refused, or waited for (``wait``).
+
+    A name no registered dataset has is a dataset of the user's own images: ``layout`` must then be
+    ``imagefolder`` (see ``importers/imagefolder.py``), split by ``split_file`` or by ``split_fractions`` (text
+    ``TRAIN,VAL,TEST`` or three floats; default 0.64/0.16/0.20) and ``split_seed`` (default 0), image size
+    ``image_size`` (default 84). Its store records ``user_dataset = "imagefolder"``, so it needs no registry entry.
+    """
+    user = dataset not in DATASETS
+    if user:
+        _check_user_name(dataset, layout, split_dir)
+        size = imagefolder.DEFAULT_IMAGE_SIZE if image_size is None else image_size
+    else:
+        if layout is not None:
+            raise UserError(f"'{dataset}' is a built-in dataset; choose another name")
+        if split_file is not None or split_fractions is not None or split_seed is not None:
+            raise UserError(
+                f"--split-file, --split-fractions and --split-seed are for your own images (--layout imagefolder); "
+                f"'{dataset}' is a built-in dataset with its own split (--split-dir replaces its split files)"
+            )
+        info = DATASETS.get(dataset)
+        size = info.image_size if image_size is None else image_size
     if not 1 <= size <= MAX_IMAGE_SIZE:
         raise UserError(f"--image-size must be between 1 and {MAX_IMAGE_SIZE} pixels, got {size}")
-    if info.generator is not None:
+    if user:
+        plan = _user_images(dataset, size, source, split_file, split_fractions, split_seed, log)
+    elif info.generator is not None:
         plan = _generated(info, seed, size, source, split_dir)
     else:
         plan = _imported(info, size, source, split_dir, log)
     path = store_path(dataset, resolve_data_root(data_root))
     with exclusive(lock_path(path), f"the store {path}", "wait for that prepare to finish", wait=wait):
         remove_temporaries(path.parent, path.name)  # of a killed prepare
+        if user and path.exists():
+            _check_replaceable(path, dataset)
         if not force and path.exists():
             existing = _existing(path)
             if existing is not None and existing.attrs.get("source_key") == plan.key:
@@ -166,6 +198,95 @@ def _imported(
         ),
         attrs={"source": str(root.resolve())},
         read=lambda: layout.read(root, convention),
+    )
+
+
+def _check_user_name(dataset: str, layout: str | None, split_dir: str | os.PathLike | None) -> None:
+    """A new dataset name is fine for the user's own images given ``--layout imagefolder``."""
+    if layout is None:
+        raise UserError(
+            f"unknown dataset '{dataset}': to prepare your own images pass --layout imagefolder "
+            f"(built-in datasets: {', '.join(DATASETS.names())})"
+        )
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown --layout '{layout}'; the layout of your own images is: {', '.join(LAYOUTS)}")
+    if not USER_NAME.match(dataset):
+        raise UserError(
+            f"dataset name {dataset!r} must be one word of letters, digits, '_', '.', '+' or '-' "
+            "(it names the store file and run folders); choose another name"
+        )
+    if split_dir is not None:
+        raise UserError("--split-dir is for built-in datasets; split your own images with --split-file FILE")
+
+
+def _check_replaceable(path: Path, dataset: str) -> None:
+    """A store that is there already may be replaced by a user dataset only when it is one (or is unreadable)."""
+    existing = _existing(path)
+    if existing is not None and existing.attrs.get(USER_ATTR) is None:
+        raise UserError(
+            f"{path} holds a store of dataset '{existing.dataset}' that is not one of your own images; "
+            f"choose another name than '{dataset}', or move that store away"
+        )
+
+
+def _user_images(
+    dataset: str,
+    size: int,
+    source: str | os.PathLike | None,
+    split_file: str | os.PathLike | None,
+    split_fractions: str | tuple[float, float, float] | None,
+    split_seed: int | None,
+    log: Callable[[str], None],
+) -> _Plan:
+    """The plan of a dataset of the user's own images (``importers/imagefolder.py``)."""
+    info = DatasetInfo(
+        name=dataset,
+        title=f"'{dataset}' image folder",
+        image_size=size,
+        split_convention=imagefolder.LAYOUT,
+        source_hint="a folder with one subfolder of images per class (DIR/<class>/*.jpg)",
+        layouts=(imagefolder.IMAGEFOLDER,),
+    )
+    if source is None:
+        raise UserError(f"'data prepare {dataset} --layout imagefolder' needs --source DIR: {info.source_hint}")
+    if split_file is not None and (split_fractions is not None or split_seed is not None):
+        raise UserError("--split-file gives the split itself; drop --split-fractions / --split-seed, or the file")
+    if isinstance(split_fractions, str):
+        fractions = imagefolder.parse_fractions(split_fractions)
+    else:
+        fractions = imagefolder.DEFAULT_FRACTIONS if split_fractions is None else split_fractions
+    seed = imagefolder.DEFAULT_SEED if split_seed is None else split_seed
+    if seed < 0:
+        raise UserError(f"--split-seed must be a whole number >= 0, got {seed}")
+    _, root = _find_layout(info, Path(source).expanduser())
+    collection = imagefolder.scan(root)
+    chosen = Path(split_file).expanduser() if split_file is not None else None
+    split = imagefolder.convention(collection, chosen, fractions, seed)
+    described = imagefolder.describe(split)
+    counts = ", ".join(f"{name} {len(split.classes[name])}" for name in split.classes)
+    log(
+        f"reading {sum(len(f) for f in collection.files.values())} images of {len(collection.files)} classes "
+        f"from {root} ({imagefolder.LAYOUT}); split: {described} (classes: {counts})"
+    )
+    files = collection.paths()
+    return _Plan(
+        source_format=imagefolder.LAYOUT,
+        split_convention=described,
+        key=_key(
+            dataset=dataset,
+            layout=imagefolder.LAYOUT,
+            splits=split.digest,
+            image_size=size,
+            files=_file_stats(root, files),
+        ),
+        attrs={
+            "source": str(root.resolve()),
+            USER_ATTR: imagefolder.LAYOUT,
+            "split_file": str(chosen.resolve()) if chosen is not None else "",
+            "split_fractions": ",".join(f"{f:g}" for f in fractions) if chosen is None else "",
+            "split_seed": seed if chosen is None else -1,
+        },
+        read=lambda: imagefolder.read_splits(collection, split),
     )
 
 

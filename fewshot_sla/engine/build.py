@@ -20,13 +20,13 @@ from torch import nn
 
 from fewshot_sla.augment import TrainAugment, normalize
 from fewshot_sla.config import RunConfig
-from fewshot_sla.data.catalog import open_store
+from fewshot_sla.data.catalog import check_dataset_name, open_store
 from fewshot_sla.data.store import DatasetStore, Split
 from fewshot_sla.episodes import CanonicalOrder, EpisodeBatch, EpisodeSet, EpisodeSpec
 from fewshot_sla.errors import UserError
 from fewshot_sla.learners.base import Learner
 from fewshot_sla.objectives import Objective
-from fewshot_sla.registry import BACKBONES, DATASETS, LEARNERS, OBJECTIVES
+from fewshot_sla.registry import BACKBONES, LEARNERS, OBJECTIVES
 from fewshot_sla.sla import Transformation, resolve_transform
 
 
@@ -57,8 +57,9 @@ def derived_seed(seed: int, purpose: str) -> int:
 
 
 def check_names(cfg: RunConfig) -> None:
-    """Every registered name in ``cfg`` exists (UserErrors list the valid names)."""
-    DATASETS.get(cfg.dataset)
+    """Every registered name in ``cfg`` exists (UserErrors list the valid names). A dataset name the registry
+    lacks may be one of the user's own image datasets: ``open_dataset`` looks for its store in the data root."""
+    check_dataset_name(cfg.dataset)
     LEARNERS.get(cfg.method)
     BACKBONES.get(cfg.backbone or "conv4")
     OBJECTIVES.get(cfg.objective)

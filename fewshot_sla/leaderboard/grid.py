@@ -5,7 +5,8 @@ A grid file (see ``benchmarks/grids/``)::
     name: paper                  # optional, default the file name; names the default runs folder
     description: free text       # optional
     data_root: ../../.data       # optional, relative to this file (the global --data-root flag wins)
-    datasets: [miniimagenet, cub]          # or a mapping  name: {RunConfig key: value, ...}
+    datasets: [miniimagenet, cub]          # or a mapping  name: {RunConfig key: value, ...}; a dataset of your
+                                           # own images must be prepared in data_root (else $FEWSHOT_SLA_DATA)
     methods:                               # each a name, or a mapping:
       - maml
       - method: protonet
@@ -52,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fewshot_sla.config import RunConfig, check_values, read_config_values
 from fewshot_sla.engine.recipes import apply_recipe
@@ -73,7 +74,7 @@ AXIS_HOME = {
     "seed": "seeds",
 }
 # Settings that never change a cell's results, so not part of its identity.
-HASH_FREE_KEYS = ("device", "eval_batch", "feature_cache", "checkpointing")
+HASH_FREE_KEYS = ("device", "eval_batch", "feature_cache", "checkpointing", "log")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -133,6 +134,31 @@ def _registered(kind: str, names: list[str]) -> list[str]:
         except UserError as err:
             raise ValueError(str(err)) from None
     return names
+
+
+def _user_dataset(name: str, err: ValueError, base: Path | None, data_root: str | None) -> None:
+    """Accept a dataset name the registry lacks when a store of the user's own images has it in the grid's data
+    root: its ``data_root`` key (relative to the grid file), else $FEWSHOT_SLA_DATA, else the default one. The
+    ``--data-root`` flag of ``leaderboard run`` is not known while the file is read, so such a store must be in
+    the grid's own data root; ``check_stores`` opens every store in the root the runs use before any runs."""
+    from fewshot_sla.data.catalog import is_user_store
+    from fewshot_sla.data.prepare import USER_NAME
+    from fewshot_sla.data.root import ENV_VAR, resolve_data_root
+    from fewshot_sla.data.store import store_path
+
+    if not USER_NAME.match(name):
+        raise err
+    try:
+        root = (base / data_root).resolve() if base is not None and data_root else resolve_data_root(None)
+    except UserError:
+        raise err from None
+    if is_user_store(store_path(name, root)):
+        return
+    where = "its 'data_root'" if data_root else f"${ENV_VAR} or the default data root"
+    raise ValueError(
+        f"{err}; or, for your own images, prepare them into the grid's data root ({where}: {root}) with "
+        f"'fewshot-sla --data-root {root} data prepare {name} --source DIR --layout imagefolder'"
+    )
 
 
 class _Strict(BaseModel):
@@ -226,8 +252,13 @@ class _GridFile(_Strict):
 
     @field_validator("datasets")
     @classmethod
-    def _datasets(cls, value: dict[str, Any]) -> dict[str, Any]:
-        _registered("datasets", list(value))
+    def _datasets(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        base = (info.context or {}).get("base")
+        for name in value:
+            try:
+                _registered("datasets", [name])
+            except ValueError as err:
+                _user_dataset(name, err, base, info.data.get("data_root"))
         return value
 
     @field_validator("methods", mode="before")
@@ -323,7 +354,7 @@ def load_grid(path: str | Path) -> Grid:
             f"grid {path} must hold a mapping with the keys datasets, methods, variants, shots (see benchmarks/grids/)"
         )
     try:
-        grid = _GridFile.model_validate(data)
+        grid = _GridFile.model_validate(data, context={"base": path.parent})
     except ValidationError as err:
         raise one_line_error(err, lambda loc: src.at(*loc), list(_GridFile.model_fields)) from None
     base = path.parent
