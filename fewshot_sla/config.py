@@ -26,8 +26,8 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 T = TypeVar("T")
-# Fields that may change when a run is resumed (where and how it executes, not what it computes).
-RESUME_FREE_KEYS = ("device", "micro_batch", "checkpointing")
+# Fields that may change when a run is resumed (where and how it executes or is logged, not what it computes).
+RESUME_FREE_KEYS = ("device", "micro_batch", "checkpointing", "log")
 
 
 def required(value: T | None, name: str) -> T:
@@ -104,6 +104,8 @@ class RunConfig(BaseModel):
     micro_batch: int | None = _positive()  # episodes per backward pass in each process (gradients accumulate)
     checkpointing: bool | None = None  # recompute the backbone's stage activations in backward instead of storing
     sync_batchnorm: bool = False  # with several processes on GPUs: BatchNorm statistics over all processes
+    # Experiment logging: trackers (``LOGGERS`` names, e.g. tensorboard) besides metrics.jsonl, which is always on.
+    log: list[str] = Field(default_factory=list)
 
     @field_validator("device")
     @classmethod
@@ -111,6 +113,14 @@ class RunConfig(BaseModel):
         if not DEVICE_PATTERN.match(value):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got '{value}'")
         return value
+
+    @field_validator("log")
+    @classmethod
+    def _log(cls, names: list[str]) -> list[str]:
+        for i, name in enumerate(names):
+            if not name.strip() or name in names[:i]:
+                raise ValueError(f"log must list distinct logger names, got {names}")
+        return names
 
     @field_validator("lr_milestones", "lr_factors")
     @classmethod

@@ -1,4 +1,4 @@
-"""Name -> object registries for datasets, backbones, learners, transformations and objectives.
+"""Name -> object registries for datasets, backbones, learners, transformations, objectives and run loggers.
 
 Built-in entries register themselves with a decorator when their module is imported. Third-party
 packages add entries through the entry-point group ``fewshot_sla.plugins``: each entry point names a
@@ -26,6 +26,7 @@ _BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
     "learner": ("fewshot_sla.learners",),
     "transform": ("fewshot_sla.sla",),
     "objective": ("fewshot_sla.objectives",),
+    "logger": ("fewshot_sla.engine.loggers",),
 }
 
 _plugins_loaded = False
@@ -133,6 +134,8 @@ BACKBONES: Registry[Any] = Registry("backbone")
 LEARNERS: Registry[Any] = Registry("learner")
 TRANSFORMS: Registry[Any] = Registry("transform")
 OBJECTIVES: Registry[Any] = Registry("objective")
+# Experiment trackers besides metrics.jsonl (``fewshot-sla run --log NAME``; see ``engine/loggers.py``).
+LOGGERS: Registry[Any] = Registry("logger")
 
 ALL_REGISTRIES: dict[str, Registry[Any]] = {
     "datasets": DATASETS,
@@ -140,4 +143,5 @@ ALL_REGISTRIES: dict[str, Registry[Any]] = {
     "learners": LEARNERS,
     "transforms": TRANSFORMS,
     "objectives": OBJECTIVES,
+    "loggers": LOGGERS,
 }

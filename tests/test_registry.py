@@ -87,7 +87,7 @@ def test_builtin_registries_hold_the_sla_transforms_and_objectives():
     } <= set(TRANSFORMS.names())
     assert {"baseline", "da", "mt", "sla", "sla+sd"} <= set(OBJECTIVES.names())
     assert OBJECTIVES.names("sla*") == ["sla", "sla+sd"]
-    assert set(registry.ALL_REGISTRIES) == {"datasets", "backbones", "learners", "transforms", "objectives"}
+    assert set(registry.ALL_REGISTRIES) == {"datasets", "backbones", "learners", "transforms", "objectives", "loggers"}
 
 
 @pytest.fixture

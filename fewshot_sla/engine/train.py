@@ -5,7 +5,8 @@ them through ``objective.loss`` in micro-batches of ``micro_batch`` episodes (on
 losses are weighted by their share of the B episodes and the gradients accumulate, so the step's gradient is
 the one of the whole meta-batch). With several processes (``distributed.py``) every process draws the same B
 episodes from the same streams, takes its contiguous share, and the gradients and metrics are summed over
-processes once per step; process 0 alone writes metrics, checkpoints and plots. Every
+processes once per step; process 0 alone writes metrics (to its loggers, ``loggers.py``: ``metrics.jsonl`` and
+those the configuration's ``log`` names), checkpoints and plots. Every
 ``val_every`` episodes the model is validated on a fixed validation episode set; the best model is kept in
 ``checkpoints/best.pt`` and the full training state (model, optimizer, scheduler, every RNG, step) in
 ``checkpoints/last.pt``. Resuming from ``last.pt`` replays the same random streams, so an interrupted run
@@ -17,9 +18,7 @@ fresh run seeds from the run's seed.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -33,7 +32,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fewshot_sla.atomic import write_text_atomic
 from fewshot_sla.config import RESUME_FREE_KEYS, RunConfig, required
 from fewshot_sla.data.store import Split
 from fewshot_sla.engine.build import ImagePipeline, derived_seed, episode_specs
@@ -41,6 +39,7 @@ from fewshot_sla.engine.checkpoint import load_checkpoint, restore_rng_state, rn
 from fewshot_sla.engine.curves import plot_learning_curve
 from fewshot_sla.engine.distributed import SINGLE, Processes
 from fewshot_sla.engine.evaluate import evaluate, unconverged_message, validation_episode_set
+from fewshot_sla.engine.loggers import RunLogger, open_loggers
 from fewshot_sla.engine.memory import PeakMeter
 from fewshot_sla.episodes import EpisodeBatch, EpisodeSampler
 from fewshot_sla.errors import UserError
@@ -229,19 +228,12 @@ class Trainer:
             ckpt["step_time_s"],
         )
 
-    def _truncate_metrics(self) -> None:
-        """Drop metrics lines of steps after the restored checkpoint (they will be recomputed)."""
-        if not self.processes.writer or not self.paths.metrics.is_file():
-            return
-        kept = []
-        for line in self.paths.metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a kill
-            if record.get("step", math.inf) <= self.state.step:
-                kept.append(json.dumps(record) + "\n")
-        write_text_atomic(self.paths.metrics, "".join(kept))
+    def _loggers(self) -> contextlib.AbstractContextManager[list[RunLogger]]:
+        """The run's loggers from the current step on (process 0; the others log nothing). ``metrics.jsonl``
+        drops the lines of steps after the restored checkpoint (they will be recomputed)."""
+        if not self.processes.writer:
+            return contextlib.nullcontext([])
+        return open_loggers(self.paths.root, self.cfg, self.state.step)
 
     # ----- control -----
     @contextlib.contextmanager
@@ -304,15 +296,14 @@ class Trainer:
             # Training-time randomness that draws from torch's global generator (dropout, DropBlock) starts
             # from the run's seed; checkpoints carry its state on.
             torch.manual_seed(derived_seed(self.cfg.seed, "training"))
-        self._truncate_metrics()
         state = self.state
         b = self.meta_batch
         status = "finished"
         start = time.perf_counter() - state.time_s
         meter = PeakMeter(self.device)
         meter.start()
-        log_file = self.paths.metrics if self.processes.writer else Path(os.devnull)
-        with self._graceful_interrupt(), open(log_file, "a") as log:
+        summary = None
+        with self._graceful_interrupt(), self._loggers() as loggers:
             bar = tqdm(
                 total=self.total_steps,
                 initial=state.step,
@@ -327,17 +318,21 @@ class Trainer:
                     break
                 metrics = self.step(step_hook)
                 record = {"kind": "train", "step": state.step, "episodes": state.step * b, **metrics}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                for logger in loggers:
+                    logger.on_step(record)
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("loss", "acc")}, refresh=False)
                 done = state.step * b
                 if done // self.val_every > (done - b) // self.val_every or state.step == self.total_steps:
-                    self._validate_and_save(log, bar, start)
+                    self._validate_and_save(loggers, bar, start)
             bar.close()
-        state.time_s = time.perf_counter() - start
-        if self.stop_requested:  # Ctrl-C during the last step: stop before the evaluation
-            status = "interrupted"
+            state.time_s = time.perf_counter() - start
+            if self.stop_requested:  # Ctrl-C during the last step: stop before the evaluation
+                status = "interrupted"
+            if status == "finished":
+                summary = self.summary()
+                for logger in loggers:
+                    logger.on_end(summary.to_dict())
         peak = meter.peak()
         if status != "finished":
             self._save(self.paths.last_checkpoint, self._checkpoint())
@@ -346,7 +341,7 @@ class Trainer:
         if self.processes.writer:
             plot_learning_curve(self.paths.metrics, self.paths.curve)
         self.processes.barrier()  # the best checkpoint is on disk before any process reads it
-        return TrainOutcome(status, state.step, self.summary(), peak, meter.baseline)
+        return TrainOutcome(status, state.step, summary, peak, meter.baseline)
 
     def _warn_unconverged(self, metrics: dict[str, float], where: str) -> None:
         """Say once per run (process 0) when a learner's solver stopped short of its tolerance."""
@@ -412,23 +407,19 @@ class Trainer:
             f"{self.cfg.lr}){amp}, then {restart}"
         )
 
-    def _validate_and_save(self, log: Any, bar: tqdm, start: float) -> None:
+    def _validate_and_save(self, loggers: list[RunLogger], bar: tqdm, start: float) -> None:
         state = self.state
         accuracy = self.validate()
         key = headline_kind(list(accuracy))
-        log.write(
-            json.dumps(
-                {
-                    "kind": "val",
-                    "step": state.step,
-                    "episodes": state.step * self.meta_batch,
-                    "accuracy": accuracy,
-                    "key": key,
-                }
-            )
-            + "\n"
-        )
-        log.flush()
+        record = {
+            "kind": "val",
+            "step": state.step,
+            "episodes": state.step * self.meta_batch,
+            "accuracy": accuracy,
+            "key": key,
+        }
+        for logger in loggers:
+            logger.on_validation(record)
         if self.progress:
             bar.write(f"step {state.step}: validation " + ", ".join(f"{k} {v:.2f}%" for k, v in accuracy.items()))
         if accuracy[key] > state.best_accuracy:
