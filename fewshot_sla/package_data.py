@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 USER_EPISODES = "episodes"  # the folder, inside the data root, that holds a user's own episode sets
+SHIPPED_SHOWN = "fewshot_sla/episode_sets"  # how results.json names the folder of a shipped set
 
 
 @dataclass(frozen=True)

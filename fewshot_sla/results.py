@@ -9,6 +9,7 @@ A run directory holds::
     checkpoints/last.pt      full training state (model, optimizer, scheduler, RNG states, step), for --resume
     checkpoints/best.pt      the model with the best validation accuracy
     learning_curve.png       training loss/accuracy and validation accuracy against episodes
+    tensorboard/             TensorBoard event files, when the run logs to it (``--log tensorboard``)
     per_episode/<h>.npz      per-episode test accuracies (fractions in [0, 1], float64) for the episode set whose
                              hash starts with <h>: one array per prediction kind, plus 0-d string arrays
                              ``episode_set_hash`` and ``dataset_fingerprint``
@@ -53,6 +54,9 @@ An evaluation block::
                      (see ``prediction_kinds``; intervals are null for a single episode)
     headline         the kind to quote first (the most preferred kind: ag, else sd, si, plain)
     per_episode_file path of the per-episode .npz, relative to the run directory
+    dataset_fingerprint  the fingerprint of the store the episodes came from: the run's own, or, for a
+                     cross-domain evaluation (``eval --dataset OTHER``; episode_set.dataset is then OTHER), the other
+                     dataset's
     diagnostics      the learner's solver statistics over the episodes, e.g. {"svm_unconverged": fraction}
 """
 
@@ -233,6 +237,7 @@ class EvaluationRecord(_Record):
     headline: str
     per_episode_file: str
     device: str
+    dataset_fingerprint: str | None = None  # the store it read (another dataset's in a cross-domain evaluation)
     diagnostics: dict[str, float | None] = Field(default_factory=dict)  # the learner's solver statistics
 
 
@@ -320,6 +325,11 @@ def add_evaluation(results: dict[str, Any], record: EvaluationRecord) -> dict[st
     if main is None or main["episode_set"]["hash"] == h:
         main = block
     return {**results, "evaluation": main, "evaluations": kept + [block]}
+
+
+def evaluation_fingerprint(results: dict[str, Any], block: dict[str, Any]) -> str:
+    """The fingerprint of the store an evaluation block read (older blocks: the run's own store)."""
+    return block.get("dataset_fingerprint") or results["dataset_fingerprint"]
 
 
 def save_per_episode(

@@ -145,10 +145,14 @@ def test_runs_on_different_episode_sets_are_refused_until_evaluated_on_one(
     assert code == 2 and "no episode set with hash 0000" in err
 
 
-def test_runs_on_different_data_are_refused(capsys, runs: dict[str, Path], tmp_path: Path) -> None:
-    other = _edited_copy(runs["sla1"], tmp_path / "other", lambda r: r.update(dataset_fingerprint="0" * 64))
+def test_runs_tested_on_different_stores_are_refused(capsys, runs: dict[str, Path], tmp_path: Path) -> None:
+    def other_store(results: dict) -> None:
+        for block in [results["evaluation"], *results["evaluations"]]:
+            block["dataset_fingerprint"] = "0" * 64
+
+    other = _edited_copy(runs["sla1"], tmp_path / "other", other_store)
     code, _, err = compare(capsys, str(runs["sla0"]), str(other))
-    assert code == 2 and "different data" in err
+    assert code == 2 and "tested on different synthetic stores" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_later_evaluation_on_another_set_keeps_the_common_one_comparable(

@@ -82,6 +82,26 @@ _SWITCHES: tuple[tuple[str, str, str], ...] = (
 _OPTION_FLAGS = (("--backbone-option", "backbone_options"), ("--learner-option", "learner_options"))
 
 
+class _LoggerNames(argparse.Action):
+    """``--log A,B --log C``: the logger names in order, each once (the config's ``log``)."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        names = list(getattr(namespace, self.dest, None) or [])
+        for name in str(values).split(","):
+            if name.strip() and name.strip() not in names:
+                names.append(name.strip())
+        setattr(namespace, self.dest, names)
+
+
+def _logger_help() -> str:
+    from fewshot_sla.registry import LOGGERS
+
+    return (
+        f"also log to this experiment tracker: {', '.join(LOGGERS.names())} (repeatable or comma-separated; "
+        "metrics.jsonl is always written)"
+    )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``run``, ``eval`` and ``compare`` sub-commands."""
     run = subparsers.add_parser(
@@ -106,6 +126,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             default=argparse.SUPPRESS,
             help=f"extra {key.split('_')[0]} constructor option (repeatable), VALUE in YAML syntax",
         )
+    log = run.add_argument(
+        "--log",
+        dest="log",
+        action=_LoggerNames,
+        metavar="NAME",
+        default=argparse.SUPPRESS,
+        help="also log to this experiment tracker, e.g. tensorboard (repeatable or comma-separated; "
+        "metrics.jsonl is always written)",
+    )
+    texts[log] = _logger_help
     run.add_argument("--config", metavar="FILE.yaml", help="configuration file; flags override its values")
     run.add_argument(
         "--set",
@@ -165,6 +195,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     which = ev.add_mutually_exclusive_group()
     which.add_argument("--episodes-file", metavar="FILE", help="episode set file (.npz)")
     which.add_argument("--eval-episodes", type=int, metavar="N", help="number of test episodes (seed-0 set)")
+    ev.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help="test on another prepared dataset's test split (cross-domain; its fixed episode sets, images resized "
+        "to the run's size)",
+    )
     ev.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N (default: the run's)")
     ev.add_argument(
         "--feature-cache",
@@ -304,6 +340,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any
 def run_command(args: argparse.Namespace) -> int:
     """``fewshot-sla run``."""
     from fewshot_sla.engine.execute import execute_run
+    from fewshot_sla.engine.loggers import check_loggers
     from fewshot_sla.engine.plan import plan_run, run_directory, run_folder_lock
 
     cfg, given = config_from_args(args)
@@ -322,6 +359,7 @@ def run_command(args: argparse.Namespace) -> int:
         with contextlib.ExitStack() as held:
             plan = None
             try:
+                check_loggers(cfg.log)  # before anything is done (on --resume the stored ones, after the plan)
                 if processes.writer:  # one writer per run folder, from the check of the folder to the last write
                     held.enter_context(run_folder_lock(run_directory(cfg, args.out)))
                 plan = plan_run(
@@ -335,6 +373,7 @@ def run_command(args: argparse.Namespace) -> int:
                     fit_memory=args.fit_memory,
                     memory_budget_gb=args.memory_budget,
                 )
+                check_loggers(plan.cfg.log)
             except UserError as err:
                 _agreed(processes, err)
             _agreed(processes, None)
@@ -394,6 +433,8 @@ def evaluation_notes(results: dict[str, Any], block: dict[str, Any]) -> list[str
     from the one the run was set up for."""
     notes = []
     s, main = block["episode_set"], results["evaluation"]["episode_set"]
+    if s["dataset"] != results["dataset"]:
+        notes.append(f"cross-domain: trained on {results['dataset']}, tested on {s['dataset']}")
     if (s["ways"], s["shots"]) != (results["ways"], results["shots"]):
         train = results.get("train", {})
         notes.append(
@@ -422,6 +463,7 @@ def _evaluate_agreed(args: argparse.Namespace, processes: Processes) -> dict[str
                 data_root=args.data_root,
                 episodes_file=args.episodes_file,
                 eval_episodes=args.eval_episodes,
+                dataset=args.dataset,
                 device=args.device,
                 use_cache=args.feature_cache,
                 progress=not args.quiet,
@@ -480,8 +522,9 @@ def format_results(results: dict[str, Any], run_dir: Path, block: dict[str, Any]
             + (f" ({rate:.1f} episodes/s)" if rate else "")
             + f", best validation at episode {train['best_episodes']}"
         )
+    target = f" of {s['dataset']}" if s["dataset"] != results["dataset"] else ""
     lines.append(
-        f"tested on {ev['episodes']} episodes ({s['file']}, hash {s['hash'][:12]}"
+        f"tested on {ev['episodes']} episodes{target} ({s['file']}, hash {s['hash'][:12]}"
         f"{', cached embeddings' if ev['cached'] else ''}) in {ev['time_s']:.1f} s"
     )
     lines.append(f"  {'prediction':<11} {'accuracy':>9}  {'95% CI':>8}  {'95% CI (t)':>10}")

@@ -9,8 +9,9 @@ from typing import Any
 
 from fewshot_sla.engine.stats import PairedComparison, paired_comparison
 from fewshot_sla.errors import UserError
+from fewshot_sla.package_data import SHIPPED_SHOWN, shipped_episode_sets
 from fewshot_sla.prediction_kinds import display_order, headline_kind, kind_label
-from fewshot_sla.results import RunResult, load_results
+from fewshot_sla.results import RunResult, evaluation_fingerprint, load_results
 
 
 @dataclass
@@ -60,14 +61,17 @@ def compare_runs(
     A kind a flag leaves open is the run's headline kind.
     """
     a, b = load_results(run_a), load_results(run_b)
-    if a.data["dataset"] != b.data["dataset"] or a.data["dataset_fingerprint"] != b.data["dataset_fingerprint"]:
-        raise UserError(
-            f"the runs used different data ({a.data['dataset']} {a.data['dataset_fingerprint'][:12]} vs "
-            f"{b.data['dataset']} {b.data['dataset_fingerprint'][:12]}); compare runs on the same store"
-        )
     set_hash = _common_episode_set(a, b, episode_set)
     block_a, block_b = a.evaluation_for(set_hash), b.evaluation_for(set_hash)
     assert block_a is not None and block_b is not None
+    # Paired episodes must come from one store (the runs may have trained on different ones: cross-domain).
+    store_a, store_b = evaluation_fingerprint(a.data, block_a), evaluation_fingerprint(b.data, block_b)
+    if store_a != store_b:
+        name = block_a["episode_set"]["dataset"]
+        raise UserError(
+            f"the runs were tested on different {name} stores ({store_a[:12]} vs {store_b[:12]}); "
+            "compare runs tested on the same store"
+        )
     kinds_a, kinds_b = list(block_a["accuracy"]), list(block_b["accuracy"])
     if kind is not None:
         kind_a, kind_b = kind_a or kind, kind_b or kind
@@ -129,4 +133,6 @@ def _common_episode_set(a: RunResult, b: RunResult, prefix: str | None) -> str:
 
 def _set_file(run: RunResult, file: str) -> str:
     path = Path(file)
+    if str(path.parent) == SHIPPED_SHOWN:
+        return str(shipped_episode_sets() / path.name)
     return str(path if path.is_absolute() or path.exists() else run.path / path)

@@ -36,6 +36,7 @@ from fewshot_sla.episodes import EpisodeSet
 from fewshot_sla.errors import UserError
 from fewshot_sla.learners.base import UNCONVERGED, Learner
 from fewshot_sla.objectives import Objective
+from fewshot_sla.package_data import SHIPPED_SHOWN
 from fewshot_sla.prediction_kinds import headline_kind
 from fewshot_sla.results import (
     INCOMPLETE_RUN,
@@ -70,6 +71,7 @@ def evaluate_checkpoint(
     fingerprint: str,
     progress: bool,
     processes: Processes = SINGLE,
+    dataset: str | None = None,
 ) -> dict[str, Any]:
     """Load the best checkpoint, evaluate it on ``episode_set`` (each process its share), store per-episode results
     and write results.json (process 0); every process returns the results."""
@@ -82,7 +84,7 @@ def evaluate_checkpoint(
         objective,
         episode_set,
         split,
-        cfg.dataset,
+        dataset or cfg.dataset,
         pipeline,
         batch_size=cfg.eval_batch,
         use_cache=cfg.feature_cache,
@@ -94,7 +96,7 @@ def evaluate_checkpoint(
     if processes.writer:
         save_per_episode(per_episode, outcome.accuracies, episode_set.content_hash, fingerprint)
     if set_source == "shipped":
-        shown_path = f"fewshot_sla/episode_sets/{set_path.name}"
+        shown_path = f"{SHIPPED_SHOWN}/{set_path.name}"
     elif set_source == "run":
         shown_path = str(set_path.resolve().relative_to(run_dir.resolve()))
     else:
@@ -126,6 +128,7 @@ def evaluate_checkpoint(
         headline=headline_kind(list(outcome.accuracies)),
         per_episode_file=str(per_episode.relative_to(run_dir)),
         device=describe_device(device),
+        dataset_fingerprint=fingerprint,
         diagnostics=dict[str, float | None](outcome.diagnostics),
     )
     stopped = {k: v for k, v in outcome.diagnostics.items() if k.endswith(UNCONVERGED) and v > 0}
@@ -145,13 +148,18 @@ def evaluate_run(
     data_root: Any,
     episodes_file: str | None = None,
     eval_episodes: int | None = None,
+    dataset: str | None = None,
     device: str | None = None,
     use_cache: bool | None = None,
     progress: bool = True,
     processes: Processes = SINGLE,
 ) -> dict[str, Any]:
     """Re-evaluate a finished run's best checkpoint on another (or the same) fixed episode set (with several
-    processes, each evaluates its share of the episodes; process 0 writes)."""
+    processes, each evaluates its share of the episodes; process 0 writes).
+
+    ``dataset``: test on that prepared dataset's test split instead (cross-domain, e.g. trained on mini-ImageNet,
+    tested on CUB): its images are resized to the size the run's model saw in training, and its own fixed
+    episode sets are used. The run's own store must still be present (it gives the training image size)."""
     run_dir = Path(run_dir)
     previous = load_results(run_dir)
     cfg = load_config(RunPaths(run_dir).config, INCOMPLETE_RUN)
@@ -170,8 +178,14 @@ def evaluate_run(
             f"{store.fingerprint[:12]} vs {previous.data['dataset_fingerprint'][:12]}); "
             "rebuild the original store or train a new run"
         )
+    model_size = pipeline_for(cfg, store).image_size
+    target_name = dataset or cfg.dataset
+    if target_name != cfg.dataset:
+        target_cfg = cfg.updated({"dataset": target_name}, "command line")
+        check_names(target_cfg)
+        store = open_dataset(target_cfg, data_root)
     if episodes_file is not None:
-        episode_set = load_episode_file(episodes_file, cfg.dataset, store)
+        episode_set = load_episode_file(episodes_file, target_name, store)
         set_path, set_source = Path(episodes_file), "file"
         split = store.split(episode_set.split, device=dev)
     else:
@@ -180,10 +194,10 @@ def evaluate_run(
         check_split(split, spec, "test")
         count = eval_episodes or cfg.eval_episodes
         episode_set, set_path, set_source = fixed_test_set(
-            cfg.dataset, split, spec, count, run_dir, store.path.parent, processes.writer
+            target_name, split, spec, count, run_dir, store.path.parent, processes.writer
         )
-    episode_set.rows_in(split, cfg.dataset)
-    pipeline = pipeline_for(cfg, store)
+    episode_set.rows_in(split, target_name)
+    pipeline = ImagePipeline(model_size, store.image_size, None)
     learner, objective = build_model(cfg, pipeline.image_size, dev)
     return evaluate_checkpoint(
         previous.data,
@@ -200,4 +214,5 @@ def evaluate_run(
         store.fingerprint,
         progress,
         processes,
+        target_name,
     )

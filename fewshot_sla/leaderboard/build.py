@@ -33,10 +33,10 @@ from fewshot_sla.errors import UserError
 from fewshot_sla.leaderboard.published import PublishedResult
 from fewshot_sla.objectives import BASELINE
 from fewshot_sla.prediction_kinds import display_rank, headline_kind, kind_label
-from fewshot_sla.results import RunResult, find_runs, load_results, now_iso
+from fewshot_sla.results import RunResult, evaluation_fingerprint, find_runs, load_results, now_iso
 
 # Settings that never change a run's numbers: runs differing only in these (and the seed) are one row.
-RESULT_FREE_KEYS = ("seed", "device", "eval_batch", "feature_cache", "episodes_file")
+RESULT_FREE_KEYS = ("seed", "device", "eval_batch", "feature_cache", "episodes_file", "log")
 # The only configuration keys in which a run may differ from the baseline run it is compared with.
 COMPARED_KEYS = ("transform", "objective")
 REQUIRED_FIELDS = ("config", "dataset_fingerprint", "method", "backbone", "dataset", "transform", "objective", "seed")
@@ -68,8 +68,8 @@ class Entry:
 
     @property
     def fingerprint(self) -> str:
-        """Fingerprint of the dataset store the run used."""
-        return self.run.data["dataset_fingerprint"]
+        """Fingerprint of the dataset store the evaluation's episodes came from."""
+        return evaluation_fingerprint(self.run.data, self.block)
 
     @property
     def headline(self) -> str:
@@ -93,8 +93,10 @@ class Entry:
     def display(self) -> dict[str, Any]:
         """The columns that describe this entry's setting to a reader."""
         s = self.block["episode_set"]
+        source = self.field("dataset")
         return {
-            "dataset": self.field("dataset"),
+            # a cross-domain evaluation shows where the run trained and where it was tested
+            "dataset": source if s["dataset"] == source else f"{source} -> {s['dataset']}",
             "ways": s["ways"],
             "shots": s["shots"],
             "method": self.field("method"),
