@@ -33,6 +33,8 @@ half-width, s the sample standard deviation over episodes)::
     evaluation       the main evaluation block (below): the run's own test set, the one its training ended with
     evaluations      every evaluation block, one per distinct episode set (the main one included; latest last)
     device           e.g. "cpu" or "cuda (NVIDIA H100 80GB HBM3)";  amp  bool
+    image_size, store_image_size   the model's input size and the store's image size in training (images were
+                     resized from the second to the first); null in older runs
     memory           {micro_batch, checkpointing, processes, estimated_step_bytes, budget_bytes, budget,
                       available_bytes, measured_peak_bytes, measured_baseline_bytes}: the memory plan of the training
                       (per process) and the peak measured while it trained (for a resumed run: since the resume)
@@ -277,6 +279,10 @@ class RunRecord(_Record):
     created: str
     config: dict[str, Any]
     memory: MemoryRecord | None = None
+    # The model's input size and the store's image size in training (null in runs from before they were recorded):
+    # enough to preprocess new images exactly as in training without the store (predict, cross-domain eval).
+    image_size: int | None = None
+    store_image_size: int | None = None
     learner_settings: dict[str, Any] = Field(default_factory=dict)  # e.g. the SVM's solver and its budget
 
 

@@ -4,9 +4,10 @@
 of one prediction kind (the run's headline kind, SLA+AG where the objective offers it, by default). Images take
 the run's evaluation path: each one is brought to the dataset store's size as ``fewshot-sla data prepare`` does
 (Lanczos, aspect ratio not kept; float images in [0, 1] are first rounded to uint8, as the store holds uint8), then
-normalised and resized to the run's image size on the device (``engine.build.ImagePipeline``). The store's image
-size is read from the run's dataset store, so ``load_run`` needs the data root holding it (the store must be the
-one the run was trained on). The model runs in eval mode under ``torch.no_grad`` (and the run's autocast).
+normalised and resized to the run's image size on the device (``engine.build.ImagePipeline``). Both sizes come
+from results.json; for runs made before it recorded them, from the run's dataset store, so ``load_run`` then needs
+the data root holding it (the store must be the one the run was trained on). The model runs in eval mode under
+``torch.no_grad`` (and the run's autocast).
 """
 
 from __future__ import annotations
@@ -124,8 +125,9 @@ def load_run(
     on ``device`` (``cpu``, ``cuda[:N]`` or ``auto``), in eval mode.
 
     ``data_root``: where the run's dataset store lives (default: $FEWSHOT_SLA_DATA, else ~/.cache/fewshot-sla),
-    read for its image size only (the synthetic store is generated when missing). A folder that is not a finished
-    run, a missing store or a store other than the run's is a UserError.
+    read for its image size only, and only for runs whose results.json predates ``image_size`` and
+    ``store_image_size`` (the synthetic store is generated when missing). A folder that is not a finished run, or
+    (for such an older run) a missing store or a store other than the run's, is a UserError.
     """
     if checkpoint not in CHECKPOINTS:
         raise UserError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got '{checkpoint}'")
@@ -134,7 +136,7 @@ def load_run(
     cfg = load_config(paths.config, INCOMPLETE_RUN)
     check_names(cfg)
     dev = resolve_device(device)
-    pipeline = dataclasses.replace(pipeline_for(cfg, _training_store(cfg, data_root, finished)), augment=None)
+    pipeline = training_pipeline(cfg, finished, data_root)
     learner, objective = build_model(cfg, pipeline.image_size, dev)
     file = paths.best_checkpoint if checkpoint == "best" else paths.last_checkpoint
     state = load_checkpoint(file, "train the run again with --overwrite")
@@ -149,6 +151,15 @@ def load_run(
     learner.eval()
     objective.eval()
     return TrainedRun(finished.path, cfg, learner, objective, pipeline, dev, checkpoint, int(state["step"]))
+
+
+def training_pipeline(cfg: RunConfig, finished: RunResult, data_root: Any) -> ImagePipeline:
+    """The run's evaluation image pipeline (no augmentation): from the sizes results.json records, else (runs from
+    before they were recorded) from the run's dataset store."""
+    image_size, store_size = finished.data.get("image_size"), finished.data.get("store_image_size")
+    if image_size and store_size:
+        return ImagePipeline(int(image_size), int(store_size), None)
+    return dataclasses.replace(pipeline_for(cfg, _training_store(cfg, data_root, finished)), augment=None)
 
 
 def _training_store(cfg: RunConfig, data_root: Any, finished: RunResult) -> DatasetStore:

@@ -65,6 +65,16 @@ def test_eval_on_another_dataset_uses_its_test_split_at_the_runs_image_size(
     per_episode = np.load(run / block["per_episode_file"])
     assert per_episode["ag"].shape == (6,) and str(per_episode["dataset_fingerprint"]) == target.fingerprint
     assert block["accuracy"]["ag"]["mean"] == pytest.approx(100 * per_episode["ag"].mean())
+    # results.json records the training sizes, so the run's own store is not needed: a data root holding only the
+    # target store gives the same per-episode results.
+    only_target = tmp_path / "only-target"
+    only_target.mkdir()
+    (only_target / "tinyimagenet.h5").symlink_to(two_datasets / "tinyimagenet.h5")
+    assert main(["--data-root", str(only_target), "eval", str(run), "--dataset", "tinyimagenet", "--quiet"]) == 0
+    again = json.loads((run / "results.json").read_text())["evaluations"][-1]
+    assert again["episode_set"]["hash"] == block["episode_set"]["hash"]
+    np.testing.assert_array_equal(np.load(run / again["per_episode_file"])["ag"], per_episode["ag"])
+    assert not (only_target / "synthetic.h5").exists()
 
 
 def test_cross_domain_evaluations_compare_and_show_source_and_target(

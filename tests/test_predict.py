@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
 from collections.abc import Callable
 from contextlib import redirect_stdout
@@ -232,7 +233,23 @@ def test_load_run_refuses_what_is_not_a_finished_run(tmp_path: Path, run_dir: Pa
         load_run(copy, data_root=data_root)
 
 
-def test_load_run_needs_the_runs_own_store(tmp_path: Path, run_dir: Path) -> None:
+def test_load_run_needs_no_store_when_results_record_the_image_sizes(
+    tmp_path: Path, run_dir: Path, trained: TrainedRun, test_split: Split, episode: EpisodeBatch
+) -> None:
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (results["image_size"], results["store_image_size"]) == (16, 32)
+    alone = load_run(run_dir, data_root=tmp_path / "no-stores-here")
+    assert not (tmp_path / "no-stores-here").exists()
+    inputs = support_and_query(test_split, episode)
+    assert torch.equal(alone.predict(*inputs), trained.predict(*inputs))
+
+
+def test_an_older_run_needs_its_own_store(tmp_path: Path, run_dir: Path) -> None:
+    older = tmp_path / "older"
+    shutil.copytree(run_dir, older)
+    results = json.loads((older / "results.json").read_text())
+    del results["image_size"], results["store_image_size"]  # as results.json files from before they were recorded
+    (older / "results.json").write_text(json.dumps(results))
     other = tmp_path / "other-root"
     from fewshot_sla.data import synthetic
 
@@ -240,7 +257,7 @@ def test_load_run_needs_the_runs_own_store(tmp_path: Path, run_dir: Path) -> Non
         patch.setattr(synthetic, "IMAGES_PER_CLASS", 4)
         open_store("synthetic", other)
     with pytest.raises(UserError, match=r"is not the one .* was trained on") as raised:
-        load_run(run_dir, data_root=other)
+        load_run(older, data_root=other)
     assert "\n" not in str(raised.value)
 
 

@@ -111,6 +111,8 @@ def _execute(
         created=now_iso(),
         config=cfg.to_dict(),
         learner_settings=plan.learner.settings(),
+        image_size=plan.pipeline.image_size,
+        store_image_size=plan.pipeline.store_size,
         memory=MemoryRecord(
             micro_batch=plan.memory.micro_batch,
             checkpointing=plan.memory.checkpointing,

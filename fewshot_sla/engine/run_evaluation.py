@@ -159,7 +159,8 @@ def evaluate_run(
 
     ``dataset``: test on that prepared dataset's test split instead (cross-domain, e.g. trained on mini-ImageNet,
     tested on CUB): its images are resized to the size the run's model saw in training, and its own fixed
-    episode sets are used. The run's own store must still be present (it gives the training image size)."""
+    episode sets are used. Runs whose results.json predates ``image_size`` need their own store too, for that
+    size."""
     run_dir = Path(run_dir)
     previous = load_results(run_dir)
     cfg = load_config(RunPaths(run_dir).config, INCOMPLETE_RUN)
@@ -171,15 +172,17 @@ def evaluate_run(
     cfg = cfg.updated(changes, "command line")
     dev = process_device(processes, cfg.device) if processes.active else resolve_device(cfg.device)
     check_names(cfg)
-    store = open_dataset(cfg, data_root)
-    if store.fingerprint != previous.data["dataset_fingerprint"]:
-        raise UserError(
-            f"the {cfg.dataset} store changed since {run_dir} was trained (fingerprint "
-            f"{store.fingerprint[:12]} vs {previous.data['dataset_fingerprint'][:12]}); "
-            "rebuild the original store or train a new run"
-        )
-    model_size = pipeline_for(cfg, store).image_size
     target_name = dataset or cfg.dataset
+    model_size = previous.data.get("image_size")
+    if target_name == cfg.dataset or not model_size:  # the run's own store: its test split, or its image size
+        store = open_dataset(cfg, data_root)
+        if store.fingerprint != previous.data["dataset_fingerprint"]:
+            raise UserError(
+                f"the {cfg.dataset} store changed since {run_dir} was trained (fingerprint "
+                f"{store.fingerprint[:12]} vs {previous.data['dataset_fingerprint'][:12]}); "
+                "rebuild the original store or train a new run"
+            )
+        model_size = model_size or pipeline_for(cfg, store).image_size
     if target_name != cfg.dataset:
         target_cfg = cfg.updated({"dataset": target_name}, "command line")
         check_names(target_cfg)
