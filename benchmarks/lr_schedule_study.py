@@ -15,12 +15,11 @@ not read. It prints a Markdown table: the mean over seeds per rule and the paire
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from study_runs import train_run
 
 # name, published schedule span (episodes), flags of the short run
 SETTINGS = [
@@ -64,12 +63,7 @@ COMMON = ["--device", "cpu", "--quiet", "--val-episodes", "500", "--eval-episode
 
 
 def best_validation(flags: list[str], data_root: str | None, out: Path) -> float:
-    root = ["--data-root", data_root] if data_root else []
-    command = [sys.executable, "-m", "fewshot_sla", *root, "run", *flags, *COMMON, "--out", str(out)]
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return float(json.loads((out / "results.json").read_text())["train"]["best_val_accuracy"])
+    return float(train_run(flags + COMMON, data_root, out)["train"]["best_val_accuracy"])
 
 
 def main() -> None:

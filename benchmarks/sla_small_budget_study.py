@@ -21,6 +21,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from study_runs import train_run
+
 TINY_1SHOT = ["--dataset", "tinyimagenet", "--image-size", "32", "--shots", "1", "--train-episodes", "600"]
 SETTINGS = {
     "maml-fo, synthetic, 5-way 1-shot, 1200 episodes": {
@@ -49,12 +51,7 @@ COMMON = ["--device", "cpu", "--quiet", "--eval-episodes", "500", "--fit-memory"
 
 
 def train(flags: list[str], data_root: str | None, out: Path) -> dict:
-    root = ["--data-root", data_root] if data_root else []
-    command = [sys.executable, "-m", "fewshot_sla", *root, "run", *flags, *COMMON, "--out", str(out)]
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads((out / "results.json").read_text())
+    return train_run(flags + COMMON, data_root, out)
 
 
 def paired(sla: Path, baseline: Path) -> dict:

@@ -81,7 +81,7 @@ from fewshot_sla import __version__
 from fewshot_sla.atomic import atomic_path, write_text_atomic
 from fewshot_sla.errors import UserError
 from fewshot_sla.io_errors import IOFailure, read_text
-from fewshot_sla.package_data import shipped_episode_sets
+from fewshot_sla.package_data import SHIPPED_SHOWN, shipped_episode_sets
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
@@ -371,6 +371,14 @@ class RunResult:
         """The main evaluation's summary (percent) of one prediction kind."""
         return self.evaluation["accuracy"][kind]
 
+    def episode_set_file(self, block: dict[str, Any]) -> Path:
+        """Where the episode set of an evaluation block lies: in the package for a shipped set, else the recorded
+        path (relative ones: from the working folder when the file is there, else from the run folder)."""
+        path = Path(block["episode_set"]["file"])
+        if block["episode_set"].get("source") == "shipped" or str(path.parent) == SHIPPED_SHOWN:
+            return shipped_episode_sets() / path.name
+        return path if path.is_absolute() or path.exists() else self.path / path
+
     def per_episode(self, episode_set_hash: str) -> dict[str, np.ndarray]:
         """Per-episode accuracies (fractions) on the given episode set, one array per prediction kind."""
         block = self.evaluation_for(episode_set_hash)
@@ -381,12 +389,7 @@ class RunResult:
             with np.load(file) as npz:
                 return {k: npz[k] for k in npz.files if k not in ("episode_set_hash", "dataset_fingerprint")}
         except (OSError, ValueError, EOFError):
-            episodes = Path(block["episode_set"]["file"])
-            if block["episode_set"].get("source") == "shipped":
-                episodes = shipped_episode_sets() / episodes.name
-            elif not episodes.is_absolute():
-                episodes = self.path / episodes
-            again = f"fewshot-sla eval {self.path} --episodes-file {episodes}"
+            again = f"fewshot-sla eval {self.path} --episodes-file {self.episode_set_file(block)}"
             raise UserError(f"per-episode results {file} are missing or damaged; rebuild them with '{again}'") from None
 
 

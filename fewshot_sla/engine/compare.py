@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fewshot_sla.engine.stats import PairedComparison, paired_comparison
 from fewshot_sla.errors import UserError
-from fewshot_sla.package_data import SHIPPED_SHOWN, shipped_episode_sets
 from fewshot_sla.prediction_kinds import display_order, headline_kind, kind_label
 from fewshot_sla.results import RunResult, evaluation_fingerprint, load_results
 
@@ -117,22 +115,14 @@ def _common_episode_set(a: RunResult, b: RunResult, prefix: str | None) -> str:
                 "see 'episode_set' in their results.json"
             )
     if not common:
-        file_a = a.evaluation["episode_set"]["file"]
         raise UserError(
             f"the runs were evaluated on different episode sets ({a.path}: "
             f"{a.evaluation['episode_set']['hash'][:12]}, {b.path}: "
             f"{b.evaluation['episode_set']['hash'][:12]}); evaluate both on one set, e.g. "
-            f"'fewshot-sla eval {b.path} --episodes-file {_set_file(a, file_a)}'"
+            f"'fewshot-sla eval {b.path} --episodes-file {a.episode_set_file(a.evaluation)}'"
         )
     latest_a, latest_b = a.evaluation["episode_set"]["hash"], b.evaluation["episode_set"]["hash"]
     for h in (latest_a, latest_b):
         if h in common:
             return h
     return common[-1]
-
-
-def _set_file(run: RunResult, file: str) -> str:
-    path = Path(file)
-    if str(path.parent) == SHIPPED_SHOWN:
-        return str(shipped_episode_sets() / path.name)
-    return str(path if path.is_absolute() or path.exists() else run.path / path)
