@@ -389,7 +389,9 @@ class RunResult:
             with np.load(file) as npz:
                 return {k: npz[k] for k in npz.files if k not in ("episode_set_hash", "dataset_fingerprint")}
         except (OSError, ValueError, EOFError):
-            again = f"fewshot-sla eval {self.path} --episodes-file {self.episode_set_file(block)}"
+            target = block["episode_set"]["dataset"]
+            other = f" --dataset {target}" if target != self.data["dataset"] else ""
+            again = f"fewshot-sla eval {self.path}{other} --episodes-file {self.episode_set_file(block)}"
             raise UserError(f"per-episode results {file} are missing or damaged; rebuild them with '{again}'") from None
 
 

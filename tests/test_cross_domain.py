@@ -90,6 +90,15 @@ def test_cross_domain_evaluations_compare_and_show_source_and_target(
     assert main(["compare", str(sla), str(base), "--episode-set", target_hash[:12], "--json"]) == 0
     comparison = json.loads(capsys.readouterr().out)
     assert comparison["episode_set_hash"] == target_hash
+    # A lost per-episode file is named with the command that rebuilds it, which then works.
+    block = json.loads((sla / "results.json").read_text())["evaluations"][-1]
+    (sla / block["per_episode_file"]).unlink()
+    assert main(["compare", str(sla), str(base), "--episode-set", target_hash[:12]]) == 2
+    err = capsys.readouterr().err.strip()
+    command = err.split("rebuild them with '")[1].rstrip("'").split()
+    assert command[:3] == ["fewshot-sla", "eval", str(sla)] and "--dataset" in command and len(err.splitlines()) == 1
+    assert main(["--data-root", str(two_datasets), *command[1:], "--quiet"]) == 0
+    assert (sla / block["per_episode_file"]).is_file()
     board = tmp_path / "board"
     assert main(["leaderboard", "build", str(runs), "--out", str(board), "--no-published"]) == 0
     table = (board / "leaderboard.md").read_text()
