@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from fewshot_sla.version import __version__
+
 __all__ = ["TrainedRun", "__version__", "load_run"]
 
 if TYPE_CHECKING:

@@ -77,11 +77,11 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fewshot_sla import __version__
 from fewshot_sla.atomic import atomic_path, write_text_atomic
 from fewshot_sla.errors import UserError
 from fewshot_sla.io_errors import IOFailure, read_text
 from fewshot_sla.package_data import SHIPPED_SHOWN, shipped_episode_sets
+from fewshot_sla.version import __version__
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"

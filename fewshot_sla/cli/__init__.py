@@ -14,8 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from fewshot_sla import __version__
 from fewshot_sla.errors import UserError
+from fewshot_sla.version import __version__
 
 # Sub-command modules, in the order their commands appear in --help.
 COMMAND_MODULES = (

@@ -21,7 +21,6 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from fewshot_sla import __version__
 from fewshot_sla.atomic import atomic_path, remove_temporaries
 from fewshot_sla.data.conventions import load_convention
 from fewshot_sla.data.datasets import DatasetInfo
@@ -32,6 +31,7 @@ from fewshot_sla.data.store import DatasetStore, append_rows, create_split, fini
 from fewshot_sla.errors import UserError
 from fewshot_sla.locks import exclusive, lock_path
 from fewshot_sla.registry import DATASETS
+from fewshot_sla.version import __version__
 
 MAX_IMAGE_SIZE = 1024
 USER_ATTR = "user_dataset"  # store attribute marking a dataset of the user's own images: its layout (imagefolder)
