@@ -7,13 +7,15 @@ source, whatever order that store keeps its images in.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import numbers
 import os
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -32,14 +34,33 @@ SET_FORMAT = 1
 _SET_ARRAYS = ("identifiers", "class_names", "class_sizes", "positions")
 
 
+class RowReader(Protocol):
+    """Images left on disk (``fewshot_sla.data.disk_images.DiskImages``): rows read on demand onto ``device``."""
+
+    shape: torch.Size  # [N, H, W, 3]
+    device: torch.device
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[len(rows), H, W, 3]`` on ``device``."""
+        ...
+
+    def submit(self, read: Callable[[], torch.Tensor]) -> Future[torch.Tensor]:
+        """Run ``read`` in the background."""
+        ...
+
+
 class SplitLike(Protocol):
     """What episodes need of a split (``fewshot_sla.data.store.Split`` is one)."""
 
     name: str
-    images: torch.Tensor  # uint8 [N, H, W, 3]
     labels: torch.Tensor  # int64 [N], indexing class_names
     class_names: list[str]
     image_ids: list[str]
+
+    @property
+    def images(self) -> torch.Tensor | RowReader:
+        """uint8 ``[N, H, W, 3]``, in memory or on disk."""
+        ...
 
 
 def _whole(name: str, value: object, minimum: int) -> int:
@@ -176,16 +197,17 @@ class PositionSampler:
         # are a few times larger than K+Q (the usual case); other rows take the slower exact path.
         self._draws = 2 * spec.per_class + 8
 
-    def sample(self, batch_size: int) -> torch.Tensor:
-        """Canonical positions of ``batch_size`` new episodes, int64 ``[B, N, K+Q]``."""
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Canonical positions of ``batch_size`` new episodes, int64 ``[B, N, K+Q]``, drawn from ``generator``
+        (default: the sampler's own)."""
         b = _whole("batch size", batch_size, 1)
-        n = self.spec.ways
-        class_keys = torch.rand(b, len(self._sizes), generator=self.generator, device=self.device)
+        n, g = self.spec.ways, generator or self.generator
+        class_keys = torch.rand(b, len(self._sizes), generator=g, device=self.device)
         classes = class_keys.topk(n, dim=1).indices  # [B, N]: a uniform ordered N-subset
-        offsets = self._distinct_offsets(self._sizes.take(classes).view(-1)).view(b, n, -1)
+        offsets = self._distinct_offsets(self._sizes.take(classes).view(-1), g).view(b, n, -1)
         return self._starts.take(classes).unsqueeze(-1) + offsets
 
-    def _distinct_offsets(self, sizes: torch.Tensor) -> torch.Tensor:
+    def _distinct_offsets(self, sizes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """K+Q distinct offsets below each of ``sizes`` ``[R]``, a uniform ordered sample for each row.
 
         Fast path: the first K+Q distinct values of a few i.i.d. uniform draws (sequential sampling that skips
@@ -193,7 +215,7 @@ class PositionSampler:
         redrawn exactly: the K+Q smallest of one uniform key per image of the class.
         """
         kq, draws = self.spec.per_class, self._draws
-        values = torch.randint(0, 1 << 62, (len(sizes), draws), generator=self.generator, device=self.device)
+        values = torch.randint(0, 1 << 62, (len(sizes), draws), generator=generator, device=self.device)
         values %= sizes.unsqueeze(1)
         sorted_values, draw_index = values.sort(dim=1, stable=True)
         # A value equal to its sorted predecessor repeats an earlier draw: rank it last.
@@ -203,7 +225,7 @@ class PositionSampler:
         short = first.values[:, -1] >= draws
         if short.any():
             rows = short.nonzero().squeeze(1)
-            keys = torch.rand(len(rows), self._width, generator=self.generator, device=self.device)
+            keys = torch.rand(len(rows), self._width, generator=generator, device=self.device)
             keys.masked_fill_(self._slot >= sizes[rows].unsqueeze(1), 2.0)  # past the class: never chosen
             offsets[rows] = keys.topk(kq, dim=1, largest=False).indices
         return offsets
@@ -271,9 +293,20 @@ def _wide_rows(images: torch.Tensor) -> torch.Tensor:
     return flat
 
 
-def gather_episodes(images: torch.Tensor, rows: torch.Tensor, spec: EpisodeSpec) -> EpisodeBatch:
-    """An EpisodeBatch from split ``images`` ``[N, H, W, 3]`` and split rows ``[B, ways, K+Q]``, in one gather."""
-    if images.ndim != 4 or images.shape[-1] != 3:
+def take_rows(images: torch.Tensor | RowReader, rows: torch.Tensor) -> torch.Tensor:
+    """The split images of ``rows`` ``[R]``, uint8 ``[R, H, W, 3]`` on the images' device, from memory or disk."""
+    if not isinstance(images, torch.Tensor):
+        return images.take(rows)
+    picked = _wide_rows(images).index_select(0, rows.to(images.device))
+    return picked.view(images.dtype).view(len(rows), *images.shape[1:])
+
+
+def gather_episodes(
+    images: torch.Tensor | RowReader, rows: torch.Tensor, spec: EpisodeSpec, picked: torch.Tensor | None = None
+) -> EpisodeBatch:
+    """An EpisodeBatch from split ``images`` ``[N, H, W, 3]`` and split rows ``[B, ways, K+Q]``, in one gather
+    (or from ``picked``, those rows' images already read, e.g. in the background)."""
+    if len(images.shape) != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be [N, H, W, 3], got {list(images.shape)}")
     b, n, k, q = rows.shape[0], spec.ways, spec.shots, spec.queries
     if tuple(rows.shape) != (b, n, k + q):
@@ -282,8 +315,9 @@ def gather_episodes(images: torch.Tensor, rows: torch.Tensor, spec: EpisodeSpec)
     support_index = rows[:, :, :k].reshape(b, n * k)
     query_index = rows[:, :, k:].reshape(b, n * q)
     h, w = images.shape[1:3]
-    picked = _wide_rows(images).index_select(0, torch.cat((support_index, query_index), dim=1).reshape(-1))
-    picked = picked.view(images.dtype).view(b, n * (k + q), h, w, 3).permute(0, 1, 4, 2, 3)
+    if picked is None:
+        picked = take_rows(images, torch.cat((support_index, query_index), dim=1).reshape(-1))
+    picked = picked.view(b, n * (k + q), h, w, 3).permute(0, 1, 4, 2, 3)
     label = torch.arange(n, device=images.device).view(1, n, 1)
     return EpisodeBatch(
         support=picked[:, : n * k],
@@ -296,10 +330,31 @@ def gather_episodes(images: torch.Tensor, rows: torch.Tensor, spec: EpisodeSpec)
     )
 
 
+def _flat_rows(rows: torch.Tensor, spec: EpisodeSpec) -> torch.Tensor:
+    """Split rows ``[B, N, K+Q]`` in the order ``gather_episodes`` reads them: every support row, then every query."""
+    k = spec.shots
+    return torch.cat((rows[:, :, :k].reshape(len(rows), -1), rows[:, :, k:].reshape(len(rows), -1)), dim=1).view(-1)
+
+
+@dataclass
+class _Ahead:
+    """A meta-batch drawn and read in advance: valid while the sampler's generator is still in ``before``."""
+
+    batch_size: int
+    before: torch.Tensor
+    after: torch.Tensor
+    rows: torch.Tensor
+    images: Future[torch.Tensor]
+
+
 class EpisodeSampler:
     """Random N-way K-shot Q-query episodes from a split, B at a time, sampled and gathered on the images' device.
 
-    The same split content, spec and seed (and the same sequence of batch sizes) give the same episodes.
+    The same split content, spec and seed (and the same sequence of batch sizes) give the same episodes, whether
+    the split is in memory or on disk. On disk, each call also draws the next meta-batch (of the same size) from
+    a copy of the generator and reads it in the background; the next call takes it when its size matches and the
+    generator was not moved meanwhile (e.g. restored from a checkpoint), and otherwise draws afresh, so that the
+    sampler's generator only ever advances by the batches it returned.
     """
 
     def __init__(self, split: SplitLike, spec: EpisodeSpec, *, seed: int) -> None:
@@ -309,15 +364,65 @@ class EpisodeSampler:
         device = split.images.device
         self.positions = PositionSampler(self.order, spec, seed=seed, device=device)
         self._rows = torch.as_tensor(self.order.rows, device=device)
+        self._ahead: _Ahead | None = None
 
     def sample(self, batch_size: int) -> EpisodeBatch:
         """``batch_size`` new episodes."""
-        return gather_episodes(self.split.images, self._rows.take(self.positions.sample(batch_size)), self.spec)
+        images = self.split.images
+        if isinstance(images, torch.Tensor):
+            return gather_episodes(images, self._rows.take(self.positions.sample(batch_size)), self.spec)
+        ahead, self._ahead = self._ahead, None
+        generator = self.positions.generator
+        if ahead is not None and ahead.batch_size == batch_size and torch.equal(ahead.before, generator.get_state()):
+            generator.set_state(ahead.after)
+            rows, picked = ahead.rows, ahead.images.result()
+        else:
+            rows = self._rows.take(self.positions.sample(batch_size))
+            picked = images.take(_flat_rows(rows, self.spec))
+        self._ahead = self._draw_ahead(images, batch_size)
+        return gather_episodes(images, rows, self.spec, picked)
+
+    def _draw_ahead(self, images: RowReader, batch_size: int) -> _Ahead:
+        generator = self.positions.generator
+        before = generator.get_state()
+        copy = torch.Generator(device=self.positions.device)
+        copy.set_state(before)
+        rows = self._rows.take(self.positions.sample(batch_size, copy))
+        flat = _flat_rows(rows, self.spec)
+        return _Ahead(batch_size, before, copy.get_state(), rows, images.submit(lambda: images.take(flat)))
 
     def batches(self, batch_size: int, count: int) -> Iterator[EpisodeBatch]:
         """``count`` successive batches of ``batch_size`` episodes."""
         for _ in range(_whole("batch count", count, 1)):
             yield self.sample(batch_size)
+
+
+def read_ahead(images: torch.Tensor | RowReader, blocks: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``take_rows`` of each block of split rows in turn; from disk, the next block is read in the background
+    while the caller works on the current one."""
+    if isinstance(images, torch.Tensor):
+        for block in blocks:
+            yield take_rows(images, block)
+        return
+    reader = images
+    pending = reader.submit(functools.partial(reader.take, blocks[0])) if blocks else None
+    for i in range(len(blocks)):
+        assert pending is not None
+        picked = pending.result()
+        if i + 1 < len(blocks):
+            pending = reader.submit(functools.partial(reader.take, blocks[i + 1]))
+        yield picked
+
+
+def episode_batches(
+    images: torch.Tensor | RowReader, rows: torch.Tensor, spec: EpisodeSpec, batch_size: int
+) -> Iterator[EpisodeBatch]:
+    """The episodes of split rows ``[count, N, K+Q]`` in order, ``batch_size`` at a time (the last may be
+    smaller), the next batch read ahead from disk."""
+    step = _whole("batch size", batch_size, 1)
+    chunks = [rows[start : start + step] for start in range(0, rows.shape[0], step)]
+    for chunk, picked in zip(chunks, read_ahead(images, [_flat_rows(c, spec) for c in chunks]), strict=True):
+        yield gather_episodes(images, chunk, spec, picked)
 
 
 def _blob(values: Sequence[str]) -> np.ndarray:
@@ -561,7 +666,4 @@ class EpisodeSet:
 
     def batches(self, split: SplitLike, dataset: str, batch_size: int) -> Iterator[EpisodeBatch]:
         """The set's episodes in order, ``batch_size`` at a time (the last batch may be smaller)."""
-        batch_size = _whole("batch size", batch_size, 1)
-        rows = self.rows_in(split, dataset)
-        for start in range(0, self.count, batch_size):
-            yield gather_episodes(split.images, rows[start : start + batch_size], self.spec)
+        yield from episode_batches(split.images, self.rows_in(split, dataset), self.spec, batch_size)

@@ -78,7 +78,7 @@ def split_order(dataset: str, split: str, data_root: str | None) -> tuple[Canoni
         order = CanonicalOrder(classes, labels, ids, where=f"{dataset}/{split} (packaged split list)")
         return order, f"the packaged {convention.describe()} split list"
     store = open_store(dataset, data_root)
-    loaded = store.split(split)
+    loaded = store.split(split, in_memory=False)  # identifiers only: the pixels stay on disk
     order = CanonicalOrder(loaded.class_names, loaded.labels, loaded.image_ids, where=f"{dataset}/{split}")
     return order, f"the store {store.path}"
 

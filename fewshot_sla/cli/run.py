@@ -180,6 +180,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="memory one process may use for a training step (default: 90%% of a GPU's free memory; "
         "on a CPU the smaller of 90%% of the available RAM and a third of the machine's)",
     )
+    _add_data_memory_flag(run)
     _add_process_flags(run)
     _add_malloc_flag(run)
     _add_threads_flag(run)
@@ -210,6 +211,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_process_flags(ev)
+    _add_data_memory_flag(ev)
     _add_malloc_flag(ev)
     _add_threads_flag(ev)
     ev.set_defaults(handler=eval_command)
@@ -270,6 +272,17 @@ def _agreed(processes: Processes, error: UserError | None) -> None:
     message = processes.first_error(None if error is None else str(error))
     if message is not None:
         raise UserError(message, shared=processes.active)
+
+
+def _add_data_memory_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-memory",
+        type=float,
+        metavar="GB",
+        help="memory the dataset splits may take in one process; a split that does not fit (smallest are kept "
+        "first) stays on disk and its episodes are read from the store, the same episodes (default: half the "
+        "GPU's free memory, or on a CPU half the available RAM; 0 reads every split from disk)",
+    )
 
 
 def _add_malloc_flag(parser: argparse.ArgumentParser) -> None:
@@ -372,6 +385,7 @@ def run_command(args: argparse.Namespace) -> int:
                     processes=processes,
                     fit_memory=args.fit_memory,
                     memory_budget_gb=args.memory_budget,
+                    data_memory_gb=args.data_memory,
                 )
                 check_loggers(plan.cfg.log)
             except UserError as err:
@@ -381,6 +395,8 @@ def run_command(args: argparse.Namespace) -> int:
             _reuse_memory_on_cpu(plan.device.type, args)
             if processes.writer and not args.quiet:
                 sys.stderr.write(f"fewshot-sla: {plan.memory.summary()}\n")
+                if plan.data_note:
+                    sys.stderr.write(f"fewshot-sla: {plan.data_note}\n")
             report = execute_run(plan, max_steps=args.max_steps, progress=not args.quiet)
     finally:
         shutdown()
@@ -468,6 +484,7 @@ def _evaluate_agreed(args: argparse.Namespace, processes: Processes) -> dict[str
                 use_cache=args.feature_cache,
                 progress=not args.quiet,
                 processes=processes,
+                data_memory_gb=args.data_memory,
             )
     except UserError as err:
         _agreed(processes, err)

@@ -1,4 +1,5 @@
-"""The on-disk dataset store: one HDF5 file per dataset, read back as in-memory uint8 tensors.
+"""The on-disk dataset store: one HDF5 file per dataset, read back as in-memory uint8 tensors (or, for a split
+larger than memory, left on disk and read on demand: ``disk_images.py``).
 
 Layout of ``<data_root>/<dataset>.h5`` (format version 1):
 
@@ -6,7 +7,8 @@ Layout of ``<data_root>/<dataset>.h5`` (format version 1):
   ``image_size``, ``split_convention``, ``fingerprint`` (sha256 hex, see ``compute_fingerprint``),
   ``source_key`` (identifies the inputs, to skip a re-run), ``skipped_images`` and ``complete``
   (written last, so a store without it was never finished);
-- one group per split (``train``, ``val``, ``test``) with ``images`` uint8 ``[N, H, W, 3]``,
+- one group per split (``train``, ``val``, ``test``) with ``images`` uint8 ``[N, H, W, 3]`` (unfiltered, one image
+  per chunk in stores written since out-of-core reading; older stores' 32 MB chunks read the same),
   ``labels`` int64 ``[N]`` indexing ``class_names`` (str ``[C]``), and ``image_ids`` (str ``[N]``);
 - ``digest_<split>``: the XXH3-128 digest of the split's content (see ``split_digest``), checked on every load
   (about 6% of the load time): a store whose content changed after it was prepared is refused. Stores written
@@ -27,23 +29,26 @@ import numpy as np
 import torch
 import xxhash
 
+from fewshot_sla.data.disk_images import DiskImages
 from fewshot_sla.errors import UserError
 from fewshot_sla.io_errors import errno_of, io_error
 
 FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "val", "test")
 _STR = h5py.string_dtype("utf-8")
-# Bytes of images per HDF5 chunk (and per copy step when loading onto a GPU), at most 16384 images:
-# large chunks read about twice as fast as 8 MB ones.
-_CHUNK_BYTES = 32 << 20
+# Images are stored one per HDF5 chunk, so that a split read out of core fetches each image alone (a whole
+# split still loads as fast as from 32 MB chunks); reads of whole splits go in steps of about this many bytes.
+_STEP_BYTES = 32 << 20
+_LABEL_CHUNK = 4096  # labels and identifiers per chunk
 
 
 @dataclass
 class Split:
-    """One split held in memory: images uint8 ``[N, H, W, 3]``, labels int64 ``[N]`` on the same device."""
+    """One split: images uint8 ``[N, H, W, 3]`` (a tensor in memory, or ``DiskImages`` read from the store on
+    demand for a split larger than memory), labels int64 ``[N]`` on the images' device."""
 
     name: str
-    images: torch.Tensor
+    images: torch.Tensor | DiskImages
     labels: torch.Tensor
     class_names: list[str]
     image_ids: list[str]
@@ -59,24 +64,23 @@ def store_path(dataset: str, data_root: str | os.PathLike) -> Path:
     return Path(data_root) / f"{dataset}.h5"
 
 
-def _chunk_rows(image_size: int) -> int:
-    return min(16384, max(1, _CHUNK_BYTES // (image_size * image_size * 3)))
+def _step_rows(image_size: int) -> int:
+    return min(16384, max(1, _STEP_BYTES // (image_size * image_size * 3)))
 
 
 def create_split(h5: h5py.File, name: str, class_names: list[str], image_size: int) -> h5py.Group:
     """Add an empty, growable split group to a store being written (fill it with ``append_rows``)."""
     group = h5.create_group(name)
     group.create_dataset("class_names", data=np.array(class_names, dtype=object), dtype=_STR)
-    rows = _chunk_rows(image_size)
     group.create_dataset(
         "images",
         shape=(0, image_size, image_size, 3),
         maxshape=(None, image_size, image_size, 3),
         dtype=np.uint8,
-        chunks=(rows, image_size, image_size, 3),
+        chunks=(1, image_size, image_size, 3),
     )
-    group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(rows,))
-    group.create_dataset("image_ids", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(rows,))
+    group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(_LABEL_CHUNK,))
+    group.create_dataset("image_ids", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(_LABEL_CHUNK,))
     return group
 
 
@@ -107,7 +111,7 @@ def compute_fingerprint(h5: h5py.File) -> str:
         _feed(digest, "\n".join(s.decode() for s in group["image_ids"][()]).encode())
         images = group["images"]
         _feed(digest, repr(images.shape).encode())
-        step = _chunk_rows(images.shape[1])
+        step = _step_rows(images.shape[1])
         for start in range(0, images.shape[0], step):
             digest.update(np.ascontiguousarray(images[start : start + step]).data)
     return digest.hexdigest()
@@ -144,7 +148,7 @@ def split_digest(h5: h5py.File, name: str) -> str:
         [s.decode() for s in group["image_ids"][()]],
     )
     images = group["images"]
-    step = _chunk_rows(images.shape[1])
+    step = _step_rows(images.shape[1])
     for start in range(0, images.shape[0], step):
         digest.update(images[start : start + step])
     return digest.hexdigest()
@@ -218,12 +222,15 @@ class DatasetStore:
         """Side length in pixels of every (square) image."""
         return int(self.attrs["image_size"])
 
-    def split(self, name: str, device: str | torch.device | None = None) -> Split:
-        """Read split ``name`` into memory as one uint8 tensor, optionally straight onto ``device``."""
+    def split(self, name: str, device: str | torch.device | None = None, *, in_memory: bool = True) -> Split:
+        """Split ``name``: its images read into memory as one uint8 tensor, optionally straight onto ``device``;
+        with ``in_memory`` False left on disk (``DiskImages``, whose reads land on ``device``). Either way the
+        split's content is checked against its digest first (for a split left on disk, one streaming pass)."""
         if name not in self.split_names:
             raise UserError(f"{self.path} has no split '{name}'; choose one of: {', '.join(self.split_names)}")
         target = torch.device(device) if device is not None else torch.device("cpu")
         expected = self.attrs.get(f"digest_{name}")
+        images: torch.Tensor | DiskImages | None = None
         try:
             with h5py.File(self.path, "r") as h5:
                 group = h5[name]
@@ -231,7 +238,10 @@ class DatasetStore:
                 class_names = [s.decode() for s in group["class_names"][()]]
                 image_ids = [s.decode() for s in group["image_ids"][()]]
                 digest = _Digest(name, class_names, labels_array, image_ids) if expected is not None else None
-                images = _read_images(group["images"], target, digest)
+                if in_memory:
+                    images = _read_images(group["images"], target, digest)
+                elif digest is not None:
+                    _stream(group["images"], digest)
         except (OSError, KeyError, RuntimeError, ValueError) as err:
             raise self._damaged(err) from None
         if digest is not None and digest.hexdigest() != expected:
@@ -239,8 +249,19 @@ class DatasetStore:
                 f"the '{name}' split of store {self.path} does not match its checksum: its content changed "
                 f"after it was prepared; rebuild it with '{self.rebuild}'"
             )
+        if images is None:
+            images = DiskImages(self.path, name, target, self.rebuild)
         labels = torch.from_numpy(labels_array).to(target)
         return Split(name=name, images=images, labels=labels, class_names=class_names, image_ids=image_ids)
+
+    def image_bytes(self, name: str) -> int:
+        """Bytes the images of split ``name`` take in memory."""
+        try:
+            with h5py.File(self.path, "r") as h5:
+                shape = h5[name]["images"].shape
+        except (OSError, KeyError, RuntimeError, ValueError) as err:
+            raise self._damaged(err) from None
+        return int(np.prod(shape))
 
     def summary(self) -> dict[str, Any]:
         """What ``fewshot-sla data info`` shows: attributes plus classes and images per split."""
@@ -282,6 +303,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _stream(dataset: h5py.Dataset, digest: _Digest) -> None:
+    """Feed every image of ``dataset`` to ``digest``, a step at a time through one buffer."""
+    step = _step_rows(dataset.shape[1])
+    buffer = np.empty((min(step, dataset.shape[0]), *dataset.shape[1:]), dtype=np.uint8)
+    for start in range(0, dataset.shape[0], step):
+        n = min(step, dataset.shape[0] - start)
+        dataset.read_direct(buffer, np.s_[start : start + n], np.s_[0:n])
+        digest.update(buffer[:n])
+
+
 def _read_images(dataset: h5py.Dataset, device: torch.device, digest: _Digest | None = None) -> torch.Tensor:
     """One uint8 tensor on ``device`` (fed to ``digest`` on the way); for a GPU, copy chunk by chunk through a
     pinned staging buffer."""
@@ -293,7 +324,7 @@ def _read_images(dataset: h5py.Dataset, device: torch.device, digest: _Digest | 
                 digest.update(out.numpy())
         return out
     out = torch.empty(dataset.shape, dtype=torch.uint8, device=device)
-    step = _chunk_rows(dataset.shape[1])
+    step = _step_rows(dataset.shape[1])
     staging = torch.empty((step, *dataset.shape[1:]), dtype=torch.uint8, pin_memory=torch.cuda.is_available())
     for start in range(0, dataset.shape[0], step):
         n = min(step, dataset.shape[0] - start)

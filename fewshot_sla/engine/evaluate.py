@@ -21,7 +21,7 @@ from fewshot_sla.data.store import Split
 from fewshot_sla.engine.build import ImagePipeline
 from fewshot_sla.engine.distributed import SINGLE, Processes
 from fewshot_sla.engine.feature_cache import FeatureCache, ImagesOf
-from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec, gather_episodes
+from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec, episode_batches
 from fewshot_sla.learners.base import UNCONVERGED, EmbeddingLearner, Learner
 from fewshot_sla.objectives import Objective
 from fewshot_sla.package_data import find_episode_set
@@ -137,10 +137,8 @@ def evaluate(
                     record(objective.predict_copies(learner.head, episodes), episodes.query_labels)
                     bar.update(episodes.support.shape[0])
             else:
-                for first in range(0, count, batch_size):
-                    batch = pipeline.episode(
-                        gather_episodes(split.images, rows[first : first + batch_size], episode_set.spec)
-                    )
+                for gathered in episode_batches(split.images, rows, episode_set.spec, batch_size):
+                    batch = pipeline.episode(gathered)
                     record(objective.predict(learner, batch), batch.query_labels)
                     bar.update(batch.support.shape[0])
             bar.close()

@@ -10,11 +10,11 @@ embeddings instead of fresh backbone passes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
-from fewshot_sla.episodes import EpisodeSpec
+from fewshot_sla.episodes import EpisodeSpec, RowReader, read_ahead
 from fewshot_sla.learners.base import EmbeddingLearner
 from fewshot_sla.objectives import CopiedEpisode, Objective
 
@@ -22,15 +22,17 @@ EMBED_CHUNK = 256  # images per backbone call while filling the cache
 
 
 class ImagesOf:
-    """Callable: split rows ``[n]`` -> the model-ready float images ``[1, n, 3, H, W]`` of those rows."""
+    """Split images (in memory or on disk) and the function making them model-ready: ``blocks`` of split rows
+    -> the float images ``[1, n, 3, H, W]`` of each block, the next block read ahead from disk."""
 
-    def __init__(self, split_images: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, split_images: torch.Tensor | RowReader, prepare: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.split_images = split_images
         self.prepare = prepare
 
-    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        picked = self.split_images.index_select(0, rows.to(self.split_images.device))  # [n, H, W, 3] uint8
-        return self.prepare(picked.permute(0, 3, 1, 2).unsqueeze(0))
+    def blocks(self, blocks: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The model-ready images of each block of rows, in turn."""
+        for picked in read_ahead(self.split_images, blocks):  # [n, H, W, 3] uint8
+            yield self.prepare(picked.permute(0, 3, 1, 2).unsqueeze(0))
 
 
 class FeatureCache:
@@ -57,13 +59,11 @@ class FeatureCache:
         self.slot = torch.full((int(used.max()) + 1,), -1, dtype=torch.long, device=rows.device)
         self.slot[used] = torch.arange(len(used), device=rows.device)
         ops = objective.transform.ops[: self.copies]
-        per_copy = []
-        for op in ops:
-            parts = [
-                learner.embed(op(images_of(used[start : start + chunk])))[0] for start in range(0, len(used), chunk)
-            ]
-            per_copy.append(torch.cat(parts))
-        self.table = torch.stack(per_copy)  # [copies, rows, D]
+        parts: list[list[torch.Tensor]] = [[] for _ in ops]
+        for images in images_of.blocks([used[start : start + chunk] for start in range(0, len(used), chunk)]):
+            for j, op in enumerate(ops):  # each image is read once for all its copies
+                parts[j].append(learner.embed(op(images))[0])
+        self.table = torch.stack([torch.cat(p) for p in parts])  # [copies, rows, D]
 
     @property
     def feature_dim(self) -> int:

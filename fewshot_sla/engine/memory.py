@@ -256,6 +256,20 @@ class Budget:
     source: str
 
 
+def host_memory() -> tuple[int | None, int | None]:
+    """The RAM this process can still take (the smaller of MemAvailable and its cgroup's room), and the
+    machine's total; None where the system does not tell."""
+    info = _meminfo()
+    room = [v for v in (info.get("MemAvailable"), _cgroup_room()) if v is not None]
+    return (min(room) if room else None), info.get("MemTotal")
+
+
+def processes_on_machine(local_processes: int) -> int:
+    """The processes sharing this machine's RAM: this run's local ones times the parallel runs
+    (``FEWSHOT_SLA_CONCURRENT_RUNS``)."""
+    return max(1, int(os.environ.get(CONCURRENT_RUNS_VAR, "1") or 1)) * local_processes
+
+
 def memory_budget(device: torch.device, local_processes: int, budget_gb: float | None = None) -> Budget:
     """The memory budget of one process (see the module docstring for the defaults)."""
     if device.type == "cuda":
@@ -263,17 +277,16 @@ def memory_budget(device: torch.device, local_processes: int, budget_gb: float |
         available = int(free)
         default, source = int(GPU_SHARE * free), f"90% of the GPU's free {gib(free)}"
     else:
-        info = _meminfo()
-        room = [v for v in (info.get("MemAvailable"), _cgroup_room()) if v is not None]
-        if not room:
+        room, total = host_memory()
+        if room is None:
             return Budget(None if budget_gb is None else int(budget_gb * GIB), None, "unknown on this system")
-        available = min(room)
-        runs = max(1, int(os.environ.get(CONCURRENT_RUNS_VAR, "1") or 1)) * local_processes
-        share = min(CPU_SHARE * available, CPU_MACHINE_SHARE * info.get("MemTotal", available))
+        available = room
+        runs = processes_on_machine(local_processes)
+        share = min(CPU_SHARE * available, CPU_MACHINE_SHARE * (total or available))
         default = int(share / runs)
         source = (
             f"the smaller of 90% of the available {gib(available)} and a third of the machine's "
-            f"{gib(info.get('MemTotal', available))} RAM" + (f", split among {runs} processes" if runs > 1 else "")
+            f"{gib(total or available)} RAM" + (f", split among {runs} processes" if runs > 1 else "")
         )
     if budget_gb is not None:
         return Budget(int(budget_gb * GIB), available, "--memory-budget")

@@ -36,6 +36,7 @@ from fewshot_sla.engine.build import (
     pipeline_for,
     resolve_device,
 )
+from fewshot_sla.engine.data_placement import load_splits
 from fewshot_sla.engine.distributed import SINGLE, Processes, process_device
 from fewshot_sla.engine.memory import FIT_MODES, MemoryPlan, memory_budget, plan_memory, profile_step
 from fewshot_sla.engine.recipes import apply_recipe
@@ -65,6 +66,7 @@ class RunPlan:
     objective: Objective
     memory: MemoryPlan
     processes: Processes = SINGLE
+    data_note: str | None = None  # which splits are read from disk, when some are
 
 
 def plan_run(
@@ -78,6 +80,7 @@ def plan_run(
     processes: Processes = SINGLE,
     fit_memory: str = "auto",
     memory_budget_gb: float | None = None,
+    data_memory_gb: float | None = None,
 ) -> RunPlan:
     """Resolve and check a run without writing anything (every user mistake is a UserError here)."""
     if resume and overwrite:
@@ -97,23 +100,22 @@ def plan_run(
     meta_batch = required(cfg.meta_batch, "meta_batch")
     _check_scale(cfg, meta_batch, processes, device)
     store = open_dataset(cfg, data_root)
-    splits = {name: store.split(name, device=device) for name in ("train", "val", "test")}
     train_spec, test_spec = episode_specs(cfg)
-    if not cfg.episodes_file:
+    episode_file = load_episode_file(cfg.episodes_file, cfg.dataset, store) if cfg.episodes_file else None
+    if episode_file is not None and episode_file.spec != test_spec:
+        s = episode_file.spec
+        raise UserError(
+            f"--episodes-file holds {s.ways}-way {s.shots}-shot {s.queries}-query episodes but the "
+            f"run tests {cfg.ways}-way {cfg.shots}-shot {cfg.queries}-query; match --ways/--shots/--queries"
+        )
+    names = ["train", "val", "test"] + ([episode_file.split] if episode_file is not None else [])
+    placement = load_splits(store, names, device, processes.local_world_size, data_memory_gb)
+    splits = placement.splits
+    if episode_file is None:
         check_split(splits["test"], test_spec, "test")
     check_split(splits["val"], test_spec, "validation")
     check_split(splits["train"], train_spec, "training")
-    episode_file = None
-    if cfg.episodes_file:
-        episode_file = load_episode_file(cfg.episodes_file, cfg.dataset, store)
-        if episode_file.spec != test_spec:
-            s = episode_file.spec
-            raise UserError(
-                f"--episodes-file holds {s.ways}-way {s.shots}-shot {s.queries}-query episodes but the "
-                f"run tests {cfg.ways}-way {cfg.shots}-shot {cfg.queries}-query; match --ways/--shots/--queries"
-            )
-        if episode_file.split not in splits:
-            splits[episode_file.split] = store.split(episode_file.split, device=device)
+    if episode_file is not None:
         episode_file.rows_in(splits[episode_file.split], cfg.dataset)
     pipeline = pipeline_for(cfg, store)
     learner, objective = build_model(cfg, pipeline.image_size, device)  # bad backbone/learner options fail here
@@ -156,6 +158,7 @@ def plan_run(
         objective,
         memory,
         processes,
+        placement.note,
     )
 
 

@@ -29,6 +29,7 @@ from fewshot_sla.engine.build import (
     resolve_device,
 )
 from fewshot_sla.engine.checkpoint import load_checkpoint
+from fewshot_sla.engine.data_placement import load_splits
 from fewshot_sla.engine.distributed import SINGLE, Processes, process_device
 from fewshot_sla.engine.evaluate import evaluate, fixed_test_set, unconverged_message
 from fewshot_sla.engine.stats import summarize
@@ -153,6 +154,7 @@ def evaluate_run(
     use_cache: bool | None = None,
     progress: bool = True,
     processes: Processes = SINGLE,
+    data_memory_gb: float | None = None,
 ) -> dict[str, Any]:
     """Re-evaluate a finished run's best checkpoint on another (or the same) fixed episode set (with several
     processes, each evaluates its share of the episodes; process 0 writes).
@@ -190,9 +192,11 @@ def evaluate_run(
     if episodes_file is not None:
         episode_set = load_episode_file(episodes_file, target_name, store)
         set_path, set_source = Path(episodes_file), "file"
-        split = store.split(episode_set.split, device=dev)
+        split = load_splits(store, [episode_set.split], dev, processes.local_world_size, data_memory_gb).splits[
+            episode_set.split
+        ]
     else:
-        split = store.split("test", device=dev)
+        split = load_splits(store, ["test"], dev, processes.local_world_size, data_memory_gb).splits["test"]
         spec = episode_specs(cfg)[1]
         check_split(split, spec, "test")
         count = eval_episodes or cfg.eval_episodes
