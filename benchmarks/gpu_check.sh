@@ -2,7 +2,8 @@
 # One prepared GPU check (under 8 minutes on one GPU): meta-training episodes/s and step GPU memory of every
 # method with ResNet-12 at 84x84 (the synthetic set resized on the GPU), with and without rotation SLA,
 # meta-batch 1 and 8, AMP off and on; then evaluation episodes/s with and without the feature cache; then the
-# paper step's memory against the micro-batch and checkpointing, and two processes sharing the GPU.
+# paper step's memory against the micro-batch and checkpointing, episodes read out of core onto the GPU, and two
+# processes sharing the GPU.
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; needs torch with CUDA, numpy, scipy, h5py, tqdm, pyyaml
 #
@@ -10,6 +11,7 @@
 #   python benchmarks/bench_training.py --device cpu --tiny --amp both
 #   python benchmarks/bench_eval_cache.py --device cpu --tiny
 #   python benchmarks/bench_scale.py --case paper --tiny && python benchmarks/bench_scale.py --case processes --tiny
+#   python benchmarks/bench_out_of_core.py --size mini --rounds 1 --steps 30
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -36,6 +38,9 @@ timeout 60 "$PY" benchmarks/bench_eval_cache.py --device cuda --backbone resnet1
     --cached 2000 --uncached 200 --data-root "$DATA_ROOT" || status=1
 echo "== scale: the paper step (MetaOptNet-SVM + SLA, ResNet-12 at 84x84, 3,360 images) per micro-batch K =="
 timeout 200 "$PY" benchmarks/bench_scale.py --case paper --device cuda --options 8:on,4:off,2:off,1:off || status=1
+
+echo "== splits larger than memory: episodes read from the store onto the GPU, against in GPU memory =="
+timeout 90 "$PY" benchmarks/bench_out_of_core.py --size mini --rounds 1 --steps 30 --device cuda || status=1
 
 echo "== scale: 2 processes sharing the GPU (gloo) against 1 =="
 timeout 150 "$PY" benchmarks/bench_scale.py --case processes --device cuda --rounds 1 --episodes 320 \
