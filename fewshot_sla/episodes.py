@@ -14,7 +14,7 @@ import json
 import numbers
 import os
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import cached_property
@@ -301,6 +301,12 @@ def take_rows(images: torch.Tensor | RowReader, rows: torch.Tensor) -> torch.Ten
     return picked.view(images.dtype).view(len(rows), *images.shape[1:])
 
 
+def _flat_rows(rows: torch.Tensor, spec: EpisodeSpec) -> torch.Tensor:
+    """Split rows ``[B, N, K+Q]`` in the order ``gather_episodes`` reads them: every support row, then every query."""
+    k = spec.shots
+    return torch.cat((rows[:, :, :k].reshape(len(rows), -1), rows[:, :, k:].reshape(len(rows), -1)), dim=1).view(-1)
+
+
 def gather_episodes(
     images: torch.Tensor | RowReader, rows: torch.Tensor, spec: EpisodeSpec, picked: torch.Tensor | None = None
 ) -> EpisodeBatch:
@@ -316,7 +322,7 @@ def gather_episodes(
     query_index = rows[:, :, k:].reshape(b, n * q)
     h, w = images.shape[1:3]
     if picked is None:
-        picked = take_rows(images, torch.cat((support_index, query_index), dim=1).reshape(-1))
+        picked = take_rows(images, _flat_rows(rows, spec))
     picked = picked.view(b, n * (k + q), h, w, 3).permute(0, 1, 4, 2, 3)
     label = torch.arange(n, device=images.device).view(1, n, 1)
     return EpisodeBatch(
@@ -328,12 +334,6 @@ def gather_episodes(
         support_index=support_index,
         query_index=query_index,
     )
-
-
-def _flat_rows(rows: torch.Tensor, spec: EpisodeSpec) -> torch.Tensor:
-    """Split rows ``[B, N, K+Q]`` in the order ``gather_episodes`` reads them: every support row, then every query."""
-    k = spec.shots
-    return torch.cat((rows[:, :, :k].reshape(len(rows), -1), rows[:, :, k:].reshape(len(rows), -1)), dim=1).view(-1)
 
 
 @dataclass
@@ -397,21 +397,21 @@ class EpisodeSampler:
             yield self.sample(batch_size)
 
 
-def read_ahead(images: torch.Tensor | RowReader, blocks: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+def read_ahead(images: torch.Tensor | RowReader, blocks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
     """``take_rows`` of each block of split rows in turn; from disk, the next block is read in the background
     while the caller works on the current one."""
     if isinstance(images, torch.Tensor):
         for block in blocks:
             yield take_rows(images, block)
         return
-    reader = images
-    pending = reader.submit(functools.partial(reader.take, blocks[0])) if blocks else None
-    for i in range(len(blocks)):
-        assert pending is not None
-        picked = pending.result()
-        if i + 1 < len(blocks):
-            pending = reader.submit(functools.partial(reader.take, blocks[i + 1]))
-        yield picked
+    pending: Future[torch.Tensor] | None = None
+    for block in blocks:
+        upcoming = images.submit(functools.partial(images.take, block))
+        if pending is not None:
+            yield pending.result()
+        pending = upcoming
+    if pending is not None:
+        yield pending.result()
 
 
 def episode_batches(

@@ -58,8 +58,6 @@ class DiskImages:
     ``rebuild`` is the command that rebuilds the store, for the error a damaged or truncated file gives.
     """
 
-    dtype = torch.uint8
-
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -94,11 +92,6 @@ class DiskImages:
 
     def __len__(self) -> int:
         return int(self.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        """Size of all the split's images in bytes."""
-        return len(self) * self.row_bytes
 
     def close(self) -> None:
         """Stop the reading threads and close the file."""
@@ -136,10 +129,9 @@ class DiskImages:
                 done += got
             i = j
 
-    def take(self, rows: torch.Tensor | np.ndarray) -> torch.Tensor:
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
         """The images of split ``rows`` (any order, repeats allowed), uint8 ``[len(rows), H, W, 3]`` on ``device``."""
-        wanted = rows.detach().cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
-        wanted = wanted.reshape(-1).astype(np.int64)
+        wanted = rows.detach().cpu().numpy().reshape(-1).astype(np.int64)
         if wanted.size and (wanted.min() < 0 or wanted.max() >= len(self)):
             raise IndexError(f"row index out of range for a split of {len(self)} images")
         ranks, inverse = np.unique(self._rank[wanted], return_inverse=True)  # distinct rows, in file order

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno as errnos
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,9 +112,7 @@ def compute_fingerprint(h5: h5py.File) -> str:
         _feed(digest, "\n".join(s.decode() for s in group["image_ids"][()]).encode())
         images = group["images"]
         _feed(digest, repr(images.shape).encode())
-        step = _step_rows(images.shape[1])
-        for start in range(0, images.shape[0], step):
-            digest.update(np.ascontiguousarray(images[start : start + step]).data)
+        _stream(images, lambda pixels: digest.update(pixels.data))
     return digest.hexdigest()
 
 
@@ -147,10 +146,7 @@ def split_digest(h5: h5py.File, name: str) -> str:
         group["labels"][()],
         [s.decode() for s in group["image_ids"][()]],
     )
-    images = group["images"]
-    step = _step_rows(images.shape[1])
-    for start in range(0, images.shape[0], step):
-        digest.update(images[start : start + step])
+    _stream(group["images"], digest.update)
     return digest.hexdigest()
 
 
@@ -241,7 +237,7 @@ class DatasetStore:
                 if in_memory:
                     images = _read_images(group["images"], target, digest)
                 elif digest is not None:
-                    _stream(group["images"], digest)
+                    _stream(group["images"], digest.update)
         except (OSError, KeyError, RuntimeError, ValueError) as err:
             raise self._damaged(err) from None
         if digest is not None and digest.hexdigest() != expected:
@@ -303,14 +299,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _stream(dataset: h5py.Dataset, digest: _Digest) -> None:
-    """Feed every image of ``dataset`` to ``digest``, a step at a time through one buffer."""
+def _stream(dataset: h5py.Dataset, feed: Callable[[np.ndarray], None]) -> None:
+    """Pass every image of ``dataset`` to ``feed`` in order, a contiguous step of them at a time, through one buffer."""
     step = _step_rows(dataset.shape[1])
     buffer = np.empty((min(step, dataset.shape[0]), *dataset.shape[1:]), dtype=np.uint8)
     for start in range(0, dataset.shape[0], step):
         n = min(step, dataset.shape[0] - start)
         dataset.read_direct(buffer, np.s_[start : start + n], np.s_[0:n])
-        digest.update(buffer[:n])
+        feed(buffer[:n])
 
 
 def _read_images(dataset: h5py.Dataset, device: torch.device, digest: _Digest | None = None) -> torch.Tensor:

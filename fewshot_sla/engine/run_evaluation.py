@@ -189,14 +189,12 @@ def evaluate_run(
         target_cfg = cfg.updated({"dataset": target_name}, "command line")
         check_names(target_cfg)
         store = open_dataset(target_cfg, data_root)
-    if episodes_file is not None:
-        episode_set = load_episode_file(episodes_file, target_name, store)
-        set_path, set_source = Path(episodes_file), "file"
-        split = load_splits(store, [episode_set.split], dev, processes.local_world_size, data_memory_gb).splits[
-            episode_set.split
-        ]
+    file_set = load_episode_file(episodes_file, target_name, store) if episodes_file is not None else None
+    split_name = file_set.split if file_set is not None else "test"
+    split = load_splits(store, [split_name], dev, processes.local_world_size, data_memory_gb).splits[split_name]
+    if file_set is not None:
+        episode_set, set_path, set_source = file_set, Path(str(episodes_file)), "file"
     else:
-        split = load_splits(store, ["test"], dev, processes.local_world_size, data_memory_gb).splits["test"]
         spec = episode_specs(cfg)[1]
         check_split(split, spec, "test")
         count = eval_episodes or cfg.eval_episodes
