@@ -1,7 +1,7 @@
 """Batched image normalisation and training augmentation as tensor ops on the batch's device.
 
-Every function takes images ``[..., 3, H, W]``, either uint8 (0..255) or floating point in [0, 1], and
-returns the same dtype (``normalize`` returns float). Random parameters are drawn per image from an
+Every function takes images ``[..., C, H, W]`` (C = 3, RGB, or 1, greyscale), either uint8 (0..255) or floating
+point in [0, 1], and returns the same dtype (``normalize`` returns float). Random parameters are drawn per image from an
 explicit ``torch.Generator`` living on the images' device; there is no per-image Python loop.
 """
 
@@ -20,8 +20,8 @@ _LUMA = (0.2989, 0.587, 0.114)
 
 
 def _check(images: torch.Tensor) -> None:
-    if images.ndim < 3 or images.shape[-3] != 3:
-        raise ValueError(f"images must be [..., 3, H, W], got {list(images.shape)}")
+    if images.ndim < 3 or images.shape[-3] not in (1, 3):
+        raise ValueError(f"images must be [..., C, H, W] with C = 1 or 3, got {list(images.shape)}")
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
 
@@ -53,7 +53,9 @@ def normalize(
     shift = -torch.tensor(mean, dtype=torch.float32, device=images.device) * scale
     if images.dtype == torch.uint8:
         scale = scale / 255
-    return torch.addcmul(shift.view(3, 1, 1), images.float(), scale.view(3, 1, 1))
+    if len(scale) != images.shape[-3]:
+        raise ValueError(f"{len(scale)} normalisation channels for images of {images.shape[-3]} channels")
+    return torch.addcmul(shift.view(-1, 1, 1), images.float(), scale.view(-1, 1, 1))
 
 
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:

@@ -233,7 +233,7 @@ class PositionSampler:
 
 @dataclass
 class EpisodeBatch:
-    """B episodes: ``support`` uint8 ``[B, N*K, 3, H, W]``, ``query`` uint8 ``[B, N*Q, 3, H, W]``, labels in 0..N-1.
+    """B episodes: ``support`` uint8 ``[B, N*K, C, H, W]``, ``query`` uint8 ``[B, N*Q, C, H, W]``, labels in 0..N-1.
 
     Rows are label-major (support row n*K+k and query row n*Q+q have label n). The image tensors are
     channels-last views of one gathered block (use ``reshape``, not ``view``, to merge their image dims);
@@ -294,7 +294,7 @@ def _wide_rows(images: torch.Tensor) -> torch.Tensor:
 
 
 def take_rows(images: torch.Tensor | RowReader, rows: torch.Tensor) -> torch.Tensor:
-    """The split images of ``rows`` ``[R]``, uint8 ``[R, H, W, 3]`` on the images' device, from memory or disk."""
+    """The split images of ``rows`` ``[R]``, uint8 ``[R, H, W, C]`` on the images' device, from memory or disk."""
     if not isinstance(images, torch.Tensor):
         return images.take(rows)
     picked = _wide_rows(images).index_select(0, rows.to(images.device))
@@ -310,20 +310,20 @@ def _flat_rows(rows: torch.Tensor, spec: EpisodeSpec) -> torch.Tensor:
 def gather_episodes(
     images: torch.Tensor | RowReader, rows: torch.Tensor, spec: EpisodeSpec, picked: torch.Tensor | None = None
 ) -> EpisodeBatch:
-    """An EpisodeBatch from split ``images`` ``[N, H, W, 3]`` and split rows ``[B, ways, K+Q]``, in one gather
+    """An EpisodeBatch from split ``images`` ``[N, H, W, C]`` and split rows ``[B, ways, K+Q]``, in one gather
     (or from ``picked``, those rows' images already read, e.g. in the background)."""
-    if len(images.shape) != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be [N, H, W, 3], got {list(images.shape)}")
+    if len(images.shape) != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"images must be [N, H, W, C] with C = 1 or 3, got {list(images.shape)}")
     b, n, k, q = rows.shape[0], spec.ways, spec.shots, spec.queries
     if tuple(rows.shape) != (b, n, k + q):
         raise ValueError(f"rows must be [B, {n}, {k + q}], got {list(rows.shape)}")
     rows = rows.to(images.device)
     support_index = rows[:, :, :k].reshape(b, n * k)
     query_index = rows[:, :, k:].reshape(b, n * q)
-    h, w = images.shape[1:3]
+    h, w, c = images.shape[1:4]
     if picked is None:
         picked = take_rows(images, _flat_rows(rows, spec))
-    picked = picked.view(b, n * (k + q), h, w, 3).permute(0, 1, 4, 2, 3)
+    picked = picked.view(b, n * (k + q), h, w, c).permute(0, 1, 4, 2, 3)
     label = torch.arange(n, device=images.device).view(1, n, 1)
     return EpisodeBatch(
         support=picked[:, : n * k],

@@ -33,6 +33,7 @@ half-width, s the sample standard deviation over episodes)::
     evaluation       the main evaluation block (below): the run's own test set, the one its training ended with
     evaluations      every evaluation block, one per distinct episode set (the main one included; latest last)
     device           e.g. "cpu" or "cuda (NVIDIA H100 80GB HBM3)";  amp  bool
+    normalization    {mean, std}: the per-channel input normalisation in training (its length: the channels)
     image_size, store_image_size   the model's input size and the store's image size in training (images were
                      resized from the second to the first); null in older runs
     memory           {micro_batch, checkpointing, processes, estimated_step_bytes, budget_bytes, budget,
@@ -283,6 +284,9 @@ class RunRecord(_Record):
     # enough to preprocess new images exactly as in training without the store (predict, cross-domain eval).
     image_size: int | None = None
     store_image_size: int | None = None
+    # The per-channel input normalisation in training ({"mean": [...], "std": [...]}; its length is the images'
+    # channel count); null in runs from before it was recorded, which all used ImageNet's on RGB.
+    normalization: dict[str, list[float]] | None = None
     learner_settings: dict[str, Any] = Field(default_factory=dict)  # e.g. the SVM's solver and its budget
 
 

@@ -24,9 +24,17 @@ import torch
 from PIL import Image
 
 from fewshot_sla.config import RunConfig, load_config
-from fewshot_sla.data.importers.common import resize_rgb
+from fewshot_sla.data.importers.common import resize_image
 from fewshot_sla.data.store import DatasetStore
-from fewshot_sla.engine.build import ImagePipeline, build_model, check_names, open_dataset, pipeline_for, resolve_device
+from fewshot_sla.engine.build import (
+    ImagePipeline,
+    build_model,
+    check_names,
+    open_dataset,
+    pipeline_for,
+    recorded_normalization,
+    resolve_device,
+)
 from fewshot_sla.engine.checkpoint import load_checkpoint
 from fewshot_sla.engine.run_evaluation import autocast_for
 from fewshot_sla.episodes import EpisodeBatch
@@ -84,8 +92,9 @@ class TrainedRun:
         """
         kind = self._kind(kind)
         size = self.pipeline.store_size
-        support = store_images(support_images, size, "support_images").to(self.device)
-        query = store_images(query_images, size, "query_images").to(self.device)
+        channels = self.pipeline.normalization.channels
+        support = store_images(support_images, size, "support_images", channels).to(self.device)
+        query = store_images(query_images, size, "query_images", channels).to(self.device)
         labels, ways = episode_labels(support_labels, support.shape[0])
         episode = EpisodeBatch(
             support=support[None],
@@ -137,7 +146,7 @@ def load_run(
     check_names(cfg)
     dev = resolve_device(device)
     pipeline = training_pipeline(cfg, finished, data_root)
-    learner, objective = build_model(cfg, pipeline.image_size, dev)
+    learner, objective = build_model(cfg, pipeline.image_size, dev, pipeline.normalization.channels)
     file = paths.best_checkpoint if checkpoint == "best" else paths.last_checkpoint
     state = load_checkpoint(file, "train the run again with --overwrite")
     try:
@@ -158,7 +167,7 @@ def training_pipeline(cfg: RunConfig, finished: RunResult, data_root: Any) -> Im
     before they were recorded) from the run's dataset store."""
     image_size, store_size = finished.data.get("image_size"), finished.data.get("store_image_size")
     if image_size and store_size:
-        return ImagePipeline(int(image_size), int(store_size), None)
+        return ImagePipeline(int(image_size), int(store_size), None, recorded_normalization(finished.data))
     return dataclasses.replace(pipeline_for(cfg, _training_store(cfg, data_root, finished)), augment=None)
 
 
@@ -177,13 +186,17 @@ def _training_store(cfg: RunConfig, data_root: Any, finished: RunResult) -> Data
     return store
 
 
-def store_images(images: Images, size: int, what: str) -> torch.Tensor:
-    """uint8 ``[R, 3, size, size]``: each image as the store holds it (float rounded to uint8, then resized with
-    Lanczos as ``data prepare`` does; an image already at ``size`` is kept as it is)."""
+def store_images(images: Images, size: int, what: str, channels: int = 3) -> torch.Tensor:
+    """uint8 ``[R, channels, size, size]``: each image as the store holds it (float rounded to uint8, made
+    greyscale (ITU-R 601 luma, as PIL converts) for a 1-channel run, then resized with Lanczos as ``data prepare``
+    does; an image already at ``size`` is kept as it is)."""
     items = _image_list(images, what)
     if not items:
         raise UserError(f"{what} holds no images; {IMAGE_SHAPES}")
-    rows = [resize_rgb(_rgb_uint8(image, f"{what}[{i}]"), size) for i, image in enumerate(items)]
+    rgb = [_rgb_uint8(image, f"{what}[{i}]") for i, image in enumerate(items)]
+    if channels == 1:
+        rgb = [np.asarray(Image.fromarray(image).convert("L"))[:, :, None] for image in rgb]
+    rows = [resize_image(image, size) for image in rgb]
     return torch.from_numpy(np.stack(rows)).permute(0, 3, 1, 2)
 
 

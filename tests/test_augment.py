@@ -134,8 +134,10 @@ def test_train_augment_draws_parameters_per_image():
 
 
 def test_bad_shapes_are_rejected():
-    with pytest.raises(ValueError, match=r"images must be \[\.\.\., 3, H, W\]"):
+    with pytest.raises(ValueError, match=r"images must be \[\.\.\., C, H, W\] with C = 1 or 3"):
         normalize(torch.zeros(2, 4, 5, 5))
+    with pytest.raises(ValueError, match="3 normalisation channels for images of 1 channels"):
+        normalize(torch.zeros(2, 1, 5, 5))
     with pytest.raises(ValueError, match="uint8 or floating point"):
         random_hflip(torch.zeros(2, 3, 5, 5, dtype=torch.int32), gen())
 

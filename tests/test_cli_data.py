@@ -68,6 +68,8 @@ def test_info_text_json_all_and_verify(tmp_path: Path, small_synthetic: int, cap
         "cub": False,
         "fc100": False,
         "miniimagenet": False,
+        "omniglot": False,
+        "omniglot-lake": False,
         "synthetic": True,
         "tieredimagenet": False,
         "tinyimagenet": False,

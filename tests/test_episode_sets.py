@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,3 +298,39 @@ def test_regenerating_a_shipped_set_reproduces_its_hash(dataset, count, shots, s
     again = EpisodeSet.make(order, dataset=dataset, split="test", spec=spec, count=count, seed=0)
     assert again.content_hash == shipped.content_hash
     assert path.stat().st_size < 2 * 2**20
+
+
+OMNIGLOT_SETS = [(ways, shots, 1000) for ways in (5, 20) for shots in (1, 5)] + [(5, 1, 10000), (5, 5, 10000)]
+OMNIGLOT_RELEASE = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+
+
+def _omniglot_set(ways: int, shots: int, count: int) -> tuple[Path, EpisodeSet]:
+    path = SHIPPED_DIR / EpisodeSet.default_name("omniglot", "test", EpisodeSpec(ways, shots, 15), count, 0)
+    return path, EpisodeSet.load(path)
+
+
+@pytest.mark.parametrize("ways, shots, count", OMNIGLOT_SETS)
+def test_omniglot_sets_rebuild_bit_for_bit_from_their_identifier_lists(ways, shots, count):
+    path, shipped = _omniglot_set(ways, shots, count)
+    assert (shipped.dataset, shipped.split, shipped.spec, shipped.count, shipped.seed) == (
+        "omniglot", "test", EpisodeSpec(ways, shots, 15), count, 0,
+    )  # fmt: skip
+    # Vinyals et al.'s test split: 423 characters x 4 rotations, 20 drawings each
+    assert len(shipped.class_names) == 1692 and set(shipped.class_sizes.tolist()) == {20}
+    labels = np.repeat(np.arange(len(shipped.class_names)), shipped.class_sizes)
+    order = CanonicalOrder(list(shipped.class_names), labels, list(shipped.identifiers))
+    again = EpisodeSet.make(order, dataset="omniglot", split="test", spec=shipped.spec, count=count, seed=0)
+    assert again.content_hash == shipped.content_hash
+    assert path.stat().st_size < 2 * 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not OMNIGLOT_RELEASE.is_dir(), reason="the Omniglot release is not in ../shared/data/omniglot")
+def test_omniglot_sets_name_exactly_the_test_split_of_a_store_from_the_release(tmp_path):
+    from fewshot_sla.cli.episodes import split_order
+    from fewshot_sla.data.prepare import prepare
+
+    prepare("omniglot", OMNIGLOT_RELEASE, tmp_path, progress=False)
+    order = split_order("omniglot", "test", str(tmp_path))[0]
+    for ways, shots, count in OMNIGLOT_SETS:
+        assert _omniglot_set(ways, shots, count)[1].identifiers_fingerprint == order.fingerprint

@@ -5,7 +5,10 @@ MIT-licensed sources, licences beside them); a folder of files in the same forma
 Formats: ``ravi-csv`` ({train,val,test}.csv with ``filename,label``), ``class-json`` (a JSON list of
 class names per split), ``superclass-json`` (FC100: a JSON list of CIFAR-100 superclasses per split),
 ``pair-json`` (CIFAR-FS: a JSON list of ``[superclass, fine class]`` pairs per split) and ``tiered-csv``
-(tieredImageNet, Ren et al.'s files: {train,val,test}.csv with one ``wnid,superclass wnid`` row per class).
+(tieredImageNet, Ren et al.'s files: {train,val,test}.csv with one ``wnid,superclass wnid`` row per class);
+``omniglot-json`` (torchmeta's Omniglot lists: ``{"background"|"evaluation": {alphabet: [characterNN, ...]}}``, a
+class per character, ``Alphabet/characterNN``) and ``omniglot-rotated-json`` (the same lists, each character as four
+classes ``Alphabet/characterNN/rotDDD``, rotated by 0, 90, 180 and 270 degrees: Vinyals et al. 2016).
 """
 
 from __future__ import annotations
@@ -26,7 +29,16 @@ from fewshot_sla.io_errors import io_error
 if TYPE_CHECKING:
     from importlib.abc import Traversable
 
-SPLIT_FORMATS = ("ravi-csv", "class-json", "superclass-json", "pair-json", "tiered-csv")
+SPLIT_FORMATS = (
+    "ravi-csv",
+    "class-json",
+    "superclass-json",
+    "pair-json",
+    "tiered-csv",
+    "omniglot-json",
+    "omniglot-rotated-json",
+)
+OMNIGLOT_ROTATIONS = (0, 90, 180, 270)
 # The CIFAR-FS pair lists cover all 100 CIFAR-100 fine classes once: the fine -> superclass table.
 _CIFAR_PAIRS = "torchmeta/cifar100/cifar-fs"
 
@@ -171,7 +183,9 @@ def _parse_json_split(entry: Traversable, raw: bytes, split_format: str) -> list
         items = json.loads(_text(entry, raw))
     except json.JSONDecodeError as err:
         raise UserError(f"split file {entry} is not valid JSON ({err.msg} at line {err.lineno})") from None
-    if split_format == "pair-json":
+    if split_format.startswith("omniglot-"):
+        names = _omniglot_classes(entry, items, rotated=split_format == "omniglot-rotated-json")
+    elif split_format == "pair-json":
         ok = isinstance(items, list) and all(
             isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in items
         )
@@ -189,6 +203,24 @@ def _parse_json_split(entry: Traversable, raw: bytes, split_format: str) -> list
     if len(set(names)) != len(names):
         raise UserError(f"split file {entry} lists a class twice")
     return sorted(names)
+
+
+def _omniglot_classes(entry: Traversable, items: object, rotated: bool) -> list[str]:
+    """torchmeta's ``{set: {alphabet: [character, ...]}}`` -> ``Alphabet/characterNN`` (``/rotDDD`` x 4 if rotated)."""
+    ok = isinstance(items, dict) and all(
+        isinstance(alphabets, dict)
+        and all(isinstance(chars, list) and all(isinstance(c, str) for c in chars) for chars in alphabets.values())
+        for alphabets in items.values()
+    )
+    if not ok:
+        raise UserError(f"split file {entry} must map each image set to {{alphabet: [character, ...]}} (torchmeta)")
+    assert isinstance(items, dict)
+    characters = [
+        f"{alphabet}/{c}" for alphabets in items.values() for alphabet, chars in alphabets.items() for c in chars
+    ]
+    if not rotated:
+        return characters
+    return [f"{c}/rot{degrees:03d}" for c in characters for degrees in OMNIGLOT_ROTATIONS]
 
 
 def _check_disjoint(classes: dict[str, list[str]], folder: Traversable) -> None:

@@ -14,11 +14,17 @@ from fewshot_sla.data.importers.common import Layout, RawSplit
 from fewshot_sla.data.importers.cub import CUB
 from fewshot_sla.data.importers.l2l import L2L
 from fewshot_sla.data.importers.metaoptnet import CIFAR_FS, FC100, MINI
+from fewshot_sla.data.importers.omniglot import LAYOUTS as OMNIGLOT
 from fewshot_sla.data.importers.ravi import RAVI
 from fewshot_sla.data.importers.tiered import LAYOUTS as TIERED
+from fewshot_sla.data.store import IMAGENET_NORMALIZATION, Normalization
 from fewshot_sla.data.synthetic import IMAGE_SIZE as SYNTHETIC_SIZE
 from fewshot_sla.data.synthetic import generator_identity, synthetic_splits
 from fewshot_sla.registry import DATASETS
+
+# Omniglot's strokes are black on white; the published code (Snell et al.'s, Finn et al.'s) feeds 1 - x, ink 1
+# on a 0 background (so that zero padding is blank paper): (x - 1) / -1.
+INK_ON_ZERO = Normalization(mean=(1.0,), std=(-1.0,))
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class DatasetInfo:
     packaged_splits: str | None = None
     generator: Callable[[int, int], Iterator[tuple[str, RawSplit]]] | None = None
     generator_identity: Callable[[], str] | None = None
+    channels: int = 3
+    normalization: Normalization = IMAGENET_NORMALIZATION
 
     @property
     def packaged_files(self) -> tuple[str, str, str] | None:
@@ -116,6 +124,32 @@ for _info in (
         "whose own CSVs define the split",
         layouts=(RAVI,),
         split_format="ravi-csv",
+    ),
+    DatasetInfo(
+        name="omniglot",
+        title="Omniglot, Vinyals et al.'s protocol (rotated characters as classes)",
+        image_size=28,
+        split_convention="vinyals",
+        source_hint="the folder of images_background.zip + images_evaluation.zip (Lake et al.'s release), "
+        "the same extracted (images_background/, images_evaluation/), or torchvision's omniglot-py/",
+        layouts=OMNIGLOT,
+        split_format="omniglot-rotated-json",
+        packaged_splits="torchmeta/omniglot",
+        channels=1,
+        normalization=INK_ON_ZERO,
+    ),
+    DatasetInfo(
+        name="omniglot-lake",
+        title="Omniglot, Lake et al.'s protocol (background alphabets -> evaluation alphabets, no rotation)",
+        image_size=28,
+        split_convention="lake",
+        source_hint="the folder of images_background.zip + images_evaluation.zip (Lake et al.'s release), "
+        "the same extracted (images_background/, images_evaluation/), or torchvision's omniglot-py/",
+        layouts=OMNIGLOT,
+        split_format="omniglot-json",
+        packaged_splits="omniglot_lake",
+        channels=1,
+        normalization=INK_ON_ZERO,
     ),
     DatasetInfo(
         name="synthetic",

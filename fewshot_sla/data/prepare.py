@@ -25,9 +25,17 @@ from fewshot_sla.atomic import atomic_path, remove_temporaries
 from fewshot_sla.data.conventions import load_convention
 from fewshot_sla.data.datasets import DatasetInfo
 from fewshot_sla.data.importers import imagefolder
-from fewshot_sla.data.importers.common import BadImage, Layout, RawSplit, resize_rgb
+from fewshot_sla.data.importers.common import BadImage, Layout, RawSplit, resize_image
 from fewshot_sla.data.root import resolve_data_root
-from fewshot_sla.data.store import DatasetStore, append_rows, create_split, finish_store, store_path
+from fewshot_sla.data.store import (
+    IMAGENET_NORMALIZATION,
+    DatasetStore,
+    Normalization,
+    append_rows,
+    create_split,
+    finish_store,
+    store_path,
+)
 from fewshot_sla.errors import UserError
 from fewshot_sla.locks import exclusive, lock_path
 from fewshot_sla.registry import DATASETS
@@ -62,6 +70,7 @@ class _Plan:
     key: str
     attrs: dict[str, Any]
     read: Callable[[], Iterator[tuple[str, RawSplit]]]
+    normalization: Normalization = IMAGENET_NORMALIZATION
 
 
 def prepare(
@@ -140,6 +149,8 @@ def _write_store(
         "source_format": plan.source_format,
         "image_size": size,
         "split_convention": plan.split_convention,
+        "normalize_mean": list(plan.normalization.mean),
+        "normalize_std": list(plan.normalization.std),
         "source_key": plan.key,
         "fewshot_sla_version": __version__,
     }
@@ -148,7 +159,7 @@ def _write_store(
     pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1))
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5, bar, pool:
         for split, raw in plan.read():
-            skipped += _write_split(h5, split, raw, size, pool, skip_bad, bar)
+            skipped += _write_split(h5, split, raw, size, plan.normalization.channels, pool, skip_bad, bar)
         attrs["skipped_images"] = len(skipped)
         fingerprint = finish_store(h5, attrs)
     return fingerprint, skipped
@@ -195,9 +206,11 @@ def _imported(
             splits=convention.digest,
             image_size=size,
             files=_file_stats(root, layout.source_files(root)),
+            normalization=[info.normalization.mean, info.normalization.std],
         ),
         attrs={"source": str(root.resolve())},
         read=lambda: layout.read(root, convention),
+        normalization=info.normalization,
     )
 
 
@@ -328,26 +341,43 @@ def _existing(path: Path) -> DatasetStore | None:
         return None
 
 
-def _load(raw: RawSplit, index: int, size: int) -> np.ndarray | BadImage:
+def _load(raw: RawSplit, index: int, size: int, channels: int) -> np.ndarray | BadImage:
     try:
-        return resize_rgb(raw.load(index), size)
+        image = raw.load(index)
     except BadImage as bad:
         return bad
+    if image.ndim != 3 or image.shape[2] != channels:
+        raise ValueError(f"the importer gave an image of shape {image.shape}, the dataset has {channels} channel(s)")
+    resized = resize_image(image, size)
+    if raw.quarter_turns is None or raw.quarter_turns[index] == 0:
+        return resized
+    return np.ascontiguousarray(np.rot90(resized, int(raw.quarter_turns[index])))
 
 
 def _write_split(
-    h5: h5py.File, split: str, raw: RawSplit, size: int, pool: ThreadPoolExecutor, skip_bad: bool, bar: tqdm
+    h5: h5py.File,
+    split: str,
+    raw: RawSplit,
+    size: int,
+    channels: int,
+    pool: ThreadPoolExecutor,
+    skip_bad: bool,
+    bar: tqdm,
 ) -> list[str]:
     """Decode, resize and append every image of one split; return the paths of the unreadable ones skipped."""
     bar.total = (bar.total or 0) + len(raw.labels)
     bar.refresh()
-    group = create_split(h5, split, raw.class_names, size)
+    group = create_split(h5, split, raw.class_names, size, channels)
     skipped: list[str] = []
-    batch = min(4096, max(_TASK, _BATCH_BYTES // (3 * size * size)))
+    batch = min(4096, max(_TASK, _BATCH_BYTES // (channels * size * size)))
     for start in range(0, len(raw.labels), batch):
         rows = range(start, min(start + batch, len(raw.labels)))
         tasks = [rows[i : i + _TASK] for i in range(0, len(rows), _TASK)]
-        loaded = [image for done in pool.map(lambda task: [_load(raw, i, size) for i in task], tasks) for image in done]
+        loaded = [
+            image
+            for done in pool.map(lambda task: [_load(raw, i, size, channels) for i in task], tasks)
+            for image in done
+        ]
         for image in loaded:
             if isinstance(image, BadImage):
                 if not skip_bad:

@@ -7,7 +7,10 @@ Layout of ``<data_root>/<dataset>.h5`` (format version 1):
   ``image_size``, ``split_convention``, ``fingerprint`` (sha256 hex, see ``compute_fingerprint``),
   ``source_key`` (identifies the inputs, to skip a re-run), ``skipped_images`` and ``complete``
   (written last, so a store without it was never finished);
-- one group per split (``train``, ``val``, ``test``) with ``images`` uint8 ``[N, H, W, 3]`` (unfiltered, one image
+- ``normalize_mean`` / ``normalize_std``: the per-channel normalisation the model's input gets (absent in older
+  stores: ImageNet's, as every RGB dataset uses);
+- one group per split (``train``, ``val``, ``test``) with ``images`` uint8 ``[N, H, W, C]`` (C = 3, RGB, or 1 for
+  greyscale datasets such as Omniglot; unfiltered, one image
   per chunk in stores written since out-of-core reading; older stores' 32 MB chunks read the same),
   ``labels`` int64 ``[N]`` indexing ``class_names`` (str ``[C]``), and ``image_ids`` (str ``[N]``);
 - ``digest_<split>``: the XXH3-128 digest of the split's content (see ``split_digest``), checked on every load
@@ -43,9 +46,26 @@ _STEP_BYTES = 32 << 20
 _LABEL_CHUNK = 4096  # labels and identifiers per chunk
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """The model's input per channel: ``(x - mean) / std`` with x in [0, 1]; the number of entries is the number of
+    image channels."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def channels(self) -> int:
+        """Image channels (3 for RGB, 1 for greyscale)."""
+        return len(self.mean)
+
+
+IMAGENET_NORMALIZATION = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
 @dataclass
 class Split:
-    """One split: images uint8 ``[N, H, W, 3]`` (a tensor in memory, or ``DiskImages`` read from the store on
+    """One split: images uint8 ``[N, H, W, C]`` (a tensor in memory, or ``DiskImages`` read from the store on
     demand for a split larger than memory), labels int64 ``[N]`` on the images' device."""
 
     name: str
@@ -65,20 +85,20 @@ def store_path(dataset: str, data_root: str | os.PathLike) -> Path:
     return Path(data_root) / f"{dataset}.h5"
 
 
-def _step_rows(image_size: int) -> int:
-    return min(16384, max(1, _STEP_BYTES // (image_size * image_size * 3)))
+def _step_rows(image_shape: tuple[int, ...]) -> int:
+    return min(16384, max(1, _STEP_BYTES // int(np.prod(image_shape))))
 
 
-def create_split(h5: h5py.File, name: str, class_names: list[str], image_size: int) -> h5py.Group:
+def create_split(h5: h5py.File, name: str, class_names: list[str], image_size: int, channels: int = 3) -> h5py.Group:
     """Add an empty, growable split group to a store being written (fill it with ``append_rows``)."""
     group = h5.create_group(name)
     group.create_dataset("class_names", data=np.array(class_names, dtype=object), dtype=_STR)
     group.create_dataset(
         "images",
-        shape=(0, image_size, image_size, 3),
-        maxshape=(None, image_size, image_size, 3),
+        shape=(0, image_size, image_size, channels),
+        maxshape=(None, image_size, image_size, channels),
         dtype=np.uint8,
-        chunks=(1, image_size, image_size, 3),
+        chunks=(1, image_size, image_size, channels),
     )
     group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(_LABEL_CHUNK,))
     group.create_dataset("image_ids", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(_LABEL_CHUNK,))
@@ -86,7 +106,7 @@ def create_split(h5: h5py.File, name: str, class_names: list[str], image_size: i
 
 
 def append_rows(group: h5py.Group, images: np.ndarray, labels: np.ndarray, image_ids: list[str]) -> None:
-    """Append images ``[b, H, W, 3]`` with their labels and identifiers to a split being written."""
+    """Append images ``[b, H, W, C]`` with their labels and identifiers to a split being written."""
     start, b = group["labels"].shape[0], len(labels)
     for key, value in (("images", images), ("labels", labels), ("image_ids", np.array(image_ids, dtype=object))):
         group[key].resize(start + b, axis=0)
@@ -218,6 +238,14 @@ class DatasetStore:
         """Side length in pixels of every (square) image."""
         return int(self.attrs["image_size"])
 
+    @property
+    def normalization(self) -> Normalization:
+        """The model's input normalisation, which also gives the images' channel count."""
+        if "normalize_mean" not in self.attrs:
+            return IMAGENET_NORMALIZATION
+        mean, std = self.attrs["normalize_mean"], self.attrs["normalize_std"]
+        return Normalization(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+
     def split(self, name: str, device: str | torch.device | None = None, *, in_memory: bool = True) -> Split:
         """Split ``name``: its images read into memory as one uint8 tensor, optionally straight onto ``device``;
         with ``in_memory`` False left on disk (``DiskImages``, whose reads land on ``device``). Either way the
@@ -275,6 +303,7 @@ class DatasetStore:
             "checksums": self.checked,
             "source_format": self.attrs.get("source_format"),
             "image_size": self.image_size,
+            "channels": self.normalization.channels,
             "split_convention": self.attrs.get("split_convention"),
             "fingerprint": self.fingerprint,
             "skipped_images": int(self.attrs.get("skipped_images", 0)),
@@ -301,7 +330,7 @@ def _plain(value: Any) -> Any:
 
 def _stream(dataset: h5py.Dataset, feed: Callable[[np.ndarray], None]) -> None:
     """Pass every image of ``dataset`` to ``feed`` in order, a contiguous step of them at a time, through one buffer."""
-    step = _step_rows(dataset.shape[1])
+    step = _step_rows(dataset.shape[1:])
     buffer = np.empty((min(step, dataset.shape[0]), *dataset.shape[1:]), dtype=np.uint8)
     for start in range(0, dataset.shape[0], step):
         n = min(step, dataset.shape[0] - start)
@@ -320,7 +349,7 @@ def _read_images(dataset: h5py.Dataset, device: torch.device, digest: _Digest | 
                 digest.update(out.numpy())
         return out
     out = torch.empty(dataset.shape, dtype=torch.uint8, device=device)
-    step = _step_rows(dataset.shape[1])
+    step = _step_rows(dataset.shape[1:])
     staging = torch.empty((step, *dataset.shape[1:]), dtype=torch.uint8, pin_memory=torch.cuda.is_available())
     for start in range(0, dataset.shape[0], step):
         n = min(step, dataset.shape[0] - start)

@@ -21,7 +21,7 @@ from torch import nn
 from fewshot_sla.augment import TrainAugment, normalize
 from fewshot_sla.config import RunConfig
 from fewshot_sla.data.catalog import check_dataset_name, open_store
-from fewshot_sla.data.store import DatasetStore, Split
+from fewshot_sla.data.store import IMAGENET_NORMALIZATION, DatasetStore, Normalization, Split
 from fewshot_sla.episodes import CanonicalOrder, EpisodeBatch, EpisodeSet, EpisodeSpec
 from fewshot_sla.errors import UserError
 from fewshot_sla.learners.base import Learner
@@ -105,12 +105,13 @@ class ImagePipeline:
     image_size: int
     store_size: int
     augment: TrainAugment | None = None
+    normalization: Normalization = IMAGENET_NORMALIZATION
 
     def images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 ``[..., 3, H, W]`` -> float ``[..., 3, S, S]`` (augmented first when a generator is given)."""
+        """uint8 ``[..., C, H, W]`` -> float ``[..., C, S, S]`` (augmented first when a generator is given)."""
         if self.augment is not None and generator is not None:
             images = self.augment(images, generator)
-        x = normalize(images)
+        x = normalize(images, self.normalization.mean, self.normalization.std)
         if self.image_size != self.store_size:
             lead = x.shape[:-3]
             x = F.interpolate(
@@ -130,14 +131,25 @@ class ImagePipeline:
         )
 
 
+def recorded_normalization(results: dict[str, Any]) -> Normalization:
+    """The input normalisation a finished run trained with, from its results.json data (ImageNet's on RGB for
+    runs from before it was recorded)."""
+    record = results.get("normalization")
+    if not record:
+        return IMAGENET_NORMALIZATION
+    return Normalization(mean=tuple(record["mean"]), std=tuple(record["std"]))
+
+
 def pipeline_for(cfg: RunConfig, store: DatasetStore) -> ImagePipeline:
     """A run's image pipeline: its image size, and the training augmentation when the run augments."""
     augment = TrainAugment(padding=8 if store.image_size >= 64 else 4) if cfg.augment else None
-    return ImagePipeline(cfg.image_size or store.image_size, store.image_size, augment)
+    return ImagePipeline(cfg.image_size or store.image_size, store.image_size, augment, store.normalization)
 
 
-def build_model(cfg: RunConfig, image_size: int, device: torch.device) -> tuple[Learner, Objective]:
+def build_model(cfg: RunConfig, image_size: int, device: torch.device, channels: int = 3) -> tuple[Learner, Objective]:
     """The learner (with its backbone) and the objective, on ``device``, initialised from the run's seed.
+
+    The backbone takes ``channels`` input channels (1 for greyscale datasets) unless its options say otherwise.
 
     Initialisation draws from torch's global generator, forked and seeded for the build: the caller's global
     random state is the same afterwards, and the same seed gives the same initial model.
@@ -146,14 +158,61 @@ def build_model(cfg: RunConfig, image_size: int, device: torch.device) -> tuple[
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(derived_seed(cfg.seed, "model"))
         transform: Transformation = resolve_transform(cfg.transform)
-        backbone = _create("backbone", BACKBONES, cfg.backbone or "conv4", cfg.backbone_options)
+        backbone = _create("backbone", BACKBONES, cfg.backbone or "conv4", _with_channels(cfg, channels))
         feature_dim = backbone.feature_dim(image_size)
         learner = _create("learner", LEARNERS, cfg.method, cfg.learner_options, backbone=backbone)
         objective = OBJECTIVES.create(cfg.objective, transform=transform, feature_dim=feature_dim)
         learner.to(device)
         objective.to(device)
-        _materialize(learner, objective, cfg, image_size, device)
+        _materialize(learner, objective, cfg, image_size, channels, device)
     return learner, objective
+
+
+def _with_channels(cfg: RunConfig, channels: int) -> dict[str, Any]:
+    """The backbone options, with ``in_channels`` set to the data's channels when the backbone takes it and the
+    run leaves it unset (a plug-in backbone without the option gets RGB data only: ``check_channels``)."""
+    options = dict(cfg.backbone_options)
+    factory = BACKBONES.get(cfg.backbone or "conv4")
+    if channels != 3 and "in_channels" not in options and _takes(factory, "in_channels"):
+        options["in_channels"] = channels
+    return options
+
+
+def _takes(factory: Any, option: str) -> bool:
+    try:
+        parameters = inspect.signature(factory).parameters
+    except ValueError:
+        return False
+    return option in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def check_channels(cfg: RunConfig, channels: int) -> None:
+    """A UserError when the data's channels do not suit the run: colour transformations (and colour jitter) of
+    greyscale images, or a backbone that cannot take them."""
+    transform = resolve_transform(cfg.transform)
+    if transform.channels is not None and transform.channels != channels:
+        raise UserError(
+            f"transformation '{cfg.transform}' permutes colour channels and needs {transform.channels}-channel "
+            f"images, but {cfg.dataset} has {channels}; choose a geometric one such as --transform rotation"
+        )
+    if channels == 3:
+        return
+    if cfg.augment:
+        raise UserError(
+            f"--augment pads crops with black and jitters colour, which suits RGB photographs, but {cfg.dataset} is "
+            f"greyscale; drop --augment (or --set augment=false)"
+        )
+    factory = BACKBONES.get(cfg.backbone or "conv4")
+    in_channels = cfg.backbone_options.get("in_channels")
+    if in_channels is None and not _takes(factory, "in_channels"):
+        raise UserError(
+            f"backbone '{cfg.backbone}' has no in_channels option, so it cannot read the {channels}-channel images "
+            f"of {cfg.dataset}; add one to the backbone"
+        )
+    if in_channels is not None and in_channels != channels:
+        raise UserError(
+            f"backbone_options in_channels={in_channels}, but {cfg.dataset} has {channels} channel(s); drop it"
+        )
 
 
 def _create(kind: str, registry: Any, name: str, options: dict[str, Any], **parts: Any) -> Any:
@@ -181,13 +240,15 @@ def _create(kind: str, registry: Any, name: str, options: dict[str, Any], **part
         raise UserError(f"{kind} '{name}' rejected its options {options}: {err}; fix {kind}_options") from None
 
 
-def _materialize(learner: Learner, objective: Objective, cfg: RunConfig, image_size: int, device: torch.device) -> None:
+def _materialize(
+    learner: Learner, objective: Objective, cfg: RunConfig, image_size: int, channels: int, device: torch.device
+) -> None:
     """Run one dummy episode through a learner with lazy parameters so that they get their shapes: with the ways
     the objective will hand it in training (N*M under SLA)."""
     if not any(isinstance(p, nn.parameter.UninitializedParameter) for p in learner.parameters()):
         return
     ways = objective.learner_ways(cfg.train_ways or cfg.ways)
-    images = torch.zeros(1, ways, 3, image_size, image_size, device=device)
+    images = torch.zeros(1, ways, channels, image_size, image_size, device=device)
     labels = torch.arange(ways, device=device).unsqueeze(0)
     was_training = learner.training
     learner.eval()

@@ -113,6 +113,7 @@ def _execute(
         learner_settings=plan.learner.settings(),
         image_size=plan.pipeline.image_size,
         store_image_size=plan.pipeline.store_size,
+        normalization={"mean": list(plan.pipeline.normalization.mean), "std": list(plan.pipeline.normalization.std)},
         memory=MemoryRecord(
             micro_batch=plan.memory.micro_batch,
             checkpointing=plan.memory.checkpointing,

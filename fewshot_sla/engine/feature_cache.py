@@ -23,7 +23,7 @@ EMBED_CHUNK = 256  # images per backbone call while filling the cache
 
 class ImagesOf:
     """Split images (in memory or on disk) and the function making them model-ready: ``blocks`` of split rows
-    -> the float images ``[1, n, 3, H, W]`` of each block, the next block read ahead from disk."""
+    -> the float images ``[1, n, C, H, W]`` of each block, the next block read ahead from disk."""
 
     def __init__(self, split_images: torch.Tensor | RowReader, prepare: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.split_images = split_images
@@ -31,7 +31,7 @@ class ImagesOf:
 
     def blocks(self, blocks: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         """The model-ready images of each block of rows, in turn."""
-        for picked in read_ahead(self.split_images, blocks):  # [n, H, W, 3] uint8
+        for picked in read_ahead(self.split_images, blocks):  # [n, H, W, C] uint8
             yield self.prepare(picked.permute(0, 3, 1, 2).unsqueeze(0))
 
 

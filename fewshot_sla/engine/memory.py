@@ -207,7 +207,7 @@ def profile_step(
     design = np.array([[1.0, s, q] for s, q in sizes])
     coef = np.linalg.solve(design, np.stack([p.vector() for p in probes]))
     episode_rows = np.array([0.0, spec.ways * spec.shots, spec.ways * spec.queries])
-    image = pipeline.image_size * pipeline.image_size * 3
+    image = pipeline.image_size * pipeline.image_size * pipeline.normalization.channels
     inputs = meta_batch * spec.ways * spec.per_class * image * (1 + 4)  # uint8 gathered + float32 normalised
     return StepProfile(
         static=static_bytes(learner, objective, optimizer, momentum),

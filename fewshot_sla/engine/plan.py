@@ -27,6 +27,7 @@ from fewshot_sla.data.store import DatasetStore, Split
 from fewshot_sla.engine.build import (
     ImagePipeline,
     build_model,
+    check_channels,
     check_names,
     check_split,
     derived_seed,
@@ -118,7 +119,9 @@ def plan_run(
     if episode_file is not None:
         episode_file.rows_in(splits[episode_file.split], cfg.dataset)
     pipeline = pipeline_for(cfg, store)
-    learner, objective = build_model(cfg, pipeline.image_size, device)  # bad backbone/learner options fail here
+    check_channels(cfg, pipeline.normalization.channels)
+    # bad backbone/learner options fail here
+    learner, objective = build_model(cfg, pipeline.image_size, device, pipeline.normalization.channels)
     can_checkpoint = checkpointing.supports(learner.backbone) and learner.supports_checkpointing
     if cfg.checkpointing and not can_checkpoint:
         why = (

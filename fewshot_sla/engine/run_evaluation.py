@@ -26,6 +26,7 @@ from fewshot_sla.engine.build import (
     load_episode_file,
     open_dataset,
     pipeline_for,
+    recorded_normalization,
     resolve_device,
 )
 from fewshot_sla.engine.checkpoint import load_checkpoint
@@ -202,8 +203,14 @@ def evaluate_run(
             target_name, split, spec, count, run_dir, store.path.parent, processes.writer
         )
     episode_set.rows_in(split, target_name)
-    pipeline = ImagePipeline(model_size, store.image_size, None)
-    learner, objective = build_model(cfg, pipeline.image_size, dev)
+    channels = recorded_normalization(previous.data).channels
+    if store.normalization.channels != channels:
+        raise UserError(
+            f"{run_dir} was trained on {channels}-channel images, but {target_name} has "
+            f"{store.normalization.channels}; evaluate it on a dataset with the same channels"
+        )
+    pipeline = ImagePipeline(model_size, store.image_size, None, store.normalization)
+    learner, objective = build_model(cfg, pipeline.image_size, dev, channels)
     return evaluate_checkpoint(
         previous.data,
         run_dir,

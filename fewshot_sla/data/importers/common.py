@@ -47,14 +47,18 @@ def files_of(paths: Sequence[Path]) -> Callable[[int], np.ndarray]:
 class RawSplit:
     """One split as an importer sees it: class names, per-image labels and ids, and a loader by position.
 
-    ``load(i)`` returns image ``i`` as RGB uint8 ``[h, w, 3]`` at any size (``prepare`` resizes it) or
-    raises ``BadImage``. Rows come class by class (classes sorted), each class in its source listing order.
+    ``load(i)`` returns image ``i`` as uint8 ``[h, w, C]`` (RGB, or one channel for a greyscale dataset) at any
+    size (``prepare`` resizes it) or raises ``BadImage``. Rows come class by class (classes sorted), each class in
+    its source listing order. ``quarter_turns`` (optional, per row) rotates the resized image counter-clockwise
+    that many times, as ``torch.rot90`` does: a stored rotated copy is then exactly SLA's rotation of the
+    stored upright image.
     """
 
     class_names: list[str]
     labels: np.ndarray
     image_ids: list[str]
     load: Callable[[int], np.ndarray]
+    quarter_turns: np.ndarray | None = None
 
 
 def _no_split_dir(root: Path) -> Path | None:
@@ -91,11 +95,17 @@ def read_image_file(path: Path) -> np.ndarray:
         raise BadImage(path, f"cannot decode ({err})") from None
 
 
-def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize an RGB uint8 image to ``size x size`` (Lanczos, aspect ratio not kept, as for mini-ImageNet)."""
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a uint8 image ``[h, w, C]`` (RGB or one channel) to ``size x size``, aspect ratio not kept.
+
+    Lanczos, as for mini-ImageNet and as Finn et al.'s Omniglot script resizes: an antialiasing filter, so that a
+    105 px Omniglot stroke becomes grey edges at 28 px instead of being dropped or doubled as nearest would.
+    """
     if image.shape[0] == size and image.shape[1] == size:
         return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))
+    plane = image[:, :, 0] if image.shape[2] == 1 else image
+    resized = np.asarray(Image.fromarray(plane).resize((size, size), Image.Resampling.LANCZOS))
+    return resized.reshape(size, size, image.shape[2])
 
 
 # The only globals a dataset pickle (numpy arrays, lists, dicts; Python 2 or 3) needs.
