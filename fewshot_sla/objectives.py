@@ -5,6 +5,9 @@ to query logits: ``baseline`` (plain episode), ``da`` (transformed copies keep t
 (plain task plus a transformation-prediction head), ``sla`` (joint N*M-way labels; SI and AG
 predictions) and ``sla+sd`` (``sla`` plus a plain prediction distilled from the aggregated one).
 
+Every loss on the learner's logits is the one the learner declares (``Learner.loss_kind``): cross-entropy, or for
+``relationnet`` the mean squared error of sigmoid scores against one-hot targets ("cross-entropy" below means it).
+
 An objective may hold parameters (``mt``'s head): the optimiser must include ``objective.parameters()``.
 For an ``EmbeddingLearner``, ``mt`` and ``sla+sd`` take the plain (t_1) embeddings from the rows of the
 transformed batch instead of a second backbone pass; in training mode the plain rows then share
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_sla.errors import UserError
-from fewshot_sla.learners.base import EmbeddingLearner, Learner
+from fewshot_sla.learners.base import MSE_SIGMOID, EmbeddingLearner, Learner
 from fewshot_sla.prediction_kinds import PLAIN, SLA_AG, SLA_SD, SLA_SI, PredictionKind
 from fewshot_sla.registry import OBJECTIVES
 from fewshot_sla.sla import (
@@ -80,6 +83,26 @@ def _forward(learner: Learner, episode: Any) -> torch.Tensor:
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of logits ``[..., C]`` against labels ``[...]``."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def _task_loss(learner: Learner, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss the learner declares (``loss_kind``) of logits ``[..., C]`` against labels ``[...]``: cross-entropy,
+    or the mean squared error of sigmoid scores against one-hot targets over every query and class."""
+    if learner.loss_kind == MSE_SIGMOID:
+        targets = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+        return F.mse_loss(torch.sigmoid(logits), targets)
+    return _cross_entropy(logits, labels)
+
+
+def _distillation_loss(
+    learner: Learner, single: torch.Tensor, aggregated: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """SLA+SD's loss of the plain prediction: CE + KL towards the aggregated one, or for MSE_SIGMOID learners the
+    same in their own loss: MSE to one-hot targets + MSE to the aggregated sigmoid scores (detached)."""
+    if learner.loss_kind == MSE_SIGMOID:
+        target = torch.sigmoid(aggregated.detach())
+        return _task_loss(learner, single, labels) + F.mse_loss(torch.sigmoid(single), target)
+    return self_distillation_loss(single, aggregated, labels)
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -164,7 +187,7 @@ class Baseline(Objective):
 
     def loss(self, learner: Learner, episode: Any) -> tuple[torch.Tensor, dict[str, float]]:
         logits = _forward(learner, episode)
-        loss = _cross_entropy(logits, episode.query_labels)
+        loss = _task_loss(learner, logits, episode.query_labels)
         return loss, _metrics(loss=loss, acc=_accuracy(logits, episode.query_labels))
 
 
@@ -184,7 +207,7 @@ class DataAugmentation(Objective):
             self.transform(episode.query),
             episode.ways,
         )
-        loss = _cross_entropy(logits, query_labels)
+        loss = _task_loss(learner, logits, query_labels)
         return loss, _metrics(loss=loss, acc=_accuracy(logits, query_labels))
 
 
@@ -228,7 +251,7 @@ class MultiTask(Objective):
             )
         transform_logits = self.transform_head(features)
         transform_targets = transformation_labels(features.shape[0] // m, m, device=features.device)
-        task_loss = _cross_entropy(logits, episode.query_labels)
+        task_loss = _task_loss(learner, logits, episode.query_labels)
         transform_loss = F.cross_entropy(transform_logits, transform_targets)
         loss = task_loss + transform_loss
         return loss, _metrics(
@@ -263,11 +286,13 @@ class LabelAugmentation(Objective):
         m = copies.m
         return classify(copies.support, joint_labels(copies.support_labels, m), copies.query, copies.ways * m)
 
-    def _sla_terms(self, joint: torch.Tensor, augmented: Any, episode: Any) -> dict[str, torch.Tensor]:
+    def _sla_terms(
+        self, learner: Learner, joint: torch.Tensor, augmented: Any, episode: Any
+    ) -> dict[str, torch.Tensor]:
         """The joint loss and the training accuracies of the joint, SI and AG predictions."""
         m = self.transform.m
         return {
-            "loss_sla": _cross_entropy(joint, augmented.query_labels),
+            "loss_sla": _task_loss(learner, joint, augmented.query_labels),
             "acc": _accuracy(joint, augmented.query_labels),
             "acc_si": _accuracy(aggregate_si(joint, m), episode.query_labels),
             "acc_ag": _accuracy(aggregate_ag(joint, m), episode.query_labels),
@@ -275,7 +300,7 @@ class LabelAugmentation(Objective):
 
     def loss(self, learner: Learner, episode: Any) -> tuple[torch.Tensor, dict[str, float]]:
         augmented, joint = self._joint(learner, episode)
-        terms = self._sla_terms(joint, augmented, episode)
+        terms = self._sla_terms(learner, joint, augmented, episode)
         loss = terms.pop("loss_sla")
         return loss, _metrics(loss=loss, **terms)
 
@@ -311,9 +336,9 @@ class SelfDistillation(LabelAugmentation):
 
     def loss(self, learner: Learner, episode: Any) -> tuple[torch.Tensor, dict[str, float]]:
         augmented, joint, single = self._joint_and_single(learner, episode)
-        terms = self._sla_terms(joint, augmented, episode)
+        terms = self._sla_terms(learner, joint, augmented, episode)
         aggregated = aggregate_ag(joint, self.transform.m)
-        sd_loss = self_distillation_loss(single, aggregated, episode.query_labels)
+        sd_loss = _distillation_loss(learner, single, aggregated, episode.query_labels)
         loss = terms["loss_sla"] + sd_loss
         return loss, _metrics(loss=loss, loss_sd=sd_loss, acc_sd=_accuracy(single, episode.query_labels), **terms)
 

@@ -6,7 +6,10 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from fewshot_sla.backbones.checkpointing import enable
 from fewshot_sla.backbones.resnet12 import DropBlock, ResNet12, dropblock_size_for
 from fewshot_sla.errors import UserError
 from fewshot_sla.registry import BACKBONES
@@ -71,6 +74,130 @@ def test_conv4_channels_last_layout_keeps_the_channel_major_features() -> None:
     with torch.no_grad():
         expected = reference.features(images).contiguous().reshape(3, -1)
         torch.testing.assert_close(backbone(images), expected, rtol=1e-5, atol=1e-6)
+
+
+def _randomise_batch_norms(backbone: nn.Module) -> None:
+    """Non-trivial BatchNorm scales, offsets and running statistics, so that using them wrongly shows."""
+    for module in backbone.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+                module.running_mean.uniform_(-0.3, 0.3)
+                module.running_var.uniform_(0.5, 2.0)
+
+
+def _finn_omniglot_reference(images: torch.Tensor, backbone: nn.Module, training: bool) -> torch.Tensor:
+    """Finn et al. 2017's Omniglot network written with functional calls: four blocks of conv3x3 (stride 2, 'SAME'
+    padding = 1 on each side) -> BatchNorm -> ReLU, no pooling, then the mean over the spatial positions."""
+    convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(convs) == 4 and len(norms) in (0, 4)
+    x = images
+    for index, conv in enumerate(convs):
+        x = F.conv2d(x, conv.weight.contiguous(), conv.bias, stride=2, padding=1)
+        if norms:
+            bn = norms[index]
+            mean, var = bn.running_mean.clone(), bn.running_var.clone()  # training mode updates them in place
+            x = F.batch_norm(x, mean, var, bn.weight, bn.bias, training=training, momentum=0.1, eps=bn.eps)
+        x = F.relu(x)
+    return x.mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_strided_conv4_is_finns_omniglot_network(batch_norm: bool) -> None:
+    torch.manual_seed(0)
+    backbone = BACKBONES.create("conv4", hidden=64, in_channels=1, batch_norm=batch_norm, strided=True)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in backbone.modules())
+    _randomise_batch_norms(backbone)
+    images = torch.randn(5, 1, 28, 28)
+    # Hand-computed shape path: 'SAME' stride 2 takes side n to ceil(n / 2): 28 -> 14 -> 7 -> 4 -> 2.
+    sides: list[tuple[int, ...]] = []
+    hooks = [
+        stage.register_forward_hook(lambda _m, _i, out: sides.append(tuple(out.shape)))
+        for stage in backbone.checkpoint_stages()
+    ]
+    backbone.eval()
+    with torch.no_grad():
+        features = backbone(images)
+    for hook in hooks:
+        hook.remove()
+    assert sides == [(5, 64, 14, 14), (5, 64, 7, 7), (5, 64, 4, 4), (5, 64, 2, 2)]
+    assert features.shape == (5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(features, _finn_omniglot_reference(images, backbone, False), rtol=1e-5, atol=1e-5)
+    # Training mode (batch statistics) agrees as well.
+    backbone.train()
+    with torch.no_grad():
+        expected = _finn_omniglot_reference(images, backbone, True)
+        torch.testing.assert_close(backbone(images), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_conv4_feature_dim_is_hidden_and_matches_the_output() -> None:
+    for hidden in (64, 32):
+        backbone = BACKBONES.create("conv4", hidden=hidden, strided=True).eval()
+        for size in (28, 32, 84):
+            assert backbone.feature_dim(size) == hidden
+            with torch.no_grad():
+                assert backbone(torch.randn(2, 3, size, size)).shape == (2, hidden)
+    rgb = BACKBONES.create("conv4", strided=True)
+    assert tuple(rgb.features[0].weight.shape) == (64, 3, 3, 3)  # in_channels defaults to 3
+    with pytest.raises(UserError, match="at least 16x16"):
+        rgb.feature_dim(8)
+
+
+def test_default_conv4_is_unchanged() -> None:
+    # The names and shapes that existing checkpoints hold; explicit strided=False is the default.
+    expected: list[tuple[str, tuple[int, ...]]] = []
+    for block, c_in in enumerate((3, 64, 64, 64)):
+        conv, bn = 4 * block, 4 * block + 1
+        expected.append((f"features.{conv}.weight", (64, c_in, 3, 3)))
+        expected += [(f"features.{bn}.{name}", (64,)) for name in ("weight", "bias", "running_mean", "running_var")]
+        expected.append((f"features.{bn}.num_batches_tracked", ()))
+    for options in ({}, {"strided": False}):
+        backbone = BACKBONES.create("conv4", **options).eval()
+        assert [(k, tuple(v.shape)) for k, v in backbone.state_dict().items()] == expected
+        kinds = [type(m) for m in backbone.features]
+        assert kinds == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d] * 4
+        with torch.no_grad():
+            assert backbone(torch.randn(2, 3, 84, 84)).shape == (2, 1600)
+            assert backbone(torch.randn(2, 3, 28, 28)).shape == (2, 64)  # 28 -> 14 -> 7 -> 3 -> 1
+        assert (backbone.feature_dim(84), backbone.feature_dim(28)) == (1600, 64)
+    # And its output is still conv (stride 1) -> BN -> ReLU -> 2x2 max-pool, four times, flattened.
+    torch.manual_seed(0)
+    backbone = BACKBONES.create("conv4", hidden=8, in_channels=1).eval()
+    _randomise_batch_norms(backbone)
+    images = torch.randn(3, 1, 36, 36)
+    convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    x = images
+    for conv, bn in zip(convs, norms):
+        x = F.conv2d(x, conv.weight.contiguous(), None, stride=1, padding=1)
+        x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
+        x = F.max_pool2d(F.relu(x), 2)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images), x.reshape(3, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_strided_conv4_checkpointing_gives_identical_outputs_gradients_and_statistics() -> None:
+    torch.manual_seed(0)
+    plain = BACKBONES.create("conv4", hidden=8, in_channels=1, strided=True).train()
+    checked = copy.deepcopy(plain)
+    enable(checked)
+    first_conv_calls = []
+    checked.features[0].register_forward_hook(lambda *_: first_conv_calls.append(1))
+    images = torch.randn(6, 1, 28, 28)
+    outputs = []
+    for net in (plain, checked):
+        out = net(images)
+        (out**2).sum().backward()
+        outputs.append(out.detach())
+    assert len(first_conv_calls) == 2, "the first block should be recomputed in backward"
+    assert torch.equal(outputs[0], outputs[1])
+    for (name, a), b in zip(plain.named_parameters(), checked.parameters(), strict=True):
+        assert a.grad is not None and torch.equal(a.grad, b.grad), name
+    for (name, a), b in zip(plain.named_buffers(), checked.buffers(), strict=True):
+        assert torch.equal(a, b), name  # running statistics and batch counters counted once
 
 
 def test_resnet12_parameter_count_matches_the_architecture() -> None:

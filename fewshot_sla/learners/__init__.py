@@ -1,5 +1,5 @@
 """Learners (``LEARNERS``): B episodes in, query logits out; importing this package registers them."""
 
-from fewshot_sla.learners import maml, metaoptnet_ridge, metaoptnet_svm, protonet
+from fewshot_sla.learners import maml, matchingnet, metaoptnet_ridge, metaoptnet_svm, protonet, relationnet
 
-__all__ = ["maml", "metaoptnet_ridge", "metaoptnet_svm", "protonet"]
+__all__ = ["maml", "matchingnet", "metaoptnet_ridge", "metaoptnet_svm", "protonet", "relationnet"]

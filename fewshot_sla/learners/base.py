@@ -10,6 +10,9 @@ import torch
 from torch import nn
 
 UNCONVERGED = "_unconverged"
+# The training losses a learner's logits can ask for (``Learner.loss_kind``; the objectives apply them).
+CROSS_ENTROPY = "cross_entropy"  # softmax cross-entropy of the logits
+MSE_SIGMOID = "mse_sigmoid"  # mean squared error of sigmoid(logits) against one-hot targets (Relation Networks)
 
 
 class Learner(nn.Module):
@@ -25,6 +28,8 @@ class Learner(nn.Module):
     episodes_independent: ClassVar[bool] = False
     # Whether the backbone's stages may be checkpointed (recomputed in backward from the module's parameters).
     supports_checkpointing: ClassVar[bool] = True
+    # The loss the objectives train the logits with (CROSS_ENTROPY or MSE_SIGMOID); predictions take the arg-max.
+    loss_kind: ClassVar[str] = CROSS_ENTROPY
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
