@@ -50,7 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "build",
         help="write leaderboard tables and plots from finished runs",
         description="Read every results.json below RUNS_DIR and write leaderboard.md, leaderboard.csv, "
-        "paired_differences.csv and PNG plots into --out, with published numbers beside the measured.",
+        "paired_differences.csv and PNG plots into --out, with published numbers beside the measured, and "
+        "reproduction.md/.csv/.png: each row that matches a published one (method, backbone and its options, "
+        "dataset, ways, shots) with the difference, its 95% CI and a verdict (reproduced, above, below).",
     )
     build.add_argument("runs_dir", metavar="RUNS_DIR")
     build.add_argument("--out", metavar="DIR", required=True, help="output folder")
@@ -121,6 +123,9 @@ def build_command(args: argparse.Namespace) -> int:
     for path, reason in report.skipped:
         sys.stderr.write(f"fewshot-sla: skipped {path}: {reason}\n")
     print(f"{report.runs} run(s): {report.accuracy_rows} accuracy row(s), {report.paired_rows} paired row(s)")
+    if report.verdicts:
+        counts = ", ".join(f"{n} {verdict}" for verdict, n in report.verdicts.items())
+        print(f"compared with published numbers: {counts} (reproduction.md)")
     for file in report.files:
         print(f"  {file}")
     return 0

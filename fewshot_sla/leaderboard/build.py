@@ -8,7 +8,9 @@ configuration (transform and objective aside) and seed, episode by episode, only
 the same episode set of the same dataset store; otherwise the table says why they were not compared.
 
 Outputs (written atomically): ``leaderboard.md``, ``leaderboard.csv`` (accuracies, published rows
-included), ``paired_differences.csv``, ``accuracy.png`` and ``paired_difference.png``.
+included), ``paired_differences.csv``, ``accuracy.png``, ``paired_difference.png``, and the reproduction table
+of the rows that match a published one (``reproduction.py``): ``reproduction.md``, ``reproduction.csv`` and
+``reproduction.png``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ import numpy as np
 from fewshot_sla.atomic import atomic_path, write_text_atomic
 from fewshot_sla.engine.stats import paired_comparison
 from fewshot_sla.errors import UserError
+from fewshot_sla.leaderboard import reproduction
 from fewshot_sla.leaderboard.published import PublishedResult
 from fewshot_sla.objectives import BASELINE
 from fewshot_sla.prediction_kinds import display_rank, headline_kind, kind_label
@@ -40,7 +43,16 @@ RESULT_FREE_KEYS = ("seed", "device", "eval_batch", "feature_cache", "episodes_f
 # The only configuration keys in which a run may differ from the baseline run it is compared with.
 COMPARED_KEYS = ("transform", "objective")
 REQUIRED_FIELDS = ("config", "dataset_fingerprint", "method", "backbone", "dataset", "transform", "objective", "seed")
-OUTPUTS = ("leaderboard.md", "leaderboard.csv", "paired_differences.csv", "accuracy.png", "paired_difference.png")
+OUTPUTS = (
+    "leaderboard.md",
+    "leaderboard.csv",
+    "paired_differences.csv",
+    "accuracy.png",
+    "paired_difference.png",
+    "reproduction.md",
+    "reproduction.csv",
+    "reproduction.png",
+)
 
 
 def _identity(config: dict[str, Any], dropped: Iterable[str]) -> str:
@@ -143,7 +155,8 @@ def _objective_rank(objective: str) -> tuple[bool, str]:
 
 def accuracy_rows(entries: Sequence[Entry], published: Sequence[PublishedResult] = ()) -> list[dict[str, Any]]:
     """One row per (setting, episode set, dataset store, prediction kind), plus the published rows of every
-    (dataset, ways, shots) that has measured rows; sorted for reading."""
+    (dataset, ways, shots) that has measured rows; sorted for reading. Measured rows also carry the resolved
+    ``config`` of their first run (the same for all, seed aside) and their ``test_queries``."""
     groups: dict[tuple[str, str, str], list[Entry]] = defaultdict(list)
     for e in entries:
         groups[(e.setting, e.episode_set, e.fingerprint)].append(e)
@@ -168,6 +181,7 @@ def accuracy_rows(entries: Sequence[Entry], published: Sequence[PublishedResult]
                     "runs": len(members),
                     "seeds": " ".join(str(e.field("seed")) for e in members),
                     "test_episodes": first.block["episodes"],
+                    "test_queries": first.block["episode_set"].get("queries"),
                     "train_episodes": first.config.get("train_episodes"),
                     "episode_set": first.episode_set[:12],
                     "fingerprint": first.fingerprint[:12],
@@ -176,6 +190,7 @@ def accuracy_rows(entries: Sequence[Entry], published: Sequence[PublishedResult]
                     "protocol": f"{first.block['episodes']} test episodes, {first.block['episode_set']['queries']} "
                     f"queries/class, episode set {first.episode_set[:8]}",
                     "run_means": means,
+                    "config": first.config,
                 }
             )
     present = {(r["dataset"], r["ways"], r["shots"]) for r in rows}
@@ -199,13 +214,15 @@ def accuracy_rows(entries: Sequence[Entry], published: Sequence[PublishedResult]
                     "runs": None,
                     "seeds": "",
                     "test_episodes": p.test_episodes,
-                    "train_episodes": None,
+                    "test_queries": p.test_queries,
+                    "train_episodes": p.train_episodes,
                     "episode_set": "",
                     "fingerprint": "",
                     "config_id": "",
                     "source": p.citation(),
                     "protocol": p.protocol(),
                     "run_means": [],
+                    "config": None,
                 }
             )
     rows.sort(
@@ -369,8 +386,10 @@ def render_markdown(
     runs_dir: Path,
     n_runs: int,
     skipped: Sequence[tuple[Path, str]],
+    reproduction_summary: str = "",
 ) -> str:
-    """The leaderboard as Markdown: accuracy table (published rows marked), paired differences, plots."""
+    """The leaderboard as Markdown: accuracy table (published rows marked), paired differences, the reproduction
+    summary (``reproduction.md`` has the table), plots."""
     acc_lines = []
     for r in acc:
         published = r["source_type"] == "published"
@@ -465,6 +484,12 @@ def render_markdown(
         )
         if pair_lines
         else "No run has a baseline run to be compared with.",
+        "",
+        "## Reproduction of published numbers",
+        "",
+        (reproduction_summary + " " if reproduction_summary else "")
+        + "Verdicts (reproduced / above / below), differences with their 95% intervals and training budgets: "
+        "[reproduction.md](reproduction.md), `reproduction.csv`, `reproduction.png`.",
         "",
         "## Plots",
         "",
@@ -649,6 +674,7 @@ class BuildReport:
     paired_rows: int
     skipped: list[tuple[Path, str]]
     files: list[Path]
+    verdicts: dict[str, int] = field(default_factory=dict)  # reproduction rows per verdict
 
 
 def build_leaderboard(
@@ -666,11 +692,15 @@ def build_leaderboard(
         )
     acc = accuracy_rows(entries, published)
     pairs = paired_rows(entries)
+    rep = reproduction.reproduction_rows(acc, published)
     n_runs = len({e.run.path for e in entries})
     files = [out / name for name in OUTPUTS]
-    write_text_atomic(files[0], render_markdown(acc, pairs, runs_dir, n_runs, skipped))
+    write_text_atomic(files[0], render_markdown(acc, pairs, runs_dir, n_runs, skipped, reproduction.summary(rep)))
     write_text_atomic(files[1], render_csv(acc, ACCURACY_COLUMNS))
     write_text_atomic(files[2], render_csv(pairs, PAIRED_COLUMNS))
     plot_accuracy(acc, files[3])
     plot_paired(pairs, files[4])
-    return BuildReport(n_runs, len(acc), len(pairs), skipped, files)
+    write_text_atomic(files[5], reproduction.render_markdown(rep, runs_dir, _md_table))
+    write_text_atomic(files[6], render_csv(rep.rows, reproduction.COLUMNS))
+    reproduction.plot(rep, files[7], _figure, _save)
+    return BuildReport(n_runs, len(acc), len(pairs), skipped, files, rep.counts())

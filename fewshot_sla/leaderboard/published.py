@@ -1,16 +1,28 @@
 """Published reference numbers (``published.csv``, shipped beside this module): what the literature reports.
 
-One row per (method, backbone, dataset, ways, shots): mean test accuracy and 95% interval in percent, the
-test protocol (backbone detail, test episodes, queries per class when the source states it), the source
-and a reference. Leaderboards show these rows beside measured ones, marked as published.
+One row per (method, backbone and its options, dataset, ways, shots): mean test accuracy in percent and its
+95% interval (blank where the source gives none), the test protocol (backbone detail, test episodes, queries per
+class when the source states it), the published training budget in episodes (``train_episodes``, blank when
+unknown), the source and a reference. Leaderboards show these rows beside measured ones, marked as published,
+and compare the runs that match one (``reproduction.py``).
+
+``backbone_options`` holds the backbone's keyword options the source used, as ``key=value`` pairs separated by
+``;`` (values read as YAML scalars: ``hidden=32; strided=true``); blank means the backbone's defaults. The columns
+``backbone_options``, ``ci95`` values, ``test_episodes``, ``test_queries``, ``train_episodes``, ``backbone_detail``,
+``reference`` and ``note`` may be left out or blank, so older tables still load.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from fewshot_sla.errors import UserError
 from fewshot_sla.io_errors import read_text
@@ -21,6 +33,7 @@ COLUMNS = (
     "method",
     "backbone",
     "backbone_detail",
+    "backbone_options",
     "dataset",
     "ways",
     "shots",
@@ -28,16 +41,21 @@ COLUMNS = (
     "ci95",
     "test_episodes",
     "test_queries",
+    "train_episodes",
     "source",
     "reference",
     "note",
 )
+# Columns every table has; all but ``ci95`` (blank: the source published no interval) must be filled in every row.
 REQUIRED = ("method", "backbone", "dataset", "ways", "shots", "accuracy", "ci95", "source")
+FILLED = tuple(c for c in REQUIRED if c != "ci95")
+_OPTION_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
 class PublishedResult:
-    """One published accuracy (percent) with the protocol it was measured under."""
+    """One published accuracy (percent) with the protocol it was measured under; ``ci95`` is None where the
+    source gives no interval, ``train_episodes`` (episodes seen in meta-training) None where it is unknown."""
 
     method: str
     backbone: str
@@ -46,12 +64,14 @@ class PublishedResult:
     ways: int
     shots: int
     accuracy: float
-    ci95: float
+    ci95: float | None
     test_episodes: int | None
     test_queries: int | None
     source: str
     reference: str
     note: str
+    backbone_options: Mapping[str, Any] = field(default_factory=dict)
+    train_episodes: int | None = None
 
     def protocol(self) -> str:
         """Backbone, test episodes and queries, e.g. ``Conv-4 (64 filters), 600 test episodes``."""
@@ -63,6 +83,10 @@ class PublishedResult:
         if self.note:
             parts.append(self.note)
         return ", ".join(parts)
+
+    def options_text(self) -> str:
+        """The backbone options as written in the table (``hidden=32; strided=true``); empty for the defaults."""
+        return format_options(self.backbone_options)
 
     def citation(self) -> str:
         """Source and reference, e.g. ``Snell et al. 2017, arXiv:1703.05175``."""
@@ -83,7 +107,7 @@ def load_published(path: str | Path = DEFAULT_PUBLISHED) -> list[PublishedResult
         where = f"{path} line {line}"
         if None in row or any(v is None for v in row.values()):
             raise UserError(f"{where}: wrong number of fields; the header has {len(header)}")
-        for column in REQUIRED:
+        for column in FILLED:
             if not row[column].strip():
                 raise UserError(f"{where}: '{column}' is empty")
         rows.append(
@@ -95,12 +119,14 @@ def load_published(path: str | Path = DEFAULT_PUBLISHED) -> list[PublishedResult
                 ways=int(_number(row["ways"], int, where, "ways")),
                 shots=int(_number(row["shots"], int, where, "shots")),
                 accuracy=_number(row["accuracy"], float, where, "accuracy"),
-                ci95=_number(row["ci95"], float, where, "ci95"),
+                ci95=_number(row["ci95"], float, where, "ci95") if row["ci95"].strip() else None,
                 test_episodes=_optional_int(row.get("test_episodes", ""), where, "test_episodes"),
                 test_queries=_optional_int(row.get("test_queries", ""), where, "test_queries"),
                 source=row["source"].strip(),
                 reference=row.get("reference", "").strip(),
                 note=row.get("note", "").strip(),
+                backbone_options=parse_options(row.get("backbone_options", ""), where),
+                train_episodes=_optional_int(row.get("train_episodes", ""), where, "train_episodes"),
             )
         )
     return rows
@@ -120,3 +146,36 @@ def _number(text: str, kind: type, where: str, column: str) -> float | int:
 
 def _optional_int(text: str, where: str, column: str) -> int | None:
     return int(_number(text, int, where, column)) if text and text.strip() else None
+
+
+def parse_options(text: str, where: str) -> dict[str, Any]:
+    """``hidden=32; strided=true`` -> ``{"hidden": 32, "strided": True}`` (values as YAML scalars)."""
+    options: dict[str, Any] = {}
+    for part in (text or "").split(";"):
+        if not part.strip():
+            continue
+        key, sep, value = (s.strip() for s in part.partition("="))
+        if not sep or not _OPTION_KEY.match(key) or not value:
+            raise UserError(
+                f"{where}: 'backbone_options' must be key=value pairs separated by ';' (e.g. hidden=32; "
+                f"strided=true), got {text.strip()!r}"
+            )
+        if key in options:
+            raise UserError(f"{where}: 'backbone_options' gives '{key}' twice")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = None
+        if not isinstance(parsed, (bool, int, float, str)):
+            raise UserError(f"{where}: backbone option '{key}' must be a number, true/false or a word, got {value!r}")
+        options[key] = parsed
+    return options
+
+
+def format_options(options: Mapping[str, Any]) -> str:
+    """Backbone options as ``key=value`` pairs in key order, the way the table writes them."""
+
+    def text(value: Any) -> str:
+        return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+    return "; ".join(f"{key}={text(options[key])}" for key in sorted(options))

@@ -1,0 +1,450 @@
+"""Reproduction verdicts: each measured leaderboard row beside the published row of the same setting.
+
+A measured row (its headline prediction) matches a published row when method, backbone, dataset (not a
+cross-domain evaluation), ways and shots are equal and the backbone options are the same once each side's
+unnamed options take the backbone factory's defaults (a backbone not registered here compares the options as
+written; ``in_channels``, which the data sets, is not compared). For each match the table gives both
+accuracies with their 95% intervals, the difference ours - published with a 95% interval that combines both,
+sqrt(ci_ours^2 + ci_published^2) (independent estimates; ours alone where the source publishes no interval, and
+the table says so), and a verdict:
+
+- **reproduced**: the published value lies within our 95% interval, or the interval of the difference
+  contains 0 (both inclusive, up to ``TOLERANCE`` percentage points of rounding);
+- otherwise **above** (ours higher) or **below** (ours lower).
+
+With several seeds a row is their mean and the mean of their per-run episode intervals, as the leaderboard
+reports it (the spread across seeds is shown, not folded into the interval). Beside the verdict: the training
+budget (episodes seen: ``ceil(train_episodes / meta_batch)`` steps of ``meta_batch`` episodes, from the run's
+resolved configuration, whose ``train_episodes`` already counts episodes) against the published one, and the
+test episodes and queries on each side.
+
+Outputs (written atomically by ``build.build_leaderboard``): ``reproduction.md``, ``reproduction.csv`` and
+``reproduction.png``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fewshot_sla.errors import UserError
+from fewshot_sla.leaderboard.published import PublishedResult, format_options
+from fewshot_sla.objectives import BASELINE
+from fewshot_sla.prediction_kinds import kind_label
+from fewshot_sla.results import now_iso
+
+REPRODUCED, ABOVE, BELOW = "reproduced", "above", "below"
+# Percentage points within which a boundary case counts as inside (published numbers have 1-2 decimals).
+TOLERANCE = 1e-9
+BOTH_CIS = "ours and published"
+OURS_ONLY = "ours only (no published CI)"
+# Backbone options the data decides (greyscale stores), not the published setting.
+DATA_OPTIONS = ("in_channels",)
+WITHIN_OURS = "published value within our 95% CI"
+DIFF_CONTAINS_ZERO = "95% CI of the difference contains 0"
+COLUMNS = (
+    "dataset",
+    "ways",
+    "shots",
+    "method",
+    "backbone",
+    "backbone_options",
+    "transform",
+    "objective",
+    "prediction",
+    "runs",
+    "seeds",
+    "published_accuracy",
+    "published_ci95",
+    "accuracy",
+    "ci95",
+    "seed_std",
+    "difference",
+    "difference_ci95",
+    "difference_ci_from",
+    "verdict",
+    "verdict_basis",
+    "train_episodes",
+    "meta_batch",
+    "train_steps",
+    "episodes_seen",
+    "published_train_episodes",
+    "budget_ratio",
+    "test_episodes",
+    "published_test_episodes",
+    "test_queries",
+    "published_test_queries",
+    "source",
+    "published_protocol",
+    "config_id",
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a measured accuracy compares with a published one (all in percent)."""
+
+    difference: float  # ours - published
+    ci95: float  # half-width of the difference's 95% interval
+    ci_from: str  # BOTH_CIS or OURS_ONLY
+    verdict: str  # REPRODUCED, ABOVE or BELOW
+    basis: str  # why reproduced (WITHIN_OURS or DIFF_CONTAINS_ZERO); empty otherwise
+
+
+def judge(ours: float, ours_ci: float, published: float, published_ci: float | None) -> Verdict:
+    """The verdict for ours (mean, 95% half-width) against a published value and its half-width (None: none
+    published). A non-finite interval of ours (a single test episode) counts as zero width."""
+    ci = ours_ci if math.isfinite(ours_ci) else 0.0
+    difference = ours - published
+    if published_ci is None:
+        combined, ci_from = ci, OURS_ONLY
+    else:
+        combined, ci_from = math.hypot(ci, published_ci), BOTH_CIS
+    if abs(published - ours) <= ci + TOLERANCE:
+        return Verdict(difference, combined, ci_from, REPRODUCED, WITHIN_OURS)
+    if abs(difference) <= combined + TOLERANCE:
+        return Verdict(difference, combined, ci_from, REPRODUCED, DIFF_CONTAINS_ZERO)
+    return Verdict(difference, combined, ci_from, ABOVE if difference > 0 else BELOW, "")
+
+
+def effective_options(backbone: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """A backbone's options with the ones left unnamed filled from its registered factory's defaults (the options
+    as given when the backbone is not registered here, e.g. a plug-in that is not installed), without the
+    ``DATA_OPTIONS``."""
+    from fewshot_sla.registry import BACKBONES
+
+    given = {k: v for k, v in options.items() if k not in DATA_OPTIONS}
+    try:
+        factory = BACKBONES.get(backbone)
+        parameters = inspect.signature(factory).parameters.values()
+    except (UserError, TypeError, ValueError):
+        return given
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    defaults = {
+        p.name: p.default
+        for p in parameters
+        if p.kind in keyword and p.default is not p.empty and p.name not in DATA_OPTIONS
+    }
+    return {**defaults, **given}
+
+
+def _differing(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> str:
+    """The options in which two effective option sets differ, e.g. ``hidden=64 (published 32)``."""
+    missing = "unset"
+    parts = []
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(key, missing), theirs.get(key, missing)
+        if a != b:
+            parts.append(f"{key}={_text(a)} (published {_text(b)})")
+    return ", ".join(parts)
+
+
+def _text(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def _budget(config: Mapping[str, Any]) -> tuple[int | None, int | None, int | None, int | None]:
+    """(train_episodes, meta_batch, optimizer steps, episodes seen) of a resolved configuration."""
+    episodes, batch = config.get("train_episodes"), config.get("meta_batch")
+    if not episodes or not batch:
+        return episodes, batch, None, None
+    steps = math.ceil(episodes / batch)
+    return episodes, batch, steps, steps * batch
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    """The reproduction table: one row per (measured headline row, matching published row), and the measured
+    headline rows that have none, each with the reason."""
+
+    rows: list[dict[str, Any]]
+    unmatched: list[tuple[dict[str, Any], str]]
+
+    def counts(self) -> dict[str, int]:
+        """Rows per verdict."""
+        return {v: sum(r["verdict"] == v for r in self.rows) for v in (REPRODUCED, ABOVE, BELOW)}
+
+
+def reproduction_rows(acc_rows: Sequence[dict[str, Any]], published: Sequence[PublishedResult]) -> Reproduction:
+    """Compare every measured headline row of ``accuracy_rows`` (which carry the run's resolved ``config``) with
+    the published rows of its setting."""
+    rows: list[dict[str, Any]] = []
+    unmatched: list[tuple[dict[str, Any], str]] = []
+    for r in acc_rows:
+        if r["source_type"] != "measured" or not r["headline"]:
+            continue
+        config = r.get("config") or {}
+        ours_options = effective_options(r["backbone"], config.get("backbone_options") or {})
+        same_setting = [
+            p
+            for p in published
+            if (p.method, p.backbone, p.dataset, p.ways, p.shots)
+            == (r["method"], r["backbone"], r["dataset"], r["ways"], r["shots"])
+        ]
+        matches = [p for p in same_setting if effective_options(p.backbone, p.backbone_options) == ours_options]
+        if not matches:
+            if same_setting:
+                p = same_setting[0]
+                why = (
+                    f"backbone options differ from {p.citation()}: "
+                    f"{_differing(ours_options, effective_options(p.backbone, p.backbone_options))}"
+                )
+            else:
+                why = "no published row for this method, backbone, dataset, ways and shots"
+            unmatched.append((r, why))
+            continue
+        for p in matches:
+            rows.append(_row(r, config, p))
+    key = _order
+    rows.sort(key=key)
+    unmatched.sort(key=lambda item: key(item[0]))
+    return Reproduction(rows, unmatched)
+
+
+def _order(r: Mapping[str, Any]) -> tuple[Any, ...]:
+    return (
+        r["dataset"],
+        r["ways"],
+        r["shots"],
+        r["method"],
+        r["backbone"],
+        r["objective"] != BASELINE,
+        r["objective"],
+        r["transform"],
+        r.get("config_id", ""),
+        r.get("source", ""),
+    )
+
+
+def _row(r: Mapping[str, Any], config: Mapping[str, Any], p: PublishedResult) -> dict[str, Any]:
+    v = judge(r["accuracy"], r["ci95"], p.accuracy, p.ci95)
+    episodes, batch, steps, seen = _budget(config)
+    return {
+        "dataset": r["dataset"],
+        "ways": r["ways"],
+        "shots": r["shots"],
+        "method": r["method"],
+        "backbone": r["backbone"],
+        "backbone_options": format_options(config.get("backbone_options") or {}),
+        "transform": r["transform"],
+        "objective": r["objective"],
+        "training": r.get("training", ""),
+        "prediction": r["prediction"],
+        "runs": r["runs"],
+        "seeds": r["seeds"],
+        "published_accuracy": p.accuracy,
+        "published_ci95": p.ci95,
+        "accuracy": r["accuracy"],
+        "ci95": r["ci95"],
+        "seed_std": r["seed_std"],
+        "difference": v.difference,
+        "difference_ci95": v.ci95,
+        "difference_ci_from": v.ci_from,
+        "verdict": v.verdict,
+        "verdict_basis": v.basis,
+        "train_episodes": episodes,
+        "meta_batch": batch,
+        "train_steps": steps,
+        "episodes_seen": seen,
+        "published_train_episodes": p.train_episodes,
+        "budget_ratio": seen / p.train_episodes if seen and p.train_episodes else None,
+        "test_episodes": r["test_episodes"],
+        "published_test_episodes": p.test_episodes,
+        "test_queries": r.get("test_queries"),
+        "published_test_queries": p.test_queries,
+        "source": p.citation(),
+        "published_protocol": p.protocol(),
+        "config_id": r.get("config_id", ""),
+    }
+
+
+def _fmt(value: float | None, digits: int = 2, sign: bool = False) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def _with_ci(value: float | None, ci: float | None, sign: bool = False) -> str:
+    return f"{_fmt(value, sign=sign)} ± {_fmt(ci)}" if ci is not None else f"{_fmt(value, sign=sign)} (no CI)"
+
+
+def _count(value: int | None) -> str:
+    return f"{value:,}" if value else "?"
+
+
+def summary(rep: Reproduction) -> str:
+    """One sentence: how many settings were compared and the verdicts."""
+    if not rep.rows:
+        return "No measured row matches a published row (same method, backbone and options, dataset, ways, shots)."
+    c = rep.counts()
+    return (
+        f"{len(rep.rows)} measured row(s) compared with a published row: {c[REPRODUCED]} reproduced, "
+        f"{c[ABOVE]} above, {c[BELOW]} below."
+    )
+
+
+def render_markdown(
+    rep: Reproduction, runs_dir: Path, table: Callable[[Sequence[str], Iterable[Sequence[str]]], str]
+) -> str:
+    """``reproduction.md``: the rule, the table of verdicts, the rows not compared and the plot.
+    ``table(header, lines)`` renders a Markdown table (the leaderboard's own helper)."""
+    lines = [
+        [
+            r["dataset"],
+            str(r["ways"]),
+            str(r["shots"]),
+            r["method"],
+            r["backbone"] + (f" ({r['backbone_options']})" if r["backbone_options"] else ""),
+            f"{r['training']}: {kind_label(r['prediction'])}",
+            _with_ci(r["published_accuracy"], r["published_ci95"]),
+            _with_ci(r["accuracy"], r["ci95"]) + (f" ({r['runs']} runs)" if (r["runs"] or 0) > 1 else ""),
+            _with_ci(r["difference"], r["difference_ci95"], sign=True),
+            r["difference_ci_from"],
+            f"**{r['verdict']}**" + (f" ({r['verdict_basis']})" if r["verdict_basis"] else ""),
+            f"{_count(r['episodes_seen'])} / {_count(r['published_train_episodes'])}",
+            f"{_count(r['test_episodes'])} / {_count(r['published_test_episodes'])}",
+            r["source"],
+        ]
+        for r in rep.rows
+    ]
+    parts = [
+        "# Reproduction",
+        "",
+        f"Built {now_iso()} from the runs under `{runs_dir}`. {summary(rep)}",
+        "",
+        "Each measured setting (its headline prediction: SLA+AG for SLA runs) beside the published number of the "
+        "same method, backbone with the same options, dataset, ways and shots. Accuracies are test accuracies "
+        "in %, ± the 95% interval over test episodes (several seeds: the mean accuracy and the mean per-run "
+        "interval; the spread across seeds is in `reproduction.csv`, not in the interval). The difference is "
+        "ours - published; its 95% interval is sqrt(ci_ours² + ci_published²) when the source publishes an "
+        "interval, and ours alone otherwise (column *CI from*). Verdict: **reproduced** when the published value "
+        "lies within our 95% interval or the interval of the difference contains 0, else **above** or "
+        "**below**. Only `baseline` rows are reproductions of the published method; other objectives (e.g. SLA) "
+        "are shown against the same published baseline. Episodes seen = optimizer steps x meta-batch (the run's "
+        "resolved configuration) against the published training episodes; `?` where unknown. The published "
+        "numbers keep their own protocol (test episodes and queries, image size, training details): see "
+        "`reproduction.csv` (`published_protocol`).",
+        "",
+        table(
+            [
+                "dataset",
+                "ways",
+                "shots",
+                "method",
+                "backbone",
+                "training: prediction",
+                "published % ±95% CI",
+                "ours % ±95% CI",
+                "ours - published ±95% CI",
+                "CI from",
+                "verdict",
+                "episodes seen (ours / published)",
+                "test episodes (ours / published)",
+                "source",
+            ],
+            lines,
+        )
+        if lines
+        else "No measured row has a published counterpart.",
+        "",
+    ]
+    if rep.unmatched:
+        parts += ["## Not compared", ""]
+        parts += [
+            f"- {r['dataset']} {r['ways']}-way {r['shots']}-shot, {r['method']} / {r['backbone']}, {r['training']}: "
+            f"{why}"
+            for r, why in rep.unmatched
+        ]
+        parts.append("")
+    parts += ["## Plot", "", "![reproduction](reproduction.png)", ""]
+    return "\n".join(parts)
+
+
+def plot(
+    rep: Reproduction,
+    path: Path,
+    figure: Callable[[int, float], tuple[Any, list[Any]]],
+    save: Callable[[Any, Path], None],
+) -> None:
+    """``reproduction.png``: per (dataset, ways, shots) panel, each compared setting's accuracy with its 95%
+    interval beside the published value with its interval (a hollow marker where none is published). The y axis
+    spans every interval in full. ``figure(n, width)`` and ``save(fig, path)`` are the leaderboard's helpers."""
+    panels = sorted({(r["dataset"], r["ways"], r["shots"]) for r in rep.rows})
+    width = max([6.0] + [1.6 * sum((r["dataset"], r["ways"], r["shots"]) == p for r in rep.rows) + 3 for p in panels])
+    fig, axes = figure(len(panels), min(width, 16))
+    for ax, panel in zip(axes, panels):
+        here = [r for r in rep.rows if (r["dataset"], r["ways"], r["shots"]) == panel]
+        x = np.arange(len(here))
+        ours = ax.errorbar(
+            x - 0.12,
+            [r["accuracy"] for r in here],
+            yerr=[r["ci95"] if math.isfinite(r["ci95"]) else 0.0 for r in here],
+            fmt="o",
+            color="C0",
+            capsize=4,
+            label="ours (mean, 95% CI over episodes)",
+        )
+        handles = [ours]
+        with_ci = [i for i, r in enumerate(here) if r["published_ci95"] is not None]
+        without = [i for i, r in enumerate(here) if r["published_ci95"] is None]
+        if with_ci:
+            handles.append(
+                ax.errorbar(
+                    x[with_ci] + 0.12,
+                    [here[i]["published_accuracy"] for i in with_ci],
+                    yerr=[here[i]["published_ci95"] for i in with_ci],
+                    fmt="s",
+                    color="C1",
+                    capsize=4,
+                    label="published (95% CI)",
+                )
+            )
+        if without:
+            (marker,) = ax.plot(
+                x[without] + 0.12,
+                [here[i]["published_accuracy"] for i in without],
+                "s",
+                markerfacecolor="none",
+                color="C1",
+                label="published (no CI published)",
+            )
+            handles.append(marker)
+        lows = [r["accuracy"] - (r["ci95"] if math.isfinite(r["ci95"]) else 0.0) for r in here]
+        lows += [r["published_accuracy"] - (r["published_ci95"] or 0.0) for r in here]
+        highs = [r["accuracy"] + (r["ci95"] if math.isfinite(r["ci95"]) else 0.0) for r in here]
+        highs += [r["published_accuracy"] + (r["published_ci95"] or 0.0) for r in here]
+        low, high = min(lows), max(highs)
+        pad = max(0.25, 0.1 * (high - low))
+        ax.set_ylim(low - pad, high + 2.5 * pad)  # headroom for the verdict labels
+        for xi, r, top in zip(x, here, [max(a, b) for a, b in zip(highs[: len(here)], highs[len(here) :])]):
+            ax.annotate(
+                f"{r['verdict']}\n{r['difference']:+.2f} pp",
+                (xi, top),
+                xytext=(0, 4),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+        ax.set_xticks(
+            x,
+            [
+                f"{r['method']} / {r['backbone']}\n{r['training']}: {kind_label(r['prediction'])}\n"
+                f"vs {r['source'].split(',')[0]}"
+                for r in here
+            ],
+        )
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_xlim(-0.6, len(here) - 0.4)
+        ax.set(ylabel="test accuracy (%)", title=f"{panel[0]}, {panel[1]}-way {panel[2]}-shot: ours vs published")
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if not panels:
+        axes[0].text(0.5, 0.5, "no measured row matches a published row", ha="center", va="center")
+        axes[0].set_axis_off()
+    save(fig, path)
