@@ -34,6 +34,7 @@ half-width, s the sample standard deviation over episodes)::
     evaluations      every evaluation block, one per distinct episode set (the main one included; latest last)
     device           e.g. "cpu" or "cuda (NVIDIA H100 80GB HBM3)";  amp  bool
     normalization    {mean, std}: the per-channel input normalisation in training (its length: the channels)
+    recipe           {name, source}: the published recipe the configuration's unset fields came from, with its citation
     image_size, store_image_size   the model's input size and the store's image size in training (images were
                      resized from the second to the first); null in older runs
     memory           {micro_batch, checkpointing, processes, estimated_step_bytes, budget_bytes, budget,
@@ -287,6 +288,9 @@ class RunRecord(_Record):
     # The per-channel input normalisation in training ({"mean": [...], "std": [...]}; its length is the images'
     # channel count); null in runs from before it was recorded, which all used ImageNet's on RGB.
     normalization: dict[str, list[float]] | None = None
+    # The recipe the run's unset fields came from: {"name", "source"}, the source citing the papers and code it
+    # follows and the choices made where they are ambiguous (null in runs from before it was recorded).
+    recipe: dict[str, str] | None = None
     learner_settings: dict[str, Any] = Field(default_factory=dict)  # e.g. the SVM's solver and its budget
 
 

@@ -220,6 +220,8 @@ def test_every_learner_trains_on_omniglot_with_and_without_sla(tmp_path, release
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     assert results["normalization"] == {"mean": [1.0], "std": [-1.0]}
+    published_by = {"protonet": "Snell", "matchingnet": "Vinyals", "relationnet": "Sung", "maml": "Finn"}
+    assert published_by.get(method, "") in results["recipe"]["source"]
     assert 0 <= results["evaluation"]["accuracy"][results["evaluation"]["headline"]]["mean"] <= 100
 
 

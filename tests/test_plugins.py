@@ -159,3 +159,19 @@ def test_a_plugin_that_fails_to_load_fails_only_help_and_in_one_line(capsys, mon
     out, err = capsys.readouterr()
     assert exited.value.code == 2 and out == ""
     assert err == "fewshot-sla: error: plug-in 'bad' (bad:register) failed to load: ImportError: no module named bad\n"
+
+
+def test_the_plugin_learner_trains_on_greyscale_omniglot_with_and_without_sla(plugin_env, tmp_path):
+    from test_omniglot import TINY, _release, _split_dir
+
+    env, root = plugin_env
+    data = tmp_path / "data"
+    cli = [sys.executable, "-m", "fewshot_sla", "--data-root", str(data)]
+    source, splits = _release(tmp_path / "release"), _split_dir(tmp_path / "splits")
+    run([*cli, "data", "prepare", "omniglot", "--source", str(source), "--split-dir", str(splits)], env, root)
+    for transform, objective in (("none", "baseline"), ("rotation", "sla")):
+        out = tmp_path / f"run-{objective}"
+        run([*cli, "run", "--dataset", "omniglot", "--method", "cosine-protonet", "--transform", transform,
+             "--objective", objective, "--backbone-option", "hidden=8", *TINY, "--out", str(out)], env, root)  # fmt: skip
+        results = json.loads((out / "results.json").read_text())
+        assert results["method"] == "cosine-protonet" and results["normalization"]["mean"] == [1.0]

@@ -12,6 +12,7 @@ from fewshot_sla.atomic import write_text_atomic
 from fewshot_sla.engine.build import describe_device, episode_specs
 from fewshot_sla.engine.evaluate import fixed_test_set
 from fewshot_sla.engine.plan import RunPlan
+from fewshot_sla.engine.recipes import recipe_record
 from fewshot_sla.engine.run_evaluation import evaluate_checkpoint
 from fewshot_sla.engine.train import Trainer
 from fewshot_sla.io_errors import IOFailure, write_error
@@ -114,6 +115,7 @@ def _execute(
         image_size=plan.pipeline.image_size,
         store_image_size=plan.pipeline.store_size,
         normalization={"mean": list(plan.pipeline.normalization.mean), "std": list(plan.pipeline.normalization.std)},
+        recipe=recipe_record(cfg),
         memory=MemoryRecord(
             micro_batch=plan.memory.micro_batch,
             checkpointing=plan.memory.checkpointing,

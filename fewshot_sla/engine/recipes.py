@@ -143,6 +143,14 @@ def add_recipe(method: str, recipe: Mapping[str, Any]) -> None:
     book.methods[method] = [_Choice(recipe=method)]
 
 
+def recipe_record(cfg: RunConfig) -> dict[str, str]:
+    """The recipe ``cfg`` trains with and where its values come from (its ``source``: the papers and code it follows
+    and the choices made where they are ambiguous), for results.json."""
+    book = recipe_book()
+    name, _ = book.choose(cfg)
+    return {"name": name, "source": book.recipes[name].source}
+
+
 def default_val_every(train_episodes: int) -> int:
     """Validate every 500 episodes, or 20 times per run on long budgets (over 10,000 episodes), and at least 4
     times per run on short ones (under 2,000 episodes; every episode under 8)."""

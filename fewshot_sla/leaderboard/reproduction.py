@@ -40,7 +40,7 @@ from fewshot_sla.prediction_kinds import kind_label
 from fewshot_sla.results import now_iso
 
 REPRODUCED, ABOVE, BELOW = "reproduced", "above", "below"
-# Percentage points within which a boundary case counts as inside (published numbers have 1-2 decimals).
+# Percentage points within which a boundary case counts as inside: floating-point rounding only.
 TOLERANCE = 1e-9
 BOTH_CIS = "ours and published"
 OURS_ONLY = "ours only (no published CI)"
