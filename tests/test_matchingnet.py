@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from toy_episodes import toy_episodes as make_toy_episodes
+from toy_episodes import training_losses
 
 from fewshot_sla.episodes import EpisodeBatch
 from fewshot_sla.errors import UserError
@@ -150,34 +152,13 @@ def test_options_are_checked_and_recorded() -> None:
 
 
 def toy_episodes(b: int = 2, ways: int = 3, shots: int = 2, queries: int = 3, side: int = 16) -> EpisodeBatch:
-    """B episodes whose classes are noisy copies of per-class random images (learnable, not trivial)."""
-    g = torch.Generator().manual_seed(0)
-    means = torch.randn(b, ways, 3, side, side, generator=g)
-    support_labels = torch.stack([torch.randperm(ways, generator=g) for _ in range(b)]).repeat_interleave(shots, 1)
-    query_labels = torch.arange(ways).repeat_interleave(queries).expand(b, -1).clone()
-
-    def draw(labels: torch.Tensor) -> torch.Tensor:
-        picked = torch.stack([means[e, labels[e]] for e in range(b)])
-        return picked + 1.5 * torch.randn(picked.shape, generator=g)
-
-    rows = torch.arange(b * ways * (shots + queries)).reshape(b, -1)
-    split = ways * shots
-    return EpisodeBatch(
-        draw(support_labels), support_labels, draw(query_labels), query_labels, ways, rows[:, :split], rows[:, split:]
-    )
+    """B episodes whose classes are noisy copies of per-class random images (noise 1.5)."""
+    return make_toy_episodes(b, ways, shots, queries, side, noise=1.5)
 
 
 def test_a_few_training_steps_reduce_the_loss() -> None:
     torch.manual_seed(0)
     episode = toy_episodes()
     learner = LEARNERS.create("matchingnet", backbone=BACKBONES.create("conv4", hidden=8))
-    objective = Baseline()
-    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss, _ = objective.loss(learner, episode)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = training_losses(learner, Baseline(), episode, steps=6)
     assert losses[-1] < 0.8 * losses[0], losses

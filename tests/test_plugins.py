@@ -171,7 +171,7 @@ def test_the_plugin_learner_trains_on_greyscale_omniglot_with_and_without_sla(pl
     run([*cli, "data", "prepare", "omniglot", "--source", str(source), "--split-dir", str(splits)], env, root)
     for transform, objective in (("none", "baseline"), ("rotation", "sla")):
         out = tmp_path / f"run-{objective}"
-        run([*cli, "run", "--dataset", "omniglot", "--method", "cosine-protonet", "--transform", transform,
-             "--objective", objective, "--backbone-option", "hidden=8", *TINY, "--out", str(out)], env, root)  # fmt: skip
+        args = ["--transform", transform, "--objective", objective, "--backbone-option", "hidden=8", *TINY]
+        run([*cli, "run", "--dataset", "omniglot", "--method", "cosine-protonet", *args, "--out", str(out)], env, root)
         results = json.loads((out / "results.json").read_text())
         assert results["method"] == "cosine-protonet" and results["normalization"]["mean"] == [1.0]
