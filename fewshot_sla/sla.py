@@ -4,6 +4,10 @@ aggregation of joint logits into N-way predictions, and the self-distillation lo
 Layout (see DESIGN.md): a transformation with M copies maps images ``[..., R, C, H, W]`` to
 ``[..., R*M, C, H, W]`` sample-major (row ``r*M + j`` is ``t_j(x_r)``); the joint label of class ``y``
 under ``t_j`` is ``y*M + j`` (class-major), so an N-way episode becomes an N*M-way one.
+
+Plug-in transformations (``TRANSFORMS``; the README's "Plug-in transformations") follow the contract of
+``Transformation``; ``checked_transform`` resolves a run's transformation and checks that contract on a probe batch
+(``check_transform``), the one place training, evaluation and prediction get it from (``engine/build.build_model``).
 """
 
 from __future__ import annotations
@@ -50,6 +54,22 @@ class Transformation:
 
     ``ops[j]`` maps ``[..., C, H, W]`` to the same shape. ``square`` says the ops need H == W (quarter
     turns); ``channels`` is the channel count the ops need (3 for colour permutations), or None.
+
+    The contract of every transformation, built-in or plug-in (``check_transform`` checks it on a probe batch when
+    a run builds its model, for training, evaluation and prediction alike):
+
+    - **Input**: float images normalised with the store's mean and std (about zero mean, unit variance per
+      channel, not 0..1 or 0..255), as a batch ``[B, R, C, H, W]`` (any leading shape ``[..., C, H, W]``); C is 3,
+      or 1 on greyscale stores; H == W at the model's image size.
+    - **Output**: ``[B, R*M, C, H, W]`` sample-major, row ``r*M + j`` is ``t_j(x_r)`` (``__call__`` stacks the ops
+      so; each op maps ``[..., C, H, W]`` to the same shape, dtype and device, no resizing or cropping).
+    - **Copy 0 is the identity**: ``ops[0](x)`` equals ``x``. SLA+SI reads copy 0 as the plain image, and
+      ``mt``, ``sla+sd`` and the plain predictions take the plain images (or embeddings) from the copy-0 rows.
+    - **Groups**: the M copies are the classes of the self-supervised task: class ``y`` under ``t_j`` gets the
+      joint label ``y*M + j``, an N-way episode becomes N*M-way, and SI/AG read copy j's own N columns. Copies
+      should therefore be distinct (and, as the built-ins, closed under composition: a group).
+    - **Deterministic**: the same input gives the same output (random augmentation is ``--augment``'s job), and
+      the ops never change their input in place.
     """
 
     name: str
@@ -163,17 +183,172 @@ def self_distillation_loss(
 
 
 def resolve_transform(spec: str | Transformation) -> Transformation:
-    """A Transformation from a registered name (entry: a Transformation or a factory) or an instance."""
+    """A Transformation from a registered name (entry: a Transformation or a factory) or an instance; an entry
+    that does not give one is a UserError naming the plug-in (module.qualname)."""
     if isinstance(spec, Transformation):
         return spec
     entry = TRANSFORMS.get(spec)
-    transform = entry if isinstance(entry, Transformation) else entry()
+    if isinstance(entry, Transformation):
+        return entry
+    try:
+        transform = entry()
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(
+            f"transform '{spec}' ({qualified_name(entry)}) failed when called with no arguments: "
+            f"{type(err).__name__}: {_one_line(err)}; fix the plug-in: register a Transformation, or a factory "
+            f"that returns one{CONTRACT}"
+        ) from None
     if not isinstance(transform, Transformation):
         raise UserError(
-            f"transform '{spec}' is registered as {entry!r}, which does not give a Transformation; "
-            "fix the plug-in that registers it"
+            f"transform '{spec}' is registered as {qualified_name(entry)}, which gives a "
+            f"{qualified_name(type(transform))}, not a {qualified_name(Transformation)}; fix the plug-in: return "
+            f"Transformation(name, ops) (or an instance of a subclass){CONTRACT}"
         )
     return transform
+
+
+# ----- the contract of a transformation, checked on a probe batch -----
+
+CONTRACT = " (README.md: 'Plug-in transformations')"
+# How far copy 0 may be from its input, and two calls on the same input from each other (float32 rounding only).
+IDENTITY_TOLERANCE = 1e-6
+
+
+def qualified_name(obj: object) -> str:
+    """``module.qualname`` of a function or class, or of the class of any other object."""
+    target = obj if hasattr(obj, "__qualname__") else type(obj)
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(obj).__name__)}"
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200] or "(no message)"
+
+
+def _shape(x: torch.Tensor) -> str:
+    return "[" + ", ".join(map(str, x.shape)) + "]"
+
+
+def checked_transform(
+    spec: str | Transformation, *, channels: int, image_size: int, device: torch.device | str = "cpu"
+) -> Transformation:
+    """The run's transformation (``resolve_transform``), its contract checked on a probe batch of ``channels`` x
+    ``image_size`` x ``image_size`` normalised images on ``device`` (``check_transform``). Training, evaluation and
+    prediction get their transformation here (``engine/build.build_model``)."""
+    transform = resolve_transform(spec)
+    entry = TRANSFORMS.get(spec) if isinstance(spec, str) else None
+    check_transform(transform, channels=channels, image_size=image_size, device=device, entry=entry)
+    return transform
+
+
+def check_transform(
+    transform: Transformation,
+    *,
+    channels: int,
+    image_size: int,
+    device: torch.device | str = "cpu",
+    entry: object = None,
+) -> None:
+    """A one-line UserError naming the plug-in (module.qualname: a Transformation subclass, else the registered
+    factory ``entry``, and the op) and the rule when ``transform`` breaks its contract (see ``Transformation``) on a
+    probe batch ``[2, 2, channels, image_size, image_size]`` of normalised float32 images on ``device``: the output
+    type, shape, dtype and device, copy 0 the identity (to ``IDENTITY_TOLERANCE``), determinism, finite values.
+
+    Images the transformation cannot take (``Transformation.check``: non-square, wrong channels) are the data's
+    UserError, raised as it is. The probe draws from its own generator and the global random state is restored.
+    """
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(2, 2, channels, image_size, image_size, generator=generator).to(device)
+    name = f"transform '{transform.name}'{_plugin(transform, entry)}"
+    transform.check(probe)
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if type(transform).__call__ is Transformation.__call__:
+            for j, op in enumerate(transform.ops):
+                _check_output(f"{name}: copy {j} ({qualified_name(op)})", op, probe, probe, j == 0)
+        else:
+            m = transform.m
+            expected = probe.unsqueeze(2).expand(-1, -1, m, -1, -1, -1).flatten(1, 2)
+            _check_output(f"{name}: the output", transform, probe, expected, identity_rows=m)
+
+
+def _plugin(transform: Transformation, entry: object) -> str:
+    """`` (module.qualname)`` of the code to fix: a Transformation subclass, else the registered factory; nothing for
+    a plain Transformation registered as it is (the message names its op)."""
+    if type(transform) is not Transformation:
+        return f" ({qualified_name(type(transform))})"
+    if entry is None or isinstance(entry, Transformation):
+        return ""
+    return f" ({qualified_name(entry)})"
+
+
+def _check_output(
+    what: str,
+    call: Callable[[torch.Tensor], Any],
+    probe: torch.Tensor,
+    like: torch.Tensor,
+    identity: bool = False,
+    identity_rows: int = 0,
+) -> None:
+    """Check ``call(probe)`` against the contract: a tensor shaped, typed and placed as ``like``, finite, the same
+    on a second call, and equal to ``probe`` (``identity``), or its rows ``::identity_rows`` equal to ``probe``'s."""
+
+    def broken(rule: str, fix: str) -> UserError:
+        return UserError(f"{what} {rule}; {fix}{CONTRACT}")
+
+    outputs = []
+    for _ in range(2):
+        original = probe.clone()
+        try:
+            out = call(probe)
+        except UserError:
+            raise
+        except Exception as err:
+            raise broken(
+                f"raised {type(err).__name__}: {_one_line(err)} on normalised float32 images {_shape(probe)}",
+                "a transformation takes float images normalised with the store's mean and std, [B, R, C, H, W]",
+            ) from None
+        if not torch.equal(probe, original):
+            raise broken("changes its input in place", "return new tensors and leave the input unchanged")
+        outputs.append(out)
+    out = outputs[0]
+    if not isinstance(out, torch.Tensor):
+        raise broken(f"gives a {qualified_name(type(out))}, not a torch.Tensor", "return a tensor")
+    if out.shape != like.shape:
+        raise broken(
+            f"has shape {_shape(out)} for images {_shape(probe)}, not {_shape(like)}",
+            "each copy keeps the shape [..., C, H, W] of its input, and the M copies are stacked sample-major "
+            "into [B, R*M, C, H, W]",
+        )
+    if out.dtype != like.dtype or out.device != like.device:
+        raise broken(
+            f"turns {like.dtype} images on {like.device} into {out.dtype} on {out.device}",
+            "keep the input's dtype and device",
+        )
+    if not torch.isfinite(out).all():
+        raise broken("gives values that are not finite from finite images", "keep every value finite")
+    again = outputs[1]
+    if not isinstance(again, torch.Tensor) or again.shape != out.shape or not _close(again, out):
+        raise broken(
+            "gives different images for the same input on a second call",
+            "make the transformation deterministic (random augmentation is --augment's job)",
+        )
+    if identity or identity_rows:
+        got = out[:, ::identity_rows] if identity_rows else out
+        if not _close(got, probe):
+            rule = (
+                "is not the identity" if identity else f"has a copy 0 (rows r*{identity_rows}) that is not the identity"
+            )
+            difference = (got - probe).abs().max().item()
+            raise broken(
+                f"{rule} (it changes the images by up to {difference:.3g})",
+                "copy 0 must return its input unchanged: SLA+SI and SLA+AG read it as the plain image",
+            )
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.allclose(a, b, rtol=IDENTITY_TOLERANCE, atol=IDENTITY_TOLERANCE))
 
 
 def _product(ks: tuple[int, ...], orders: tuple[tuple[int, ...], ...] | None, name: str) -> Transformation:

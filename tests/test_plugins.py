@@ -175,3 +175,42 @@ def test_the_plugin_learner_trains_on_greyscale_omniglot_with_and_without_sla(pl
         run([*cli, "run", "--dataset", "omniglot", "--method", "cosine-protonet", *args, "--out", str(out)], env, root)
         results = json.loads((out / "results.json").read_text())
         assert results["method"] == "cosine-protonet" and results["normalization"]["mean"] == [1.0]
+
+
+# The README's plug-in transformation and its recipe for a plug-in learner, exactly as printed there.
+TRANSFORM_MODULE = readme_block("# my-plugin/fsl_flips.py")
+RECIPE_CODE = readme_block("# my-plugin/fsl_cosine_protonet.py, at the end: the learner's own recipe")
+
+
+def test_the_readme_plugin_transformation_keeps_the_contract(monkeypatch):
+    import torch
+
+    from fewshot_sla.registry import TRANSFORMS
+    from fewshot_sla.sla import checked_transform
+
+    TRANSFORMS.names()
+    monkeypatch.setattr(TRANSFORMS, "_entries", dict(TRANSFORMS._entries))
+    exec(compile(TRANSFORM_MODULE, "fsl_flips.py", "exec"), {"__name__": "fsl_flips"})
+    for channels in (1, 3):
+        transform = checked_transform("flips", channels=channels, image_size=8)
+    image = torch.randn(1, 1, 3, 4, 6, generator=torch.Generator().manual_seed(0))
+    copies = transform(image)[0]
+    assert copies.shape == (4, 3, 4, 6) and torch.equal(copies[0], image[0, 0])
+    assert torch.equal(copies[3], image[0, 0].flip(-1).flip(-2))
+
+
+def test_the_readme_recipe_for_a_plugin_learner_applies():
+    from fewshot_sla.config import RunConfig
+    from fewshot_sla.engine.recipes import apply_recipe, recipe_book, recipe_record
+
+    exec(compile(RECIPE_CODE, "fsl_cosine_protonet.py", "exec"), {"__name__": "fsl_cosine_protonet"})
+    try:
+        cfg = apply_recipe(RunConfig(method="cosine-protonet", dataset="synthetic", ways=3, shots=2))
+        assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.train_episodes) == ("sgd", 0.05, 0.9, 300)
+        assert (cfg.train_ways, cfg.train_shots, cfg.train_queries) == (3, 2, 15)
+        assert recipe_record(cfg)["name"] == "cosine-protonet"
+        generic = set(recipe_book().recipes["generic"].values)
+        assert generic <= set(recipe_book().recipes["cosine-protonet"].values), "the README says: set them all"
+    finally:
+        recipe_book().methods.pop("cosine-protonet")
+        recipe_book().recipes.pop("cosine-protonet")

@@ -412,3 +412,150 @@ def test_bad_input_exits_2_with_one_line_and_no_csv(
     assert BAD_CASES[case] in err and "Traceback" not in err
     assert printed == ""
     assert not out.exists() and not list(root.rglob("*.tmp"))
+
+
+# --- files that are not images, damaged images (--skip-bad), an existing output file (--overwrite) ---------------
+
+
+def _api_rows(trained: TrainedRun, folders: dict[str, Any]) -> np.ndarray:
+    return trained.predict(folders["support"], folders["labels"], folders["query"]).numpy()
+
+
+def _assert_predictions(out: Path, folders: dict[str, Any], expected: np.ndarray) -> None:
+    rows = read_csv(out)
+    assert [row["image"] for row in rows] == folders["query_names"]
+    got = np.array([[float(row[name]) for name in folders["classes"]] for row in rows])
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_files_that_are_not_images_are_skipped_and_counted_in_one_note(
+    capsys: pytest.CaptureFixture[str], data_root: Path, run_dir: Path, trained: TrainedRun, folders: dict[str, Any]
+) -> None:
+    root, classes = folders["root"], folders["classes"]
+    (root / "support" / classes[0] / "notes.txt").write_text("taken on a sunny day")
+    (root / "support" / "README.md").write_text("one folder per class")  # beside the class folders
+    (root / "query" / classes[1] / "labels.csv").write_text("a,b\n")
+    (root / "query" / classes[1] / ".DS_Store").write_bytes(b"\0")  # hidden: ignored, not counted
+    out = root / "predictions.csv"
+    code, printed, err = cli(
+        capsys, data_root, str(run_dir), "--support", str(root / "support"), "--query", str(root / "query"),
+        "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    _assert_predictions(out, folders, _api_rows(trained, folders))
+    notes = [line for line in printed.splitlines() if "skipped" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: skipped 3 files that are not images (e.g. "), printed
+    assert "support: 5 classes, 10 images; query: 15 images" in printed
+
+
+def test_loose_query_files_that_are_not_images_are_skipped(
+    capsys: pytest.CaptureFixture[str], data_root: Path, run_dir: Path, folders: dict[str, Any]
+) -> None:
+    root = folders["root"]
+    loose = root / "loose"
+    loose.mkdir()
+    Image.fromarray(folders["query"][0]).save(loose / "a.png")
+    (loose / "b.txt").write_text("not an image")
+    out = root / "loose.csv"
+    code, printed, err = cli(
+        capsys, data_root, str(run_dir), "--support", str(root / "support"), "--query", str(loose), "--out", str(out)
+    )
+    assert code == 0, err
+    assert [row["image"] for row in read_csv(out)] == ["a.png"]
+    assert f"note: skipped 1 file that is not an image (e.g. {loose / 'b.txt'})" in printed
+
+
+@pytest.mark.parametrize("where", ["support", "query"])
+def test_a_damaged_image_is_one_line_naming_it_and_suggesting_skip_bad(
+    where: str, capsys: pytest.CaptureFixture[str], data_root: Path, run_dir: Path, folders: dict[str, Any]
+) -> None:
+    root, classes = folders["root"], folders["classes"]
+    broken = root / where / classes[1] / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a JPEG")
+    out = root / "out.csv"
+    code, printed, err = cli(
+        capsys, data_root, str(run_dir), "--support", str(root / "support"), "--query", str(root / "query"),
+        "--out", str(out),
+    )  # fmt: skip
+    assert code == 2 and printed == "" and not out.exists()
+    assert err.startswith("fewshot-sla: error: cannot read the image ") and err.count("\n") == 1, err
+    assert str(broken) in err and "--skip-bad" in err
+
+
+def test_skip_bad_skips_and_counts_damaged_images(
+    capsys: pytest.CaptureFixture[str], data_root: Path, run_dir: Path, trained: TrainedRun, folders: dict[str, Any]
+) -> None:
+    root, classes = folders["root"], folders["classes"]
+    (root / "support" / classes[0] / "broken.png").write_bytes(b"not a PNG file")
+    (root / "query" / classes[2] / "zz.jpg").write_bytes(b"")
+    (root / "query" / classes[2] / "zz.txt").write_text("and one that is not an image")
+    out = root / "predictions.csv"
+    code, printed, err = cli(
+        capsys, data_root, str(run_dir), "--support", str(root / "support"), "--query", str(root / "query"),
+        "--out", str(out), "--skip-bad",
+    )  # fmt: skip
+    assert code == 0, err
+    _assert_predictions(out, folders, _api_rows(trained, folders))
+    notes = [line for line in printed.splitlines() if "skipped" in line]
+    assert len(notes) == 1, printed
+    assert notes[0].startswith("note: skipped 1 file that is not an image (e.g. ")
+    assert " and 2 unreadable images (--skip-bad; e.g. " in notes[0]
+
+
+@pytest.mark.parametrize("content", ["not an image", "damaged image"])
+def test_a_class_folder_left_empty_after_skipping_is_one_line(
+    content: str, capsys: pytest.CaptureFixture[str], data_root: Path, run_dir: Path, folders: dict[str, Any]
+) -> None:
+    root, classes = folders["root"], folders["classes"]
+    folder = root / "support" / classes[3]
+    for image in folder.iterdir():
+        image.unlink()
+    if content == "not an image":
+        (folder / "notes.txt").write_text("the images are elsewhere")
+        expected = "holds no images (skipped 1 file that is not an image)"
+    else:
+        (folder / "a.png").write_bytes(b"truncated")
+        (folder / "b.png").write_bytes(b"truncated")
+        expected = "holds no images (skipped 2 unreadable images)"
+    out = root / "out.csv"
+    code, printed, err = cli(
+        capsys, data_root, str(run_dir), "--support", str(root / "support"), "--query", str(root / "query"),
+        "--out", str(out), "--skip-bad",
+    )  # fmt: skip
+    assert code == 2 and printed == "" and not out.exists()
+    assert err.startswith("fewshot-sla: error: ") and err.count("\n") == 1, err
+    assert f"class folder {folder} {expected}" in err
+
+
+def test_an_existing_output_file_is_kept_without_overwrite_before_any_model_work(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    data_root: Path,
+    run_dir: Path,
+    trained: TrainedRun,
+    folders: dict[str, Any],
+) -> None:
+    root = folders["root"]
+    monkeypatch.chdir(root)
+    default = root / "predictions.csv"
+    default.write_text("earlier predictions\n")
+    given = root / "mine.csv"
+    given.write_text("my own file\n")
+    import fewshot_sla.trained
+
+    def no_model(*args: Any, **kwargs: Any) -> TrainedRun:
+        raise AssertionError("the output file must be checked before the run is loaded")
+
+    folder_args = ["--support", str(root / "support"), "--query", str(root / "query")]
+    with monkeypatch.context() as patch:
+        patch.setattr(fewshot_sla.trained, "load_run", no_model)
+        for out, extra in ((default, []), (given, ["--out", str(given)])):
+            code, printed, err = cli(capsys, data_root, str(run_dir), *folder_args, *extra)
+            assert code == 2 and printed == "", err
+            assert err.startswith("fewshot-sla: error: ") and err.count("\n") == 1, err
+            assert str(out.name) in err and "--overwrite" in err
+    assert default.read_text() == "earlier predictions\n" and given.read_text() == "my own file\n"
+    code, printed, err = cli(capsys, data_root, str(run_dir), *folder_args, "--overwrite")
+    assert code == 0, err
+    _assert_predictions(default, folders, _api_rows(trained, folders))
+    assert given.read_text() == "my own file\n"

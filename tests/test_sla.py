@@ -16,6 +16,8 @@ from fewshot_sla.sla import (
     aggregate_ag,
     aggregate_si,
     augment_episode,
+    check_transform,
+    checked_transform,
     joint_labels,
     resolve_transform,
     self_distillation_loss,
@@ -226,3 +228,179 @@ def test_self_distillation_gradient_is_closed_form_and_skips_the_target():
         onehot = torch.nn.functional.one_hot(labels, 3).double()
         want = (single.softmax(-1) - onehot + t * ((single / t).softmax(-1) - (agg / t).softmax(-1))) / 4
     torch.testing.assert_close(single.grad, want)
+
+
+# --- the contract of a (plug-in) transformation, checked on a probe batch --------------------------------------------
+
+
+@pytest.mark.parametrize("name", TRANSFORMS.names())
+def test_every_registered_transform_passes_the_contract_check(name):
+    transform = resolve_transform(name)
+    for channels in (1, 3):
+        if transform.channels not in (None, channels):
+            continue
+        for size in (5, 8):
+            assert checked_transform(name, channels=channels, image_size=size) == transform
+    check_transform(transform, channels=3, image_size=4, device="cpu", entry=TRANSFORMS.get(name))
+
+
+def qualname(obj: object) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"  # type: ignore[attr-defined]
+
+
+class Brighten:
+    """A plug-in op that is not the identity."""
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images + 0.5
+
+
+class Crop:
+    """A plug-in op that does not keep the shape."""
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images[..., 1:, 1:]
+
+
+class ToDouble:
+    """A plug-in op that changes the dtype."""
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images.double()
+
+
+class Jitter:
+    """A plug-in op that is random."""
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images + torch.randn_like(images)
+
+
+class Identity:
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+
+class CroppedOutput(Transformation):
+    """A plug-in Transformation subclass whose own __call__ crops its output."""
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return super().__call__(images)[..., :-1]
+
+
+class ReversedCopies(Transformation):
+    """A plug-in subclass whose __call__ puts the flipped copy first: copy 0 is not the identity."""
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([images.flip(-1), images], dim=-4).flatten(-5, -4)
+
+
+class NotATransformation:
+    """A plug-in class registered as a transform that is not a Transformation."""
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+
+def listed_ops() -> list:
+    """A plug-in factory that returns its ops instead of a Transformation."""
+    return [Identity(), Brighten()]
+
+
+def brighter_first() -> Transformation:
+    """A plug-in factory whose copy 0 is not the identity."""
+    return Transformation("brighter-first", (Brighten(), Identity()))
+
+
+PLUGINS = {
+    # name: (registered entry, the module.qualname the message must name, what it must say)
+    "brighter-first": (brighter_first, qualname(Brighten), "copy 0 (test_sla.Brighten) is not the identity"),
+    "cropped": (
+        lambda: Transformation("cropped", (Identity(), Crop())),
+        qualname(Crop),
+        "copy 1 (test_sla.Crop) has shape [2, 2, 3, 7, 7] for images [2, 2, 3, 8, 8], not [2, 2, 3, 8, 8]",
+    ),
+    "cropped-output": (
+        CroppedOutput("cropped-output", (Identity(), Brighten())),
+        qualname(CroppedOutput),
+        "the output has shape [2, 4, 3, 8, 7] for images [2, 2, 3, 8, 8], not [2, 4, 3, 8, 8]",
+    ),
+    "reversed": (
+        ReversedCopies("reversed", (Identity(), Identity())),
+        qualname(ReversedCopies),
+        "the output has a copy 0 (rows r*2) that is not the identity",
+    ),
+    "double": (
+        Transformation("double", (Identity(), ToDouble())),
+        qualname(ToDouble),
+        "turns torch.float32 images on cpu into torch.float64 on cpu",
+    ),
+    "jitter": (
+        Transformation("jitter", (Identity(), Jitter())),
+        qualname(Jitter),
+        "gives different images for the same input on a second call",
+    ),
+    "listed-ops": (
+        listed_ops,
+        qualname(listed_ops),
+        "which gives a builtins.list, not a fewshot_sla.sla.Transformation",
+    ),
+    "not-a-transformation": (
+        NotATransformation,
+        qualname(NotATransformation),
+        "which gives a test_sla.NotATransformation, not a fewshot_sla.sla.Transformation",
+    ),
+}
+
+
+@pytest.fixture
+def plugins(monkeypatch):
+    """The broken plug-ins of PLUGINS registered in a restorable copy of TRANSFORMS."""
+    TRANSFORMS.names()
+    monkeypatch.setattr(TRANSFORMS, "_entries", dict(TRANSFORMS._entries))
+    for name, (entry, _, _) in PLUGINS.items():
+        TRANSFORMS.add(name, entry)
+
+
+@pytest.mark.parametrize("name", sorted(PLUGINS))
+def test_a_plugin_that_breaks_the_contract_is_one_line_naming_it_and_the_rule(name, plugins):
+    _, plugin, rule = PLUGINS[name]
+    with pytest.raises(UserError) as raised:
+        checked_transform(name, channels=3, image_size=8)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"transform '{name}'")
+    assert plugin in message and rule.replace("test_sla.", f"{__name__}.") in message, message
+    assert "Plug-in transformations" in message
+
+
+def test_the_message_names_the_registered_factory_and_the_op():
+    with pytest.raises(UserError) as raised:
+        check_transform(brighter_first(), channels=1, image_size=6, entry=brighter_first)
+    message = str(raised.value)
+    assert f"transform 'brighter-first' ({qualname(brighter_first)}): copy 0 ({qualname(Brighten)})" in message
+    assert "by up to 0.5" in message and "SLA+SI and SLA+AG read it as the plain image" in message
+
+
+def test_the_check_leaves_the_global_random_state_alone():
+    state = torch.get_rng_state()
+    with pytest.raises(UserError, match="second call"):
+        check_transform(Transformation("jitter", (Identity(), Jitter())), channels=3, image_size=4)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_images_the_transformation_cannot_take_are_the_datas_error_not_the_plugins():
+    with pytest.raises(UserError, match="needs 3-channel images, got 1") as raised:
+        checked_transform("color_perm", channels=1, image_size=8)
+    assert "Plug-in transformations" not in str(raised.value)
+
+
+def test_training_eval_and_predict_check_the_transformation_where_they_build_the_model(plugins):
+    """``build_model`` is where a run (training), ``eval`` and ``load_run`` (predict) get their transformation."""
+    from fewshot_sla.config import RunConfig
+    from fewshot_sla.engine.build import build_model
+
+    with pytest.raises(UserError, match=r"copy 0 \(.*Brighten\) is not the identity"):
+        build_model(RunConfig(transform="brighter-first"), 16, torch.device("cpu"))
+    _, objective = build_model(RunConfig(transform="rotation"), 16, torch.device("cpu"), channels=1)
+    assert objective.transform.m == 4

@@ -2,15 +2,19 @@
 
 The support folder holds one subfolder per class (its name is the class name; classes in sorted order) with a few
 images each; the query folder holds the images to classify, loose or in subfolders named like support classes (then
-the accuracy is printed with its 95% interval over the query images). Every file not starting with ``.`` is read as
-an image (Pillow, converted to RGB). The predictions go to a CSV file, written atomically.
+the accuracy is printed with its 95% interval over the query images). Files are recognised as images as ``data
+prepare`` recognises them (``importers/imagefolder.is_image_file``: an extension Pillow knows); other files are skipped
+and counted in one note line, hidden ones (starting with ``.``) ignored. An image that Pillow cannot decode stops the
+command with one line naming it, or is skipped and counted with ``--skip-bad``; a class folder left without images is
+one line. Images are converted to RGB. The predictions go to a CSV file, written atomically; an existing one
+(``predictions.csv`` by default) is replaced only with ``--overwrite``, checked before any model work.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +35,71 @@ class ImageFolder:
     classes: list[str | None]
 
 
+@dataclass
+class Reader:
+    """Reads image files as ``data prepare`` does, keeping what it skips: files that are not images (by extension)
+    and, with ``skip_bad``, images Pillow cannot decode (without it, one is a UserError naming it)."""
+
+    skip_bad: bool = False
+    not_images: list[Path] = field(default_factory=list)
+    unreadable: list[Path] = field(default_factory=list)
+    extensions: frozenset[str] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        from fewshot_sla.data.importers.imagefolder import image_extensions
+
+        self.extensions = self.extensions or image_extensions()
+
+    def is_image(self, path: Path) -> bool:
+        """Whether ``path`` is an image file by the rule of ``data prepare``; a file that is not is counted."""
+        from fewshot_sla.data.importers.imagefolder import is_image_file
+
+        if is_image_file(path, self.extensions):
+            return True
+        self.not_images.append(path)
+        return False
+
+    def read(self, paths: list[Path]) -> list[tuple[Path, np.ndarray]]:
+        """The decodable images of ``paths`` with their pixels (RGB uint8 ``[H, W, 3]``)."""
+        out = []
+        for path in paths:
+            image = self._read_image(path)
+            if image is not None:
+                out.append((path, image))
+        return out
+
+    def _read_image(self, path: Path) -> np.ndarray | None:
+        from fewshot_sla.data.importers.common import BadImage, read_image_file
+
+        try:
+            return read_image_file(path)
+        except BadImage as bad:
+            if self.skip_bad:
+                self.unreadable.append(path)
+                return None
+            reason = " ".join(bad.reason.split())
+            raise UserError(
+                f"cannot read the image {path} ({reason}); replace or remove it, or pass --skip-bad to skip it"
+            ) from None
+
+    def note(self) -> str | None:
+        """One line counting the files skipped, with an example of each kind; None when none was."""
+        parts = []
+        if self.not_images:
+            parts.append(f"{_not_images(len(self.not_images))} (e.g. {self.not_images[0]})")
+        if self.unreadable:
+            parts.append(f"{_unreadable(len(self.unreadable))} (--skip-bad; e.g. {self.unreadable[0]})")
+        return f"note: skipped {' and '.join(parts)}" if parts else None
+
+
+def _not_images(count: int) -> str:
+    return f"{count} file that is not an image" if count == 1 else f"{count} files that are not images"
+
+
+def _unreadable(count: int) -> str:
+    return f"{count} unreadable image" if count == 1 else f"{count} unreadable images"
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``predict`` sub-command."""
     p = subparsers.add_parser(
@@ -48,7 +117,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="images to classify: loose, or in subfolders named like the support classes (then the accuracy "
         "is printed)",
     )
-    p.add_argument("--out", default="predictions.csv", metavar="FILE.csv", help="CSV file (default predictions.csv)")
+    p.add_argument(
+        "--out",
+        default="predictions.csv",
+        metavar="FILE.csv",
+        help="CSV file (default predictions.csv); an existing one is replaced only with --overwrite",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the --out file when it exists")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip (and count) images Pillow cannot decode instead of stopping at the first one",
+    )
     p.add_argument("--kind", help="prediction kind, e.g. ag, si, sd, plain (default: the run's headline kind)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="checkpoint (default best)")
     p.add_argument("--device", default="cpu", metavar="DEV", help="cpu (default), auto, cuda or cuda:N")
@@ -56,91 +136,114 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    """``fewshot-sla predict``: read both folders, predict, write the CSV, print a summary."""
-    support = read_support(Path(args.support))
+    """``fewshot-sla predict``: check the output file, read both folders, predict, write the CSV, print a summary."""
+    out = Path(args.out)
+    check_output(out, args.overwrite)
+    reader = Reader(skip_bad=args.skip_bad)
+    support = read_support(Path(args.support), reader)
     class_names = sorted({name for name in support.classes if name is not None})
-    query = read_query(Path(args.query), class_names)
+    query = read_query(Path(args.query), class_names, reader)
     from fewshot_sla.trained import load_run
 
     run = load_run(args.run_dir, args.checkpoint, device=args.device, data_root=args.data_root)
     labels = [class_names.index(str(name)) for name in support.classes]
     probabilities = run.predict(support.images, labels, query.images, kind=args.kind).numpy()
-    write_predictions(Path(args.out), query.names, class_names, probabilities)
-    print(summary(run, args.kind or run.headline, support, query, class_names, probabilities, Path(args.out)))
+    write_predictions(out, query.names, class_names, probabilities)
+    print(summary(run, args.kind or run.headline, support, query, class_names, probabilities, out, reader.note()))
     return 0
 
 
-def read_support(folder: Path) -> ImageFolder:
+def check_output(out: Path, overwrite: bool) -> None:
+    """A UserError, before any reading or model work, when ``out`` is a folder, or a file and not ``overwrite``."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give the path of a CSV file")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another file with --out")
+
+
+def read_support(folder: Path, reader: Reader | None = None) -> ImageFolder:
     """The support images: one subfolder per class, at least two classes, none empty."""
-    classes = _class_folders(folder, "support")
+    reader = reader or Reader()
+    classes = _class_folders(folder, "support", reader)
     if len(classes) < 2:
         raise UserError(f"support folder {folder} has {len(classes)} class subfolder(s); give at least two classes")
-    return _read_classes(folder, classes)
+    return _read_classes(folder, classes, reader)
 
 
-def read_query(folder: Path, class_names: list[str]) -> ImageFolder:
+def read_query(folder: Path, class_names: list[str], reader: Reader | None = None) -> ImageFolder:
     """The query images: loose files, or class subfolders named like support classes."""
+    reader = reader or Reader()
     entries = _entries(folder, "query")
     if not any(entry.is_dir() for entry in entries):
-        if not entries:
-            raise UserError(f"query folder {folder} holds no images; put the images to classify in it")
-        return ImageFolder([e.name for e in entries], [_read_image(e) for e in entries], [None] * len(entries))
-    classes = _class_folders(folder, "query")
+        read = reader.read([e for e in entries if reader.is_image(e)])
+        if not read:
+            raise UserError(
+                f"query folder {folder} holds no images{_skipped_hint(entries, reader)}; "
+                "put the images to classify in it"
+            )
+        return ImageFolder([path.name for path, _ in read], [image for _, image in read], [None] * len(read))
+    classes = _class_folders(folder, "query", reader)
     unknown = [name for name in classes if name not in class_names]
     if unknown:
         raise UserError(
             f"query class folder '{unknown[0]}' in {folder} is not a support class ({', '.join(class_names)}); "
             "rename or remove it"
         )
-    return _read_classes(folder, classes)
+    return _read_classes(folder, classes, reader)
 
 
 def _entries(folder: Path, what: str) -> list[Path]:
-    """The entries of ``folder`` not starting with ``.``, sorted by name; a missing folder is a UserError."""
+    """The entries of ``folder`` that are not hidden (``.`` first, as ``data prepare`` ignores them), sorted by name;
+    a missing folder is a UserError."""
+    from fewshot_sla.data.importers.imagefolder import is_hidden
+
     if not folder.is_dir():
         raise UserError(f"{what} folder {folder} does not exist or is not a folder; give a folder of images")
-    return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+    return sorted((p for p in folder.iterdir() if not is_hidden(p.name)), key=lambda p: p.name)
 
 
-def _class_folders(folder: Path, what: str) -> list[str]:
-    """The class subfolders of ``folder``; a file beside them is a UserError."""
+def _class_folders(folder: Path, what: str, reader: Reader) -> list[str]:
+    """The class subfolders of ``folder``; an image file beside them is a UserError, another file is skipped."""
     entries = _entries(folder, what)
-    loose = [p.name for p in entries if not p.is_dir()]
+    loose = [p.name for p in entries if not p.is_dir() and reader.is_image(p)]
     if loose:
         raise UserError(
             f"{what} folder {folder} holds the file '{loose[0]}' beside class subfolders; move every image into "
             "the subfolder of its class"
         )
-    return [p.name for p in entries]
+    return [p.name for p in entries if p.is_dir()]
 
 
-def _read_classes(folder: Path, classes: list[str]) -> ImageFolder:
-    """Every image of each class subfolder of ``folder``, class by class."""
+def _read_classes(folder: Path, classes: list[str], reader: Reader) -> ImageFolder:
+    """Every image of each class subfolder of ``folder``, class by class; a class left without images is a
+    UserError."""
     names: list[str] = []
     images: list[np.ndarray] = []
     labels: list[str | None] = []
     for name in classes:
         files = _entries(folder / name, "class")
-        if not files:
-            raise UserError(f"class folder {folder / name} holds no images; add some or remove the folder")
         nested = [p.name for p in files if p.is_dir()]
         if nested:
             raise UserError(f"class folder {folder / name} holds the folder '{nested[0]}'; keep only image files")
-        names += [f"{name}/{p.name}" for p in files]
-        images += [_read_image(p) for p in files]
-        labels += [name] * len(files)
+        read = reader.read([p for p in files if reader.is_image(p)])
+        if not read:
+            raise UserError(
+                f"class folder {folder / name} holds no images{_skipped_hint(files, reader)}; "
+                "add some or remove the folder"
+            )
+        names += [f"{name}/{path.name}" for path, _ in read]
+        images += [image for _, image in read]
+        labels += [name] * len(read)
     return ImageFolder(names, images, labels)
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """An image file as RGB uint8 ``[H, W, 3]``; one Pillow cannot read is a UserError naming it."""
-    from fewshot_sla.data.importers.common import BadImage, read_image_file
-
-    try:
-        return read_image_file(path)
-    except BadImage as bad:
-        reason = " ".join(bad.reason.split())
-        raise UserError(f"cannot read the image {path} ({reason}); remove it or save it as PNG or JPEG") from None
+def _skipped_hint(files: list[Path], reader: Reader) -> str:
+    """For a folder none of whose ``files`` gave an image, what was skipped there: `` (skipped 2 files that are not
+    images)``; nothing for an empty folder."""
+    unreadable = sum(path in reader.unreadable for path in files)
+    others = len(files) - unreadable
+    kinds = ([_not_images(others)] if others else []) + ([_unreadable(unreadable)] if unreadable else [])
+    return f" (skipped {' and '.join(kinds)})" if kinds else ""
 
 
 def write_predictions(out: Path, names: list[str], class_names: list[str], probabilities: np.ndarray) -> None:
@@ -163,6 +266,7 @@ def summary(
     class_names: list[str],
     probabilities: np.ndarray,
     out: Path,
+    note: str | None = None,
 ) -> str:
     """What the command prints: the run and kind, the episode's size, the accuracy (labelled queries), the CSV."""
     from fewshot_sla.prediction_kinds import kind_label
@@ -173,6 +277,8 @@ def summary(
         f"prediction {kind_label(kind)}",
         f"support: {len(class_names)} classes, {len(support.images)} images; query: {len(query.images)} images",
     ]
+    if note:
+        lines.append(note)
     if query.classes[0] is not None:
         lines.append(accuracy_line(query, class_names, probabilities))
     lines.append(f"predictions: {out}")

@@ -27,7 +27,7 @@ from fewshot_sla.errors import UserError
 from fewshot_sla.learners.base import Learner
 from fewshot_sla.objectives import Objective
 from fewshot_sla.registry import BACKBONES, LEARNERS, OBJECTIVES
-from fewshot_sla.sla import Transformation, resolve_transform
+from fewshot_sla.sla import Transformation, checked_transform, resolve_transform
 
 
 def resolve_device(name: str) -> torch.device:
@@ -157,7 +157,10 @@ def build_model(cfg: RunConfig, image_size: int, device: torch.device, channels:
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(derived_seed(cfg.seed, "model"))
-        transform: Transformation = resolve_transform(cfg.transform)
+        # the plug-in contract checked on a probe batch (for training, eval and predict alike)
+        transform: Transformation = checked_transform(
+            cfg.transform, channels=channels, image_size=image_size, device=device
+        )
         backbone = _create("backbone", BACKBONES, cfg.backbone or "conv4", _with_channels(cfg, channels))
         feature_dim = backbone.feature_dim(image_size)
         learner = _create("learner", LEARNERS, cfg.method, cfg.learner_options, backbone=backbone)

@@ -48,8 +48,18 @@ def image_extensions() -> frozenset[str]:
     return frozenset(ext.lower() for ext in Image.registered_extensions())
 
 
-def _hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name is hidden (starts with ``.``): ignored, never read or counted."""
     return name.startswith(".")
+
+
+def is_image_file(path: Path, extensions: frozenset[str] | None = None) -> bool:
+    """Whether ``path`` is read as an image: its extension (any case) is one Pillow recognises
+    (``image_extensions()``, or ``extensions`` when given); other files are not images and are skipped.
+
+    The one rule for ``data prepare`` (``scan``) and ``fewshot-sla predict``; whether an image then decodes is
+    ``read_image_file``'s question (``BadImage``; skipped with ``--skip-bad``)."""
+    return path.suffix.lower() in (image_extensions() if extensions is None else extensions)
 
 
 @dataclass(frozen=True)
@@ -76,18 +86,18 @@ def scan(root: Path) -> Collection:
         entries = sorted(root.iterdir())
     except OSError as err:
         raise io_error(err, root, "list the image folder") from None
-    stray = [p.name for p in entries if p.is_file() and not _hidden(p.name) and p.suffix.lower() in extensions]
+    stray = [p.name for p in entries if p.is_file() and not is_hidden(p.name) and is_image_file(p, extensions)]
     if stray:
         raise UserError(
             f"{root} holds image(s) outside class folders (e.g. {stray[0]}); put every image in {root}/<class>/"
         )
     files: dict[str, list[str]] = {}
-    for folder in (p for p in entries if p.is_dir() and not _hidden(p.name)):
+    for folder in (p for p in entries if p.is_dir() and not is_hidden(p.name)):
         images = sorted(
             path.relative_to(root).as_posix()
             for path in folder.rglob("*")
-            if path.suffix.lower() in extensions
-            and not any(_hidden(part) for part in path.relative_to(folder).parts)
+            if is_image_file(path, extensions)
+            and not any(is_hidden(part) for part in path.relative_to(folder).parts)
             and path.is_file()
         )
         if not images:
@@ -106,7 +116,7 @@ def scan(root: Path) -> Collection:
 
 def _locate(source: Path) -> Path | None:
     try:
-        return source if any(p.is_dir() and not _hidden(p.name) for p in source.iterdir()) else None
+        return source if any(p.is_dir() and not is_hidden(p.name) for p in source.iterdir()) else None
     except OSError:
         return None
 
