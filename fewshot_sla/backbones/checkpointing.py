@@ -8,8 +8,12 @@ updating their running statistics a second time, so gradients and running statis
 pass.
 
 A backbone supports checkpointing by holding a ``checkpointing`` attribute (False by default) and listing the
-modules its forward runs one after another in ``checkpoint_stages()``; built-in: ``conv4`` (its four blocks) and
-``resnet12`` (its four residual stages). The engine switches it on with ``enable(backbone)``."""
+modules its forward runs one after another in ``checkpoint_stages()``; built-in: ``conv4`` (its four blocks),
+``relation-conv4`` (its four blocks) and ``resnet12`` (its four residual stages). The engine switches it on with
+``enable(backbone)``. Stages are registered submodules of the backbone (never a plain list beside them: tools
+that rebuild a module from its registered submodules, such as learn2learn's ``clone()``, would leave such a list
+running the original layers). A stage may also receive the modules it runs as arguments (conv4's blocks are
+given the backbone's ``features``); their BatchNorm layers are treated as the stage's own."""
 
 from __future__ import annotations
 
@@ -58,14 +62,19 @@ class _RunningStatsFrozen:
     same tensors for backward as in the first pass (which the checkpoint checks). Re-enterable: a stage under
     second-order MAML is recomputed once per backward pass through it."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
+    def __init__(self, *modules: nn.Module) -> None:
+        self.modules = modules
         self.saved: list[list[tuple[_BatchNorm, float | None, torch.Tensor | None]]] = []
 
     def __enter__(self) -> None:
-        layers = [
-            m for m in self.module.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
-        ]
+        layers = list(
+            {
+                id(m): m
+                for module in self.modules
+                for m in module.modules()
+                if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
+            }.values()
+        )
         self.saved.append(
             [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in layers]
         )
@@ -80,13 +89,15 @@ class _RunningStatsFrozen:
 
 
 def run_stage(stage: nn.Module, *inputs: Any, checkpointed: bool) -> torch.Tensor:
-    """``stage(*inputs)``, checkpointed when asked and a gradient is being recorded."""
+    """``stage(*inputs)``, checkpointed when asked and a gradient is being recorded. Modules among ``inputs``
+    (the layers a stage is given to run) have their BatchNorm statistics frozen in the recomputation as well."""
     if not (checkpointed and torch.is_grad_enabled()):
         out: torch.Tensor = stage(*inputs)
         return out
+    given = [item for item in inputs if isinstance(item, nn.Module)]
 
     def contexts() -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
-        return contextlib.nullcontext(), _RunningStatsFrozen(stage)
+        return contextlib.nullcontext(), _RunningStatsFrozen(stage, *given)
 
     result: torch.Tensor = checkpoint(stage, *inputs, use_reentrant=False, context_fn=contexts)
     return result

@@ -12,6 +12,31 @@ from fewshot_sla.errors import UserError
 from fewshot_sla.registry import BACKBONES
 
 
+class Block(nn.Module):
+    """One conv-BN-ReLU(-pool) block of Conv-4: runs layers ``start`` to ``stop - 1`` of the ``features`` it is
+    given (``block(x, backbone.features)``).
+
+    It holds no layer, parameter or buffer. The layers are registered once, in the backbone's flat ``features``
+    (whose names the state dict and old checkpoints use), and the backbone passes its own ``features`` on every
+    call, so a module rebuilt from the registered submodules (learn2learn's ``clone()``, ``copy.deepcopy``) runs
+    its own layers, and ``torch.func.functional_call`` reaches every parameter. The blocks are registered
+    submodules too, so that checkpointing runs them as stages and hooks on them (the memory probe's) fire.
+    """
+
+    def __init__(self, start: int, stop: int) -> None:
+        super().__init__()
+        self.start, self.stop = start, stop
+
+    def extra_repr(self) -> str:
+        return f"features[{self.start}:{self.stop}]"
+
+    def forward(self, x: torch.Tensor, features: nn.Sequential) -> torch.Tensor:
+        """``features[start:stop](x)``, layer by layer."""
+        for index in range(self.start, self.stop):
+            x = features[index](x)
+        return x
+
+
 @BACKBONES.register("conv4")
 class Conv4(nn.Module):
     """Four conv3x3 (padding 1) - BatchNorm - ReLU - maxpool2 blocks, flattened; any input size >= 16.
@@ -52,14 +77,14 @@ class Conv4(nn.Module):
             channels = hidden
         self.features = nn.Sequential(*layers).to(memory_format=torch.channels_last)
         self.checkpointing = False  # activation checkpointing of the four blocks (see backbones/checkpointing.py)
-        # The four conv-BN-ReLU(-pool) blocks, as slices of ``features`` (the same layers, no new parameters; a
-        # plain list, so neither registered twice nor in the state dict).
+        # The four blocks forward runs as stages: registered, parameter-free, each given ``features`` to run its
+        # slice of (no stage held in a plain list: a learn2learn clone would share it, still running these layers).
         per_block = len(self.features) // HALVINGS
-        self._blocks = [self.features[i * per_block : (i + 1) * per_block] for i in range(HALVINGS)]
+        self.blocks = nn.ModuleList(Block(i * per_block, (i + 1) * per_block) for i in range(HALVINGS))
 
     def checkpoint_stages(self) -> list[nn.Module]:
         """The four blocks forward runs in turn."""
-        return list(self._blocks)
+        return list(self.blocks)
 
     def feature_dim(self, image_size: int) -> int:
         """Length of the output for square ``image_size`` inputs (84 -> 25 * hidden; strided: hidden)."""
@@ -70,8 +95,8 @@ class Conv4(nn.Module):
         """[N, C, H, W] -> [N, hidden * (H // 16) * (W // 16)] (strided: [N, hidden])."""
         check_image_size("conv4", images.shape[-2], images.shape[-1])
         x = images
-        for index, block in enumerate(self._blocks):
-            x = run_stage(block, x, checkpointed=self.checkpointing and index < len(self._blocks) - 1)
+        for index, block in enumerate(self.blocks):
+            x = run_stage(block, x, self.features, checkpointed=self.checkpointing and index < len(self.blocks) - 1)
         if self.strided:
             return x.mean(dim=(2, 3))
         return x.flatten(1)
