@@ -27,7 +27,7 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 T = TypeVar("T")
 # Fields that may change when a run is resumed (where and how it executes or is logged, not what it computes).
-RESUME_FREE_KEYS = ("device", "micro_batch", "checkpointing", "log")
+RESUME_FREE_KEYS = ("device", "micro_batch", "checkpointing", "log", "checkpoint_every")
 
 
 def required(value: T | None, name: str) -> T:
@@ -93,7 +93,13 @@ class RunConfig(BaseModel):
     lr_schedule_episodes: int | None = _positive()
     augment: bool | None = None  # random crop / flip / colour jitter on training images
     val_episodes: int = Field(default=200, ge=1, le=MAX_EPISODE_SET)
+    # Validation episodes' ways and shots (None: the test's ways and shots), e.g. 5-way validation of a 20-way run
+    # whose dataset has fewer than 20 validation classes; their queries are the test's.
+    val_ways: int | None = Field(default=None, ge=2)
+    val_shots: int | None = _positive()
     val_every: int | None = _positive()  # training episodes between validations (and checkpoints)
+    # Minutes of training between checkpoints besides those of validations (a crash loses at most this much).
+    checkpoint_every: float = Field(default=10.0, gt=0, allow_inf_nan=False)
     # Execution.
     seed: int = Field(default=0, ge=0, lt=2**63)
     device: str = "auto"

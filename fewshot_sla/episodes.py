@@ -517,12 +517,13 @@ class EpisodeSet:
         """The conventional file name, e.g. ``miniimagenet-test-5w1s15q-1000-seed0.npz``."""
         return f"{dataset}-{split}-{spec.tag}-{count}-seed{seed}.npz"
 
-    def make_command(self) -> str:
-        """The ``fewshot-sla episodes make`` command that regenerates this set."""
+    def make_command(self, out: str | Path | None = None) -> str:
+        """The ``fewshot-sla episodes make`` command that regenerates this set (into ``out``, if given)."""
         s = self.spec
         return (
             f"fewshot-sla episodes make --dataset {self.dataset} --split {self.split} --ways {s.ways} "
             f"--shots {s.shots} --queries {s.queries} --count {self.count} --seed {self.seed}"
+            + (f" --out {out}" if out is not None else "")
         )
 
     def save(self, path: str | Path) -> Path:
@@ -582,7 +583,7 @@ class EpisodeSet:
         if not intact:
             raise UserError(
                 f"'{path}' was altered or damaged: its content hash does not match; restore it or "
-                f"regenerate it with '{episode_set.make_command()}'"
+                f"regenerate it with '{episode_set.make_command(path)}'"
             )
         episode_set._validate(path)
         return episode_set
@@ -591,7 +592,9 @@ class EpisodeSet:
         """Check that the positions form valid episodes (UserError otherwise)."""
 
         def bad(what: str) -> UserError:
-            return UserError(f"'{path}' is not a valid episode set: {what}; regenerate it with '{self.make_command()}'")
+            return UserError(
+                f"'{path}' is not a valid episode set: {what}; regenerate it with '{self.make_command(path)}'"
+            )
 
         s = self.spec
         if (

@@ -5,7 +5,9 @@ A run directory holds::
     config.yaml              the resolved RunConfig (every recipe field filled in)
     metrics.jsonl            one JSON object per line: {"kind": "train", "step", "episodes", "lr", "loss", ...the
                              objective's metrics} per training step and {"kind": "val", "step", "episodes",
-                             "accuracy": {kind: percent}, "key"} per validation ("key": the kind selecting the best)
+                             "accuracy": {kind: percent}, "ci95": {kind: 95% half-width in points, null for one
+                             episode}, "key"} per validation ("key": the kind selecting the best; "ci95" is absent
+                             in runs from before it was recorded)
     checkpoints/last.pt      full training state (model, optimizer, scheduler, RNG states, step), for --resume
     checkpoints/best.pt      the model with the best validation accuracy
     learning_curve.png       training loss/accuracy and validation accuracy against episodes
@@ -25,11 +27,14 @@ half-width, s the sample standard deviation over episodes)::
 
     schema_version   1
     status           "finished"
-    method, backbone, dataset, dataset_fingerprint, transform, objective   str
+    method, backbone, dataset, dataset_fingerprint, transform, objective   str ("transform" names the transformation
+                     the objective used: "none" for one that uses none, ``baseline``, whatever the config's
+                     ``transform``; ``transform_label`` reads older files that recorded the config's value)
     seed, ways, shots, queries                                              int (the test episodes' spec)
     train            {ways, shots, queries, episodes, meta_batch, steps, time_s (wall, validation included),
                       episodes_per_s (training steps only), best_step, best_episodes, best_val_accuracy,
-                      val_key, val_episodes}
+                      val_key, val_episodes, val_ways, val_shots, val_queries (the validation episodes' spec; null
+                      in runs from before it was recorded)}
     evaluation       the main evaluation block (below): the run's own test set, the one its training ended with
     evaluations      every evaluation block, one per distinct episode set (the main one included; latest last)
     device           e.g. "cpu" or "cuda (NVIDIA H100 80GB HBM3)";  amp  bool
@@ -93,6 +98,17 @@ CURVE_FILE = "learning_curve.png"
 CHECKPOINT_DIR = "checkpoints"
 INCOMPLETE_RUN = "the run folder is incomplete; start the run again with --overwrite"
 PER_EPISODE_DIR = "per_episode"
+# The transformation label of a run whose objective uses none. The objectives that use none (``objectives.py``:
+# ``baseline`` trains and predicts on the plain episode and never reads its ``transform``).
+NO_TRANSFORM = "none"
+UNTRANSFORMED_OBJECTIVES = frozenset({"baseline"})
+
+
+def transform_label(objective: str, transform: str) -> str:
+    """The transformation a run used, for results and tables: ``none`` when its objective uses none (a
+    ``baseline`` run configured with the default ``rotation`` used no rotation), else the configured one. Derived
+    from the objective, so results files that recorded the configured value read correctly too."""
+    return NO_TRANSFORM if objective in UNTRANSFORMED_OBJECTIVES else transform
 
 
 @dataclass(frozen=True)
@@ -195,6 +211,10 @@ class TrainSummary(_Record):
     best_val_accuracy: float | None  # null when no validation ran
     val_key: str | None
     val_episodes: int
+    # The validation episodes' spec (null in runs from before it was recorded, which validated on the test spec).
+    val_ways: int | None = None
+    val_shots: int | None = None
+    val_queries: int | None = None
 
 
 class EpisodeSetInfo(_Record):

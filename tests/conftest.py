@@ -114,3 +114,18 @@ def small_synthetic(monkeypatch: pytest.MonkeyPatch) -> int:
 
     monkeypatch.setattr(synthetic, "IMAGES_PER_CLASS", 4)
     return 4
+
+
+@pytest.fixture
+def two_datasets(tmp_path: Path, data_root: Path, ravi_source) -> Path:
+    """A data root with the session's synthetic store and a small 'tinyimagenet' store (5 classes per split, 8
+    images per class, 64x64)."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "synthetic.h5").symlink_to(data_root / "synthetic.h5")
+    wnids = [f"n{i:08d}" for i in range(1, 16)]
+    source, _ = ravi_source(classes={"train": wnids[:5], "val": wnids[5:10], "test": wnids[10:]}, per_class=8)
+    from fewshot_sla.cli import main
+
+    assert main(["--data-root", str(root), "data", "prepare", "tinyimagenet", "--source", str(source)]) == 0
+    return root

@@ -10,8 +10,9 @@ from fewshot_sla.config import RunConfig, load_config
 from fewshot_sla.engine.recipes import _parse, add_recipe, apply_recipe, default_val_every, recipe_book
 from fewshot_sla.errors import UserError
 
-# The only fields a recipe-resolved configuration may leave empty (the memory plan resolves the last two).
-OPTIONAL_FIELDS = ["image_size", "episodes_file", "micro_batch", "checkpointing"]
+# The only fields a recipe-resolved configuration may leave empty (val_ways/val_shots: the test's; the memory plan
+# resolves the last two).
+OPTIONAL_FIELDS = ["image_size", "episodes_file", "val_ways", "val_shots", "micro_batch", "checkpointing"]
 
 
 def test_yaml_round_trip_keeps_every_field(tmp_path: Path) -> None:
@@ -54,6 +55,8 @@ def test_empty_file_is_the_defaults(tmp_path: Path) -> None:
         ("method: protonet\nways: [5\n", "line 3"),
         ("ways: five\n", "line 1: 'ways' must be an integer, got 'five'"),
         ("ways: '5'\n", "line 1: 'ways' must be an integer, got '5'"),
+        ("ways: 20\nval_ways: '5'\n", "line 2: 'val_ways' must be an integer, got '5'"),
+        ("val_shots: 0\n", "line 1: 'val_shots' must be at least 1, got 0"),
         ("lr: .nan\n", "line 1: 'lr' must be a finite number"),
         ("seed: -1\n", "line 1: 'seed' must be at least 0, got -1"),
         ("amp: 1\n", "'amp' must be true or false"),
@@ -92,6 +95,8 @@ def test_updated_rejects_unknown_keys_and_bad_types() -> None:
     [
         ({"ways": 0}, "'ways' must be at least 2, got 0"),
         ({"ways": 1}, "'ways' must be at least 2, got 1"),
+        ({"val_ways": 1}, "'val_ways' must be at least 2, got 1; fix --val-ways"),
+        ({"val_shots": 0}, "'val_shots' must be at least 1, got 0; fix --val-shots"),
         ({"train_episodes": 0}, "'train_episodes' must be at least 1, got 0"),
         ({"lr": float("inf")}, "'lr' must be a finite number"),
         ({"lr_factors": [float("nan")], "lr_milestones": [0.5]}, "lr_factors must hold finite numbers"),
@@ -317,3 +322,63 @@ def test_set_overrides_any_field_with_one_line_errors(tmp_path: Path, capsys: py
         assert main(["run", *flags, "--print-config"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], err
+
+
+def test_validation_ways_and_shots_default_to_the_tests_and_round_trip(tmp_path: Path) -> None:
+    assert (RunConfig().val_ways, RunConfig().val_shots) == (None, None)
+    cfg = RunConfig(ways=20, val_ways=5, val_shots=2)
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg and (load_config(path).val_ways, load_config(path).val_shots) == (5, 2)
+    # an older config.yaml without them reads as unset
+    path.write_text("ways: 20\n")
+    assert (load_config(path).val_ways, load_config(path).val_shots) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("method: protonet\nways: 5\nmethod: maml\n", "'method' is given twice (lines 1 and 3); keep one"),
+        ("learner_options:\n  scale: 1\n  scale: 2\n", "'scale' is given twice (lines 2 and 3)"),
+    ],
+)
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as info:
+        load_config(path)
+    assert expected in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1e-3", 1e-3), ("5E-4", 5e-4), ("1e5", 1e5), ("2.E3", 2e3), ("-1.5e-2", -1.5e-2), ("1.0e-3", 1e-3)],
+)
+def test_numbers_in_exponent_form_are_numbers_in_files_set_and_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture, text: str, value: float
+) -> None:
+    """YAML 1.1 (PyYAML) reads 1e-3 as a string; every way of giving a number takes it as a number."""
+    from fewshot_sla.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"weight_decay: {text.lstrip('-')}\nlearner_options:\n  scale: {text}\n")
+    cfg = load_config(path)
+    assert cfg.weight_decay == abs(value) and cfg.learner_options == {"scale": value}
+    for flags in (["--set", f"weight_decay={text.lstrip('-')}"], ["--config", str(path)]):
+        assert main(["run", *flags, "--learner-option", f"scale={text}", "--print-config"]) == 0
+        printed = tmp_path / "printed.yaml"
+        printed.write_text(capsys.readouterr().out)
+        resolved = load_config(printed)
+        assert resolved.weight_decay == abs(value) and resolved.learner_options == {"scale": value}
+
+
+def test_exponent_numbers_and_repeated_keys_in_grid_files(tmp_path: Path) -> None:
+    from fewshot_sla.leaderboard.grid import load_grid
+
+    grid = tmp_path / "grid.yaml"
+    variants = "variants:\n  - {transform: none, objective: baseline}\nshots: [1]\n"
+    grid.write_text(f"name: g\ndatasets: [synthetic]\nmethods: [protonet]\n{variants}settings:\n  lr: 1e-3\n")
+    assert {cell.config.lr for cell in load_grid(grid).cells} == {1e-3}
+    grid.write_text(f"name: g\ndatasets: [synthetic]\nmethods: [protonet]\nmethods: [maml]\n{variants}")
+    with pytest.raises(UserError, match=r"'methods' is given twice \(lines 3 and 4\)"):
+        load_grid(grid)

@@ -17,18 +17,6 @@ TINY = ["--device", "cpu", "--quiet", "--train-episodes", "2", "--val-episodes",
 TINY += ["--queries", "2", "--train-queries", "2", "--backbone-option", "hidden=8"]
 
 
-@pytest.fixture
-def two_datasets(tmp_path: Path, data_root: Path, ravi_source) -> Path:
-    """A data root with the session's synthetic store and a small 'tinyimagenet' store (5 test classes, 64x64)."""
-    root = tmp_path / "data"
-    root.mkdir()
-    (root / "synthetic.h5").symlink_to(data_root / "synthetic.h5")
-    wnids = [f"n{i:08d}" for i in range(1, 10)]
-    source, _ = ravi_source(classes={"train": wnids[:2], "val": wnids[2:4], "test": wnids[4:]}, per_class=8)
-    assert main(["--data-root", str(root), "data", "prepare", "tinyimagenet", "--source", str(source)]) == 0
-    return root
-
-
 def run_on(root: Path, out: Path, *flags: str) -> Path:
     assert main(["--data-root", str(root), "run", *TINY, *flags, "--out", str(out)]) == 0
     return out

@@ -85,6 +85,10 @@ def test_names_are_deterministic_and_follow_every_setting_but_the_device(tmp_pat
         ).cells
     ]
     assert device == names
+    cadence = GRID.replace("eval_episodes: 20", "eval_episodes: 20, checkpoint_every: 1")
+    assert [c.name for c in load_grid(write(tmp_path, cadence, "cadence.yaml")).cells] == names
+    validation = GRID.replace("eval_episodes: 20", "eval_episodes: 20, val_ways: 3")
+    assert not set(names) & {c.name for c in load_grid(write(tmp_path, validation, "val.yaml")).cells}
 
 
 def test_a_recipe_change_renames_exactly_the_cells_it_affects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

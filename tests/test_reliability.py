@@ -77,7 +77,8 @@ def test_a_full_disk_before_the_first_checkpoint_leaves_nothing(
     FullDisk(monkeypatch, after=1)
     out = tmp_path / "runs" / "a"
     line = one_line(*cli(capsys, data_root, *run(data_root, out, "--fit-memory", "off")))
-    assert f"cannot write the checkpoint {out / 'checkpoints' / 'best.pt'}: no space is left on the device" in line
+    # The first checkpoint is the training state saved as the first validation begins.
+    assert f"cannot write the checkpoint {out / 'checkpoints' / 'last.pt'}: no space is left on the device" in line
     assert line.endswith("then run the command again (the new run folder was removed)")
     assert not (tmp_path / "runs").exists()  # no run folder, lock or temporary file: not even the parent made for it
 
@@ -85,7 +86,7 @@ def test_a_full_disk_before_the_first_checkpoint_leaves_nothing(
 def test_a_full_disk_after_a_checkpoint_leaves_a_folder_that_resumes_to_the_same_run(
     data_root: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    full = FullDisk(monkeypatch, after=3)  # best.pt and last.pt at step 2 are written, then the disk is full
+    full = FullDisk(monkeypatch, after=3)  # last.pt as step 2's validation begins and best.pt, then the disk is full
     out = tmp_path / "run"
     line = one_line(*cli(capsys, data_root, *run(data_root, out)))
     assert "no space is left on the device; free some space (or write elsewhere), then continue with" in line

@@ -85,7 +85,10 @@ def test_max_steps_then_resume_matches_an_uninterrupted_run(
     assert not (out / "results.json").exists()
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 1
     assert run(data_root, out, "--max-steps", "3", "--resume") == 0
+    capsys.readouterr()
     assert run(data_root, out, "--resume") == 0
+    # A resumed run trains the dataset its stored configuration names: no note about a missing --dataset.
+    assert "no --dataset given" not in capsys.readouterr().out
     assert_same_run(reference, out)
 
 

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from fewshot_sla.errors import UserError
+from fewshot_sla.preemption import Preempted, preemption_signals
 from fewshot_sla.version import __version__
 
 # Sub-command modules, in the order their commands appear in --help.
@@ -58,10 +59,14 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
+        with preemption_signals():  # SIGTERM, SIGUSR1, SIGUSR2: save what can be saved, then one line
+            args = build_parser().parse_args(argv)
+            return int(args.handler(args) or 0)
+    except Preempted as err:
+        if os.environ.get("RANK", "0") == "0":
+            sys.stderr.write(f"fewshot-sla: {err}\n")
+        return err.exit_code
     except UserError as err:
         if not (err.shared and os.environ.get("RANK", "0") != "0"):  # one line per run, not per process
             sys.stderr.write(f"fewshot-sla: error: {err}\n")

@@ -99,7 +99,7 @@ def run_command(args: argparse.Namespace) -> int:
     report = run_grid(grid, runs_dir, executor, args.data_root)
     sys.stderr.write(report.summary() + "\n")
     if report.interrupted:
-        return EXIT_INTERRUPTED
+        return 128 + report.stopped_by if report.stopped_by else EXIT_INTERRUPTED
     if report.failed:
         return EXIT_CELL_FAILED
     print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from fewshot_sla.config import RunConfig, check_values, read_config_values
 from fewshot_sla.cpu_memory import reuse_freed_memory
 from fewshot_sla.errors import UserError
 from fewshot_sla.prediction_kinds import kind_label, kind_table
+from fewshot_sla.yaml_file import parse_yaml
 
 if TYPE_CHECKING:
     from fewshot_sla.engine.distributed import Processes
@@ -44,6 +46,8 @@ _VALUE_FLAGS: tuple[tuple[str, str, Any, str, str], ...] = (
     ("--ways", "ways", int, "N", "test ways (default 5)"),
     ("--shots", "shots", int, "K", "test shots (default 1)"),
     ("--queries", "queries", int, "Q", "test queries per class (default 15)"),
+    ("--val-ways", "val_ways", int, "N", "validation ways (default: the test's --ways)"),
+    ("--val-shots", "val_shots", int, "K", "validation shots (default: the test's --shots)"),
     ("--train-ways", "train_ways", int, "N", "training ways (default: the recipe's)"),
     ("--train-shots", "train_shots", int, "K", "training shots (default: the recipe's)"),
     ("--train-queries", "train_queries", int, "Q", "training queries per class (default: the recipe's)"),
@@ -55,6 +59,13 @@ _VALUE_FLAGS: tuple[tuple[str, str, Any, str, str], ...] = (
     ("--episodes-file", "episodes_file", str, "FILE", "fixed test episode set (.npz from 'fewshot-sla episodes make')"),
     ("--val-episodes", "val_episodes", int, "N", "validation episodes (default 200)"),
     ("--val-every", "val_every", int, "E", "training episodes between validations and checkpoints"),
+    (
+        "--checkpoint-every",
+        "checkpoint_every",
+        float,
+        "MINUTES",
+        "minutes of training between checkpoints besides those of validations (default 10)",
+    ),
     ("--image-size", "image_size", int, "PX", "resize images to PX x PX on the device (default: the store's)"),
     ("--eval-batch", "eval_batch", int, "B", "episodes per evaluation batch (default 20)"),
     ("--seed", "seed", int, "S", "seed of every random stream (default 0)"),
@@ -209,6 +220,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="cache embeddings (default: the run's setting)",
     )
+    ev.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write the evaluation into DIR (a copy of the run's results.json with it added, for a run you cannot "
+        "or do not want to write to) instead of the run's folder; a read-only run without --out is evaluated and "
+        "printed, nothing written",
+    )
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_process_flags(ev)
     _add_data_memory_flag(ev)
@@ -326,7 +344,7 @@ def _parse_options(items: list[str], flag: str) -> dict[str, Any]:
         if not sep or not key.strip():
             raise UserError(f"{flag} expects KEY=VALUE, got '{item}'")
         try:
-            options[key.strip()] = yaml.safe_load(text)
+            options[key.strip()] = parse_yaml(text)
         except yaml.YAMLError:
             raise UserError(f"{flag} {item}: the value is not valid YAML; quote it") from None
     return options
@@ -410,7 +428,7 @@ def run_command(args: argparse.Namespace) -> int:
         sys.stderr.write(f"fewshot-sla: interrupted; state saved at step {report.step}; continue with '{resume}'\n")
         return 130
     assert report.results is not None
-    if "dataset" not in given:
+    if "dataset" not in given and not args.resume and report.results.get("dataset") == "synthetic":
         print(
             "note: no --dataset given, so this used the embedded synthetic set; for real data run "
             "'fewshot-sla data prepare DATASET --source PATH' and pass --dataset DATASET"
@@ -430,18 +448,51 @@ def eval_command(args: argparse.Namespace) -> int:
     _reuse_memory_on_cpu("cuda" if on_gpu else "cpu", args)
     from fewshot_sla.engine.distributed import shutdown
 
+    run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out else None
+    save = out is not None or _writable(run_dir)
     processes = _join(args, args.device or "auto")
     try:
-        results = _evaluate_agreed(args, processes)
+        results = _evaluate_agreed(args, processes, out, save)
     finally:
         shutdown()
     if not processes.writer:
         return 0
     block = results["evaluations"][-1]
-    print(format_results(results, Path(args.run_dir), block))
-    for note in evaluation_notes(results, block):
+    if save:
+        print(format_results(results, out or run_dir, block))
+    else:
+        print(format_results(results, run_dir, block).rsplit("\n", 1)[0])  # all but the results.json line
+    notes = evaluation_notes(results, block)
+    if out is not None:
+        notes.append(f"written to {out / 'results.json'}, with the run's earlier evaluations; {run_dir} is untouched")
+    elif not save:
+        notes.append(f"{run_dir} is read-only, so this evaluation was printed, not saved; pass --out DIR to save it")
+    for note in notes:
         sys.stderr.write(f"fewshot-sla: note: {note}\n")
     return 0
+
+
+def _make_folder(path: Path) -> None:
+    """Create ``eval --out``'s folder; a path through a file or an unwritable place is one line."""
+    from fewshot_sla.io_errors import write_error
+
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file, not a folder; choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(err, path, "the --out folder") from None
+
+
+def _writable(run_dir: Path) -> bool:
+    """Whether ``eval`` can record an evaluation in ``run_dir`` (its results, and the lock file beside it)."""
+    results = run_dir / "results.json"
+    return (
+        os.access(run_dir, os.W_OK | os.X_OK)
+        and os.access(run_dir.parent, os.W_OK | os.X_OK)
+        and (not results.exists() or os.access(results, os.W_OK))
+    )
 
 
 def evaluation_notes(results: dict[str, Any], block: dict[str, Any]) -> list[str]:
@@ -465,15 +516,19 @@ def evaluation_notes(results: dict[str, Any], block: dict[str, Any]) -> list[str
     return notes
 
 
-def _evaluate_agreed(args: argparse.Namespace, processes: Processes) -> dict[str, Any]:
+def _evaluate_agreed(args: argparse.Namespace, processes: Processes, out: Path | None, save: bool) -> dict[str, Any]:
     """``evaluate_run`` in every process, failures agreed on (see ``_agreed``)."""
     from fewshot_sla.engine.plan import run_folder_lock
     from fewshot_sla.engine.run_evaluation import evaluate_run
 
     results = None
     run_dir = Path(args.run_dir)
+    target = out or run_dir
     try:
-        with run_folder_lock(run_dir) if processes.writer and run_dir.is_dir() else contextlib.nullcontext():
+        if out is not None and processes.writer and run_dir.is_dir():
+            _make_folder(out)
+        locked = processes.writer and save and run_dir.is_dir()
+        with run_folder_lock(target) if locked else contextlib.nullcontext():
             results = evaluate_run(
                 args.run_dir,
                 data_root=args.data_root,
@@ -485,6 +540,8 @@ def _evaluate_agreed(args: argparse.Namespace, processes: Processes) -> dict[str
                 progress=not args.quiet,
                 processes=processes,
                 data_memory_gb=args.data_memory,
+                out_dir=out,
+                save=save,
             )
     except UserError as err:
         _agreed(processes, err)
@@ -526,11 +583,14 @@ def compare_command(args: argparse.Namespace) -> int:
 def format_results(results: dict[str, Any], run_dir: Path, block: dict[str, Any] | None = None) -> str:
     """The small end-of-run table of an evaluation block (default: the main one): accuracy with 95% CIs per
     prediction kind, plus context lines."""
+    from fewshot_sla.results import transform_label
+
     ev, train = block or results["evaluation"], results.get("train", {})
     s = ev["episode_set"]
+    transform = transform_label(results["objective"], results["transform"])  # older runs: the configured one
     lines = [
         f"{results['method']} / {results['backbone']} on {results['dataset']}: {s['ways']}-way {s['shots']}-shot, "
-        f"transform {results['transform']}, objective {results['objective']}, seed {results['seed']}",
+        f"transform {transform}, objective {results['objective']}, seed {results['seed']}",
     ]
     if train:
         rate = train.get("episodes_per_s")

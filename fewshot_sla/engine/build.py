@@ -90,12 +90,23 @@ def episode_specs(cfg: RunConfig) -> tuple[EpisodeSpec, EpisodeSpec]:
     return train, EpisodeSpec(cfg.ways, cfg.shots, cfg.queries)
 
 
+def validation_spec(cfg: RunConfig) -> EpisodeSpec:
+    """The validation episodes' spec: ``val_ways`` and ``val_shots`` (unset: the test's ways and shots), with the
+    test's queries."""
+    return EpisodeSpec(cfg.val_ways or cfg.ways, cfg.val_shots or cfg.shots, cfg.queries)
+
+
+# The flags that set each kind of episodes' ways, shots and queries (validation queries are the test's).
+_SPEC_FLAGS = {"training": "--train-", "validation": "--val-"}
+
+
 def check_split(split: Split, spec: EpisodeSpec, what: str) -> None:
     """A UserError when ``split`` cannot serve ``spec`` (the message says which flag to change)."""
     try:
-        CanonicalOrder.of_split(split).check(spec, "--train-" if what == "training" else "--")
+        CanonicalOrder.of_split(split).check(spec, _SPEC_FLAGS.get(what, "--"))
     except UserError as err:
-        raise UserError(f"{what} episodes: {err}") from None
+        message = str(err).replace("--val-queries", "--queries")  # there is no --val-queries
+        raise UserError(f"{what} episodes: {message}") from None
 
 
 @dataclass

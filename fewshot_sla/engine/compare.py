@@ -115,11 +115,13 @@ def _common_episode_set(a: RunResult, b: RunResult, prefix: str | None) -> str:
                 "see 'episode_set' in their results.json"
             )
     if not common:
+        target = a.evaluation["episode_set"]["dataset"]
+        other = f" --dataset {target}" if target != b.data["dataset"] else ""  # B tested on A's data: cross-domain
         raise UserError(
             f"the runs were evaluated on different episode sets ({a.path}: "
             f"{a.evaluation['episode_set']['hash'][:12]}, {b.path}: "
             f"{b.evaluation['episode_set']['hash'][:12]}); evaluate both on one set, e.g. "
-            f"'fewshot-sla eval {b.path} --episodes-file {a.episode_set_file(a.evaluation)}'"
+            f"'fewshot-sla eval {b.path}{other} --episodes-file {a.episode_set_file(a.evaluation)}'"
         )
     latest_a, latest_b = a.evaluation["episode_set"]["hash"], b.evaluation["episode_set"]["hash"]
     for h in (latest_a, latest_b):

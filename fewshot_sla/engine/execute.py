@@ -16,7 +16,8 @@ from fewshot_sla.engine.recipes import recipe_record
 from fewshot_sla.engine.run_evaluation import evaluate_checkpoint
 from fewshot_sla.engine.train import Trainer
 from fewshot_sla.io_errors import IOFailure, write_error
-from fewshot_sla.results import MemoryRecord, RunPaths, RunRecord, git_commit, now_iso, versions
+from fewshot_sla.preemption import Preempted, preemption_signals
+from fewshot_sla.results import MemoryRecord, RunPaths, RunRecord, git_commit, now_iso, transform_label, versions
 
 
 @dataclass
@@ -39,9 +40,12 @@ def execute_run(
     """Train (or continue training) the planned model, then evaluate its best checkpoint and write results.json.
 
     A failure leaves a folder that ``--resume`` continues, or nothing: a new run that fails before its first
-    checkpoint removes its folder."""
+    checkpoint removes its folder. A preemption signal (``preemption.py``) raises ``Preempted`` and never removes
+    the folder: training saves its state at the current step first; elsewhere the last checkpoint, or the
+    configuration of a run not yet started, is what ``--resume`` continues."""
     try:
-        return _execute(plan, max_steps, progress, step_hook)
+        with preemption_signals():
+            return _execute(plan, max_steps, progress, step_hook)
     except BaseException as err:
         replacement = _after_failure(plan, err) if plan.processes.writer else err
         if replacement is not err:
@@ -52,11 +56,14 @@ def execute_run(
 def _after_failure(plan: RunPlan, err: BaseException) -> BaseException:
     """Clean up after a failed run and say what to do next."""
     paths = RunPaths(plan.run_dir)
+    resume = f"continue with 'fewshot-sla run --resume --out {plan.run_dir}'"
+    if isinstance(err, Preempted):
+        return err.then(resume if paths.config.is_file() else "run the command again (nothing was written yet)")
     if isinstance(err, OSError):  # a plain write into the run folder failed (a full disk, say)
         err = write_error(err, err.filename or plan.run_dir, None if err.filename else "into the run folder")
     if paths.last_checkpoint.is_file():
         if isinstance(err, IOFailure):
-            return err.then(f"continue with 'fewshot-sla run --resume --out {plan.run_dir}'")
+            return err.then(resume)
         return err
     if not plan.resume and plan.run_dir.is_dir():
         shutil.rmtree(plan.run_dir, ignore_errors=True)  # nothing worth resuming was written yet
@@ -98,7 +105,7 @@ def _execute(
         backbone=str(cfg.backbone),
         dataset=cfg.dataset,
         dataset_fingerprint=plan.store.fingerprint,
-        transform=cfg.transform,
+        transform=transform_label(cfg.objective, cfg.transform),
         objective=cfg.objective,
         seed=cfg.seed,
         ways=cfg.ways,

@@ -2,17 +2,19 @@
 
 A logger receives the records the trainer writes to ``metrics.jsonl`` (see ``results.py``), as plain dicts:
 ``on_step`` one ``{"kind": "train", "step", "episodes", "lr", "loss", ...the objective's metrics}`` per optimizer
-step, ``on_validation`` one ``{"kind": "val", "step", "episodes", "accuracy": {kind: percent}, "key"}`` per
-validation, ``on_end`` the ``train`` block of results.json once training has finished (not when it stops early to
-be resumed), and ``close`` always, last. Records are shared between loggers: read them, never change them.
+step, ``on_validation`` one ``{"kind": "val", "step", "episodes", "accuracy": {kind: percent}, "ci95": {kind: 95%
+half-width in points, or None for one episode}, "key"}`` per validation, ``on_end`` the ``train`` block of
+results.json once training has finished (not when it stops early to be resumed), and ``close`` always, last.
+Records are shared between loggers: read them, never change them.
 
 ``metrics.jsonl`` (``JsonlLogger``) is always written; the run configuration's ``log`` names the others, looked
 up in the ``LOGGERS`` registry (``fewshot-sla run --log NAME``). An entry is a factory (a class, say) called as
-``factory(run_dir=..., config=..., start_step=...)``: the run folder, the resolved ``RunConfig``, and the step
-training starts from (0, or the step of the checkpoint a resumed run continues; records after it are replayed,
-so a logger that keeps history should drop what it holds beyond it). Accept ``**kwargs`` for arguments added
-later. An entry may have a ``check_available()`` (no arguments) that raises a ``UserError`` when something it
-needs is missing; the CLI calls it before training starts. Only process 0 logs.
+``factory(run_dir=..., config=..., start_step=..., replay_validation=...)``: the run folder, the resolved
+``RunConfig``, the step training starts from (0, or the step of the checkpoint a resumed run continues; records
+after it are replayed, so a logger that keeps history should drop what it holds beyond it), and whether the
+validation at ``start_step`` is replayed too (a run stopped during that validation). Accept ``**kwargs`` for
+arguments added later. An entry may have a ``check_available()`` (no arguments) that raises a ``UserError`` when
+something it needs is missing; the CLI calls it before training starts. Only process 0 logs.
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ class RunLogger:
         """The run stops (finished, interrupted or failed): release files and connections."""
 
 
-def truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int, replay_validation: bool = False) -> None:
     """Drop the lines of ``path`` of steps after ``step`` (a resumed run recomputes them), and lines cut short
-    by a kill."""
+    by a kill; with ``replay_validation`` also the validation record of ``step`` itself."""
     if not path.is_file():
         return
     kept = []
@@ -62,18 +64,31 @@ def truncate_metrics(path: Path, step: int) -> None:
             record = json.loads(line)
         except ValueError:
             continue  # a line cut short by a kill
-        if record.get("step", math.inf) <= step:
+        at = record.get("step", math.inf)
+        if at < step or (at == step and not (replay_validation and record.get("kind") == "val")):
             kept.append(json.dumps(record) + "\n")
     write_text_atomic(path, "".join(kept))
+
+
+def validation_ci95(accuracies: dict[str, Any]) -> dict[str, float | None]:
+    """The ``ci95`` of a validation record: per prediction kind, the 95% half-width (1.96 s / sqrt(n), in
+    percentage points) of the mean of its per-episode accuracies (fractions); None for a single episode."""
+    from fewshot_sla.engine.stats import summarize
+
+    widths: dict[str, float | None] = {}
+    for kind, values in accuracies.items():
+        ci = 100.0 * summarize(values).ci95 if len(values) else math.nan
+        widths[kind] = ci if math.isfinite(ci) else None
+    return widths
 
 
 class JsonlLogger(RunLogger):
     """``RUN_DIR/metrics.jsonl``: one JSON object per line, flushed as it is written; on start the lines of
     steps after ``start_step`` are dropped and new ones appended."""
 
-    def __init__(self, *, run_dir: Path, start_step: int = 0, **_: Any) -> None:
+    def __init__(self, *, run_dir: Path, start_step: int = 0, replay_validation: bool = False, **_: Any) -> None:
         self.path = RunPaths(Path(run_dir)).metrics
-        truncate_metrics(self.path, start_step)
+        truncate_metrics(self.path, start_step, replay_validation)
         self._file = open(self.path, "a")  # noqa: SIM115  (open for the whole run; close() closes it)
 
     def _write(self, record: dict[str, Any]) -> None:
@@ -145,13 +160,16 @@ def check_loggers(names: Iterable[str]) -> None:
 
 
 @contextlib.contextmanager
-def open_loggers(run_dir: Path, config: RunConfig, start_step: int) -> Iterator[list[RunLogger]]:
-    """The run's loggers, JSONL first then those ``config.log`` names, closed (in reverse order) on exit."""
+def open_loggers(
+    run_dir: Path, config: RunConfig, start_step: int, replay_validation: bool = False
+) -> Iterator[list[RunLogger]]:
+    """The run's loggers, JSONL first then those ``config.log`` names, closed (in reverse order) on exit.
+    ``replay_validation``: the validation at ``start_step`` is done again (its checkpoint was saved as it began)."""
     with contextlib.ExitStack() as stack:
         loggers: list[RunLogger] = []
         for name in [None, *config.log]:
             factory = JsonlLogger if name is None else LOGGERS.get(name)
-            logger = factory(run_dir=run_dir, config=config, start_step=start_step)
+            logger = factory(run_dir=run_dir, config=config, start_step=start_step, replay_validation=replay_validation)
             stack.callback(logger.close)
             loggers.append(logger)
         yield loggers

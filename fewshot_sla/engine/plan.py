@@ -36,6 +36,7 @@ from fewshot_sla.engine.build import (
     open_dataset,
     pipeline_for,
     resolve_device,
+    validation_spec,
 )
 from fewshot_sla.engine.data_placement import load_splits
 from fewshot_sla.engine.distributed import SINGLE, Processes, process_device
@@ -114,7 +115,7 @@ def plan_run(
     splits = placement.splits
     if episode_file is None:
         check_split(splits["test"], test_spec, "test")
-    check_split(splits["val"], test_spec, "validation")
+    check_split(splits["val"], validation_spec(cfg), "validation")
     check_split(splits["train"], train_spec, "training")
     if episode_file is not None:
         episode_file.rows_in(splits[episode_file.split], cfg.dataset)

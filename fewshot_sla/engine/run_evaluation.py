@@ -7,6 +7,7 @@ re-tests a finished run (on another episode set or count) from its folder alone.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from fewshot_sla.atomic import atomic_path
 from fewshot_sla.config import RunConfig, load_config
 from fewshot_sla.data.store import Split
 from fewshot_sla.engine.build import (
@@ -46,6 +48,7 @@ from fewshot_sla.results import (
     EpisodeSetInfo,
     EvaluationRecord,
     RunPaths,
+    RunResult,
     add_evaluation,
     load_results,
     save_per_episode,
@@ -74,10 +77,14 @@ def evaluate_checkpoint(
     progress: bool,
     processes: Processes = SINGLE,
     dataset: str | None = None,
+    out_dir: Path | None = None,
+    save: bool = True,
 ) -> dict[str, Any]:
     """Load the best checkpoint, evaluate it on ``episode_set`` (each process its share), store per-episode results
-    and write results.json (process 0); every process returns the results."""
+    and write results.json (process 0) into ``out_dir`` (default: the run folder; ``save=False``: nowhere); every
+    process returns the results."""
     paths = RunPaths(run_dir)
+    out_dir = out_dir or run_dir
     best = load_checkpoint(paths.best_checkpoint)
     learner.load_state_dict(best["model"])
     objective.load_state_dict(best["objective"])
@@ -94,13 +101,13 @@ def evaluate_checkpoint(
         progress=progress and processes.writer,
         processes=processes,
     )
-    per_episode = paths.per_episode(episode_set.content_hash)
-    if processes.writer:
+    per_episode = RunPaths(out_dir).per_episode(episode_set.content_hash)
+    if processes.writer and save:
         save_per_episode(per_episode, outcome.accuracies, episode_set.content_hash, fingerprint)
     if set_source == "shipped":
         shown_path = f"{SHIPPED_SHOWN}/{set_path.name}"
     elif set_source == "run":
-        shown_path = str(set_path.resolve().relative_to(run_dir.resolve()))
+        shown_path = str(set_path.resolve().relative_to(out_dir.resolve()))
     else:
         shown_path = str(set_path)
     spec = episode_set.spec
@@ -128,7 +135,7 @@ def evaluate_checkpoint(
             for kind, acc in outcome.accuracies.items()
         },
         headline=headline_kind(list(outcome.accuracies)),
-        per_episode_file=str(per_episode.relative_to(run_dir)),
+        per_episode_file=str(per_episode.relative_to(out_dir)),
         device=describe_device(device),
         dataset_fingerprint=fingerprint,
         diagnostics=dict[str, float | None](outcome.diagnostics),
@@ -139,8 +146,8 @@ def evaluate_checkpoint(
             f"fewshot-sla: warning: {unconverged_message(stopped)} in this evaluation (recorded in results.json)\n"
         )
     results = add_evaluation(results, record)
-    if processes.writer:
-        write_results(run_dir, results)
+    if processes.writer and save:
+        write_results(out_dir, results)
     return results
 
 
@@ -156,9 +163,16 @@ def evaluate_run(
     progress: bool = True,
     processes: Processes = SINGLE,
     data_memory_gb: float | None = None,
+    out_dir: str | os.PathLike | None = None,
+    save: bool = True,
 ) -> dict[str, Any]:
     """Re-evaluate a finished run's best checkpoint on another (or the same) fixed episode set (with several
     processes, each evaluates its share of the episodes; process 0 writes).
+
+    The evaluation is added to the run's results.json, or, with ``out_dir`` (a run someone else owns, a read-only
+    folder), to a copy of it in ``out_dir`` that holds the run's earlier evaluations too (their per-episode files
+    and episode sets copied), so that ``compare`` and ``leaderboard build`` read it as the run; ``save=False``
+    writes nothing (the results are returned only).
 
     ``dataset``: test on that prepared dataset's test split instead (cross-domain, e.g. trained on mini-ImageNet,
     tested on CUB): its images are resized to the size the run's model saw in training, and its own fixed
@@ -166,6 +180,9 @@ def evaluate_run(
     size."""
     run_dir = Path(run_dir)
     previous = load_results(run_dir)
+    target_dir = Path(out_dir) if out_dir is not None else run_dir
+    if target_dir.resolve() != run_dir.resolve():
+        previous = _results_in(target_dir, previous, save and processes.writer)
     cfg = load_config(RunPaths(run_dir).config, INCOMPLETE_RUN)
     changes: dict[str, Any] = {}
     if device is not None:
@@ -200,7 +217,7 @@ def evaluate_run(
         check_split(split, spec, "test")
         count = eval_episodes or cfg.eval_episodes
         episode_set, set_path, set_source = fixed_test_set(
-            target_name, split, spec, count, run_dir, store.path.parent, processes.writer
+            target_name, split, spec, count, target_dir, store.path.parent, processes.writer and save
         )
     episode_set.rows_in(split, target_name)
     channels = recorded_normalization(previous.data).channels
@@ -227,4 +244,29 @@ def evaluate_run(
         progress,
         processes,
         target_name,
+        target_dir,
+        save,
     )
+
+
+def _results_in(out_dir: Path, results: RunResult, write: bool) -> RunResult:
+    """The results that an evaluation written to ``out_dir`` adds to: those of an earlier evaluation of the same
+    run there, else a copy of the run's own, with the files its evaluations refer to (``write``: copied)."""
+    if RunPaths(out_dir).results.is_file():
+        held = load_results(out_dir)
+        if (held.data.get("created"), held.data.get("config")) != (
+            results.data.get("created"),
+            results.data.get("config"),
+        ):
+            raise UserError(f"--out {out_dir} holds the results of another run; choose another --out")
+        return held
+    if write:
+        blocks = [results.data.get("evaluation") or {}, *results.data.get("evaluations", [])]
+        files = {b["per_episode_file"] for b in blocks if b.get("per_episode_file")}
+        files |= {b["episode_set"]["file"] for b in blocks if b.get("episode_set", {}).get("source") == "run"}
+        for name in sorted(files):
+            source = results.path / name
+            if source.is_file():
+                with atomic_path(out_dir / name) as tmp:
+                    shutil.copyfile(source, tmp)
+    return RunResult(out_dir, results.data)

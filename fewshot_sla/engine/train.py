@@ -32,14 +32,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from fewshot_sla import preemption
 from fewshot_sla.config import RESUME_FREE_KEYS, RunConfig, required
 from fewshot_sla.data.store import Split
-from fewshot_sla.engine.build import ImagePipeline, derived_seed, episode_specs
+from fewshot_sla.engine.build import ImagePipeline, derived_seed, episode_specs, validation_spec
 from fewshot_sla.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from fewshot_sla.engine.curves import plot_learning_curve
 from fewshot_sla.engine.distributed import SINGLE, Processes
 from fewshot_sla.engine.evaluate import evaluate, unconverged_message, validation_episode_set
-from fewshot_sla.engine.loggers import RunLogger, open_loggers
+from fewshot_sla.engine.loggers import RunLogger, open_loggers, validation_ci95
 from fewshot_sla.engine.memory import PeakMeter
 from fewshot_sla.episodes import EpisodeBatch, EpisodeSampler
 from fewshot_sla.errors import UserError
@@ -158,12 +159,13 @@ class Trainer:
         self.pipeline = pipeline
         self.device = device
         self.progress = progress and processes.writer
-        train_spec, test_spec = episode_specs(cfg)
+        train_spec, _ = episode_specs(cfg)
         self.train_spec = train_spec
+        self.val_spec = validation_spec(cfg)
         self.sampler = EpisodeSampler(train_split, train_spec, seed=derived_seed(cfg.seed, "train-episodes"))
         self.augment_generator = torch.Generator(device=train_split.images.device)
         self.augment_generator.manual_seed(derived_seed(cfg.seed, "augment"))
-        self.val_set = validation_episode_set(cfg.dataset, val_split, test_spec, cfg.val_episodes)
+        self.val_set = validation_episode_set(cfg.dataset, val_split, self.val_spec, cfg.val_episodes)
         self.total_steps = total_steps(cfg)
         params = [p for p in list(learner.parameters()) + list(objective.parameters()) if p.requires_grad]
         self.params = params
@@ -172,9 +174,12 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(cfg, s, self.total_steps)
         )
         self.state = TrainState()
-        self.stop_requested = False
+        self.stop_requested = False  # Ctrl-C
+        self.preempted_by: int | None = None  # the preemption signal every process stops for
+        self.pending_validation = False  # the validation of the current step is yet to be done
         self._warned: set[str] = set()
         self.saved_step: int | None = None  # the step of checkpoints/last.pt, once there is one
+        self.saved_at = time.monotonic()  # when checkpoints/last.pt was last written (or training began)
 
     # ----- state -----
     def _generators(self) -> dict[str, torch.Generator]:
@@ -195,6 +200,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(self._generators()),
             "config": self.cfg.to_dict(),
+            "validated": not self.pending_validation,  # False: saved as the validation of this step began
         }
 
     def _restore(self) -> None:
@@ -219,6 +225,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         restore_rng_state(ckpt["rng"], self._generators())
         self.saved_step = int(ckpt["step"])
+        self.pending_validation = not ckpt.get("validated", True)
         self.state = TrainState(
             ckpt["step"],
             ckpt["best_accuracy"],
@@ -233,34 +240,27 @@ class Trainer:
         drops the lines of steps after the restored checkpoint (they will be recomputed)."""
         if not self.processes.writer:
             return contextlib.nullcontext([])
-        return open_loggers(self.paths.root, self.cfg, self.state.step)
+        return open_loggers(self.paths.root, self.cfg, self.state.step, replay_validation=self.pending_validation)
 
     # ----- control -----
     @contextlib.contextmanager
     def _graceful_interrupt(self) -> Iterator[None]:
         """The first Ctrl-C asks to stop after the current step (and save); a second one interrupts at once.
-        SIGTERM (a launcher stopping its workers, a Slurm preemption) exits at once but through the normal
-        unwinding, so that no half-written file is left behind; the run resumes from its last checkpoint."""
-        if threading.current_thread() is not threading.main_thread():
+        Preemption signals (SIGTERM, SIGUSR1, SIGUSR2: ``preemption.py``) stop after the current step too, save,
+        and raise ``Preempted``; during a validation they raise at once (its checkpoint is already saved)."""
+        with contextlib.ExitStack() as stack:
+            if threading.current_thread() is threading.main_thread():
+                previous = signal.getsignal(signal.SIGINT)
+
+                def handler(signum: int, frame: Any) -> None:
+                    self.stop_requested = True
+                    signal.signal(signal.SIGINT, previous)
+
+                signal.signal(signal.SIGINT, handler)
+                stack.callback(signal.signal, signal.SIGINT, previous)
+            stack.enter_context(preemption.preemption_signals())
+            stack.enter_context(preemption.deferred())
             yield
-            return
-        previous = signal.getsignal(signal.SIGINT)
-        previous_term = signal.getsignal(signal.SIGTERM)
-
-        def handler(signum: int, frame: Any) -> None:
-            self.stop_requested = True
-            signal.signal(signal.SIGINT, previous)
-
-        def terminate(signum: int, frame: Any) -> None:
-            raise SystemExit(128 + signum)
-
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, terminate)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-            signal.signal(signal.SIGTERM, previous_term)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Mixed precision (bfloat16) when the run asks for it."""
@@ -283,6 +283,7 @@ class Trainer:
             processes=self.processes,
         )
         restore_rng_state(saved, generators)
+        self.val_ci95 = validation_ci95(outcome.accuracies)  # for the validation record
         return {kind: 100.0 * float(acc.mean()) for kind, acc in outcome.accuracies.items()}
 
     # ----- loop -----
@@ -303,45 +304,69 @@ class Trainer:
         meter = PeakMeter(self.device)
         meter.start()
         summary = None
-        with self._graceful_interrupt(), self._loggers() as loggers:
-            bar = tqdm(
-                total=self.total_steps,
-                initial=state.step,
-                desc="train",
-                unit="step",
-                disable=not self.progress,
-                dynamic_ncols=True,
-            )
-            while state.step < self.total_steps:
-                if self.stop_requested or (max_steps is not None and state.step >= max_steps):
-                    status = "interrupted" if self.stop_requested else "max-steps"
-                    break
-                metrics = self.step(step_hook)
-                record = {"kind": "train", "step": state.step, "episodes": state.step * b, **metrics}
-                for logger in loggers:
-                    logger.on_step(record)
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("loss", "acc")}, refresh=False)
-                done = state.step * b
-                if done // self.val_every > (done - b) // self.val_every or state.step == self.total_steps:
+        with self._graceful_interrupt():
+            with self._loggers() as loggers:
+                bar = tqdm(
+                    total=self.total_steps,
+                    initial=state.step,
+                    desc="train",
+                    unit="step",
+                    disable=not self.progress,
+                    dynamic_ncols=True,
+                )
+                if self.pending_validation:  # resumed from the checkpoint saved as a validation began
                     self._validate_and_save(loggers, bar, start)
-            bar.close()
-            state.time_s = time.perf_counter() - start
-            if self.stop_requested:  # Ctrl-C during the last step: stop before the evaluation
-                status = "interrupted"
-            if status == "finished":
-                summary = self.summary()
-                for logger in loggers:
-                    logger.on_end(summary.to_dict())
-        peak = meter.peak()
-        if status != "finished":
-            self._save(self.paths.last_checkpoint, self._checkpoint())
-            self.processes.barrier()
-            return TrainOutcome(status, state.step, None, peak, meter.baseline)
-        if self.processes.writer:
-            plot_learning_curve(self.paths.metrics, self.paths.curve)
-        self.processes.barrier()  # the best checkpoint is on disk before any process reads it
+                while state.step < self.total_steps:
+                    if self._stopping():
+                        status = "interrupted"
+                        break
+                    if max_steps is not None and state.step >= max_steps:
+                        status = "max-steps"
+                        break
+                    metrics = self.step(step_hook)
+                    record = {"kind": "train", "step": state.step, "episodes": state.step * b, **metrics}
+                    for logger in loggers:
+                        logger.on_step(record)
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("loss", "acc")}, refresh=False)
+                    done = state.step * b
+                    if done // self.val_every > (done - b) // self.val_every or state.step == self.total_steps:
+                        self.pending_validation = True
+                        if not self._stopping():
+                            self._validate_and_save(loggers, bar, start)
+                    elif time.monotonic() - self.saved_at >= 60 * self.cfg.checkpoint_every:
+                        state.time_s = time.perf_counter() - start
+                        self._save(self.paths.last_checkpoint, self._checkpoint())
+                bar.close()
+                state.time_s = time.perf_counter() - start
+                if self._stopping():  # Ctrl-C or a preemption during the last step: stop before the evaluation
+                    status = "interrupted"
+                if status == "finished":
+                    summary = self.summary()
+                    for logger in loggers:
+                        logger.on_end(summary.to_dict())
+            peak = meter.peak()
+            if status != "finished":
+                self._save(self.paths.last_checkpoint, self._checkpoint())
+                self.processes.barrier()
+                if self.preempted_by is not None:
+                    preemption.clear()  # acted on: saved
+                    raise preemption.Preempted(
+                        self.preempted_by,
+                        f"stopped by {signal.Signals(self.preempted_by).name} at step {state.step}, the state saved",
+                    )
+                return TrainOutcome(status, state.step, None, peak, meter.baseline)
+            if self.processes.writer:
+                plot_learning_curve(self.paths.metrics, self.paths.curve)
+            self.processes.barrier()  # the best checkpoint is on disk before any process reads it
         return TrainOutcome(status, state.step, summary, peak, meter.baseline)
+
+    def _stopping(self) -> bool:
+        """Whether the run stops at this step: a Ctrl-C or a preemption signal that every process has seen (their
+        flags are summed in each step), or, in a single process, as soon as it arrives."""
+        if not self.processes.active and preemption.requested() is not None:
+            self.preempted_by = preemption.requested()
+        return self.stop_requested or self.preempted_by is not None
 
     def _warn_unconverged(self, metrics: dict[str, float], where: str) -> None:
         """Say once per run (process 0) when a learner's solver stopped short of its tolerance."""
@@ -357,6 +382,8 @@ class Trainer:
         """Write a checkpoint (process 0 only)."""
         if self.processes.writer:
             save_checkpoint(path, state)
+        if path == self.paths.last_checkpoint:
+            self.saved_step, self.saved_at = int(state["step"]), time.monotonic()
 
     def step(self, step_hook: Callable[[int], None] | None = None) -> dict[str, float]:
         """One optimizer step on a meta-batch; returns the objective's metrics (over the whole meta-batch, every
@@ -377,10 +404,14 @@ class Trainer:
         )
         share = mine.batch_size / self.meta_batch  # this process's part of the meta-batch
         totals.update({key: share * value for key, value in self.learner.pop_diagnostics().items()})
-        summed = torch.tensor([*totals.values(), float(self.stop_requested)], dtype=torch.float64, device=self.device)
+        flags = [float(self.stop_requested), float(preemption.requested() is not None)]
+        summed = torch.tensor([*totals.values(), *flags], dtype=torch.float64, device=self.device)
         values = self.processes.sum_(summed).tolist()
         totals = dict(zip(totals, values))
-        self.stop_requested = self.stop_requested or values[-1] > 0  # any process's Ctrl-C stops them all here
+        # Any process's Ctrl-C or preemption signal stops them all after this step.
+        self.stop_requested = self.stop_requested or values[-2] > 0
+        if values[-1] > 0 and self.preempted_by is None:
+            self.preempted_by = preemption.requested() or signal.SIGTERM
         if not math.isfinite(totals["loss"]):
             raise self._diverged(totals["loss"])
         self._warn_unconverged(totals, "training")
@@ -408,14 +439,22 @@ class Trainer:
         )
 
     def _validate_and_save(self, loggers: list[RunLogger], bar: tqdm, start: float) -> None:
+        """Validate at this step and save the checkpoints. The training state is saved first, marked as waiting
+        for this validation, so that a preemption during the validation (which stops at once) loses no step."""
         state = self.state
-        accuracy = self.validate()
+        self.pending_validation = True
+        state.time_s = time.perf_counter() - start
+        self._save(self.paths.last_checkpoint, self._checkpoint())
+        with preemption.immediate():
+            accuracy = self.validate()
+        self.pending_validation = False
         key = headline_kind(list(accuracy))
         record = {
             "kind": "val",
             "step": state.step,
             "episodes": state.step * self.meta_batch,
             "accuracy": accuracy,
+            "ci95": self.val_ci95,
             "key": key,
         }
         for logger in loggers:
@@ -435,7 +474,6 @@ class Trainer:
             )
         state.time_s = time.perf_counter() - start
         self._save(self.paths.last_checkpoint, self._checkpoint())
-        self.saved_step = state.step
 
     def summary(self) -> TrainSummary:
         """The ``train`` block of results.json."""
@@ -455,4 +493,7 @@ class Trainer:
             best_val_accuracy=s.best_accuracy,
             val_key=headline_kind(list(s.best_val)) if s.best_val else None,
             val_episodes=cfg.val_episodes,
+            val_ways=self.val_spec.ways,
+            val_shots=self.val_spec.shots,
+            val_queries=self.val_spec.queries,
         )

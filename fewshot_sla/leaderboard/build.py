@@ -1,16 +1,26 @@
 """Leaderboard tables and plots from every ``results.json`` below a folder, with published numbers beside them.
 
-Each evaluation block of each finished run is one *entry* (a run evaluated on two episode sets gives two).
+Each evaluation block of each finished run is one *entry* (a run evaluated on two episode sets gives two). A run's
+*main* entry is its own test evaluation (``results.json``'s ``evaluation``); the others are the evaluations
+``fewshot-sla eval`` added (another episode set or count, or another dataset). The accuracy table, its plot and
+the paired differences hold main entries only, so every method is one row however often it was evaluated; the
+other entries go into their own tables, one per episode set (``other_evaluations.csv``).
+
 Entries whose configurations differ only in the seed (and in settings that do not change results) and that
 share the episode set and the dataset fingerprint form one row: the mean over runs, the std across seeds,
-and the per-run 95% episode interval. A non-baseline run is compared with the ``baseline`` run of the same
+and the per-run 95% episode interval (``runs`` counts the runs, ``seeds`` their distinct seeds, ``seed_values``
+lists them). Configuration keys newer than a run count as their defaults, and an objective that uses no
+transformation (``baseline``) counts and reads as transformation ``none`` whatever its configured one
+(``results.transform_label``). A non-baseline run is compared with the ``baseline`` run of the same
 configuration (transform and objective aside) and seed, episode by episode, only when both were tested on
-the same episode set of the same dataset store; otherwise the table says why they were not compared.
+the same episode set of the same dataset store (any of the baseline's evaluations); otherwise the table says
+why they were not compared (for a main entry; another episode set is compared only where both have it).
 
 Outputs (written atomically): ``leaderboard.md``, ``leaderboard.csv`` (accuracies, published rows
-included), ``paired_differences.csv``, ``accuracy.png``, ``paired_difference.png``, and the reproduction table
-of the rows that match a published one (``reproduction.py``): ``reproduction.md``, ``reproduction.csv`` and
-``reproduction.png``.
+included), ``paired_differences.csv``, ``other_evaluations.csv`` (accuracies on the other episode sets, with the
+paired difference to the baseline where there is one), ``accuracy.png``, ``paired_difference.png``, and the
+reproduction table of the rows (any episode set) that match a published one (``reproduction.py``):
+``reproduction.md``, ``reproduction.csv`` and ``reproduction.png``.
 """
 
 from __future__ import annotations
@@ -30,16 +40,25 @@ from typing import Any
 import numpy as np
 
 from fewshot_sla.atomic import atomic_path, write_text_atomic
+from fewshot_sla.config import RunConfig
 from fewshot_sla.engine.stats import paired_comparison
 from fewshot_sla.errors import UserError
 from fewshot_sla.leaderboard import reproduction
 from fewshot_sla.leaderboard.published import PublishedResult
 from fewshot_sla.objectives import BASELINE
 from fewshot_sla.prediction_kinds import display_rank, headline_kind, kind_label
-from fewshot_sla.results import RunResult, evaluation_fingerprint, find_runs, load_results, now_iso
+from fewshot_sla.results import (
+    UNTRANSFORMED_OBJECTIVES,
+    RunResult,
+    evaluation_fingerprint,
+    find_runs,
+    load_results,
+    now_iso,
+    transform_label,
+)
 
 # Settings that never change a run's numbers: runs differing only in these (and the seed) are one row.
-RESULT_FREE_KEYS = ("seed", "device", "eval_batch", "feature_cache", "episodes_file", "log")
+RESULT_FREE_KEYS = ("seed", "device", "eval_batch", "feature_cache", "episodes_file", "log", "checkpoint_every")
 # The only configuration keys in which a run may differ from the baseline run it is compared with.
 COMPARED_KEYS = ("transform", "objective")
 REQUIRED_FIELDS = ("config", "dataset_fingerprint", "method", "backbone", "dataset", "transform", "objective", "seed")
@@ -47,6 +66,7 @@ OUTPUTS = (
     "leaderboard.md",
     "leaderboard.csv",
     "paired_differences.csv",
+    "other_evaluations.csv",
     "accuracy.png",
     "paired_difference.png",
     "reproduction.md",
@@ -56,9 +76,14 @@ OUTPUTS = (
 
 
 def _identity(config: dict[str, Any], dropped: Iterable[str]) -> str:
-    """A canonical text of ``config`` without the ``dropped`` keys, to compare configurations."""
+    """A canonical text of ``config`` without the ``dropped`` keys, to compare configurations: keys newer than the
+    run count as their defaults (a run from before ``val_ways`` existed is the same setting as one with it unset),
+    and the transformation of an objective that uses none is ``none``."""
     dropped = set(dropped)
-    return json.dumps({k: v for k, v in config.items() if k not in dropped}, sort_keys=True)
+    full = {**RunConfig().to_dict(), **config}
+    if "objective" in full and "transform" in full:
+        full["transform"] = transform_label(full["objective"], full["transform"])
+    return json.dumps({k: v for k, v in full.items() if k not in dropped}, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -77,6 +102,11 @@ class Entry:
     def episode_set(self) -> str:
         """Hash of the test episode set."""
         return self.block["episode_set"]["hash"]
+
+    @property
+    def main(self) -> bool:
+        """Whether this is the run's own test evaluation (not one ``fewshot-sla eval`` added)."""
+        return self.episode_set == self.run.evaluation["episode_set"]["hash"]
 
     @property
     def fingerprint(self) -> str:
@@ -113,7 +143,8 @@ class Entry:
             "shots": s["shots"],
             "method": self.field("method"),
             "backbone": self.field("backbone"),
-            "transform": self.field("transform"),
+            # from the objective: older results recorded a baseline's configured (unused) transformation
+            "transform": transform_label(self.field("objective"), self.field("transform")),
             "objective": self.field("objective"),
         }
 
@@ -153,10 +184,20 @@ def _objective_rank(objective: str) -> tuple[bool, str]:
     return (objective != BASELINE, objective)
 
 
-def accuracy_rows(entries: Sequence[Entry], published: Sequence[PublishedResult] = ()) -> list[dict[str, Any]]:
+def _seeds(entries: Iterable[Entry]) -> tuple[int, str]:
+    """The number of distinct seeds of these entries' runs, and the seeds themselves (space-separated)."""
+    seeds = sorted({int(e.field("seed")) for e in entries})
+    return len(seeds), " ".join(str(s) for s in seeds)
+
+
+def accuracy_rows(
+    entries: Sequence[Entry], published: Sequence[PublishedResult] = (), *, tag_sets: bool = True
+) -> list[dict[str, Any]]:
     """One row per (setting, episode set, dataset store, prediction kind), plus the published rows of every
     (dataset, ways, shots) that has measured rows; sorted for reading. Measured rows also carry the resolved
-    ``config`` of their first run (the same for all, seed aside) and their ``test_queries``."""
+    ``config`` of their first run (the same for all, seed aside), their ``test_queries`` and ``test_dataset``.
+    ``tag_sets``: tell rows apart by episode set and data in their ``training`` label (not needed where a table
+    holds one episode set)."""
     groups: dict[tuple[str, str, str], list[Entry]] = defaultdict(list)
     for e in entries:
         groups[(e.setting, e.episode_set, e.fingerprint)].append(e)
@@ -169,6 +210,7 @@ def accuracy_rows(entries: Sequence[Entry], published: Sequence[PublishedResult]
                 continue
             accs = [e.block["accuracy"][kind] for e in members]
             means = [a["mean"] for a in accs]
+            seeds, seed_values = _seeds(members)
             rows.append(
                 {
                     **first.display(),
@@ -179,9 +221,11 @@ def accuracy_rows(entries: Sequence[Entry], published: Sequence[PublishedResult]
                     "ci95": _mean([a["ci95"] for a in accs]),
                     "seed_std": _std(means),
                     "runs": len(members),
-                    "seeds": " ".join(str(e.field("seed")) for e in members),
+                    "seeds": seeds,
+                    "seed_values": seed_values,
                     "test_episodes": first.block["episodes"],
                     "test_queries": first.block["episode_set"].get("queries"),
+                    "test_dataset": first.block["episode_set"]["dataset"],
                     "train_episodes": first.config.get("train_episodes"),
                     "episode_set": first.episode_set[:12],
                     "fingerprint": first.fingerprint[:12],
@@ -212,9 +256,11 @@ def accuracy_rows(entries: Sequence[Entry], published: Sequence[PublishedResult]
                     "ci95": p.ci95,
                     "seed_std": None,
                     "runs": None,
-                    "seeds": "",
+                    "seeds": None,
+                    "seed_values": "",
                     "test_episodes": p.test_episodes,
                     "test_queries": p.test_queries,
+                    "test_dataset": p.dataset,
                     "train_episodes": p.train_episodes,
                     "episode_set": "",
                     "fingerprint": "",
@@ -240,7 +286,7 @@ def accuracy_rows(entries: Sequence[Entry], published: Sequence[PublishedResult]
             display_rank(r["prediction"]),
         )
     )
-    _label(rows)
+    _label(rows, tag_sets)
     return rows
 
 
@@ -248,21 +294,19 @@ def _short(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def _label(rows: list[dict[str, Any]]) -> None:
-    """Set each row's ``training`` text (objective and transform), adding the episode set, data or config id
-    where measured rows would otherwise read the same."""
+def _label(rows: list[dict[str, Any]], tag_sets: bool = True) -> None:
+    """Set each row's ``training`` text (objective, and the transformation where it uses one), adding the episode
+    set, data (with ``tag_sets``) or config id where measured rows would otherwise read the same."""
     for r in rows:
         if r["source_type"] == "published":
             r["training"] = "published"
         else:
-            r["training"] = r["objective"] if r["objective"] == BASELINE else f"{r['objective']} ({r['transform']})"
+            untransformed = r["objective"] in UNTRANSFORMED_OBJECTIVES
+            r["training"] = r["objective"] if untransformed else f"{r['objective']} ({r['transform']})"
     # Episode sets and data are told apart per plot panel (so colours stay consistent across its methods),
     # configurations per method and backbone (the panel's x axis already separates those).
-    for key, tag, visible in (
-        ("episode_set", "set", ()),
-        ("fingerprint", "data", ()),
-        ("config_id", "cfg", ("method", "backbone")),
-    ):
+    tags = [("episode_set", "set", ()), ("fingerprint", "data", ())] if tag_sets else []
+    for key, tag, visible in (*tags, ("config_id", "cfg", ("method", "backbone"))):
         groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
         for r in rows:
             if r["source_type"] == "measured":
@@ -273,11 +317,15 @@ def _label(rows: list[dict[str, Any]]) -> None:
                     r["training"] += f" [{tag} {r[key][:8]}]"
 
 
-def paired_rows(entries: Sequence[Entry]) -> list[dict[str, Any]]:
-    """Headline-minus-baseline differences per setting, from per-episode accuracies on shared episode sets;
-    settings whose baseline was tested on other episodes or data get a row saying why they were not compared."""
+def paired_rows(
+    entries: Sequence[Entry], partners: Sequence[Entry] | None = None, *, explain: bool = True
+) -> list[dict[str, Any]]:
+    """Headline-minus-baseline differences per setting, from per-episode accuracies on shared episode sets: each
+    non-baseline entry of ``entries`` against a baseline entry of ``partners`` (default: ``entries``) on its
+    episode set and data. With ``explain``, entries whose baseline was tested on other episodes or data get a row
+    saying why they were not compared; without it they are left out."""
     baselines: dict[str, list[Entry]] = defaultdict(list)
-    for e in entries:
+    for e in entries if partners is None else partners:
         if e.field("objective") == BASELINE:
             baselines[e.partner_key].append(e)
     for members in baselines.values():
@@ -289,8 +337,10 @@ def paired_rows(entries: Sequence[Entry]) -> list[dict[str, Any]]:
         if not candidates:
             continue
         same = [b for b in candidates if b.episode_set == e.episode_set and b.fingerprint == e.fingerprint]
+        if not same and not explain:
+            continue
         if not same:
-            b = candidates[0]
+            b = next((b for b in candidates if b.main), candidates[0])
             why = (
                 f"dataset stores differ (fingerprint {e.fingerprint[:8]} vs baseline {b.fingerprint[:8]})"
                 if b.fingerprint != e.fingerprint
@@ -306,13 +356,15 @@ def paired_rows(entries: Sequence[Entry]) -> list[dict[str, Any]]:
             theirs = base.run.per_episode(base.episode_set)[base.headline]
             comparison = paired_comparison(ours, theirs)
         except (UserError, KeyError, ValueError) as err:
-            rows.append(_unpaired_row(e, f"not compared: per-episode results unusable ({err})"))
+            if explain:
+                rows.append(_unpaired_row(e, f"not compared: per-episode results unusable ({err})"))
             continue
         compared[(e.setting, e.episode_set, e.fingerprint, e.headline)].append((e, comparison))
     for seeds in compared.values():
         seeds.sort(key=lambda m: (m[0].field("seed"), str(m[0].run.path)))
         first = seeds[0][0]
         diffs = [100.0 * c.mean_diff for _, c in seeds]
+        seed_count, seed_values = _seeds(m for m, _ in seeds)
         rows.append(
             {
                 **first.display(),
@@ -321,7 +373,8 @@ def paired_rows(entries: Sequence[Entry]) -> list[dict[str, Any]]:
                 "ci95": _mean([100.0 * c.ci95 for _, c in seeds]),
                 "seed_std": _std(diffs),
                 "runs": len(seeds),
-                "seeds": " ".join(str(m.field("seed")) for m, _ in seeds),
+                "seeds": seed_count,
+                "seed_values": seed_values,
                 "episodes": seeds[0][1].n,
                 "episode_set": first.episode_set[:12],
                 "fingerprint": first.fingerprint[:12],
@@ -354,7 +407,8 @@ def _unpaired_row(e: Entry, note: str) -> dict[str, Any]:
         "ci95": None,
         "seed_std": None,
         "runs": 1,
-        "seeds": str(e.field("seed")),
+        "seeds": 1,
+        "seed_values": str(e.field("seed")),
         "episodes": e.block["episodes"],
         "episode_set": e.episode_set[:12],
         "fingerprint": e.fingerprint[:12],
@@ -363,6 +417,96 @@ def _unpaired_row(e: Entry, note: str) -> dict[str, Any]:
         "note": note,
         "run_diffs": [],
     }
+
+
+def other_evaluation_rows(acc: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The accuracy rows of the other episode sets, each headline row with its paired difference to the baseline
+    on the same set (``comparison``, ``difference``, ``difference_ci95``, ``difference_seed_std``,
+    ``difference_runs``, ``p_ttest``; None where there is none), sorted by episode set, then as ``accuracy_rows``."""
+    by_key = {(r["config_id"], r["episode_set"], r["fingerprint"]): r for r in pairs if r["difference"] is not None}
+    rows = []
+    for r in acc:
+        pair = by_key.get((r["config_id"], r["episode_set"], r["fingerprint"])) if r["headline"] else None
+        rows.append(
+            {
+                **r,
+                "comparison": pair["comparison"] if pair else None,
+                "difference": pair["difference"] if pair else None,
+                "difference_ci95": pair["ci95"] if pair else None,
+                "difference_seed_std": pair["seed_std"] if pair else None,
+                "difference_runs": pair["runs"] if pair else None,
+                "p_ttest": pair["p_ttest"] if pair else None,
+            }
+        )
+    rows.sort(key=lambda r: _episode_set_key(r) + (0,))  # stable: accuracy_rows' order within a set
+    return rows
+
+
+def _episode_set_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    """What names an episode set in the tables of other evaluations."""
+    return (
+        r["test_dataset"],
+        r["ways"],
+        r["shots"],
+        r["test_queries"],
+        r["test_episodes"],
+        r["episode_set"],
+        r["fingerprint"],
+    )
+
+
+def _other_sections(other: Sequence[dict[str, Any]]) -> list[str]:
+    """One Markdown table per episode set of the other evaluations."""
+    if not other:
+        return ["No run was evaluated on another episode set (`fewshot-sla eval`)."]
+    sets: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for r in other:
+        sets[_episode_set_key(r)].append(r)
+    fingerprints = {key[-1] for key in sets}
+    parts: list[str] = []
+    for key, rows in sets.items():
+        dataset, ways, shots, queries, episodes, episode_set, fingerprint = key
+        data = f", data {fingerprint[:8]}" if len(fingerprints) > 1 else ""
+        parts += [
+            f"### {dataset}: {ways}-way {shots}-shot, {episodes} episodes, {queries} queries/class "
+            f"(episode set {episode_set[:8]}{data})",
+            "",
+            _md_table(
+                [
+                    "dataset",
+                    "method",
+                    "backbone",
+                    "training",
+                    "prediction",
+                    "accuracy %",
+                    "±95% CI (episodes)",
+                    "±std (seeds)",
+                    "runs",
+                    "train episodes",
+                    "paired difference to the baseline %",
+                ],
+                [
+                    [
+                        r["dataset"],
+                        r["method"],
+                        r["backbone"],
+                        r["training"],
+                        kind_label(r["prediction"]),
+                        _fmt(r["accuracy"]),
+                        _fmt(r["ci95"]),
+                        _fmt(r["seed_std"]),
+                        str(r["runs"]),
+                        str(r["train_episodes"]) if r["train_episodes"] else "-",
+                        f"{_fmt(r['difference'], sign=True)} ± {_fmt(r['difference_ci95'])} ({r['comparison']})"
+                        if r["difference"] is not None
+                        else "-",
+                    ]
+                    for r in rows
+                ],
+            ),
+            "",
+        ]
+    return parts[:-1]
 
 
 def _fmt(value: float | None, digits: int = 2, sign: bool = False) -> str:
@@ -387,9 +531,11 @@ def render_markdown(
     n_runs: int,
     skipped: Sequence[tuple[Path, str]],
     reproduction_summary: str = "",
+    other: Sequence[dict[str, Any]] = (),
 ) -> str:
-    """The leaderboard as Markdown: accuracy table (published rows marked), paired differences, the reproduction
-    summary (``reproduction.md`` has the table), plots."""
+    """The leaderboard as Markdown: accuracy table (published rows marked), paired differences, the tables of the
+    other episode sets (``other_evaluation_rows``), the reproduction summary (``reproduction.md`` has the table),
+    plots."""
     acc_lines = []
     for r in acc:
         published = r["source_type"] == "published"
@@ -434,8 +580,10 @@ def render_markdown(
         f"Built {now_iso()} from {n_runs} finished run(s) under `{runs_dir}`. Accuracies are test accuracies in %. "
         "Each measured row is one setting: the mean over its runs (seeds), the 95% interval over test episodes "
         "(1.96 s / sqrt(n), per run; the mean over runs when there are several) and the standard deviation "
-        "across seeds. Rows marked **published** are numbers reported in the cited papers under their own "
-        "protocol (backbone, test episodes, training budget); they were not measured here.",
+        "across seeds. Each run counts once, with its own test evaluation (the one its training ended with); "
+        "evaluations added later with `fewshot-sla eval` (other episode sets or counts, other datasets) are in "
+        "their own tables below, one per episode set. Rows marked **published** are numbers reported in the cited "
+        "papers under their own protocol (backbone, test episodes, training budget); they were not measured here.",
         "",
         "## Accuracy",
         "",
@@ -485,6 +633,15 @@ def render_markdown(
         if pair_lines
         else "No run has a baseline run to be compared with.",
         "",
+        "## Other episode sets",
+        "",
+        "Evaluations a run was given besides its own test set, one table per episode set (named by the dataset "
+        "it was drawn from; cross-domain rows read `training dataset -> test dataset`). The paired difference is "
+        "each run's headline prediction minus the `baseline` run of its configuration and seed on this episode "
+        "set, where that run was evaluated on it too (`other_evaluations.csv` has every number).",
+        "",
+        *_other_sections(other),
+        "",
         "## Reproduction of published numbers",
         "",
         (reproduction_summary + " " if reproduction_summary else "")
@@ -518,6 +675,7 @@ ACCURACY_COLUMNS = (
     "seed_std",
     "runs",
     "seeds",
+    "seed_values",
     "test_episodes",
     "train_episodes",
     "episode_set",
@@ -525,6 +683,18 @@ ACCURACY_COLUMNS = (
     "config_id",
     "source",
     "protocol",
+)
+# The other episode sets: the accuracy columns with the test set's dataset and queries, and the paired difference.
+OTHER_COLUMNS = (
+    *ACCURACY_COLUMNS[1:],
+    "test_dataset",
+    "test_queries",
+    "comparison",
+    "difference",
+    "difference_ci95",
+    "difference_seed_std",
+    "difference_runs",
+    "p_ttest",
 )
 PAIRED_COLUMNS = (
     "dataset",
@@ -540,6 +710,7 @@ PAIRED_COLUMNS = (
     "seed_std",
     "runs",
     "seeds",
+    "seed_values",
     "episodes",
     "p_ttest",
     "episode_set",
@@ -675,6 +846,7 @@ class BuildReport:
     skipped: list[tuple[Path, str]]
     files: list[Path]
     verdicts: dict[str, int] = field(default_factory=dict)  # reproduction rows per verdict
+    other_rows: int = 0  # accuracy rows of the other episode sets (other_evaluations.csv)
 
 
 def build_leaderboard(
@@ -690,17 +862,27 @@ def build_leaderboard(
             f"no finished run (results.json) under {runs_dir}; run "
             f"'fewshot-sla leaderboard run GRID --runs-dir {runs_dir}' first"
         )
-    acc = accuracy_rows(entries, published)
-    pairs = paired_rows(entries)
-    rep = reproduction.reproduction_rows(acc, published)
+    main = [e for e in entries if e.main]  # one entry per run: its own test evaluation
+    extra = [e for e in entries if not e.main]
+    acc = accuracy_rows(main, published)
+    pairs = paired_rows(main, entries)
+    other = other_evaluation_rows(accuracy_rows(extra, tag_sets=False), paired_rows(extra, entries, explain=False))
+    # Every episode set is matched (e.g. a 20-way run's 5-way evaluation); reproduction.csv's "seeds" column
+    # lists the seed values, as it always has.
+    measured = [{**r, "seeds": r["seed_values"]} for r in [*acc, *other] if r["source_type"] == "measured"]
+    rep = reproduction.reproduction_rows(measured, published)
     n_runs = len({e.run.path for e in entries})
-    files = [out / name for name in OUTPUTS]
-    write_text_atomic(files[0], render_markdown(acc, pairs, runs_dir, n_runs, skipped, reproduction.summary(rep)))
-    write_text_atomic(files[1], render_csv(acc, ACCURACY_COLUMNS))
-    write_text_atomic(files[2], render_csv(pairs, PAIRED_COLUMNS))
-    plot_accuracy(acc, files[3])
-    plot_paired(pairs, files[4])
-    write_text_atomic(files[5], reproduction.render_markdown(rep, runs_dir, _md_table))
-    write_text_atomic(files[6], render_csv(rep.rows, reproduction.COLUMNS))
-    reproduction.plot(rep, files[7], _figure, _save)
-    return BuildReport(n_runs, len(acc), len(pairs), skipped, files, rep.counts())
+    files = dict(zip(OUTPUTS, (out / name for name in OUTPUTS)))
+    write_text_atomic(
+        files["leaderboard.md"],
+        render_markdown(acc, pairs, runs_dir, n_runs, skipped, reproduction.summary(rep), other),
+    )
+    write_text_atomic(files["leaderboard.csv"], render_csv(acc, ACCURACY_COLUMNS))
+    write_text_atomic(files["paired_differences.csv"], render_csv(pairs, PAIRED_COLUMNS))
+    write_text_atomic(files["other_evaluations.csv"], render_csv(other, OTHER_COLUMNS))
+    plot_accuracy(acc, files["accuracy.png"])
+    plot_paired(pairs, files["paired_difference.png"])
+    write_text_atomic(files["reproduction.md"], reproduction.render_markdown(rep, runs_dir, _md_table))
+    write_text_atomic(files["reproduction.csv"], render_csv(rep.rows, reproduction.COLUMNS))
+    reproduction.plot(rep, files["reproduction.png"], _figure, _save)
+    return BuildReport(n_runs, len(acc), len(pairs), skipped, list(files.values()), rep.counts(), len(other))

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -31,6 +33,7 @@ from fewshot_sla.data.catalog import open_store
 from fewshot_sla.engine.memory import CONCURRENT_RUNS_VAR
 from fewshot_sla.errors import UserError
 from fewshot_sla.leaderboard.grid import Grid
+from fewshot_sla.preemption import PREEMPTION_SIGNALS, Preempted
 from fewshot_sla.results import RunPaths
 
 CELLS_DIR = "_cells"
@@ -38,6 +41,8 @@ LOGS_DIR = "_logs"
 SLURM_DIR = "_slurm"
 LOCK_FILE = ".leaderboard.lock"
 EXIT_INTERRUPTED = 130
+# Exit codes of a cell that stopped and saved its state: Ctrl-C, or a preemption signal (128 + signal number).
+SAVED_STOP_CODES = (EXIT_INTERRUPTED, *(128 + s for s in PREEMPTION_SIGNALS))
 
 
 @dataclass(frozen=True)
@@ -104,21 +109,77 @@ def run_cell(task: CellTask) -> CellOutcome:
         log.write(f"$ {' '.join(task.argv())}\n".encode())
         log.flush()
         try:
-            code = subprocess.run(
+            child = subprocess.Popen(
                 task.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-            ).returncode
+            )
         except OSError as err:
             return CellOutcome(task.name, "failed", time.perf_counter() - start, f"cannot start: {err}", log_file)
+        with _running(child):
+            code = child.wait()
     seconds = time.perf_counter() - start
     if processes is not None and processes["RANK"] != "0":  # process 0 writes results.json and reports the cell
-        status = "finished" if code == 0 else "interrupted" if code == EXIT_INTERRUPTED else "failed"
+        status = "finished" if code == 0 else "interrupted" if code in SAVED_STOP_CODES else "failed"
         return CellOutcome(task.name, status, seconds, None if code == 0 else last_error_line(log_file), log_file)
     if code == 0 and RunPaths(task.run_dir).results.is_file():
         return CellOutcome(task.name, "finished", seconds, None, task.log_file)
-    if code == EXIT_INTERRUPTED:
+    if code in SAVED_STOP_CODES:
         return CellOutcome(task.name, "interrupted", seconds, "interrupted (state saved)", task.log_file)
     reason = last_error_line(task.log_file) or f"exit code {code} without results.json"
     return CellOutcome(task.name, "failed", seconds, reason, task.log_file)
+
+
+_CHILDREN: set[subprocess.Popen] = set()  # the cells' processes running now (threads of a local grid add theirs)
+_CHILDREN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _running(child: subprocess.Popen) -> Iterator[None]:
+    """Track ``child`` while it runs. If this process is stopped (a preemption signal, Ctrl-C, submitit's exit
+    after a requeue), the cell is asked to save and stop with SIGTERM and waited for, never killed outright."""
+    with _CHILDREN_LOCK:
+        _CHILDREN.add(child)
+    try:
+        yield
+    except BaseException:
+        stop_cells(signal.SIGTERM)
+        raise
+    finally:
+        with _CHILDREN_LOCK:
+            _CHILDREN.discard(child)
+
+
+def stop_cells(signum: int) -> None:
+    """Send ``signum`` to every running cell (each saves its state at its current step and exits) and wait for
+    them to exit."""
+    with _CHILDREN_LOCK:
+        children = list(_CHILDREN)
+    for child in children:
+        if child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+    for child in children:
+        with contextlib.suppress(Preempted, KeyboardInterrupt):  # a second signal must not orphan a cell
+            child.wait()
+
+
+class RequeueableCell:
+    """A cell as a submitit job that Slurm may preempt: submitit calls ``checkpoint`` on the preemption signal
+    (SIGUSR2 by default); the running cell saves its state, and the job is requeued to resume it."""
+
+    def __init__(self, runner: CellRunner = run_cell) -> None:
+        self.runner = runner
+
+    def __call__(self, task: CellTask) -> CellOutcome:
+        if cell_state(task.run_dir) == "finished":  # it finished just as the preemption signal came
+            return CellOutcome(task.name, "finished", 0.0, None, task.log_file)
+        return self.runner(task)
+
+    def checkpoint(self, task: CellTask) -> Any:
+        """Stop the running cell (it saves its state) and return the submission that resumes it."""
+        from submitit.helpers import DelayedSubmission
+
+        stop_cells(signal.SIGTERM)
+        return DelayedSubmission(self, replace(task, resume=cell_state(task.run_dir) == "resume"))
 
 
 def slurm_processes() -> dict[str, str] | None:
@@ -258,7 +319,9 @@ class LocalExecutor:
             for future in as_completed(futures):
                 outcomes.append(future.result())
                 report(outcomes[-1])
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Preempted) as stop:
+            if isinstance(stop, Preempted):  # SIGTERM reached this process only: pass it on to the cells
+                stop_cells(stop.signum)
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
@@ -321,7 +384,7 @@ class SlurmExecutor:
         if not tasks:
             return []
         with self.executor.batch():
-            jobs = [self.executor.submit(self.runner, task) for task in tasks]
+            jobs = [self.executor.submit(RequeueableCell(self.runner), task) for task in tasks]
         sys.stderr.write(
             f"fewshot-sla: submitted {len(jobs)} job(s): {', '.join(j.job_id for j in jobs[:3])}"
             f"{' ...' if len(jobs) > 3 else ''} (job files in {self.executor.folder})\n"
@@ -402,6 +465,7 @@ class GridReport:
     skipped: list[str]
     outcomes: list[CellOutcome]
     interrupted: bool = False
+    stopped_by: int | None = None  # the preemption signal that stopped the grid (None: Ctrl-C, or not stopped)
 
     @property
     def failed(self) -> list[CellOutcome]:
@@ -422,7 +486,8 @@ class GridReport:
             if o.status == "interrupted"
         ]
         if self.interrupted:
-            lines.append("interrupted: rerun the same command to resume the unfinished cells")
+            how = f"stopped by {signal.Signals(self.stopped_by).name}" if self.stopped_by else "interrupted"
+            lines.append(f"{how}: rerun the same command to resume the unfinished cells")
         return "\n".join(lines)
 
 
@@ -456,4 +521,6 @@ def run_grid(
             outcomes = executor.run(plan.tasks, report)
         except KeyboardInterrupt:
             return GridReport(plan.finished, done, interrupted=True)
+        except Preempted as stop:
+            return GridReport(plan.finished, done, interrupted=True, stopped_by=stop.signum)
     return GridReport(plan.finished, outcomes)

@@ -74,7 +74,10 @@ AXIS_HOME = {
     "seed": "seeds",
 }
 # Settings that never change a cell's results, so not part of its identity.
-HASH_FREE_KEYS = ("device", "eval_batch", "feature_cache", "checkpointing", "log")
+HASH_FREE_KEYS = ("device", "eval_batch", "feature_cache", "checkpointing", "log", "checkpoint_every")
+# Keys added after grids were first run whose unset value means what every earlier cell did: left out of the identity
+# while unset, so that adding them renamed (and re-ran) no existing cell.
+UNSET_FREE_KEYS = ("val_ways", "val_shots")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -438,7 +441,11 @@ def load_grid(path: str | Path) -> Grid:
 
 def cell_identity(config: RunConfig) -> str:
     """8 hex digits naming a resolved configuration (settings that never change results left out)."""
-    identity = {k: v for k, v in config.to_dict().items() if k not in HASH_FREE_KEYS}
+    identity = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in HASH_FREE_KEYS and not (k in UNSET_FREE_KEYS and v is None)
+    }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
 
 

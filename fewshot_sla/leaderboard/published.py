@@ -27,6 +27,7 @@ import yaml
 from fewshot_sla.errors import UserError
 from fewshot_sla.io_errors import read_text
 from fewshot_sla.package_data import published_table
+from fewshot_sla.yaml_file import parse_yaml
 
 DEFAULT_PUBLISHED = published_table()
 COLUMNS = (
@@ -163,7 +164,7 @@ def parse_options(text: str, where: str) -> dict[str, Any]:
         if key in options:
             raise UserError(f"{where}: 'backbone_options' gives '{key}' twice")
         try:
-            parsed = yaml.safe_load(value)
+            parsed = parse_yaml(value)
         except yaml.YAMLError:
             parsed = None
         if not isinstance(parsed, (bool, int, float, str)):
