@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+from test_run_cli import TINY
 
 from fewshot_sla.engine.build import derived_seed
 
@@ -75,28 +76,6 @@ def test_a_bug_inside_a_constructor_is_not_reported_as_a_bad_option() -> None:
 
 
 # ----- validation episodes of their own ways and shots (--val-ways, --val-shots) -----
-
-TINY = [
-    "--device",
-    "cpu",
-    "--quiet",
-    "--train-episodes",
-    "4",
-    "--val-every",
-    "2",
-    "--val-episodes",
-    "10",
-    "--eval-episodes",
-    "20",
-    "--queries",
-    "5",
-    "--train-queries",
-    "5",
-    "--backbone-option",
-    "hidden=8",
-    "--image-size",
-    "16",
-]
 
 
 def test_validation_on_a_split_with_too_few_classes_for_the_ways_fails_in_one_line(

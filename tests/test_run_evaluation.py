@@ -11,12 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_suggested_commands import TINY
 
 from fewshot_sla.cli import main
-
-TINY = ["--device", "cpu", "--quiet", "--train-episodes", "4", "--meta-batch", "2", "--val-episodes", "4"]
-TINY += ["--eval-episodes", "8", "--queries", "2", "--train-queries", "2", "--backbone-option", "hidden=8"]
-TINY += ["--image-size", "16"]
 
 
 @contextlib.contextmanager
