@@ -165,10 +165,10 @@ def test_checkpoints_follow_the_wall_clock_between_validations(
     assert run(data_root, whole, *flags) == 0
     original = train_module.Trainer.step
 
-    def crash_at_step_3(self, step_hook=None):
+    def crash_at_step_3(self):
         if self.state.step == 2:
             raise RuntimeError("the node died")
-        return original(self, step_hook)
+        return original(self)
 
     monkeypatch.setattr(train_module.Trainer, "step", crash_at_step_3)
     frequent = tmp_path / "frequent"
@@ -269,7 +269,7 @@ def test_a_preempted_slurm_cell_saves_is_requeued_and_resumes_to_the_same_run(
     requeued = job.checkpoint(task)
     worker.join()
     assert outcome[0].status == "interrupted", task.log_file.read_text()
-    assert "stopped by SIGTERM at step" in task.log_file.read_text()
+    assert "fewshot-sla: stopped by SIGTERM" in task.log_file.read_text()
     assert requeued.args[0].resume is True
     assert requeued.function(*requeued.args).status == "finished", task.log_file.read_text()
     assert_same_run(reference, task.run_dir)

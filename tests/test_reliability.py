@@ -102,7 +102,7 @@ def test_a_failed_write_of_the_metrics_log_names_the_run_folder(
 ) -> None:
     from fewshot_sla.engine import train as train_module
 
-    def full(self, step_hook=None):
+    def full(self):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(train_module.Trainer, "step", full)

@@ -119,8 +119,8 @@ def test_ctrl_c_saves_and_exits_then_resume_matches(
 ) -> None:
     original = train_module.Trainer.step
 
-    def step_then_interrupt(self, step_hook=None):
-        metrics = original(self, step_hook)
+    def step_then_interrupt(self):
+        metrics = original(self)
         if self.state.step == 3:
             os.kill(os.getpid(), signal.SIGINT)
         return metrics

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fewshot_sla.atomic import write_text_atomic
 from fewshot_sla.engine.build import describe_device, episode_specs
+from fewshot_sla.engine.callbacks import Callback
 from fewshot_sla.engine.evaluate import fixed_test_set
 from fewshot_sla.engine.plan import RunPlan
 from fewshot_sla.engine.recipes import recipe_record
@@ -35,7 +36,7 @@ def execute_run(
     *,
     max_steps: int | None = None,
     progress: bool = True,
-    step_hook: Callable[[int], None] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> RunReport:
     """Train (or continue training) the planned model, then evaluate its best checkpoint and write results.json.
 
@@ -45,7 +46,7 @@ def execute_run(
     configuration of a run not yet started, is what ``--resume`` continues."""
     try:
         with preemption_signals():
-            return _execute(plan, max_steps, progress, step_hook)
+            return _execute(plan, max_steps, progress, callbacks)
     except BaseException as err:
         replacement = _after_failure(plan, err) if plan.processes.writer else err
         if replacement is not err:
@@ -73,7 +74,7 @@ def _after_failure(plan: RunPlan, err: BaseException) -> BaseException:
 
 
 def _execute(
-    plan: RunPlan, max_steps: int | None, progress: bool, step_hook: Callable[[int], None] | None
+    plan: RunPlan, max_steps: int | None, progress: bool, callbacks: Sequence[Callback]
 ) -> RunReport:
     cfg, paths, processes = plan.cfg, RunPaths(plan.run_dir), plan.processes
     if processes.writer:
@@ -95,7 +96,7 @@ def _execute(
         progress=progress,
         processes=processes,
     )
-    outcome = trainer.run(resume=plan.resume, max_steps=max_steps, step_hook=step_hook)
+    outcome = trainer.run(resume=plan.resume, max_steps=max_steps, callbacks=callbacks)
     if outcome.status != "finished":
         return RunReport(outcome.status, outcome.step, plan.run_dir, None)
     assert outcome.summary is not None

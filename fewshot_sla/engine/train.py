@@ -1,4 +1,5 @@
-"""The meta-training loop: meta-batches of episodes, periodic validation, checkpoints, resume, Ctrl-C.
+"""The meta-training loop: meta-batches of episodes, resume, Ctrl-C and preemption; the rest (validation,
+checkpoints, logging, divergence, the progress bar) are callbacks (``callbacks.py``).
 
 A step draws B episodes from the training split, augments and normalises them on the device, and sends
 them through ``objective.loss`` in micro-batches of ``micro_batch`` episodes (one backbone pass each; the
@@ -20,31 +21,38 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from fewshot_sla import preemption
 from fewshot_sla.config import RESUME_FREE_KEYS, RunConfig, required
 from fewshot_sla.data.store import Split
 from fewshot_sla.engine.build import ImagePipeline, derived_seed, episode_specs, validation_spec
+from fewshot_sla.engine.callbacks import (
+    Callback,
+    ClockCheckpoint,
+    DivergenceGuard,
+    LoggerCallback,
+    PeriodicValidation,
+    ProgressBar,
+    SolverWarnings,
+)
 from fewshot_sla.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from fewshot_sla.engine.curves import plot_learning_curve
 from fewshot_sla.engine.distributed import SINGLE, Processes
-from fewshot_sla.engine.evaluate import evaluate, unconverged_message, validation_episode_set
+from fewshot_sla.engine.evaluate import evaluate, validation_episode_set
 from fewshot_sla.engine.loggers import RunLogger, open_loggers, validation_ci95
 from fewshot_sla.engine.memory import PeakMeter
 from fewshot_sla.episodes import EpisodeBatch, EpisodeSampler
 from fewshot_sla.errors import UserError
-from fewshot_sla.learners.base import UNCONVERGED, Learner
+from fewshot_sla.learners.base import Learner
 from fewshot_sla.objectives import Objective
 from fewshot_sla.prediction_kinds import headline_kind
 from fewshot_sla.results import RunPaths, TrainSummary
@@ -177,7 +185,8 @@ class Trainer:
         self.stop_requested = False  # Ctrl-C
         self.preempted_by: int | None = None  # the preemption signal every process stops for
         self.pending_validation = False  # the validation of the current step is yet to be done
-        self._warned: set[str] = set()
+        self.callbacks: list[Callback] = []  # the loop's, while it runs (``run``)
+        self._start = time.perf_counter()  # when training began, less the time of earlier sessions
         self.saved_step: int | None = None  # the step of checkpoints/last.pt, once there is one
         self.saved_at = time.monotonic()  # when checkpoints/last.pt was last written (or training began)
 
@@ -266,8 +275,9 @@ class Trainer:
         """Mixed precision (bfloat16) when the run asks for it."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp)
 
-    def validate(self) -> dict[str, float]:
-        """Accuracies (percent) on the fixed validation episodes, without touching any training RNG."""
+    def validate(self) -> tuple[dict[str, float], dict[str, float | None]]:
+        """Accuracies (percent) on the fixed validation episodes and their 95% CI half-widths, without touching
+        any training RNG."""
         generators = self._generators()
         saved = rng_state(generators)
         outcome = evaluate(
@@ -283,14 +293,19 @@ class Trainer:
             processes=self.processes,
         )
         restore_rng_state(saved, generators)
-        self.val_ci95 = validation_ci95(outcome.accuracies)  # for the validation record
-        return {kind: 100.0 * float(acc.mean()) for kind, acc in outcome.accuracies.items()}
+        accuracy = {kind: 100.0 * float(acc.mean()) for kind, acc in outcome.accuracies.items()}
+        return accuracy, validation_ci95(outcome.accuracies)
 
     # ----- loop -----
     def run(
-        self, resume: bool = False, max_steps: int | None = None, step_hook: Callable[[int], None] | None = None
+        self,
+        resume: bool = False,
+        max_steps: int | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> TrainOutcome:
-        """Train until the budget is spent, ``max_steps`` is reached, or Ctrl-C; save state at every stop."""
+        """Train until the budget is spent, ``max_steps`` is reached, Ctrl-C or a preemption signal; save the state
+        at every stop (a preemption then raises ``Preempted``). ``callbacks`` run after the loggers and before the
+        validation and checkpoint callbacks (``callbacks.py``)."""
         if resume and self.paths.last_checkpoint.is_file():
             self._restore()
         else:
@@ -300,54 +315,43 @@ class Trainer:
         state = self.state
         b = self.meta_batch
         status = "finished"
-        start = time.perf_counter() - state.time_s
+        self._start = time.perf_counter() - state.time_s
         meter = PeakMeter(self.device)
         meter.start()
         summary = None
-        with self._graceful_interrupt():
-            with self._loggers() as loggers:
-                bar = tqdm(
-                    total=self.total_steps,
-                    initial=state.step,
-                    desc="train",
-                    unit="step",
-                    disable=not self.progress,
-                    dynamic_ncols=True,
-                )
-                if self.pending_validation:  # resumed from the checkpoint saved as a validation began
-                    self._validate_and_save(loggers, bar, start)
-                while state.step < self.total_steps:
-                    if self._stopping():
-                        status = "interrupted"
-                        break
-                    if max_steps is not None and state.step >= max_steps:
-                        status = "max-steps"
-                        break
-                    metrics = self.step(step_hook)
-                    record = {"kind": "train", "step": state.step, "episodes": state.step * b, **metrics}
-                    for logger in loggers:
-                        logger.on_step(record)
-                    bar.update(1)
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("loss", "acc")}, refresh=False)
-                    done = state.step * b
-                    if done // self.val_every > (done - b) // self.val_every or state.step == self.total_steps:
-                        self.pending_validation = True
-                        if not self._stopping():
-                            self._validate_and_save(loggers, bar, start)
-                    elif time.monotonic() - self.saved_at >= 60 * self.cfg.checkpoint_every:
-                        state.time_s = time.perf_counter() - start
-                        self._save(self.paths.last_checkpoint, self._checkpoint())
-                bar.close()
-                state.time_s = time.perf_counter() - start
-                if self._stopping():  # Ctrl-C or a preemption during the last step: stop before the evaluation
+        with self._graceful_interrupt(), self._loggers() as loggers:
+            self.callbacks = [
+                DivergenceGuard(),
+                SolverWarnings(),
+                ProgressBar(self.progress),
+                *(LoggerCallback(logger) for logger in loggers),
+                *callbacks,
+                PeriodicValidation(),
+                ClockCheckpoint(self.cfg.checkpoint_every),
+            ]
+            for callback in self.callbacks:
+                callback.on_train_start(self)
+            while state.step < self.total_steps:
+                if self.stopping():
                     status = "interrupted"
-                if status == "finished":
-                    summary = self.summary()
-                    for logger in loggers:
-                        logger.on_end(summary.to_dict())
+                    break
+                if max_steps is not None and state.step >= max_steps:
+                    status = "max-steps"
+                    break
+                metrics = self.step()
+                record = {"kind": "train", "step": state.step, "episodes": state.step * b, **metrics}
+                for callback in self.callbacks:
+                    callback.on_step_end(self, record)
+            state.time_s = time.perf_counter() - self._start
+            if self.stopping():  # Ctrl-C or a preemption during the last step: stop before the evaluation
+                status = "interrupted"
+            for callback in self.callbacks:
+                callback.on_train_end(self, status)
+            if status == "finished":
+                summary = self.summary()
             peak = meter.peak()
             if status != "finished":
-                self._save(self.paths.last_checkpoint, self._checkpoint())
+                self.save_last()
                 self.processes.barrier()
                 if self.preempted_by is not None:
                     preemption.clear()  # acted on: saved
@@ -361,22 +365,34 @@ class Trainer:
             self.processes.barrier()  # the best checkpoint is on disk before any process reads it
         return TrainOutcome(status, state.step, summary, peak, meter.baseline)
 
-    def _stopping(self) -> bool:
+    def emit_validation(self, record: dict[str, Any]) -> None:
+        """Hand a validation record to every callback."""
+        for callback in self.callbacks:
+            callback.on_validation(self, record)
+
+    def stopping(self) -> bool:
         """Whether the run stops at this step: a Ctrl-C or a preemption signal that every process has seen (their
         flags are summed in each step), or, in a single process, as soon as it arrives."""
         if not self.processes.active and preemption.requested() is not None:
             self.preempted_by = preemption.requested()
         return self.stop_requested or self.preempted_by is not None
 
-    def _warn_unconverged(self, metrics: dict[str, float], where: str) -> None:
-        """Say once per run (process 0) when a learner's solver stopped short of its tolerance."""
-        stopped = {k: v for k, v in metrics.items() if k.endswith(UNCONVERGED) and v > 0}
-        if stopped and self.processes.writer and where not in self._warned:
-            self._warned.add(where)
-            sys.stderr.write(
-                f"fewshot-sla: warning: {unconverged_message(stopped)} in {where} (step "
-                f"{self.state.step + 1}; logged per step in {self.paths.metrics.name})\n"
-            )
+    def save_last(self) -> None:
+        """Write the training state to ``last.pt`` (process 0), its time counted up to now."""
+        self.state.time_s = time.perf_counter() - self._start
+        self._save(self.paths.last_checkpoint, self._checkpoint())
+
+    def save_best(self, accuracy: dict[str, float]) -> None:
+        """Write the model as ``best.pt`` (process 0), with its validation ``accuracy``."""
+        self._save(
+            self.paths.best_checkpoint,
+            {
+                "model": self.learner.state_dict(),
+                "objective": self.objective.state_dict(),
+                "step": self.state.step,
+                "val_accuracy": accuracy,
+            },
+        )
 
     def _save(self, path: Path, state: dict[str, Any]) -> None:
         """Write a checkpoint (process 0 only)."""
@@ -385,7 +401,7 @@ class Trainer:
         if path == self.paths.last_checkpoint:
             self.saved_step, self.saved_at = int(state["step"]), time.monotonic()
 
-    def step(self, step_hook: Callable[[int], None] | None = None) -> dict[str, float]:
+    def step(self) -> dict[str, float]:
         """One optimizer step on a meta-batch; returns the objective's metrics (over the whole meta-batch, every
         process included) and the learning rate used.
 
@@ -412,19 +428,16 @@ class Trainer:
         self.stop_requested = self.stop_requested or values[-2] > 0
         if values[-1] > 0 and self.preempted_by is None:
             self.preempted_by = preemption.requested() or signal.SIGTERM
-        if not math.isfinite(totals["loss"]):
-            raise self._diverged(totals["loss"])
-        self._warn_unconverged(totals, "training")
+        for callback in self.callbacks:
+            callback.on_gradients(self, totals)
         self.processes.sum_gradients(self.params)
         self.optimizer.step()
         self.scheduler.step()
         self.state.step += 1
         self.state.step_time_s += time.perf_counter() - t0
-        if step_hook is not None:
-            step_hook(self.state.step)
         return {"lr": lr, **totals}
 
-    def _diverged(self, loss: float) -> UserError:
+    def diverged(self, loss: float) -> UserError:
         """The error of a non-finite loss, naming the last good checkpoint if one was saved."""
         if self.saved_step is not None:
             kept = f"the last good checkpoint, {self.paths.last_checkpoint} (step {self.saved_step}), is kept"
@@ -437,43 +450,6 @@ class Trainer:
             f"training diverged: the loss is {loss} at step {self.state.step + 1}; {kept}; lower --lr (now "
             f"{self.cfg.lr}){amp}, then {restart}"
         )
-
-    def _validate_and_save(self, loggers: list[RunLogger], bar: tqdm, start: float) -> None:
-        """Validate at this step and save the checkpoints. The training state is saved first, marked as waiting
-        for this validation, so that a preemption during the validation (which stops at once) loses no step."""
-        state = self.state
-        self.pending_validation = True
-        state.time_s = time.perf_counter() - start
-        self._save(self.paths.last_checkpoint, self._checkpoint())
-        with preemption.immediate():
-            accuracy = self.validate()
-        self.pending_validation = False
-        key = headline_kind(list(accuracy))
-        record = {
-            "kind": "val",
-            "step": state.step,
-            "episodes": state.step * self.meta_batch,
-            "accuracy": accuracy,
-            "ci95": self.val_ci95,
-            "key": key,
-        }
-        for logger in loggers:
-            logger.on_validation(record)
-        if self.progress:
-            bar.write(f"step {state.step}: validation " + ", ".join(f"{k} {v:.2f}%" for k, v in accuracy.items()))
-        if accuracy[key] > state.best_accuracy:
-            state.best_accuracy, state.best_step, state.best_val = accuracy[key], state.step, accuracy
-            self._save(
-                self.paths.best_checkpoint,
-                {
-                    "model": self.learner.state_dict(),
-                    "objective": self.objective.state_dict(),
-                    "step": state.step,
-                    "val_accuracy": accuracy,
-                },
-            )
-        state.time_s = time.perf_counter() - start
-        self._save(self.paths.last_checkpoint, self._checkpoint())
 
     def summary(self) -> TrainSummary:
         """The ``train`` block of results.json."""
