@@ -1,4 +1,6 @@
-"""Backbones: one parametrized check over every registered backbone, plus conv4/resnet12/DropBlock specifics."""
+"""Backbones: conv4/resnet12/DropBlock specifics (published sizes, reference formulations, checkpointing, option
+errors). The contract every registered backbone keeps (shapes, modes, gradients, deepcopy / functional_call /
+learn2learn-style clones) is ``fewshot_sla.testing.check_backbone``, run over the registry in tests/test_testing.py."""
 
 from __future__ import annotations
 
@@ -15,34 +17,6 @@ from fewshot_sla.errors import UserError
 from fewshot_sla.registry import BACKBONES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
-@pytest.mark.parametrize("name", BACKBONES.names())
-def test_every_backbone_shapes_gradients_and_modes(name: str) -> None:
-    torch.manual_seed(0)
-    backbone = BACKBONES.create(name)
-    for size in (32, 84):
-        images = torch.randn(2, 3, size, size)
-        backbone.train()
-        features = backbone(images)
-        assert features.shape == (2, backbone.feature_dim(size))
-        assert torch.isfinite(features).all()
-        if size == 32:
-            features.square().mean().backward()
-            missing = [n for n, p in backbone.named_parameters() if p.requires_grad and p.grad is None]
-            assert not missing, f"no gradient for {missing}"
-            assert all(torch.isfinite(p.grad).all() for p in backbone.parameters() if p.grad is not None)
-        backbone.eval()
-        before = _state(backbone)
-        with torch.no_grad():
-            first, second = backbone(images), backbone(images)
-        assert torch.equal(first, second), "eval mode must be deterministic"
-        after = backbone.state_dict()
-        assert all(torch.equal(before[k], after[k]) for k in before), "eval mode must not change the state"
 
 
 @pytest.mark.parametrize("name", ["conv4", "resnet12"])
@@ -296,118 +270,3 @@ def test_bad_backbone_options_are_user_errors() -> None:
         BACKBONES.create("resnet12", channels=(64, 160, 320))
     with pytest.raises(UserError, match="dropblock_size"):
         BACKBONES.create("resnet12", dropblock_size=0)
-
-
-# --- Backbones and the ecosystem's functional tools --------------------------------------------------------
-# Every registered backbone computes through its registered submodules and parameters only, so that a module
-# rebuilt from them (learn2learn's MAML.clone(), copy.deepcopy) and torch.func.functional_call run the tensors
-# they were given. Small instances of the built-in backbones; any other registered backbone with its defaults.
-SMALL_OPTIONS: dict[str, dict] = {
-    "conv4": {"hidden": 4},
-    "relation-conv4": {"hidden": 4},
-    "resnet12": {"channels": (4, 4, 8, 8), "drop_rate": 0.1, "dropblock_ramp_steps": 1},
-}
-FUNCTIONAL_CASES = [
-    *[pytest.param(name, SMALL_OPTIONS.get(name, {}), id=name) for name in BACKBONES.names()],
-    pytest.param("conv4", {"hidden": 4, "strided": True}, id="conv4-strided"),
-]
-
-
-def _small_backbone(name: str, options: dict) -> nn.Module:
-    torch.manual_seed(0)
-    return BACKBONES.create(name, **options).train()
-
-
-def _images() -> torch.Tensor:
-    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-def _seeded(call, *args):
-    """``call(*args)`` with the global RNG (dropout, DropBlock) at the same state every time."""
-    torch.manual_seed(2)
-    return call(*args)
-
-
-def _perturbed(tensors: dict[str, torch.Tensor], seed: int = 3) -> dict[str, torch.Tensor]:
-    """A perturbed copy of every floating-point tensor (same dtype and memory layout), a leaf requiring grad."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in tensors.items():
-        if t.is_floating_point():
-            noise = torch.empty_like(t).copy_(torch.randn(t.shape, generator=g, dtype=t.dtype))
-            out[name] = (t.detach() + 0.5 * noise).requires_grad_(True)
-    return out
-
-
-@pytest.mark.parametrize(("name", "options"), FUNCTIONAL_CASES)
-def test_functional_call_runs_and_differentiates_every_given_tensor(name: str, options: dict) -> None:
-    backbone = _small_backbone(name, options)
-    images = _images()
-    original = _seeded(backbone, images).detach()
-    params = _perturbed(dict(backbone.named_parameters()))
-    assert params and len(params) == len(list(backbone.parameters()))
-    out = _seeded(torch.func.functional_call, backbone, params, (images,))
-    assert not torch.allclose(out, original), "functional_call ignored the parameters it was given"
-    grads = torch.autograd.grad(out.square().sum(), list(params.values()), allow_unused=True)
-    unreached = [n for (n, _), g in zip(params.items(), grads) if g is None or not bool(g.abs().sum() > 0)]
-    assert not unreached, f"no gradient reaches {unreached}"
-    assert all(p.grad is None for p in backbone.parameters()), "the module's own parameters are not involved"
-    assert torch.equal(_seeded(backbone, images), original)
-    # Buffers too (BatchNorm running statistics): given ones are the ones eval mode uses.
-    buffers = _perturbed(dict(backbone.named_buffers()))
-    if buffers:
-        backbone.eval()
-        with torch.no_grad():
-            before = backbone(images)
-            assert not torch.allclose(torch.func.functional_call(backbone, buffers, (images,)), before)
-            assert torch.equal(backbone(images), before)
-
-
-@pytest.mark.parametrize(("name", "options"), FUNCTIONAL_CASES)
-def test_a_deep_copy_owns_its_weights(name: str, options: dict) -> None:
-    backbone = _small_backbone(name, options)
-    images = _images()
-    for mode in ("train", "eval"):
-        backbone.train(mode == "train")
-        original = _seeded(backbone, images).detach()
-        duplicate = copy.deepcopy(backbone)
-        assert torch.equal(_seeded(duplicate, images), original)
-        with torch.no_grad():
-            for tensor in [*duplicate.parameters(), *duplicate.buffers()]:
-                if tensor.is_floating_point():
-                    tensor.mul_(1.5).add_(0.25)
-        assert not torch.allclose(_seeded(duplicate, images), original), "the copy does not run its own weights"
-        assert torch.equal(_seeded(backbone, images), original), "changing the copy changed the original"
-
-
-def _rebuilt(module: nn.Module, replacement: dict[int, torch.Tensor]) -> nn.Module:
-    """A shallow rebuild of ``module`` in the way learn2learn's ``clone_module`` makes MAML's clones: a new object
-    of the same class with a copy of its attributes, its registered parameters replaced (here by
-    ``replacement[id(parameter)]``), its buffers shared and its registered submodules rebuilt in turn. Anything
-    the module keeps outside ``_parameters`` / ``_modules`` is shared with the original."""
-    clone = module.__new__(type(module))
-    clone.__dict__ = module.__dict__.copy()
-    clone._parameters = {k: None if p is None else replacement[id(p)] for k, p in module._parameters.items()}
-    clone._buffers = module._buffers.copy()
-    clone._modules = {k: None if m is None else _rebuilt(m, replacement) for k, m in module._modules.items()}
-    return clone
-
-
-@pytest.mark.parametrize(("name", "options"), FUNCTIONAL_CASES)
-def test_a_learn2learn_style_clone_computes_through_its_new_tensors(name: str, options: dict) -> None:
-    backbone = _small_backbone(name, options)
-    images = _images()
-    original = _seeded(backbone, images).detach()
-    named = dict(backbone.named_parameters())
-    deltas = _perturbed({n: torch.zeros_like(p) for n, p in named.items()})
-    # Non-leaf tensors, as after a MAML step: parameter + update.
-    updated = {n: named[n] + deltas[n] for n in named}
-    clone = _rebuilt(backbone, {id(named[n]): updated[n] for n in named})
-    assert all(a is b for a, b in zip(clone.parameters(), updated.values()))
-    out = _seeded(clone, images)
-    assert not torch.allclose(out, original), "the clone ran the original's parameters"
-    assert torch.equal(out, _seeded(torch.func.functional_call, backbone, updated, (images,)))
-    grads = torch.autograd.grad(out.square().sum(), list(deltas.values()), allow_unused=True)
-    unreached = [n for n, g in zip(deltas, grads) if g is None or not bool(g.abs().sum() > 0)]
-    assert not unreached, f"the clone's output does not depend on its {unreached}"
-    assert torch.equal(_seeded(backbone, images), original), "running the clone changed the original"

@@ -1,5 +1,6 @@
 """A third-party learner package, installed with pip into a temporary folder, is found through the
-`fewshot_sla.plugins` entry point, listed by the CLI and trained with the `sla` objective."""
+`fewshot_sla.plugins` entry point, listed by the CLI, trained with the `sla` objective and passes the README's test
+of it (`fewshot_sla.testing.check_learner`)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def readme_block(first_line: str) -> str:
 # The README's example plug-in, exactly as printed there: one module, one learner.
 PYPROJECT = readme_block("# my-plugin/pyproject.toml")
 LEARNER_MODULE = readme_block("# my-plugin/fsl_cosine_protonet.py")
+# ... and its test, running the suite's public contract checks (fewshot_sla.testing) on the installed learner.
+PLUGIN_TEST = readme_block("# my-plugin/test_fsl_cosine_protonet.py")
 
 # Trains the plug-in learner for a few steps on random 3-way 2-shot episodes and reports as JSON.
 TRAIN_SCRIPT = """\
@@ -121,6 +124,18 @@ def test_the_plugin_learner_trains_with_the_sla_objective(plugin_env):
     assert len(report["losses"]) == 3
     assert all(loss == loss and abs(loss) < float("inf") for loss in report["losses"])
     assert report["changed"]
+
+
+def test_the_readme_plugin_test_runs_check_learner_on_the_installed_learner(plugin_env):
+    """The README's test file for the plug-in, run with pytest as its author would: ``check_learner`` passes."""
+    env, root = plugin_env
+    assert 'check_learner("cosine-protonet")' in PLUGIN_TEST
+    tests = root / "plugin_tests"
+    tests.mkdir(exist_ok=True)
+    (tests / "test_fsl_cosine_protonet.py").write_text(PLUGIN_TEST)
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tests), str(tests)]
+    out = run(args, {**env, "OMP_NUM_THREADS": "1"}, tests)
+    assert "1 passed" in out
 
 
 def test_without_the_plugin_the_learner_is_unknown():

@@ -30,6 +30,9 @@ class Learner(nn.Module):
     supports_checkpointing: ClassVar[bool] = True
     # The loss the objectives train the logits with (CROSS_ENTROPY or MSE_SIGMOID); predictions take the arg-max.
     loss_kind: ClassVar[str] = CROSS_ENTROPY
+    # Whether relabelling an episode's classes permutes the logits' columns the same way (False for a learner that
+    # ties a label to its own parameters by design, such as MAML's learned output layer).
+    label_equivariant: bool = True
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()

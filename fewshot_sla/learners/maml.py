@@ -121,6 +121,7 @@ class MAML(LazyModuleMixin, Learner):
         self.episodes = episodes
         use_batch_statistics(backbone)
         self.head = head
+        self.label_equivariant = head != "learned"  # a learned head's row c starts class c's classifier
         if head == "learned":
             self.head_weight: nn.Parameter | nn.UninitializedParameter = nn.UninitializedParameter()
             self.head_bias: nn.Parameter | nn.UninitializedParameter = nn.UninitializedParameter()
