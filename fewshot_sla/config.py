@@ -5,29 +5,90 @@ Precedence, lowest first: the method's published recipe (``engine/recipes.py`` f
 left in recipe fields) is written to each run directory as ``config.yaml``. Types are strict (``5`` is not
 ``true``, ``"5"`` is not ``5``; integers are accepted where numbers are expected), unknown keys are errors,
 and every mistake is one ``UserError`` line naming the file line or the flag.
+
+One definition per field. Each ``RunConfig`` field is declared once, here, as ``name: Annotated[type, Knob(...)] =
+Field(default, range)``: pydantic's ``Field`` holds what validation needs (default, range), the ``Knob`` marker
+everything else: the one-line help, the ``run`` flag (or none: files and ``--set`` only) and its metavar, how an
+unset default is described, and three properties:
+
+- ``affects_results``: whether the value can change a run's numbers. ``False`` only for where and how a run
+  executes or is logged: ``device``, ``eval_batch``, ``feature_cache``, ``checkpointing`` (bit-identical
+  gradients and BatchNorm statistics, ``tests/test_scale.py``), ``log`` and ``checkpoint_every``. ``micro_batch``
+  does change results: with BatchNorm in training mode each micro-batch is normalised by its own statistics
+  (``tests/test_scale.py``), so it stays in.
+- ``identity``: whether the value enters a grid cell's identity (the hash ending its folder name,
+  ``leaderboard/grid.py``): ``always`` for what affects results, ``never`` for what does not, ``when_set`` for
+  fields added after grids were first run whose unset value means what every earlier cell did (``val_ways``,
+  ``val_shots``), so that adding them renamed no existing cell.
+- ``free_on_resume``: whether ``--resume`` may change it (``device``, ``micro_batch``, ``checkpointing``, ``log``,
+  ``checkpoint_every``: what the machine a run resumes on needs, or what it logs and how often it saves).
+
+The marker is an ``Annotated`` class rather than ``description=`` / ``json_schema_extra={...}``: a frozen dataclass
+is typed and checked by mypy where it is written (a dict of extras is not), pydantic keeps it in
+``FieldInfo.metadata`` without it touching validation or any JSON schema, and its properties have defaults, so a
+field states only what is special about it. The lists the rest of the suite used to keep by hand are derived from
+it: ``RESUME_FREE_KEYS`` (``engine/plan.py``, ``engine/train.py``), ``RESULT_NEUTRAL_KEYS`` (``leaderboard/build.py``
+adds the seed and the episode file, which its rows group by otherwise), the identity of ``leaderboard/grid.py``;
+``cli/run.py`` renders the flags from it and ``configuration_reference()`` the table in ``docs/configuration.md``.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import types
 from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
+import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from fewshot_sla.errors import UserError
 from fewshot_sla.validation import one_line_error
 from fewshot_sla.yaml_file import key_lines, read_yaml
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+REFERENCE_FILE = "docs/configuration.md"
+REGENERATE_REFERENCE = (
+    "python -c 'from fewshot_sla.config import configuration_reference as r; print(r(), end=\"\")' "
+    "> docs/configuration.md"
+)
 
 
 T = TypeVar("T")
-# Fields that may change when a run is resumed (where and how it executes or is logged, not what it computes).
-RESUME_FREE_KEYS = ("device", "micro_batch", "checkpointing", "log", "checkpoint_every")
+Identity = Literal["always", "when_set", "never"]
+
+
+@dataclass(frozen=True)
+class Knob:
+    """What a ``RunConfig`` field means beyond its type and range: its ``Annotated`` marker (see the module docstring).
+
+    ``help`` is one line; ``{learners}``, ``{datasets}``, ... in it stand for the registered names of that kind.
+    ``default`` says what an unset value means where the field's own default does not say it (``None``: "the
+    recipe's" for a ``None`` default, else the default itself). ``identity`` left ``None`` follows
+    ``affects_results`` (``always`` or ``never``).
+    """
+
+    help: str
+    flag: str | None = None
+    metavar: str | None = None
+    default: str | None = None
+    affects_results: bool = True
+    identity: Identity | None = None
+    free_on_resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.identity is None:
+            object.__setattr__(self, "identity", "always" if self.affects_results else "never")
+
+    def in_identity(self, value: Any) -> bool:
+        """Whether a field holding ``value`` enters a grid cell's identity."""
+        return self.identity == "always" or (self.identity == "when_set" and value is not None)
 
 
 def required(value: T | None, name: str) -> T:
@@ -49,6 +110,8 @@ def _number(*, gt: float | None = None, ge: float | None = None, le: float | Non
 
 MAX_EPISODE_SET = 1_000_000  # test or validation episodes of one set (a set of 10^6 5-way episodes is ~1 GB)
 MAX_IMAGE_SIZE = 1024  # pixels a side of the images a run resizes to (a store's own limit is in data/prepare.py)
+RECIPES = "the recipe's"
+MEMORY_CHECK = "chosen by the memory check"
 
 
 class RunConfig(BaseModel):
@@ -60,58 +123,159 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
     # What to train and test.
-    method: str = "protonet"
-    dataset: str = "synthetic"
-    backbone: str | None = None
-    transform: str = "rotation"
-    objective: str = "sla"
-    backbone_options: dict[str, Any] = Field(default_factory=dict)
-    learner_options: dict[str, Any] = Field(default_factory=dict)
-    # Resize every image to this size on the device (None keeps the store's).
-    image_size: int | None = Field(default=None, ge=1, le=MAX_IMAGE_SIZE)
+    method: Annotated[str, Knob("learner: {learners}", "--method", "NAME")] = "protonet"
+    dataset: Annotated[
+        str, Knob("dataset: {datasets}; the synthetic set is generated on first use", "--dataset", "NAME")
+    ] = "synthetic"
+    backbone: Annotated[str | None, Knob("backbone: {backbones}", "--backbone", "NAME")] = None
+    transform: Annotated[
+        str, Knob("SLA transformation: {transforms}; 'none' for plain training", "--transform", "NAME")
+    ] = "rotation"
+    objective: Annotated[str, Knob("training objective: {objectives}", "--objective", "NAME")] = "sla"
+    backbone_options: Annotated[
+        dict[str, Any],
+        Knob(
+            "extra backbone constructor option (repeatable), VALUE in YAML syntax",
+            "--backbone-option",
+            "KEY=VALUE",
+            default=RECIPES,
+        ),
+    ] = Field(default_factory=dict)
+    learner_options: Annotated[
+        dict[str, Any],
+        Knob(
+            "extra learner constructor option (repeatable), VALUE in YAML syntax",
+            "--learner-option",
+            "KEY=VALUE",
+            default=RECIPES,
+        ),
+    ] = Field(default_factory=dict)
+    image_size: Annotated[
+        int | None, Knob("resize images to PX x PX on the device", "--image-size", "PX", default="the store's")
+    ] = Field(default=None, ge=1, le=MAX_IMAGE_SIZE)
     # Test episodes.
-    ways: int = Field(default=5, ge=2)
-    shots: int = Field(default=1, ge=1)
-    queries: int = Field(default=15, ge=1)
-    eval_episodes: int = Field(default=1000, ge=1, le=MAX_EPISODE_SET)
-    episodes_file: str | None = None
+    ways: Annotated[int, Knob("test ways", "--ways", "N")] = Field(default=5, ge=2)
+    shots: Annotated[int, Knob("test shots", "--shots", "K")] = Field(default=1, ge=1)
+    queries: Annotated[int, Knob("test queries per class", "--queries", "Q")] = Field(default=15, ge=1)
+    eval_episodes: Annotated[int, Knob("test episodes", "--eval-episodes", "N")] = Field(
+        default=1000, ge=1, le=MAX_EPISODE_SET
+    )
+    episodes_file: Annotated[
+        str | None,
+        Knob(
+            "fixed test episode set (.npz from 'fewshot-sla episodes make')",
+            "--episodes-file",
+            "FILE",
+            default="the seed-0 set of --eval-episodes episodes",
+        ),
+    ] = None
     # Meta-training (None: the recipe's value).
-    train_ways: int | None = Field(default=None, ge=2)
-    train_shots: int | None = _positive()
-    train_queries: int | None = _positive()
-    train_episodes: int | None = _positive()
-    meta_batch: int | None = _positive()
-    optimizer: Literal["sgd", "adam"] | None = None
-    lr: float | None = _number(gt=0)
-    momentum: float | None = _number(ge=0, le=1)
-    nesterov: bool | None = None
-    weight_decay: float | None = _number(ge=0)
-    lr_milestones: list[float] | None = None  # fractions of lr_schedule_episodes where the LR changes
-    lr_factors: list[float] | None = None  # LR multiplier (relative to lr) from each milestone on
-    # The episodes the milestones are fractions of (None: the run's train_episodes, the schedule compressed or
-    # stretched to the budget; a recipe sets its published budget, so a shorter run follows its first part).
-    lr_schedule_episodes: int | None = _positive()
-    augment: bool | None = None  # random crop / flip / colour jitter on training images
-    val_episodes: int = Field(default=200, ge=1, le=MAX_EPISODE_SET)
-    # Validation episodes' ways and shots (None: the test's ways and shots), e.g. 5-way validation of a 20-way run
-    # whose dataset has fewer than 20 validation classes; their queries are the test's.
-    val_ways: int | None = Field(default=None, ge=2)
-    val_shots: int | None = _positive()
-    val_every: int | None = _positive()  # training episodes between validations (and checkpoints)
-    # Minutes of training between checkpoints besides those of validations (a crash loses at most this much).
-    checkpoint_every: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    train_ways: Annotated[int | None, Knob("training ways", "--train-ways", "N")] = Field(default=None, ge=2)
+    train_shots: Annotated[int | None, Knob("training shots", "--train-shots", "K")] = _positive()
+    train_queries: Annotated[int | None, Knob("training queries per class", "--train-queries", "Q")] = _positive()
+    train_episodes: Annotated[int | None, Knob("training episodes", "--train-episodes", "E")] = _positive()
+    meta_batch: Annotated[int | None, Knob("episodes per optimizer step", "--meta-batch", "B")] = _positive()
+    optimizer: Annotated[Literal["sgd", "adam"] | None, Knob("sgd or adam", "--optimizer", "NAME")] = None
+    lr: Annotated[float | None, Knob("initial learning rate", "--lr", "LR")] = _number(gt=0)
+    momentum: Annotated[float | None, Knob("SGD momentum")] = _number(ge=0, le=1)
+    nesterov: Annotated[bool | None, Knob("Nesterov momentum (SGD)")] = None
+    weight_decay: Annotated[float | None, Knob("L2 weight decay")] = _number(ge=0)
+    lr_milestones: Annotated[
+        list[float] | None, Knob("fractions of lr_schedule_episodes where the learning rate changes")
+    ] = None
+    lr_factors: Annotated[
+        list[float] | None, Knob("learning-rate multiplier (relative to lr) from each milestone on")
+    ] = None
+    # A recipe sets its published budget, so a shorter run follows its first part.
+    lr_schedule_episodes: Annotated[
+        int | None,
+        Knob(
+            "the episodes the milestones are fractions of",
+            default="the recipe's; unset: train_episodes, the schedule compressed or stretched to the budget",
+        ),
+    ] = _positive()
+    augment: Annotated[bool | None, Knob("random crop/flip/colour jitter of training images", "--augment")] = None
+    val_episodes: Annotated[int, Knob("validation episodes", "--val-episodes", "N")] = Field(
+        default=200, ge=1, le=MAX_EPISODE_SET
+    )
+    # Validation episodes' ways and shots, e.g. 5-way validation of a 20-way run whose dataset has fewer than 20
+    # validation classes; their queries are the test's.
+    val_ways: Annotated[
+        int | None, Knob("validation ways", "--val-ways", "N", default="the test's --ways", identity="when_set")
+    ] = Field(default=None, ge=2)
+    val_shots: Annotated[
+        int | None, Knob("validation shots", "--val-shots", "K", default="the test's --shots", identity="when_set")
+    ] = _positive()
+    val_every: Annotated[
+        int | None,
+        Knob(
+            "training episodes between validations and checkpoints",
+            "--val-every",
+            "E",
+            default="500, at least 4 and at most 20 validations per run",
+        ),
+    ] = _positive()
+    # A crash loses at most this much.
+    checkpoint_every: Annotated[
+        float,
+        Knob(
+            "minutes of training between checkpoints besides those of validations",
+            "--checkpoint-every",
+            "MINUTES",
+            affects_results=False,
+            free_on_resume=True,
+        ),
+    ] = Field(default=10.0, gt=0, allow_inf_nan=False)
     # Execution.
-    seed: int = Field(default=0, ge=0, lt=2**63)
-    device: str = "auto"
-    amp: bool = False
-    eval_batch: int = Field(default=20, ge=1)  # episodes per evaluation batch
-    feature_cache: bool = True  # cache embeddings for EmbeddingLearners at evaluation
-    # Scale (None: chosen by the memory preflight, engine/memory.py).
-    micro_batch: int | None = _positive()  # episodes per backward pass in each process (gradients accumulate)
-    checkpointing: bool | None = None  # recompute the backbone's stage activations in backward instead of storing
-    sync_batchnorm: bool = False  # with several processes on GPUs: BatchNorm statistics over all processes
-    # Experiment logging: trackers (``LOGGERS`` names, e.g. tensorboard) besides metrics.jsonl, which is always on.
-    log: list[str] = Field(default_factory=list)
+    seed: Annotated[int, Knob("seed of every random stream", "--seed", "S")] = Field(default=0, ge=0, lt=2**63)
+    device: Annotated[
+        str,
+        Knob("where to run: auto, cpu, cuda or cuda:N", "--device", "DEV", affects_results=False, free_on_resume=True),
+    ] = "auto"
+    amp: Annotated[bool, Knob("bfloat16 mixed precision", "--amp")] = False
+    eval_batch: Annotated[int, Knob("episodes per evaluation batch", "--eval-batch", "B", affects_results=False)] = (
+        Field(default=20, ge=1)
+    )
+    feature_cache: Annotated[
+        bool, Knob("cache embeddings at evaluation (embedding learners)", "--feature-cache", affects_results=False)
+    ] = True
+    # Scale (None: chosen by the memory preflight, engine/memory.py). A micro-batch changes BatchNorm's batch
+    # statistics, so it affects results; it may change on resume, where the machine may need another.
+    micro_batch: Annotated[
+        int | None,
+        Knob(
+            "episodes per backward pass in each process, gradients accumulated",
+            "--micro-batch",
+            "K",
+            default=MEMORY_CHECK,
+            free_on_resume=True,
+        ),
+    ] = _positive()
+    checkpointing: Annotated[
+        bool | None,
+        Knob(
+            "recompute the backbone's stage activations in backward instead of storing them",
+            "--checkpointing",
+            default="only when the memory check needs it",
+            affects_results=False,
+            free_on_resume=True,
+        ),
+    ] = None
+    sync_batchnorm: Annotated[
+        bool, Knob("BatchNorm statistics over all processes (several processes on GPUs)", "--sync-batchnorm")
+    ] = False
+    # Experiment logging: trackers (``LOGGERS`` names) besides metrics.jsonl, which is always on.
+    log: Annotated[
+        list[str],
+        Knob(
+            "also log to this experiment tracker: {loggers}; repeatable or comma-separated (metrics.jsonl is always "
+            "written)",
+            "--log",
+            "NAME",
+            affects_results=False,
+            free_on_resume=True,
+        ),
+    ] = Field(default_factory=list)
 
     @field_validator("device")
     @classmethod
@@ -156,9 +320,28 @@ class RunConfig(BaseModel):
         """A plain dict (YAML/JSON ready) of every field, in file order."""
         return self.model_dump()
 
-    def to_yaml(self) -> str:
-        """The configuration as YAML text, one key per line, in field order."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+    def to_yaml(self, notes: Mapping[str, str] | None = None, header: str = "") -> str:
+        """The configuration as YAML text, one key per line, in field order; ``notes`` (key -> text) become comments
+        after their keys' values (above a value written on several lines), ``header`` a comment line on top."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        if not notes and not header:
+            return text
+        entries: list[list[str]] = []  # the lines of each top-level key, in field order
+        for line in text.splitlines(keepends=True):
+            if line[:1].isspace() and entries:
+                entries[-1].append(line)
+            else:
+                entries.append([line])
+        assert len(entries) == len(type(self).model_fields), text  # every key starts a line of its own
+        out = [f"# {header}\n"] if header else []
+        for key, lines in zip(self.to_dict(), entries):
+            note = (notes or {}).get(key)
+            if note and len(lines) == 1:
+                lines = [f"{lines[0][:-1]}  # {note}\n"]  # safe_dump ends every line with a newline
+            elif note:
+                lines = [f"# {key}: {note}\n", *lines]
+            out.extend(lines)
+        return "".join(out)
 
     def updated(self, values: Mapping[str, Any], source: str = "arguments") -> RunConfig:
         """A copy with ``values`` applied (unknown keys, ill-typed or out-of-range values are UserErrors)."""
@@ -173,6 +356,160 @@ class RunConfig(BaseModel):
             return cls.model_validate(dict(values))
         except ValidationError as err:
             raise config_error(err, source, lines) from None
+
+
+@cache
+def knobs() -> dict[str, Knob]:
+    """Every field's ``Knob``, in file order."""
+    found = {}
+    for name, info in RunConfig.model_fields.items():
+        marks = [m for m in info.metadata if isinstance(m, Knob)]
+        if len(marks) != 1:
+            raise TypeError(f"RunConfig.{name} needs exactly one Knob in its Annotated metadata")
+        found[name] = marks[0]
+    return found
+
+
+# Fields --resume may change; fields that never change a run's numbers.
+RESUME_FREE_KEYS = tuple(name for name, knob in knobs().items() if knob.free_on_resume)
+RESULT_NEUTRAL_KEYS = tuple(name for name, knob in knobs().items() if not knob.affects_results)
+
+
+def identity_values(config: RunConfig) -> dict[str, Any]:
+    """The fields of ``config`` that make a grid cell's identity (``Knob.identity``), in file order."""
+    every = knobs()
+    return {key: value for key, value in config.to_dict().items() if every[key].in_identity(value)}
+
+
+def field_default(name: str) -> Any:
+    """The default value of field ``name`` (a fresh one for list and dict fields)."""
+    return RunConfig.model_fields[name].get_default(call_default_factory=True)
+
+
+def default_text(name: str) -> tuple[str, bool]:
+    """How help describes field ``name``'s default, and whether that is a description (``the recipe's``) rather
+    than the value itself."""
+    knob, value = knobs()[name], field_default(name)
+    if knob.default is not None or value is None:
+        return knob.default or RECIPES, True
+    if isinstance(value, bool):
+        return ("on" if value else "off"), False
+    if isinstance(value, float):
+        return f"{value:g}", False
+    if isinstance(value, (list, dict)) and not value:
+        return "none", True
+    return str(value), False
+
+
+def help_text(name: str) -> str:
+    """Field ``name``'s one-line help with its default, e.g. ``test ways (default 5)``; registry placeholders
+    (``{learners}``, ...) left for the caller to fill."""
+    text, described = default_text(name)
+    return f"{knobs()[name].help} (default{':' if described else ''} {text})"
+
+
+def base_type(name: str) -> Any:
+    """Field ``name``'s type without ``None`` (``int | None`` -> ``int``)."""
+    annotation = RunConfig.model_fields[name].annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        rest = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return annotation
+
+
+_TYPE_WORDS = {str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+# A range bound in words: (pydantic's metadata class, its attribute, the sign).
+_BOUNDS = (
+    (annotated_types.Ge, "ge", ">="),
+    (annotated_types.Gt, "gt", ">"),
+    (annotated_types.Le, "le", "<="),
+    (annotated_types.Lt, "lt", "<"),
+)
+
+
+def _number_text(value: Any) -> str:
+    """``1000``, ``0``, ``1e+06``; a large power of two as ``2^63``."""
+    if isinstance(value, int) and value > 2**32 and value & (value - 1) == 0:
+        return f"2^{value.bit_length() - 1}"
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def type_text(name: str) -> str:
+    """Field ``name``'s type and range in words, e.g. ``integer >= 2, or null``."""
+    info: FieldInfo = RunConfig.model_fields[name]
+    kind = base_type(name)
+    origin = get_origin(kind)
+    if origin is Literal:
+        text = " or ".join(str(arg) for arg in get_args(kind))
+    elif origin is list:
+        text = f"list of {_TYPE_WORDS[get_args(kind)[0]]}s"
+    elif origin is dict:
+        text = "mapping"
+    else:
+        text = _TYPE_WORDS[kind]
+    bounds = [
+        f"{sign} {_number_text(getattr(mark, attribute))}"
+        for mark in info.metadata
+        for bound, attribute, sign in _BOUNDS
+        if isinstance(mark, bound)
+    ]
+    text += f" {' and '.join(bounds)}" if bounds else ""
+    return text + (", or null" if kind is not info.annotation else "")
+
+
+class _ListedNames(dict[str, str]):
+    """``{learners}``, ``{datasets}``, ... in a help text, for the reference: the command that lists them (plug-ins
+    add names, so the file names none)."""
+
+    def __missing__(self, kind: str) -> str:
+        return f"one of `fewshot-sla list {kind}`"
+
+
+def configuration_reference() -> str:
+    """``docs/configuration.md``: every field with its flag, type, default, help and the three properties."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    rows = [
+        "# Run configuration",
+        "",
+        "Generated from the field definitions in `fewshot_sla/config.py` (`configuration_reference()`); do not edit.",
+        f"Regenerate with `{REGENERATE_REFERENCE}`.",
+        "",
+        "Every key of a `config.yaml` / `--config` file, settable as `--set KEY=VALUE` and, where it has one, with its",
+        "`fewshot-sla run` flag. Precedence, lowest first: the field's default (an unset field takes the method's",
+        "published recipe, `fewshot_sla/engine/recipes.yaml`), a `--config` file, the flags, `--set`. Columns:",
+        "",
+        "- **results**: whether the value can change a run's numbers (no: where and how the run executes or logs);",
+        "- **identity**: whether it enters a grid cell's identity, the hash ending the cell's folder name (*when set*:",
+        "  only when it is not `null`, so that cells from before the field existed keep their names);",
+        "- **resume**: whether `--resume` may change it.",
+        "",
+        "| field | flag | type | default | description | results | identity | resume |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    yes_no = {True: "yes", False: "no"}
+    identities = {"always": "yes", "never": "no", "when_set": "when set"}
+    for name, knob in knobs().items():
+        value = field_default(name)
+        if knob.default is not None or value is None:
+            default = cell(default_text(name)[0])
+        else:  # as YAML writes it: true, 10.0, []
+            default = f"`{yaml.safe_dump([value], default_flow_style=True).strip()[1:-1]}`"
+        flag = ""
+        if knob.flag:
+            switch = base_type(name) is bool
+            flag = f"`{knob.flag}`, `--no-{knob.flag[2:]}`" if switch else f"`{knob.flag} {knob.metavar}`"
+        description = cell(knob.help.format_map(_ListedNames()))
+        rows.append(
+            f"| `{name}` | {flag} | {cell(type_text(name))} | {default} | {description} | "
+            f"{yes_no[knob.affects_results]} | {identities[str(knob.identity)]} | {yes_no[knob.free_on_resume]} |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 def config_error(err: ValidationError, source: str, lines: Mapping[str, int] | None = None) -> UserError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_origin
 
 import pytest
 
@@ -382,3 +383,63 @@ def test_exponent_numbers_and_repeated_keys_in_grid_files(tmp_path: Path) -> Non
     grid.write_text(f"name: g\ndatasets: [synthetic]\nmethods: [protonet]\nmethods: [maml]\n{variants}")
     with pytest.raises(UserError, match=r"'methods' is given twice \(lines 3 and 4\)"):
         load_grid(grid)
+
+
+# The key lists the Knobs replaced, frozen as they were (config.py, leaderboard/grid.py, leaderboard/build.py).
+OLD_RESUME_FREE_KEYS = ("device", "micro_batch", "checkpointing", "log", "checkpoint_every")
+OLD_HASH_FREE_KEYS = ("device", "eval_batch", "feature_cache", "checkpointing", "log", "checkpoint_every")
+OLD_UNSET_FREE_KEYS = ("val_ways", "val_shots")
+OLD_RESULT_FREE_KEYS = ("seed", "device", "eval_batch", "feature_cache", "episodes_file", "log", "checkpoint_every")
+
+
+def test_every_field_declares_one_knob_with_consistent_properties() -> None:
+    from fewshot_sla.config import base_type, knobs
+
+    assert list(knobs()) == RunConfig.field_names()
+    flags = [knob.flag for knob in knobs().values() if knob.flag]
+    assert len(flags) == len(set(flags))
+    for name, knob in knobs().items():
+        assert knob.help and "\n" not in knob.help and "%" not in knob.help, name
+        # identity follows the effect on results; 'when_set' only for fields that do change them
+        assert (knob.identity == "never") == (not knob.affects_results), name
+        if knob.flag:
+            mapping = get_origin(base_type(name)) is dict
+            assert knob.flag == "--" + (name.removesuffix("s") if mapping else name).replace("_", "-"), name
+            assert (knob.metavar is None) == (base_type(name) is bool), name
+
+
+def test_derived_key_lists_are_the_ones_they_replace_but_checkpointing_no_longer_splits_leaderboard_rows() -> None:
+    from fewshot_sla.config import RESUME_FREE_KEYS
+    from fewshot_sla.leaderboard.build import RESULT_FREE_KEYS
+    from fewshot_sla.leaderboard.grid import HASH_FREE_KEYS, UNSET_FREE_KEYS
+
+    assert set(RESUME_FREE_KEYS) == set(OLD_RESUME_FREE_KEYS)
+    assert set(HASH_FREE_KEYS) == set(OLD_HASH_FREE_KEYS)
+    assert set(UNSET_FREE_KEYS) == set(OLD_UNSET_FREE_KEYS)
+    # The one reclassification: activation checkpointing gives bit-identical gradients and BatchNorm statistics
+    # (tests/test_scale.py), was already out of the cell identity and free on resume, and now also out of a
+    # leaderboard row's setting, so runs whose memory plans differed only in it are seeds of one row.
+    assert set(RESULT_FREE_KEYS) == set(OLD_RESULT_FREE_KEYS) | {"checkpointing"}
+
+
+def test_the_configuration_reference_is_generated_from_the_fields() -> None:
+    from fewshot_sla.config import REFERENCE_FILE, REGENERATE_REFERENCE, configuration_reference, knobs
+
+    committed = (Path(__file__).resolve().parents[1] / REFERENCE_FILE).read_text()
+    assert committed == configuration_reference(), f"{REFERENCE_FILE} is out of date; run: {REGENERATE_REFERENCE}"
+    for name in knobs():
+        assert f"| `{name}` |" in committed
+
+
+def test_annotated_yaml_is_the_plain_yaml_plus_comments(tmp_path: Path) -> None:
+    cfg = RunConfig(learner_options={"a": {"b": [1, 2], "c": {"d": 3}}}, lr_milestones=[0.5], lr_factors=[0.1])
+    notes = {name: f"note {i}" for i, name in enumerate(RunConfig.field_names())}
+    text = cfg.to_yaml(notes, header="a header")
+    assert text.startswith("# a header\n") and "lr_factors: [0.1]  # note 24\n" in text
+    assert "# learner_options: note 6\nlearner_options:\n  a:\n" in text  # a value on several lines: note above
+    assert [line.split("  # ")[0] for line in text.splitlines() if not line.startswith("#")] == (
+        cfg.to_yaml().splitlines()
+    )
+    path = tmp_path / "annotated.yaml"
+    path.write_text(text)
+    assert load_config(path) == cfg

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
 
 from fewshot_sla.cli import main
-from fewshot_sla.config import load_config
+from fewshot_sla.config import RunConfig, load_config
 from fewshot_sla.errors import UserError
-from fewshot_sla.leaderboard.grid import load_grid
+from fewshot_sla.leaderboard.grid import cell_identity, load_grid
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_GRIDS = sorted((REPO / "benchmarks" / "grids").glob("*.yaml"))
@@ -265,3 +267,75 @@ def test_cli_dry_run_lists_cells_without_writing(tmp_path: Path, capsys: pytest.
     out = capsys.readouterr().out
     assert out.count("   start  synthetic-") == 8 and "8 cells: 0 finished, 8 to run" in out
     assert not runs.exists()
+
+
+# cell_identity as it was before the Knobs (config.py) defined which fields enter it, with its key lists frozen.
+OLD_HASH_FREE_KEYS = ("device", "eval_batch", "feature_cache", "checkpointing", "log", "checkpoint_every")
+OLD_UNSET_FREE_KEYS = ("val_ways", "val_shots")
+# A valid value other than the default for every field.
+OTHER_VALUES = {
+    "method": "maml",
+    "dataset": "omniglot",
+    "backbone": "resnet12",
+    "transform": "none",
+    "objective": "baseline",
+    "backbone_options": {"hidden": 8},
+    "learner_options": {"steps": 2},
+    "image_size": 28,
+    "ways": 20,
+    "shots": 5,
+    "queries": 10,
+    "eval_episodes": 600,
+    "episodes_file": "set.npz",
+    "train_ways": 30,
+    "train_shots": 15,
+    "train_queries": 6,
+    "train_episodes": 1000,
+    "meta_batch": 4,
+    "optimizer": "sgd",
+    "lr": 0.1,
+    "momentum": 0.9,
+    "nesterov": True,
+    "weight_decay": 5e-4,
+    "lr_milestones": [0.5],
+    "lr_factors": [0.1],
+    "lr_schedule_episodes": 2000,
+    "augment": True,
+    "val_episodes": 100,
+    "val_ways": 5,
+    "val_shots": 1,
+    "val_every": 50,
+    "checkpoint_every": 1.5,
+    "seed": 3,
+    "device": "cpu",
+    "amp": True,
+    "eval_batch": 7,
+    "feature_cache": False,
+    "micro_batch": 2,
+    "checkpointing": True,
+    "sync_batchnorm": True,
+    "log": ["tensorboard"],
+}
+
+
+def old_cell_identity(config: RunConfig) -> str:
+    identity = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in OLD_HASH_FREE_KEYS and not (k in OLD_UNSET_FREE_KEYS and v is None)
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def test_cell_identities_are_those_of_the_key_lists_the_field_definitions_replaced() -> None:
+    assert set(OTHER_VALUES) == set(RunConfig.field_names())  # a new field needs a value here
+    base = RunConfig()
+    configs = [base, RunConfig(**OTHER_VALUES)]
+    configs += [
+        base.updated({key: value}) for key, value in OTHER_VALUES.items() if key not in ("lr_milestones", "lr_factors")
+    ]
+    configs += [base.updated({"lr_milestones": [0.5], "lr_factors": [0.1]})]
+    configs += [cell.config for path in SHIPPED_GRIDS for cell in load_grid(path).cells]
+    for config in configs:
+        assert cell_identity(config) == old_cell_identity(config), config
+    assert cell_identity(base.updated({"seed": 1})) != cell_identity(base)  # sensitive to what it covers

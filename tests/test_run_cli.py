@@ -466,3 +466,76 @@ def test_an_unconverged_solver_is_logged_warned_and_recorded(capsys, data_root: 
     assert results["learner_settings"] == {"solver": "interior-point", "train_iterations": 15, "eval_iterations": 1}
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("svm_unconverged" in r for r in steps if r["kind"] == "train")
+
+
+def test_print_config_names_where_each_value_came_from_and_loads_back(capsys, data_root: Path, tmp_path: Path) -> None:
+    from fewshot_sla.config import RunConfig, load_config
+    from fewshot_sla.engine.recipes import apply_recipe
+
+    given = tmp_path / "given.yaml"
+    given.write_text("ways: 10\nshots: 5\nseed: 4\nlearner_options:\n  scale: 2.0\n")
+    code, out, err = cli(
+        capsys,
+        data_root,
+        "run",
+        "--config",
+        str(given),
+        "--seed",
+        "7",  # a flag wins over the file
+        "--lr",
+        "0.05",
+        "--set",
+        "momentum=0.5",
+        "--learner-option",
+        "extra={a: [1, 2], b: {c: 3}}",  # merged with the file's, written on several lines
+        "--print-config",
+    )
+    assert code == 0, err
+    origins = {
+        line.split(":")[0]: line.split("  # ")[1] for line in out.splitlines() if "  # " in line and line[0] != "#"
+    }
+    assert origins["ways"] == origins["shots"] == "config file"
+    assert origins["seed"] == origins["lr"] == origins["momentum"] == "flag"
+    assert origins["train_episodes"] == origins["optimizer"] == origins["val_every"] == "recipe"
+    assert origins["method"] == origins["eval_episodes"] == origins["device"] == "default"
+    assert "\n# learner_options: flag\nlearner_options:\n" in out and out.startswith("# fewshot-sla run configuration")
+    assert set(origins) | {"learner_options"} == set(RunConfig.field_names())
+    (tmp_path / "printed.yaml").write_text(out)
+    printed = load_config(tmp_path / "printed.yaml")
+    expected = RunConfig(
+        ways=10,
+        shots=5,
+        seed=7,
+        lr=0.05,
+        momentum=0.5,
+        learner_options={"scale": 2.0, "extra": {"a": [1, 2], "b": {"c": 3}}},
+    )
+    assert printed == apply_recipe(expected)
+    # passed back with --config it prints the same configuration, every value now from the file
+    code, again, err = cli(capsys, data_root, "run", "--config", str(tmp_path / "printed.yaml"), "--print-config")
+    assert code == 0, err
+
+    def values(text: str) -> list[str]:
+        return [line.split("  # ")[0] for line in text.splitlines() if not line.startswith("#")]
+
+    assert values(again) == values(out) == printed.to_yaml().splitlines()
+    assert "# default" not in again and "# recipe" not in again and "# learner_options: config file\n" in again
+
+
+def test_run_flags_are_the_fields_flags_with_their_help_and_defaults(capsys) -> None:
+    from fewshot_sla.config import help_text, knobs
+    from fewshot_sla.registry import ALL_REGISTRIES
+
+    names = {kind: ", ".join(registry.names()) for kind, registry in ALL_REGISTRIES.items()}
+    try:
+        main(["run", "--help"])
+    except SystemExit as stop:
+        assert stop.code == 0
+    text = "".join(capsys.readouterr().out.split())  # help wraps lines, within words too
+    for name, knob in knobs().items():
+        if knob.flag is None:
+            assert f"[--{name.replace('_', '-')}" not in text, name
+            continue
+        assert f"[{knob.flag}" in text, name
+        shown = help_text(name).format_map(names)  # the default too, e.g. "test ways (default 5)"
+        assert "".join(shown.split()) in text, name

@@ -8,12 +8,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_origin
 
 import yaml
 
-from fewshot_sla.cli.data import help_from_registries, listed_help, positive_integer
-from fewshot_sla.config import RunConfig, check_values, read_config_values
+from fewshot_sla.cli.data import HelpTexts, help_from_registries, listed_help, positive_integer
+from fewshot_sla.config import RunConfig, base_type, check_values, help_text, knobs, read_config_values
 from fewshot_sla.cpu_memory import reuse_freed_memory
 from fewshot_sla.errors import UserError
 from fewshot_sla.prediction_kinds import kind_label, kind_table
@@ -22,79 +22,33 @@ from fewshot_sla.yaml_file import parse_yaml
 if TYPE_CHECKING:
     from fewshot_sla.engine.distributed import Processes
 
-# (flag, config key, type, metavar, help) of every configuration flag of `run`; absent flags leave the
-# configuration file's (or the recipe's) value. A help text's {learners}, {objectives}, ... become the registered
-# names, plug-ins' included, when help is shown (see ``listed_help``).
-_VALUE_FLAGS: tuple[tuple[str, str, Any, str, str], ...] = (
-    (
-        "--method",
-        "method",
-        str,
-        "NAME",
-        "learner: {learners} (default protonet)",
-    ),
-    ("--dataset", "dataset", str, "NAME", "dataset: {datasets} (default: synthetic, generated on first use)"),
-    ("--backbone", "backbone", str, "NAME", "backbone: {backbones} (default: the recipe's, conv4)"),
-    (
-        "--transform",
-        "transform",
-        str,
-        "NAME",
-        "SLA transformation: {transforms} (default: rotation; 'none' for plain training)",
-    ),
-    ("--objective", "objective", str, "NAME", "training objective: {objectives} (default sla)"),
-    ("--ways", "ways", int, "N", "test ways (default 5)"),
-    ("--shots", "shots", int, "K", "test shots (default 1)"),
-    ("--queries", "queries", int, "Q", "test queries per class (default 15)"),
-    ("--val-ways", "val_ways", int, "N", "validation ways (default: the test's --ways)"),
-    ("--val-shots", "val_shots", int, "K", "validation shots (default: the test's --shots)"),
-    ("--train-ways", "train_ways", int, "N", "training ways (default: the recipe's)"),
-    ("--train-shots", "train_shots", int, "K", "training shots (default: the recipe's)"),
-    ("--train-queries", "train_queries", int, "Q", "training queries per class (default: the recipe's)"),
-    ("--train-episodes", "train_episodes", int, "E", "training episodes (default: the recipe's budget)"),
-    ("--meta-batch", "meta_batch", int, "B", "episodes per optimizer step (default: the recipe's)"),
-    ("--lr", "lr", float, "LR", "initial learning rate (default: the recipe's)"),
-    ("--optimizer", "optimizer", str, "NAME", "sgd or adam (default: the recipe's)"),
-    ("--eval-episodes", "eval_episodes", int, "N", "test episodes (default 1000)"),
-    ("--episodes-file", "episodes_file", str, "FILE", "fixed test episode set (.npz from 'fewshot-sla episodes make')"),
-    ("--val-episodes", "val_episodes", int, "N", "validation episodes (default 200)"),
-    ("--val-every", "val_every", int, "E", "training episodes between validations and checkpoints"),
-    (
-        "--checkpoint-every",
-        "checkpoint_every",
-        float,
-        "MINUTES",
-        "minutes of training between checkpoints besides those of validations (default 10)",
-    ),
-    ("--image-size", "image_size", int, "PX", "resize images to PX x PX on the device (default: the store's)"),
-    ("--eval-batch", "eval_batch", int, "B", "episodes per evaluation batch (default 20)"),
-    ("--seed", "seed", int, "S", "seed of every random stream (default 0)"),
-    ("--device", "device", str, "DEV", "auto (default), cpu, cuda or cuda:N"),
-    (
-        "--micro-batch",
-        "micro_batch",
-        int,
-        "K",
-        "episodes per backward pass in each process, gradients accumulated (default: chosen by the memory check)",
-    ),
-)
-_SWITCHES: tuple[tuple[str, str, str], ...] = (
-    ("--amp", "amp", "bfloat16 mixed precision (default off)"),
-    ("--augment", "augment", "random crop/flip/colour jitter of training images (default: the recipe's)"),
-    ("--feature-cache", "feature_cache", "cache embeddings at evaluation (default on)"),
-    (
-        "--checkpointing",
-        "checkpointing",
-        "recompute the backbone's stage activations in backward instead of storing them (default: only when "
-        "the memory check needs it)",
-    ),
-    ("--sync-batchnorm", "sync_batchnorm", "BatchNorm statistics over all processes (several processes on GPUs)"),
-)
-_OPTION_FLAGS = (("--backbone-option", "backbone_options"), ("--learner-option", "learner_options"))
+# Every configuration flag of `run` is rendered from the RunConfig field that declares it (its Knob in config.py:
+# flag, metavar, help, default): a switch for a boolean, KEY=VALUE items for a mapping, names for a list, else one
+# value of the field's type. Absent flags leave the configuration file's (or the recipe's) value. A help text's
+# {learners}, {objectives}, ... become the registered names, plug-ins' included, when help is shown (``listed_help``).
 
 
-class _LoggerNames(argparse.Action):
-    """``--log A,B --log C``: the logger names in order, each once (the config's ``log``)."""
+def _add_config_flags(parser: argparse.ArgumentParser, texts: HelpTexts) -> None:
+    """The flags of every configuration field that has one, in file order."""
+    for key, knob in knobs().items():
+        if knob.flag is None:
+            continue
+        kind = base_type(key)
+        options: dict[str, Any] = {"dest": key, "metavar": knob.metavar, "default": argparse.SUPPRESS}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif get_origin(kind) is dict:
+            options["action"] = "append"  # KEY=VALUE items (config_from_args parses them)
+        elif get_origin(kind) is list:
+            options["action"] = _Names
+        else:
+            options["type"] = kind if kind in (int, float) else str  # a Literal's values are text
+        action = parser.add_argument(knob.flag, **options)
+        listed_help(texts, action, help_text(key).replace("%", "%%"))
+
+
+class _Names(argparse.Action):
+    """``--log A,B --log C``: the names in order, each once (a list field such as the config's ``log``)."""
 
     def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
         names = list(getattr(namespace, self.dest, None) or [])
@@ -102,15 +56,6 @@ class _LoggerNames(argparse.Action):
             if name.strip() and name.strip() not in names:
                 names.append(name.strip())
         setattr(namespace, self.dest, names)
-
-
-def _logger_help() -> str:
-    from fewshot_sla.registry import LOGGERS
-
-    return (
-        f"also log to this experiment tracker: {', '.join(LOGGERS.names())} (repeatable or comma-separated; "
-        "metrics.jsonl is always written)"
-    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -122,31 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "a fixed episode set and report accuracy with 95% confidence intervals.",
         add_help=False,
     )
-    texts = help_from_registries(run)
-    for flag, key, kind, metavar, text in _VALUE_FLAGS:
-        action = run.add_argument(flag, dest=key, type=kind, metavar=metavar, default=argparse.SUPPRESS)
-        listed_help(texts, action, text)
-    for flag, key, text in _SWITCHES:
-        run.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=text, default=argparse.SUPPRESS)
-    for flag, key in _OPTION_FLAGS:
-        run.add_argument(
-            flag,
-            dest=key,
-            action="append",
-            metavar="KEY=VALUE",
-            default=argparse.SUPPRESS,
-            help=f"extra {key.split('_')[0]} constructor option (repeatable), VALUE in YAML syntax",
-        )
-    log = run.add_argument(
-        "--log",
-        dest="log",
-        action=_LoggerNames,
-        metavar="NAME",
-        default=argparse.SUPPRESS,
-        help="also log to this experiment tracker, e.g. tensorboard (repeatable or comma-separated; "
-        "metrics.jsonl is always written)",
-    )
-    texts[log] = _logger_help
+    _add_config_flags(run, help_from_registries(run))
     run.add_argument("--config", metavar="FILE.yaml", help="configuration file; flags override its values")
     run.add_argument(
         "--set",
@@ -174,8 +95,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--print-config",
         action="store_true",
-        help="print the run's resolved configuration (recipe filled in) as YAML and exit; it can be "
-        "saved and passed back with --config",
+        help="print the run's resolved configuration (recipe filled in) as YAML, each value's origin (default, "
+        "recipe, config file or flag) in a comment, and exit; it can be saved and passed back with --config",
     )
     run.add_argument(
         "--fit-memory",
@@ -356,9 +277,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any
     for key in RunConfig.field_names():
         if hasattr(args, key):
             value = getattr(args, key)
-            if key.endswith("_options"):
-                flag = "--" + key.replace("_options", "-option")
-                value = {**given.get(key, {}), **_parse_options(value, flag)}
+            if get_origin(base_type(key)) is dict:  # KEY=VALUE items
+                value = {**given.get(key, {}), **_parse_options(value, str(knobs()[key].flag))}
             given[key] = value
     settings = _parse_options(args.set_values, "--set")
     for key in settings:
@@ -366,6 +286,27 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any
             raise UserError(f"--set {key}=...: unknown key '{key}'; valid keys: {', '.join(RunConfig.field_names())}")
     given.update(check_values(settings, "command line: --set") if settings else {})
     return RunConfig.from_mapping(given, "command line"), given
+
+
+def _annotated_config(cfg: RunConfig, given: dict[str, Any], args: argparse.Namespace) -> str:
+    """``--print-config``: the resolved configuration as YAML, each value's origin in a comment: ``recipe`` (filled
+    in by it), ``flag`` (a flag or ``--set``), ``config file`` (``--config``) or ``default`` (the field's)."""
+    from fewshot_sla.engine.recipes import apply_recipe, recipe_record
+
+    resolved = apply_recipe(cfg)
+    flags = {key for key in RunConfig.field_names() if hasattr(args, key)}
+    flags |= {item.partition("=")[0].strip() for item in args.set_values}
+
+    def origin(key: str) -> str:
+        if getattr(resolved, key) != getattr(cfg, key):
+            return "recipe"
+        return "flag" if key in flags else "config file" if key in given else "default"
+
+    header = (
+        f"fewshot-sla run configuration (recipe {recipe_record(cfg)['name']}); after each value its origin: "
+        "default, recipe, config file or flag"
+    )
+    return resolved.to_yaml({key: origin(key) for key in RunConfig.field_names()}, header)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -376,9 +317,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     cfg, given = config_from_args(args)
     if args.print_config:
-        from fewshot_sla.engine.recipes import apply_recipe
-
-        print(apply_recipe(cfg).to_yaml(), end="")
+        print(_annotated_config(cfg, given, args), end="")
         return 0
     if args.max_steps is not None and args.max_steps < 1:
         raise UserError(f"--max-steps must be a positive integer, got {args.max_steps}")

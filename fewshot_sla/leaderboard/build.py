@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from fewshot_sla.atomic import atomic_path, write_text_atomic
-from fewshot_sla.config import RunConfig
+from fewshot_sla.config import RESULT_NEUTRAL_KEYS, RunConfig
 from fewshot_sla.engine.stats import paired_comparison
 from fewshot_sla.errors import UserError
 from fewshot_sla.leaderboard import reproduction
@@ -57,8 +57,9 @@ from fewshot_sla.results import (
     transform_label,
 )
 
-# Settings that never change a run's numbers: runs differing only in these (and the seed) are one row.
-RESULT_FREE_KEYS = ("seed", "device", "eval_batch", "feature_cache", "episodes_file", "log", "checkpoint_every")
+# What a row does not tell apart: the settings that never change a run's numbers (config.py's Knobs), the seed (a
+# row pools a setting's seeds) and the episode file (rows are keyed by the episode set's hash itself).
+RESULT_FREE_KEYS = ("seed", "episodes_file", *RESULT_NEUTRAL_KEYS)
 # The only configuration keys in which a run may differ from the baseline run it is compared with.
 COMPARED_KEYS = ("transform", "objective")
 REQUIRED_FIELDS = ("config", "dataset_fingerprint", "method", "backbone", "dataset", "transform", "objective", "seed")

@@ -55,7 +55,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from fewshot_sla.config import RunConfig, check_values, read_config_values
+from fewshot_sla.config import RunConfig, check_values, identity_values, knobs, read_config_values
 from fewshot_sla.engine.recipes import apply_recipe
 from fewshot_sla.errors import UserError
 from fewshot_sla.registry import ALL_REGISTRIES
@@ -73,11 +73,11 @@ AXIS_HOME = {
     "shots": "shots",
     "seed": "seeds",
 }
-# Settings that never change a cell's results, so not part of its identity.
-HASH_FREE_KEYS = ("device", "eval_batch", "feature_cache", "checkpointing", "log", "checkpoint_every")
-# Keys added after grids were first run whose unset value means what every earlier cell did: left out of the identity
-# while unset, so that adding them renamed (and re-ran) no existing cell.
-UNSET_FREE_KEYS = ("val_ways", "val_shots")
+# Settings that never change a cell's results, so not part of its identity; keys added after grids were first run
+# whose unset value means what every earlier cell did, left out of the identity while unset so that adding them
+# renamed (and re-ran) no existing cell. Both from each field's Knob (config.py).
+HASH_FREE_KEYS = tuple(key for key, knob in knobs().items() if knob.identity == "never")
+UNSET_FREE_KEYS = tuple(key for key, knob in knobs().items() if knob.identity == "when_set")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -441,12 +441,7 @@ def load_grid(path: str | Path) -> Grid:
 
 def cell_identity(config: RunConfig) -> str:
     """8 hex digits naming a resolved configuration (settings that never change results left out)."""
-    identity = {
-        k: v
-        for k, v in config.to_dict().items()
-        if k not in HASH_FREE_KEYS and not (k in UNSET_FREE_KEYS and v is None)
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return hashlib.sha256(json.dumps(identity_values(config), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def cell_name(config: RunConfig) -> str:
