@@ -539,3 +539,19 @@ def test_run_flags_are_the_fields_flags_with_their_help_and_defaults(capsys) -> 
         assert f"[{knob.flag}" in text, name
         shown = help_text(name).format_map(names)  # the default too, e.g. "test ways (default 5)"
         assert "".join(shown.split()) in text, name
+
+
+def test_library_notes_and_warnings_reach_the_console_once_through_logging(
+    tmp_path: Path, capsys: pytest.CaptureFixture, small_synthetic: int
+) -> None:
+    """The library logs (``fewshot_sla.*`` loggers); the CLI shows each record as one ``fewshot-sla:`` line."""
+    import logging
+
+    assert main(["--data-root", str(tmp_path), "data", "info", "synthetic"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    generated = [line for line in err if "generating the synthetic dataset" in line]
+    assert generated == [
+        f"fewshot-sla: generating the synthetic dataset into {tmp_path / 'synthetic.h5'} (one-off, a few seconds)"
+    ]
+    logging.getLogger("fewshot_sla.engine.callbacks").warning("the solver stopped short")
+    assert capsys.readouterr().err == "fewshot-sla: warning: the solver stopped short\n"

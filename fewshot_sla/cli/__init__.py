@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -58,7 +59,25 @@ def build_parser() -> Parser:
     return parser
 
 
+class _ConsoleHandler(logging.Handler):
+    """The library's notes and warnings (``logging`` under ``fewshot_sla``) as the CLI's ``fewshot-sla: ...`` lines
+    on the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        label = "warning: " if record.levelno >= logging.WARNING else ""
+        sys.stderr.write(f"fewshot-sla: {label}{record.getMessage()}\n")
+
+
+def _show_library_messages() -> None:
+    """Route the library's log records to the console (once per process); a library user routes them instead."""
+    library = logging.getLogger("fewshot_sla")
+    if not any(isinstance(h, _ConsoleHandler) for h in library.handlers):
+        library.addHandler(_ConsoleHandler())
+        library.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _show_library_messages()
     try:
         with preemption_signals():  # SIGTERM, SIGUSR1, SIGUSR2: save what can be saved, then one line
             args = build_parser().parse_args(argv)

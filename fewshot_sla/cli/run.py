@@ -205,14 +205,6 @@ def _join(args: argparse.Namespace, device: str) -> Processes:
     return processes
 
 
-def _agreed(processes: Processes, error: UserError | None) -> None:
-    """Every process learns whether any failed (so none waits for the others forever); the first error is
-    raised everywhere, reported once."""
-    message = processes.first_error(None if error is None else str(error))
-    if message is not None:
-        raise UserError(message, shared=processes.active)
-
-
 def _add_data_memory_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-memory",
@@ -346,8 +338,8 @@ def run_command(args: argparse.Namespace) -> int:
                 )
                 check_loggers(plan.cfg.log)
             except UserError as err:
-                _agreed(processes, err)
-            _agreed(processes, None)
+                processes.agree(err)
+            processes.agree(None)
             assert plan is not None
             _reuse_memory_on_cpu(plan.device.type, args)
             if processes.writer and not args.quiet:
@@ -456,7 +448,7 @@ def evaluation_notes(results: dict[str, Any], block: dict[str, Any]) -> list[str
 
 
 def _evaluate_agreed(args: argparse.Namespace, processes: Processes, out: Path | None, save: bool) -> dict[str, Any]:
-    """``evaluate_run`` in every process, failures agreed on (see ``_agreed``)."""
+    """``evaluate_run`` in every process, failures agreed on (``Processes.agree``)."""
     from fewshot_sla.engine.plan import run_folder_lock
     from fewshot_sla.engine.run_evaluation import evaluate_run
 
@@ -483,8 +475,8 @@ def _evaluate_agreed(args: argparse.Namespace, processes: Processes, out: Path |
                 save=save,
             )
     except UserError as err:
-        _agreed(processes, err)
-    _agreed(processes, None)
+        processes.agree(err)
+    processes.agree(None)
     assert results is not None
     return results
 

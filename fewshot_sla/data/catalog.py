@@ -8,8 +8,8 @@ its store in the data root, marked ``user_dataset`` in its attributes, stands in
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from pathlib import Path
 
 from fewshot_sla.data.prepare import USER_ATTR, USER_NAME, prepare
@@ -17,6 +17,8 @@ from fewshot_sla.data.root import ENV_VAR, resolve_data_root
 from fewshot_sla.data.store import DatasetStore, store_path
 from fewshot_sla.errors import UserError
 from fewshot_sla.registry import DATASETS
+
+log = logging.getLogger(__name__)
 
 
 def prepare_command(dataset: str) -> str:
@@ -106,14 +108,16 @@ def open_store(dataset: str, data_root: str | os.PathLike | None = None) -> Data
                     f"'fewshot-sla data prepare {dataset} --source <PATH>' with <PATH> {info.source_hint} "
                     f"(and the same --data-root / ${ENV_VAR})"
                 )
-            sys.stderr.write(f"fewshot-sla: generating the {dataset} dataset into {path} (one-off, a few seconds)\n")
+            log.info("generating the %s dataset into %s (one-off, a few seconds)", dataset, path)
             prepare(dataset, data_root=root, progress=False, wait=True)  # a concurrent first use waits, then reuses
         store = DatasetStore(path, rebuild=f"{prepare_command(dataset)} --force")
     if not store.checked and path not in _NOTED and os.environ.get("RANK", "0") == "0":
         _NOTED.add(path)
-        sys.stderr.write(
-            f"fewshot-sla: note: {path} has no content checksums (an older fewshot-sla prepared it), so its loads "
-            f"are not verified; rebuild it with '{store.rebuild}' to have them checked\n"
+        log.info(
+            "note: %s has no content checksums (an older fewshot-sla prepared it), so its loads are not verified; "
+            "rebuild it with '%s' to have them checked",
+            path,
+            store.rebuild,
         )
     return store
 

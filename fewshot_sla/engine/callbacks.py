@@ -22,7 +22,7 @@ Every process calls its callbacks (collectives such as validation run everywhere
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,8 @@ from fewshot_sla.prediction_kinds import headline_kind
 
 if TYPE_CHECKING:
     from fewshot_sla.engine.train import Trainer
+
+log = logging.getLogger(__name__)
 
 
 class Callback:
@@ -76,9 +78,11 @@ class SolverWarnings(Callback):
         stopped = {k: v for k, v in metrics.items() if k.endswith(UNCONVERGED) and v > 0}
         if stopped and trainer.processes.writer and not self.warned:
             self.warned = True
-            sys.stderr.write(
-                f"fewshot-sla: warning: {unconverged_message(stopped)} in training (step "
-                f"{trainer.state.step + 1}; logged per step in {trainer.paths.metrics.name})\n"
+            log.warning(
+                "%s in training (step %d; logged per step in %s)",
+                unconverged_message(stopped),
+                trainer.state.step + 1,
+                trainer.paths.metrics.name,
             )
 
 

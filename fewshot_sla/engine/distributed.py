@@ -96,6 +96,14 @@ class Processes:
                 return text if rank == self.rank else f"process {rank}: {text}"
         return None
 
+    def agree(self, error: UserError | None) -> None:
+        """Every process learns whether any failed, so that none waits for the others forever: the first error
+        (by rank) is raised in every process, marked as shared so that it is reported once. Call it in every
+        process at the same point, with the error this process met there or None."""
+        message = self.first_error(None if error is None else str(error))
+        if message is not None:
+            raise UserError(message, shared=self.active)
+
     def barrier(self) -> None:
         """Wait until every process arrives."""
         if self.active:

@@ -73,9 +73,7 @@ def _after_failure(plan: RunPlan, err: BaseException) -> BaseException:
     return err
 
 
-def _execute(
-    plan: RunPlan, max_steps: int | None, progress: bool, callbacks: Sequence[Callback]
-) -> RunReport:
+def _execute(plan: RunPlan, max_steps: int | None, progress: bool, callbacks: Sequence[Callback]) -> RunReport:
     cfg, paths, processes = plan.cfg, RunPaths(plan.run_dir), plan.processes
     if processes.writer:
         if plan.overwrite and plan.run_dir.exists():

@@ -6,9 +6,9 @@ re-tests a finished run (on another episode set or count) from its folder alone.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,8 @@ from fewshot_sla.results import (
     save_per_episode,
     write_results,
 )
+
+log = logging.getLogger(__name__)
 
 
 def autocast_for(device: torch.device, amp: bool) -> Callable[[], Any]:
@@ -142,9 +144,7 @@ def evaluate_checkpoint(
     )
     stopped = {k: v for k, v in outcome.diagnostics.items() if k.endswith(UNCONVERGED) and v > 0}
     if stopped and processes.writer:
-        sys.stderr.write(
-            f"fewshot-sla: warning: {unconverged_message(stopped)} in this evaluation (recorded in results.json)\n"
-        )
+        log.warning("%s in this evaluation (recorded in results.json)", unconverged_message(stopped))
     results = add_evaluation(results, record)
     if processes.writer and save:
         write_results(out_dir, results)

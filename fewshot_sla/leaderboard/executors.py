@@ -16,6 +16,7 @@ Executors: ``LocalExecutor`` (one cell after another, or N processes at once) an
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -35,6 +36,8 @@ from fewshot_sla.errors import UserError
 from fewshot_sla.leaderboard.grid import Grid
 from fewshot_sla.preemption import PREEMPTION_SIGNALS, Preempted
 from fewshot_sla.results import RunPaths
+
+log = logging.getLogger(__name__)
 
 CELLS_DIR = "_cells"
 LOGS_DIR = "_logs"
@@ -385,9 +388,12 @@ class SlurmExecutor:
             return []
         with self.executor.batch():
             jobs = [self.executor.submit(RequeueableCell(self.runner), task) for task in tasks]
-        sys.stderr.write(
-            f"fewshot-sla: submitted {len(jobs)} job(s): {', '.join(j.job_id for j in jobs[:3])}"
-            f"{' ...' if len(jobs) > 3 else ''} (job files in {self.executor.folder})\n"
+        log.info(
+            "submitted %d job(s): %s%s (job files in %s)",
+            len(jobs),
+            ", ".join(j.job_id for j in jobs[:3]),
+            " ..." if len(jobs) > 3 else "",
+            self.executor.folder,
         )
         outcomes = []
         try:
