@@ -14,7 +14,7 @@ Cases (``--case``):
 
 Images are random pixels (memory and time do not depend on their content). Peak memory is Linux's VmHWM of the
 measuring process, reset at the start of the measured step, minus its resident size then; the preflight
-estimate (``engine/memory.py``) is printed beside it. Each measurement runs in its own process.
+estimate (``engine/memory/``) is printed beside it. Each measurement runs in its own process.
 """
 
 from __future__ import annotations

@@ -239,7 +239,7 @@ class RunConfig(BaseModel):
     feature_cache: Annotated[
         bool, Knob("cache embeddings at evaluation (embedding learners)", "--feature-cache", affects_results=False)
     ] = True
-    # Scale (None: chosen by the memory preflight, engine/memory.py). A micro-batch changes BatchNorm's batch
+    # Scale (None: chosen by the memory preflight, engine/memory/). A micro-batch changes BatchNorm's batch
     # statistics, so it affects results; it may change on resume, where the machine may need another.
     micro_batch: Annotated[
         int | None,

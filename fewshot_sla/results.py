@@ -271,7 +271,7 @@ class MemoryRecord(_Record):
     micro_batch: int
     checkpointing: bool
     processes: int
-    estimated_step_bytes: int | None  # the preflight's estimate of one step (engine/memory.py)
+    estimated_step_bytes: int | None  # the preflight's estimate of one step (engine/memory/)
     budget_bytes: int | None
     budget: str  # where the budget came from
     available_bytes: int | None

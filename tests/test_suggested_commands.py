@@ -33,7 +33,7 @@ COVERED = {
         "test_an_unfinished_or_damaged_run_suggests_resuming_it",
         "test_missing_per_episode_results_suggest_the_evaluation_that_rebuilds_them",
     ],
-    "episodes.py": ["test_a_damaged_episode_set_suggests_the_command_that_regenerates_it"],
+    "episodes/sets.py": ["test_a_damaged_episode_set_suggests_the_command_that_regenerates_it"],
     "data/store.py": ["test_a_damaged_store_suggests_the_command_that_rebuilds_it"],
     "data/catalog.py": ["test_a_damaged_store_suggests_the_command_that_rebuilds_it"],
     "cli/data.py": ["test_a_damaged_store_suggests_the_command_that_rebuilds_it"],

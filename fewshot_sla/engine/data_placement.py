@@ -5,7 +5,7 @@ data budget, smallest first; a split that does not fit stays on disk and its epi
 on demand (``data/disk_images.py``), with the same episodes either way. The budget is ``--data-memory`` GB, by
 default half of the memory where the splits would live: the GPU's free memory, or on a CPU the available RAM
 shared among the run's local processes and the parallel runs on the machine. The other half is left to
-training, whose own budget (``memory.py``) is measured after the splits are loaded.
+training, whose own budget (``memory/``) is measured after the splits are loaded.
 """
 
 from __future__ import annotations

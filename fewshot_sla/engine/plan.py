@@ -2,7 +2,7 @@
 
 ``plan_run`` resolves the configuration (recipe, or the stored one on ``--resume``), checks names, device,
 dataset, episode specs, the episode file and the output folder, loads the splits, builds the model once and
-plans its memory (``memory.py``: the micro-batch and checkpointing it trains with, written into the resolved
+plans its memory (``memory/``: the micro-batch and checkpointing it trains with, written into the resolved
 configuration); ``execute.execute_run`` then trains and tests exactly what was planned. Every process of a
 distributed run plans the same run; only process 0 will write.
 """
