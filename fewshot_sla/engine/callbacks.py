@@ -24,20 +24,43 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
 from fewshot_sla import preemption
+from fewshot_sla.engine.distributed import Processes
 from fewshot_sla.engine.evaluate import unconverged_message
 from fewshot_sla.engine.loggers import RunLogger
+from fewshot_sla.errors import UserError
 from fewshot_sla.learners.base import UNCONVERGED
 from fewshot_sla.prediction_kinds import headline_kind
-
-if TYPE_CHECKING:
-    from fewshot_sla.engine.train import Trainer
+from fewshot_sla.results import RunPaths, TrainSummary
 
 log = logging.getLogger(__name__)
+
+
+class Trainer(Protocol):
+    """What callbacks see of the trainer (``engine/train.Trainer``; a protocol, so that this module does not import
+    the loop that imports it)."""
+
+    state: Any  # train.TrainState: step, best_accuracy, best_step, best_val, time_s, step_time_s
+    meta_batch: int
+    val_every: int
+    total_steps: int
+    pending_validation: bool
+    stop_requested: bool
+    saved_at: float
+    processes: Processes
+    paths: RunPaths
+
+    def stopping(self) -> bool: ...
+    def validate(self) -> tuple[dict[str, float], dict[str, float | None]]: ...
+    def emit_validation(self, record: dict[str, Any]) -> None: ...
+    def save_last(self) -> None: ...
+    def save_best(self, accuracy: dict[str, float]) -> None: ...
+    def diverged(self, loss: float) -> UserError: ...
+    def summary(self) -> TrainSummary: ...
 
 
 class Callback:
