@@ -39,14 +39,28 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def _make_folder(folder: Path, created: list[Path]) -> None:
+    """Create ``folder`` and its missing parents, adding each one made to ``created`` (deepest first)."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        made.mkdir(exist_ok=True)
+        created.insert(0, made)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; flush and rename it onto ``path`` only if the block succeeds.
-    A failed write (the block's or the rename's) is an ``IOFailure`` naming ``path``."""
+    A failed write (the block's or the rename's) is an ``IOFailure`` naming ``path``; it leaves nothing behind:
+    neither the temporary file nor the folders made for it (when still empty)."""
     final = Path(path)
     tmp = None
+    created: list[Path] = []
+    done = False
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
+        _make_folder(final.parent, created)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
         tmp = Path(tmp_name)
@@ -54,12 +68,18 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the usual permissions
         fsync_path(tmp)
         os.replace(tmp, final)
+        done = True
         fsync_path(final.parent)
     except OSError as err:
         raise write_error(err, final) from None
     finally:
-        if tmp is not None and tmp.exists():
-            tmp.unlink()
+        if tmp is not None and not done:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        if not done:
+            for folder in created:
+                with contextlib.suppress(OSError):  # not empty: another writer's
+                    folder.rmdir()
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

@@ -97,8 +97,11 @@ def exclusive(lock_file: Path, what: str, fix: str, *, wait: bool = False) -> It
     try:
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
         command = " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))[:200]
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} since {stamp} ({command})".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} since {stamp} ({command})".encode(), 0)
+        except OSError as err:  # a full disk: the holder's name needs a block
+            raise io_error(err, lock_file, "write the lock file") from None
         yield
     finally:
         with contextlib.suppress(OSError):

@@ -132,6 +132,136 @@ def test_a_full_disk_while_preparing_a_store_leaves_nothing(
     assert sorted(root.iterdir()) == []
 
 
+def test_a_full_disk_while_writing_the_lock_file_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A disk with no block left: the lock file is created, but the holder's name cannot be written into it (this
+    was an unnamed 'cannot read or write' line)."""
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    root = tmp_path / "data"
+    line = one_line(*cli(capsys, root, "data", "prepare", "synthetic"))
+    assert f"cannot write the lock file {root / '.synthetic.h5.lock'}: no space is left on the device" in line
+    assert not root.exists()  # the folder made for the lock is gone too
+
+
+def test_a_folder_where_the_store_goes_is_refused_before_anything_is_written(
+    tmp_path: Path, small_synthetic: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """(Prepare wrote the whole store and then failed to rename it onto the folder; reading one named HDF5's
+    'file read failed' text.)"""
+    root = tmp_path / "data"
+    (root / "synthetic.h5").mkdir(parents=True)
+    monkeypatch.setattr(prepare_module, "_write_store", lambda *args: pytest.fail("the store was written"))
+    line = one_line(*cli(capsys, root, "data", "prepare", "synthetic"))
+    assert line.endswith(
+        f"{root / 'synthetic.h5'} is a folder, not a dataset store; move it away, then run the command again"
+    )
+    line = one_line(*cli(capsys, root, "data", "info", "synthetic"))
+    assert (
+        f"store {root / 'synthetic.h5'} is a folder, not a file; move it away, then run 'fewshot-sla data prepare"
+        in line
+    )
+
+
+def test_an_image_whose_file_name_is_not_utf8_is_imported_under_an_escaped_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A file name from another system (Latin-1 bytes; Python holds them as surrogate escapes) was a traceback: the
+    store keeps UTF-8 text, so such bytes are written as \\xNN."""
+    from PIL import Image
+
+    from fewshot_sla.data.store import DatasetStore
+
+    source = tmp_path / "images"
+    for c in range(10):
+        (source / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            name = os.fsdecode(b"caf\xe9.png") if (c, i) == (0, 0) else f"{i}.png"
+            Image.new("RGB", (8, 8), (20 * c, 10 * i, 0)).save(source / f"c{c}" / name)
+    root = tmp_path / "data"
+    prepare = ["data", "prepare", "mine", "--layout", "imagefolder", "--source", str(source)]
+    assert main(["--data-root", str(root), *prepare]) == 0, capsys.readouterr().err
+    store = DatasetStore(root / "mine.h5")
+    ids = [i for name in store.split_names for i in store.split(name).image_ids]
+    assert "c0/caf\\xe9.png" in ids and store.verify()
+
+
+ZEROED_BLOCKS = """
+import json, sys
+from pathlib import Path
+from fewshot_sla.data.store import DatasetStore
+from fewshot_sla.errors import UserError
+
+data, path, counts = Path(sys.argv[1]).read_bytes(), Path(sys.argv[2]), {}
+for offset in range(0, len(data), 4096):
+    damaged = bytearray(data)
+    damaged[offset : offset + 4096] = bytes(len(damaged[offset : offset + 4096]))
+    path.write_bytes(damaged)
+    try:
+        store = DatasetStore(path)
+        for name in store.split_names:
+            store.split(name)  # checked against its digest
+        outcome = "loaded"
+    except UserError:
+        outcome = "refused"
+    except Exception as err:
+        outcome = f"{type(err).__name__} at {offset}: {err}"
+    counts[outcome] = counts.get(outcome, 0) + 1
+print(json.dumps(counts))
+"""
+
+
+def test_a_store_with_any_block_zeroed_is_refused_or_loads_checked_never_hangs(
+    tmp_path: Path, small_synthetic: int
+) -> None:
+    """A file system losing a block (zeros where a 4 KB block was), for every block of a store: one line, or the
+    store loads with every split matching its digest. Stores keep their text in fixed-width strings and use the
+    HDF5 1.10 format, whose metadata is checksummed: with variable-length strings (HDF5's global heap has no
+    checksum) a zeroed heap sent HDF5 into an endless loop reading the store's attributes. Run in a subprocess
+    with a time limit, so that a hang or a crash fails the test."""
+    root = tmp_path / "data"
+    prepare_module.prepare("synthetic", data_root=root, progress=False)
+    command = [sys.executable, "-c", ZEROED_BLOCKS, str(root / "synthetic.h5"), str(tmp_path / "damaged.h5")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout)
+    assert set(counts) <= {"refused", "loaded"}, counts
+    assert counts["refused"] > counts.get("loaded", 0)
+
+
+def test_a_changed_byte_in_a_checkpoint_is_refused_not_evaluated(
+    data_root: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """torch does not check the CRC-32 of a checkpoint's records, so a flipped bit in a tensor went into the
+    evaluation unnoticed."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    best = out / "checkpoints" / "best.pt"
+    content = bytearray(best.read_bytes())
+    content[len(content) // 2] ^= 0x10
+    best.write_bytes(content)
+    line = one_line(*cli(capsys, data_root, "eval", str(out)))
+    assert f"checkpoint {best} is damaged (cut short or changed, or not a fewshot-sla checkpoint)" in line
+
+
+@pytest.mark.parametrize("damage", [b"5\n", b'{"step": "x"}\n', b'{"step": 1, "loss": caf\xe9}\n'])
+def test_a_damaged_line_of_the_metrics_log_is_dropped_on_resume(
+    data_root: Path, tmp_path: Path, damage: bytes, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    assert main(["--data-root", str(data_root), *run(data_root, out, "--max-steps", "1")]) == 0
+    with open(out / "metrics.jsonl", "ab") as log:
+        log.write(damage)
+    capsys.readouterr()
+    code, err = cli(capsys, data_root, *run(data_root, out, "--resume"))
+    assert code == 0, err
+    assert damage not in (out / "metrics.jsonl").read_bytes()
+
+
 def read_only(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
     """Every file opened for writing or creating under ``folder`` fails with EROFS (a read-only file system)."""
     real = os.open

@@ -99,3 +99,15 @@ def test_eval_out_refuses_a_folder_holding_another_runs_results(
     assert main(["--data-root", str(data_root), "eval", str(run), "--eval-episodes", "6", "--out", str(base)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"fewshot-sla: error: --out {base} holds the results of another run; choose another --out"]
+
+
+def test_a_run_into_a_read_only_file_system_says_so(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    with read_only(shared) as view:
+        capsys.readouterr()
+        assert main(["--data-root", str(data_root), "run", *TINY, "--out", str(view / "run")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fewshot-sla: error: cannot write to {view} (a read-only file system); choose a writable --out"]

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -13,12 +18,14 @@ import torch
 from fewshot_sla.atomic import atomic_path
 from fewshot_sla.data.catalog import open_store
 from fewshot_sla.data.store import (
+    FILE_FORMAT,
     DatasetStore,
     Split,
     append_rows,
     create_split,
     finish_store,
     store_path,
+    writing,
 )
 from fewshot_sla.errors import UserError
 
@@ -177,15 +184,17 @@ def test_open_store_names_the_prepare_command_when_missing(tmp_path: Path) -> No
 
 
 def test_open_store_generates_the_synthetic_set_on_demand(
-    tmp_path: Path, small_synthetic: int, capsys: pytest.CaptureFixture
+    tmp_path: Path, small_synthetic: int, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="fewshot_sla")
     store = open_store("synthetic", tmp_path)
-    notice = capsys.readouterr().err
-    assert notice.count("\n") == 1 and "generating the synthetic dataset" in notice
+    notices = [r.getMessage() for r in caplog.records if r.name.startswith("fewshot_sla")]
+    assert len(notices) == 1 and "generating the synthetic dataset" in notices[0]
     assert store.path == store_path("synthetic", tmp_path) and store.path.is_file()
     assert store.split("test").images.shape == (20 * small_synthetic, 32, 32, 3)
+    caplog.clear()
     open_store("synthetic", tmp_path)
-    assert capsys.readouterr().err == ""  # second time: just opened
+    assert [r for r in caplog.records if r.name.startswith("fewshot_sla")] == []  # second time: just opened
 
 
 def test_open_store_uses_the_environment_data_root(
@@ -202,3 +211,114 @@ def test_a_split_loads_onto_the_gpu_unchanged(tmp_path: Path) -> None:
     split = DatasetStore(tmp_path / "toy.h5").split("train", device="cuda")
     assert split.images.is_cuda and split.labels.is_cuda
     assert np.array_equal(split.images.cpu().numpy(), content["train"][0])
+
+
+# --- writing a store on a disk that refuses a write -------------------------------------------------------------
+
+
+def _big(n: int = 1500) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """More rows than HDF5's chunk cache holds, so that rows are written while they are appended."""
+    images = ((np.arange(n * 32 * 32 * 3) * 7) % 251).astype(np.uint8).reshape(n, 32, 32, 3)
+    return images, np.arange(n) % 5, [f"{i:05d}.png" for i in range(n)]
+
+
+def _fill(h5: h5py.File) -> str:
+    images, labels, ids = _big()
+    group = create_split(h5, "train", [f"c{c}" for c in range(5)], 32)
+    for start in range(0, len(labels), 100):
+        append_rows(group, images[start : start + 100], labels[start : start + 100], ids[start : start + 100])
+    return finish_store(h5, {"dataset": "big", "image_size": 32, "source_format": "test"})
+
+
+def test_the_guarded_writer_writes_what_hdf5_itself_writes(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "plain.h5", "w", libver=FILE_FORMAT) as h5:
+        plain = _fill(h5)
+    with writing(tmp_path / "guarded.h5") as store:
+        guarded = _fill(store.h5)
+    assert guarded == plain  # the same content (the layout differs: HDF5 places metadata per driver)
+    written = DatasetStore(tmp_path / "guarded.h5")
+    assert written.verify() and written.checked
+    assert np.array_equal(written.split("train").images.numpy(), _big()[0])
+
+
+def _refusing(monkeypatch: pytest.MonkeyPatch, budget: int, effect: Callable[[], None] | None = None) -> None:
+    """``os.pwrite`` writes ``budget`` bytes, then fails as on a full disk (or, with ``effect``, calls it once
+    there and carries on)."""
+    real, left = os.pwrite, [budget]
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        if left[0] <= 0:
+            if effect is None:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            effect()
+            left[0] = 1 << 62
+        n = real(fd, memoryview(data)[: max(1, min(len(data), left[0]))], offset)
+        left[0] -= n
+        return n
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+def test_a_refused_write_surfaces_once_hdf5_has_closed_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    """The disk fills in the middle of the rows: HDF5 never sees the failure, so it finishes (its digests read the
+    held writes back: the same fingerprint as on a roomy disk) and closes without a word; the error comes after."""
+    with h5py.File(tmp_path / "plain.h5", "w") as h5:
+        expected = _fill(h5)
+    _refusing(monkeypatch, budget=2 << 20)
+    with pytest.raises(OSError) as err, writing(tmp_path / "full.h5") as store:
+        assert _fill(store.h5) == expected
+    assert err.value.errno == errno.ENOSPC
+    assert capfd.readouterr().err == ""  # no 'Exception ignored' from h5py, no HDF5 error stack
+
+
+def test_check_raises_the_refused_write_between_two_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _refusing(monkeypatch, budget=1 << 20)
+    images, labels, ids = _big()
+    batches = 0
+    with pytest.raises(OSError, match="No space left"), writing(tmp_path / "full.h5") as store:
+        group = create_split(store.h5, "train", [f"c{c}" for c in range(5)], 32)
+        for start in range(0, len(labels), 100):
+            append_rows(group, images[start : start + 100], labels[start : start + 100], ids[start : start + 100])
+            store.check()
+            batches += 1
+    assert 0 < batches < len(labels) // 100  # it stopped part of the way, at a check
+
+
+def test_a_ctrl_c_during_a_write_is_held_until_the_next_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C arriving while HDF5 writes must not raise inside the write (HDF5 would see a failed write): it is
+    raised by the next check, and the previous handler is back afterwards."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler here")
+    _refusing(monkeypatch, budget=1 << 20, effect=lambda: os.kill(os.getpid(), signal.SIGINT))
+    images, labels, ids = _big()
+    reached = []
+    with pytest.raises(KeyboardInterrupt), writing(tmp_path / "interrupted.h5") as store:
+        group = create_split(store.h5, "train", [f"c{c}" for c in range(5)], 32)
+        append_rows(group, images, labels, ids)
+        store.h5.flush()  # every row goes through the writes now: the signal arrives in one of them
+        reached.append("flushed")
+        store.check()
+    assert reached == ["flushed"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt), writing(tmp_path / "reading.h5") as store, store.released():
+        os.kill(os.getpid(), signal.SIGINT)  # reading the source, not HDF5's writing: it acts at once
+        time.sleep(1)
+        reached.append("not held")
+    assert reached == ["flushed"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_split_larger_than_the_free_space_is_refused_before_it_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fewshot_sla.data import store as store_module
+
+    monkeypatch.setattr(store_module, "free_bytes", lambda path: 3 << 20)
+    final = tmp_path / "big.h5"
+    with pytest.raises(UserError) as err, writing(tmp_path / ".big.h5.1.x.tmp", final) as store:
+        store.expect(2 << 20, "val split")
+        store.expect(5 << 20, "train split")
+    assert str(err.value) == (
+        f"cannot write {final}: no space is left on the device for its train split (it needs 5.0 MB, 3.0 MB are "
+        "free); free some space (or write elsewhere), then run the command again"
+    )

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 from tqdm import tqdm
 
@@ -31,10 +30,13 @@ from fewshot_sla.data.store import (
     IMAGENET_NORMALIZATION,
     DatasetStore,
     Normalization,
+    StoreWriter,
     append_rows,
     create_split,
+    encode_text,
     finish_store,
     store_path,
+    writing,
 )
 from fewshot_sla.errors import UserError
 from fewshot_sla.locks import exclusive, lock_path
@@ -125,6 +127,8 @@ def prepare(
     path = store_path(dataset, resolve_data_root(data_root))
     with exclusive(lock_path(path), f"the store {path}", "wait for that prepare to finish", wait=wait):
         remove_temporaries(path.parent, path.name)  # of a killed prepare
+        if path.is_dir():  # refused now rather than after the whole store is written
+            raise UserError(f"{path} is a folder, not a dataset store; move it away, then run the command again")
         if user and path.exists():
             _check_replaceable(path, dataset)
         if not force and path.exists():
@@ -155,13 +159,20 @@ def _write_store(
         "fewshot_sla_version": __version__,
     }
     skipped: list[str] = []
-    bar = tqdm(total=0, unit="img", desc=f"prepare {dataset}", disable=not progress, leave=False)
+    # A progress bar on a terminal only (disable=None): a log file gets no carriage-return updates.
+    bar = tqdm(total=0, unit="img", desc=f"prepare {dataset}", disable=None if progress else True, leave=False)
     pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1))
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5, bar, pool:
-        for split, raw in plan.read():
-            skipped += _write_split(h5, split, raw, size, plan.normalization.channels, pool, skip_bad, bar)
+    with atomic_path(path) as tmp, writing(tmp, path) as store, bar, pool:
+        splits = plan.read()
+        while True:
+            with store.released():  # an importer may read its source for minutes: Ctrl-C works meanwhile
+                item = next(splits, None)
+            if item is None:
+                break
+            split, raw = item
+            skipped += _write_split(store, split, raw, size, plan.normalization.channels, pool, skip_bad, bar)
         attrs["skipped_images"] = len(skipped)
-        fingerprint = finish_store(h5, attrs)
+        fingerprint = finish_store(store.h5, attrs, store.check)
     return fingerprint, skipped
 
 
@@ -355,7 +366,7 @@ def _load(raw: RawSplit, index: int, size: int, channels: int) -> np.ndarray | B
 
 
 def _write_split(
-    h5: h5py.File,
+    store: StoreWriter,
     split: str,
     raw: RawSplit,
     size: int,
@@ -364,20 +375,25 @@ def _write_split(
     skip_bad: bool,
     bar: tqdm,
 ) -> list[str]:
-    """Decode, resize and append every image of one split; return the paths of the unreadable ones skipped."""
+    """Decode, resize and append every image of one split; return the paths of the unreadable ones skipped. A split
+    whose pixels alone exceed the free disk space is refused before it is decoded; a write the disk refuses
+    stops the split at the next batch (``StoreWriter``)."""
+    store.expect(len(raw.labels) * channels * size * size, f"{split} split")
     bar.total = (bar.total or 0) + len(raw.labels)
     bar.refresh()
-    group = create_split(h5, split, raw.class_names, size, channels)
+    id_bytes = max((len(encode_text(image_id)) for image_id in raw.image_ids), default=1)
+    group = create_split(store.h5, split, raw.class_names, size, channels, id_bytes)
     skipped: list[str] = []
     batch = min(4096, max(_TASK, _BATCH_BYTES // (channels * size * size)))
     for start in range(0, len(raw.labels), batch):
         rows = range(start, min(start + batch, len(raw.labels)))
         tasks = [rows[i : i + _TASK] for i in range(0, len(rows), _TASK)]
-        loaded = [
-            image
-            for done in pool.map(lambda task: [_load(raw, i, size, channels) for i in task], tasks)
-            for image in done
-        ]
+        with store.released():
+            loaded = [
+                image
+                for done in pool.map(lambda task: [_load(raw, i, size, channels) for i in task], tasks)
+                for image in done
+            ]
         for image in loaded:
             if isinstance(image, BadImage):
                 if not skip_bad:
@@ -393,6 +409,7 @@ def _write_split(
                 raw.labels[good],
                 [raw.image_ids[i] for i in good],
             )
+            store.check()
         bar.update(len(rows))
     counts = np.bincount(group["labels"][()], minlength=len(raw.class_names))
     if (counts == 0).any():

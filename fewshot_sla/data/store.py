@@ -12,7 +12,10 @@ Layout of ``<data_root>/<dataset>.h5`` (format version 1):
 - one group per split (``train``, ``val``, ``test``) with ``images`` uint8 ``[N, H, W, C]`` (C = 3, RGB, or 1 for
   greyscale datasets such as Omniglot; unfiltered, one image
   per chunk in stores written since out-of-core reading; older stores' 32 MB chunks read the same),
-  ``labels`` int64 ``[N]`` indexing ``class_names`` (str ``[C]``), and ``image_ids`` (str ``[N]``);
+  ``labels`` int64 ``[N]`` indexing ``class_names`` (str ``[C]``), and ``image_ids`` (str ``[N]``); text (these and
+  the string attributes) is fixed-width UTF-8 (older stores' variable-length strings read the same);
+- HDF5's 1.10 file format (``FILE_FORMAT``: checksummed metadata; older stores' 1.8 format reads the same), written
+  through ``writing``, which turns a write the file system refuses into one ``OSError`` after a clean close;
 - ``digest_<split>``: the XXH3-128 digest of the split's content (see ``split_digest``), checked on every load
   (about 6% of the load time): a store whose content changed after it was prepared is refused. Stores written
   before the digests load with ``checked`` False.
@@ -20,10 +23,13 @@ Layout of ``<data_root>/<dataset>.h5`` (format version 1):
 
 from __future__ import annotations
 
+import contextlib
 import errno as errnos
 import hashlib
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,15 +41,18 @@ import xxhash
 
 from fewshot_sla.data.disk_images import DiskImages
 from fewshot_sla.errors import UserError
-from fewshot_sla.io_errors import errno_of, io_error
+from fewshot_sla.io_errors import IOFailure, errno_of, free_bytes, io_error
 
 FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "val", "test")
-_STR = h5py.string_dtype("utf-8")
 # Images are stored one per HDF5 chunk, so that a split read out of core fetches each image alone (a whole
 # split still loads as fast as from 32 MB chunks); reads of whole splits go in steps of about this many bytes.
 _STEP_BYTES = 32 << 20
 _LABEL_CHUNK = 4096  # labels and identifiers per chunk
+# HDF5's file format as of 1.10 (readable by HDF5 1.10 and later): every piece of its metadata carries a checksum,
+# so a damaged store is refused with an error instead of sending HDF5 into a crash or an endless loop (the 1.8
+# format it writes by default has none); the pixels are covered by the splits' digests.
+FILE_FORMAT = ("v110", "v110")
 
 
 @dataclass(frozen=True)
@@ -89,10 +98,39 @@ def _step_rows(image_shape: tuple[int, ...]) -> int:
     return min(16384, max(1, _STEP_BYTES // int(np.prod(image_shape))))
 
 
-def create_split(h5: h5py.File, name: str, class_names: list[str], image_size: int, channels: int = 3) -> h5py.Group:
-    """Add an empty, growable split group to a store being written (fill it with ``append_rows``)."""
+def encode_text(value: str) -> bytes:
+    """``value`` as the store keeps it: UTF-8, where bytes that are not UTF-8 (a file name from another system,
+    which Python holds as surrogate escapes) are written as ``\\xNN``."""
+    try:
+        return value.encode()
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").encode()
+
+
+def _text(values: list[str], width: int | None = None) -> np.ndarray:
+    """UTF-8 strings as a fixed-width byte array (``width`` bytes, by default the longest), as the store keeps text:
+    variable-length strings would live in HDF5's global heap, which has no checksum, and a damaged one can send
+    HDF5 into an endless loop."""
+    encoded = [encode_text(value) for value in values]
+    longest = max((len(e) for e in encoded), default=0)
+    if width is not None and longest > width:
+        raise ValueError(f"an identifier is {longest} bytes long, the store keeps at most {width}")
+    return np.array(encoded, dtype=_text_type(longest if width is None else width))
+
+
+def _text_type(width: int) -> np.dtype:
+    """Fixed-width UTF-8 text of ``width`` bytes (numpy bytes tagged for h5py)."""
+    return h5py.string_dtype("utf-8", length=max(1, width))
+
+
+def create_split(
+    h5: h5py.File, name: str, class_names: list[str], image_size: int, channels: int = 3, id_bytes: int = 256
+) -> h5py.Group:
+    """Add an empty, growable split group to a store being written (fill it with ``append_rows``); its image
+    identifiers take at most ``id_bytes`` bytes of UTF-8 each."""
     group = h5.create_group(name)
-    group.create_dataset("class_names", data=np.array(class_names, dtype=object), dtype=_STR)
+    names = _text(class_names)
+    group.create_dataset("class_names", data=names, dtype=_text_type(names.dtype.itemsize))
     group.create_dataset(
         "images",
         shape=(0, image_size, image_size, channels),
@@ -101,14 +139,16 @@ def create_split(h5: h5py.File, name: str, class_names: list[str], image_size: i
         chunks=(1, image_size, image_size, channels),
     )
     group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(_LABEL_CHUNK,))
-    group.create_dataset("image_ids", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(_LABEL_CHUNK,))
+    id_chunk = max(1, min(_LABEL_CHUNK, (_LABEL_CHUNK * 8) // max(1, id_bytes)))  # as many bytes as a labels chunk
+    group.create_dataset("image_ids", shape=(0,), maxshape=(None,), dtype=_text_type(id_bytes), chunks=(id_chunk,))
     return group
 
 
 def append_rows(group: h5py.Group, images: np.ndarray, labels: np.ndarray, image_ids: list[str]) -> None:
     """Append images ``[b, H, W, C]`` with their labels and identifiers to a split being written."""
     start, b = group["labels"].shape[0], len(labels)
-    for key, value in (("images", images), ("labels", labels), ("image_ids", np.array(image_ids, dtype=object))):
+    ids = _text(image_ids, group["image_ids"].dtype.itemsize)
+    for key, value in (("images", images), ("labels", labels), ("image_ids", ids)):
         group[key].resize(start + b, axis=0)
         group[key][start:] = value
 
@@ -118,10 +158,11 @@ def _feed(digest: hashlib._Hash, data: bytes) -> None:
     digest.update(data)
 
 
-def compute_fingerprint(h5: h5py.File) -> str:
+def compute_fingerprint(h5: h5py.File, check: Callable[[], None] | None = None) -> str:
     """sha256 of everything a store holds: per split (sorted), its name, class names, labels, ids and pixels.
 
     Every field is length-prefixed (the pixels by their shape) so that different contents cannot hash alike.
+    ``check`` is called between reads (a store being written: ``StoreWriter.check``).
     """
     digest = hashlib.sha256(f"fewshot-sla-store-v{FORMAT_VERSION}".encode())
     for name in sorted(h5.keys()):
@@ -132,7 +173,7 @@ def compute_fingerprint(h5: h5py.File) -> str:
         _feed(digest, "\n".join(s.decode() for s in group["image_ids"][()]).encode())
         images = group["images"]
         _feed(digest, repr(images.shape).encode())
-        _stream(images, lambda pixels: digest.update(pixels.data))
+        _stream(images, lambda pixels: digest.update(pixels.data), check)
     return digest.hexdigest()
 
 
@@ -157,8 +198,8 @@ class _Digest:
         return self.hash.hexdigest()
 
 
-def split_digest(h5: h5py.File, name: str) -> str:
-    """The digest of split ``name`` as stored in ``h5`` (read chunk by chunk)."""
+def split_digest(h5: h5py.File, name: str, check: Callable[[], None] | None = None) -> str:
+    """The digest of split ``name`` as stored in ``h5`` (read chunk by chunk; ``check`` between reads)."""
     group = h5[name]
     digest = _Digest(
         name,
@@ -166,21 +207,232 @@ def split_digest(h5: h5py.File, name: str) -> str:
         group["labels"][()],
         [s.decode() for s in group["image_ids"][()]],
     )
-    _stream(group["images"], digest.update)
+    _stream(group["images"], digest.update, check)
     return digest.hexdigest()
 
 
-def finish_store(h5: h5py.File, attrs: dict[str, Any]) -> str:
-    """Stamp a fully written store with its attributes, digests and fingerprint; mark it complete last."""
-    for key, value in attrs.items():
+def _set_attribute(h5: h5py.File, key: str, value: Any) -> None:
+    """A store attribute; text as a fixed-width string (kept in the checksummed object header, see ``_text``)."""
+    if isinstance(value, str):
+        text = _text([value])
+        h5.attrs.create(key, text[0], dtype=_text_type(text.dtype.itemsize))
+    else:
         h5.attrs[key] = value
+
+
+def finish_store(h5: h5py.File, attrs: dict[str, Any], check: Callable[[], None] | None = None) -> str:
+    """Stamp a fully written store with its attributes, digests and fingerprint; mark it complete last. ``check``
+    is called between reads (``StoreWriter.check``: a failed write or a Ctrl-C surfaces there)."""
+    for key, value in attrs.items():
+        _set_attribute(h5, key, value)
     for name in h5:
-        h5.attrs[f"digest_{name}"] = split_digest(h5, name)
+        _set_attribute(h5, f"digest_{name}", split_digest(h5, name, check))
     h5.attrs["format_version"] = FORMAT_VERSION
-    fingerprint = compute_fingerprint(h5)
-    h5.attrs["fingerprint"] = fingerprint
+    fingerprint = compute_fingerprint(h5, check)
+    _set_attribute(h5, "fingerprint", fingerprint)
     h5.attrs["complete"] = True
     return fingerprint
+
+
+def _read_at(fd: int, view: memoryview, offset: int) -> int:
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # Windows
+    data = os.read(fd, len(view))
+    view[: len(data)] = data
+    return len(data)
+
+
+def _write_at(fd: int, view: memoryview, offset: int) -> int:
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, view, offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # Windows
+    return os.write(fd, view)
+
+
+class _Sink:
+    """The file a store is written to, as HDF5 sees it (h5py's file-object driver): every write HDF5 makes comes
+    through here.
+
+    HDF5 cannot recover from a write the file system refuses: its chunk and metadata caches stay dirty, every
+    later flush and close fails again (h5py prints each as 'Exception ignored'), and the process may crash. So
+    the first refused write (a full disk, a quota, an I/O error) is recorded here and never reported to HDF5:
+    that write and every later one are held in memory instead, HDF5 carries on and closes normally, and
+    ``StoreWriter.check`` raises the recorded error. Only the writes between the failure and the writer's next
+    check are held (one batch of rows, the chunk cache, the metadata: a few MB, whatever the store's size).
+    Reads (the digests of the finished store) come from the file, with the held writes laid over them.
+    """
+
+    def __init__(self, path: Path) -> None:
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+        self.fd = os.open(path, flags, 0o600)
+        self.position = 0
+        self.size = 0  # the file's size as HDF5 sees it
+        self.failure: OSError | None = None
+        self.held: list[tuple[int, bytes]] = []  # (offset, data) of the writes after the failure, in order
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self.position = offset + (self.position if whence == os.SEEK_CUR else self.size if whence == os.SEEK_END else 0)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self.size - self.position))
+        done = 0
+        while done < n:
+            got = _read_at(self.fd, view[done:n], self.position + done)
+            if got == 0:  # past the end of what reached the disk
+                view[done:n] = bytes(n - done)
+                break
+            done += got
+        for offset, data in self.held:
+            start, end = max(offset, self.position), min(offset + len(data), self.position + n)
+            if start < end:
+                view[start - self.position : end - self.position] = data[start - offset : end - offset]
+        self.position += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        buffer = bytearray(max(0, self.size - self.position) if size is None or size < 0 else size)
+        return bytes(buffer[: self.readinto(buffer)])
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if self.failure is None:
+            try:
+                done = 0
+                while done < len(view):
+                    written = _write_at(self.fd, view[done:], self.position + done)
+                    if written <= 0:
+                        raise OSError(errnos.ENOSPC, os.strerror(errnos.ENOSPC))
+                    done += written
+            except OSError as err:
+                self.failure = err
+        if self.failure is not None:
+            self.held.append((self.position, bytes(view)))
+        self.position += len(view)
+        self.size = max(self.size, self.position)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self.position if size is None else size
+        if self.failure is None:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError as err:
+                self.failure = err
+        self.held = [(offset, data[: size - offset]) for offset, data in self.held if offset < size]
+        self.size = size
+        return size
+
+    def flush(self) -> None:
+        """Nothing to do: every write went straight to the file (``atomic_path`` flushes it to the disk)."""
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _SignalHold:
+    """SIGINT and SIGTERM, where Python handles them (in the main thread), held while HDF5 works on a store being
+    written: a handler raising (Ctrl-C's KeyboardInterrupt) inside one of the sink's calls would fail HDF5's write
+    or read. Held signals are delivered, to the handlers they were meant for, by ``deliver`` (between two HDF5
+    calls) and on ``release``."""
+
+    def __init__(self) -> None:
+        self.previous: dict[int, Callable[..., Any]] = {}
+        self.held: list[int] = []
+
+    def hold(self) -> None:
+        if self.previous or threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                self.previous[signum] = handler
+                signal.signal(signum, lambda number, frame: self.held.append(number))
+
+    def release(self) -> None:
+        previous, self.previous = self.previous, {}
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        self._run(previous)
+
+    def deliver(self) -> None:
+        self._run(self.previous)
+
+    def _run(self, handlers: dict[int, Callable[..., Any]]) -> None:
+        while self.held:
+            signum = self.held.pop(0)
+            if signum in handlers:
+                handlers[signum](signum, None)
+
+
+class StoreWriter:
+    """A store being written (``writing``): ``h5`` to fill with ``create_split`` / ``append_rows`` /
+    ``finish_store``; ``expect`` before a split, ``check`` after each batch of rows, and ``released`` around long
+    work that does not touch the store (reading the source), so that a Ctrl-C meanwhile acts at once."""
+
+    def __init__(self, h5: h5py.File, sink: _Sink, shown: Path, signals: _SignalHold) -> None:
+        self.h5, self._sink, self._shown, self._signals = h5, sink, shown, signals
+
+    def check(self) -> None:
+        """Between two HDF5 calls: deliver a Ctrl-C held meanwhile, or raise a write the file system refused (an
+        ``OSError``)."""
+        self._signals.deliver()
+        if self._sink.failure is not None:
+            raise self._sink.failure
+
+    @contextlib.contextmanager
+    def released(self) -> Iterator[None]:
+        """Signals act as usual in this block, which must not use ``h5``."""
+        self._signals.release()
+        try:
+            yield
+        finally:
+            self._signals.hold()
+
+    def expect(self, nbytes: int, what: str) -> None:
+        """Refuse at once, before anything of ``what`` is written, when its ``nbytes`` of pixels alone exceed the
+        free space of the disk (rather than filling the disk and failing part of the way through)."""
+        free = free_bytes(self._shown.parent)
+        if free is not None and nbytes > free:
+            raise IOFailure(
+                f"cannot write {self._shown}: no space is left on the device for its {what} (it needs "
+                f"{_amount(nbytes)}, {_amount(free)} are free)",
+                "free some space (or write elsewhere)",
+            )
+
+
+def _amount(nbytes: int) -> str:
+    return f"{nbytes / (1 << 30):.1f} GB" if nbytes >= 1 << 30 else f"{nbytes / (1 << 20):.1f} MB"
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, shown: str | os.PathLike | None = None) -> Iterator[StoreWriter]:
+    """Write a new store at ``path`` (a temporary file, see ``atomic.atomic_path``; ``shown`` names the store in
+    messages). A write the file system refuses is raised as an ``OSError`` by ``StoreWriter.check`` or on leaving,
+    only once the HDF5 file has been closed cleanly, so it can never crash the process or fill stderr with
+    HDF5's errors; the caller removes the file. SIGINT and SIGTERM are held while HDF5 works (``_SignalHold``)."""
+    sink = _Sink(Path(path))
+    signals = _SignalHold()
+    try:
+        signals.hold()
+        try:
+            h5 = h5py.File(sink, "w", libver=FILE_FORMAT)
+            try:
+                yield StoreWriter(h5, sink, Path(shown if shown is not None else path), signals)
+            finally:
+                signals.hold()  # the close flushes HDF5's caches through the sink
+                h5.close()
+        finally:
+            signals.release()
+        if sink.failure is not None:
+            raise sink.failure
+    finally:
+        sink.close()
 
 
 class DatasetStore:
@@ -213,6 +465,8 @@ class DatasetStore:
     def _damaged(self, err: BaseException) -> UserError:
         if isinstance(err, OSError) and errno_of(err) in (errnos.EACCES, errnos.EPERM, errnos.EIO):
             return io_error(err, self.path, "read the store")
+        if self.path.is_dir():
+            return UserError(f"store {self.path} is a folder, not a file; move it away, then run '{self.rebuild}'")
         reason = " ".join(str(err).split())[:160] or type(err).__name__
         return UserError(
             f"store {self.path} is unreadable (damaged or not an HDF5 file: {reason}); rebuild it with '{self.rebuild}'"
@@ -328,11 +582,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _stream(dataset: h5py.Dataset, feed: Callable[[np.ndarray], None]) -> None:
-    """Pass every image of ``dataset`` to ``feed`` in order, a contiguous step of them at a time, through one buffer."""
+def _stream(dataset: h5py.Dataset, feed: Callable[[np.ndarray], None], check: Callable[[], None] | None = None) -> None:
+    """Pass every image of ``dataset`` to ``feed`` in order, a contiguous step of them at a time, through one buffer
+    (``check`` is called before each step)."""
     step = _step_rows(dataset.shape[1:])
     buffer = np.empty((min(step, dataset.shape[0]), *dataset.shape[1:]), dtype=np.uint8)
     for start in range(0, dataset.shape[0], step):
+        if check is not None:
+            check()
         n = min(step, dataset.shape[0] - start)
         dataset.read_direct(buffer, np.s_[start : start + n], np.s_[0:n])
         feed(buffer[:n])

@@ -126,7 +126,7 @@ def evaluate(
 
     try:
         with torch.no_grad(), autocast():
-            bar = tqdm(total=count, desc=desc, unit="ep", disable=not progress, leave=False)
+            bar = tqdm(total=count, desc=desc, unit="ep", disable=None if progress else True, leave=False)
             if cached and count:
                 assert isinstance(learner, EmbeddingLearner)
                 cache = FeatureCache(learner, objective, ImagesOf(split.images, pipeline.images), rows)

@@ -55,16 +55,19 @@ class RunLogger:
 
 def truncate_metrics(path: Path, step: int, replay_validation: bool = False) -> None:
     """Drop the lines of ``path`` of steps after ``step`` (a resumed run recomputes them), and lines cut short
-    by a kill; with ``replay_validation`` also the validation record of ``step`` itself."""
+    by a kill or otherwise damaged (not a record with a numeric step); with ``replay_validation`` also the
+    validation record of ``step`` itself."""
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue  # a line cut short by a kill
-        at = record.get("step", math.inf)
+        at = record.get("step") if isinstance(record, dict) else None
+        if isinstance(at, bool) or not isinstance(at, int | float):
+            continue  # not a record of this log
         if at < step or (at == step and not (replay_validation and record.get("kind") == "val")):
             kept.append(json.dumps(record) + "\n")
     write_text_atomic(path, "".join(kept))

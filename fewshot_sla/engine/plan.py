@@ -252,4 +252,13 @@ def _check_location(run_dir: Path) -> None:
     if not parent.is_dir():
         raise UserError(f"cannot create --out {run_dir}: {parent} is a file, not a folder; choose another --out")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {parent} (permission denied); choose a writable --out")
+        why = "a read-only file system" if _read_only_file_system(parent) else "permission denied"
+        raise UserError(f"cannot write to {parent} ({why}); choose a writable --out")
+
+
+def _read_only_file_system(folder: Path) -> bool:
+    """Whether ``folder`` lies on a file system mounted read-only."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
