@@ -67,6 +67,10 @@ An evaluation block::
                      cross-domain evaluation (``eval --dataset OTHER``; episode_set.dataset is then OTHER), the other
                      dataset's
     diagnostics      the learner's solver statistics over the episodes, e.g. {"svm_unconverged": fraction}
+
+Reading: ``fewshot_sla.finished_run.FinishedRun.open(run_dir)`` gives a finished run's ``ResultsFile`` (older files
+completed on read), its configuration, paths and checkpoints; the package reads results only through it.
+``load_results`` gives the file's JSON object as it is, for scripts.
 """
 
 from __future__ import annotations
@@ -79,10 +83,10 @@ import platform
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, cast, get_args
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from fewshot_sla.atomic import atomic_path, write_text_atomic
 from fewshot_sla.errors import UserError
@@ -102,6 +106,25 @@ PER_EPISODE_DIR = "per_episode"
 # ``baseline`` trains and predicts on the plain episode and never reads its ``transform``).
 NO_TRANSFORM = "none"
 UNTRANSFORMED_OBJECTIVES = frozenset({"baseline"})
+
+
+# The closed sets of text values. The shipped JSON Schema keeps describing them as text (as it always has); the
+# records check them on write and on read.
+_TEXT = WithJsonSchema({"type": "string"})
+RunStatus = Literal["finished"]
+# Where an evaluation's episode set came from: shipped (in the package), user (DATA_ROOT/episodes), run (generated
+# into the run folder), file (given with --episodes-file).
+EpisodeSetSource = Literal["shipped", "user", "run", "file"]
+
+
+EPISODE_SET_SOURCES: tuple[str, ...] = get_args(EpisodeSetSource)
+
+
+def episode_set_source(source: str) -> EpisodeSetSource:
+    """``source`` as an ``EpisodeSetSource`` (a ValueError for any other text)."""
+    if source not in EPISODE_SET_SOURCES:
+        raise ValueError(f"unknown episode-set source {source!r}; one of {', '.join(EPISODE_SET_SOURCES)}")
+    return cast(EpisodeSetSource, source)
 
 
 def transform_label(objective: str, transform: str) -> str:
@@ -222,7 +245,7 @@ class EpisodeSetInfo(_Record):
 
     hash: str
     file: str
-    source: str = "file"  # user (DATA_ROOT/episodes), shipped (in the package), run (generated there), file (given)
+    source: Annotated[EpisodeSetSource, _TEXT] = "file"
     dataset: str
     split: str
     ways: int
@@ -282,7 +305,7 @@ class MemoryRecord(_Record):
 class RunRecord(_Record):
     """What a finished run was: its parts, data, training summary and environment."""
 
-    status: str
+    status: Annotated[RunStatus, _TEXT]
     method: str
     backbone: str
     dataset: str
@@ -343,9 +366,14 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def stamped(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` as ``write_results`` writes it: the schema version first, the update time last."""
+    return {"schema_version": SCHEMA_VERSION, **results, "updated": now_iso()}
+
+
 def write_results(run_dir: Path, results: dict[str, Any]) -> None:
     """Write ``results.json`` atomically, stamping the schema version and update time."""
-    results = _finite({"schema_version": SCHEMA_VERSION, **results, "updated": now_iso()})
+    results = _finite(stamped(results))
     write_text_atomic(RunPaths(Path(run_dir)).results, json.dumps(results, indent=2, allow_nan=False) + "\n")
 
 
@@ -361,11 +389,6 @@ def add_evaluation(results: dict[str, Any], record: EvaluationRecord) -> dict[st
     return {**results, "evaluation": main, "evaluations": kept + [block]}
 
 
-def evaluation_fingerprint(results: dict[str, Any], block: dict[str, Any]) -> str:
-    """The fingerprint of the store an evaluation block read (older blocks: the run's own store)."""
-    return block.get("dataset_fingerprint") or results["dataset_fingerprint"]
-
-
 def save_per_episode(
     path: Path, accuracies: dict[str, np.ndarray], episode_set_hash: str, dataset_fingerprint: str
 ) -> None:
@@ -376,9 +399,37 @@ def save_per_episode(
         np.savez(fh, **arrays)
 
 
+def episode_set_path(run_dir: Path, file: str, source: str | None) -> Path:
+    """Where an evaluation's episode set lies (``file`` and ``source`` as its block records them): in the package
+    for a shipped set, else the recorded path (relative ones: from the working folder when the file is there, else
+    from the run folder)."""
+    path = Path(file)
+    if source == "shipped" or str(path.parent) == SHIPPED_SHOWN:
+        return shipped_episode_sets() / path.name
+    return path if path.is_absolute() or path.exists() else run_dir / path
+
+
+def read_per_episode(
+    run_dir: Path, per_episode_file: str, run_dataset: str, tested_dataset: str, set_file: str, set_source: str | None
+) -> dict[str, np.ndarray]:
+    """The per-episode accuracies (fractions) of an evaluation block (its ``per_episode_file``, and its episode
+    set's ``dataset``, ``file`` and ``source``), one array per prediction kind; a missing or damaged file is a
+    UserError naming the ``eval`` that rebuilds it (with ``--dataset`` for a cross-domain evaluation)."""
+    file = run_dir / per_episode_file
+    try:
+        with np.load(file) as npz:
+            return {k: npz[k] for k in npz.files if k not in ("episode_set_hash", "dataset_fingerprint")}
+    except (OSError, ValueError, EOFError):
+        other = f" --dataset {tested_dataset}" if tested_dataset != run_dataset else ""
+        where = episode_set_path(run_dir, set_file, set_source)
+        again = f"fewshot-sla eval {run_dir}{other} --episodes-file {where}"
+        raise UserError(f"per-episode results {file} are missing or damaged; rebuild them with '{again}'") from None
+
+
 @dataclass(frozen=True)
 class RunResult:
-    """A finished run as read back from disk."""
+    """A finished run's results.json as read (the JSON object itself, for scripts; the package reads runs typed,
+    through ``fewshot_sla.finished_run.FinishedRun``)."""
 
     path: Path
     data: dict[str, Any]
@@ -400,31 +451,29 @@ class RunResult:
         return self.evaluation["accuracy"][kind]
 
     def episode_set_file(self, block: dict[str, Any]) -> Path:
-        """Where the episode set of an evaluation block lies: in the package for a shipped set, else the recorded
-        path (relative ones: from the working folder when the file is there, else from the run folder)."""
-        path = Path(block["episode_set"]["file"])
-        if block["episode_set"].get("source") == "shipped" or str(path.parent) == SHIPPED_SHOWN:
-            return shipped_episode_sets() / path.name
-        return path if path.is_absolute() or path.exists() else self.path / path
+        """Where the episode set of an evaluation block lies (``episode_set_path``)."""
+        return episode_set_path(self.path, block["episode_set"]["file"], block["episode_set"].get("source"))
 
     def per_episode(self, episode_set_hash: str) -> dict[str, np.ndarray]:
         """Per-episode accuracies (fractions) on the given episode set, one array per prediction kind."""
         block = self.evaluation_for(episode_set_hash)
         if block is None:
             raise UserError(f"run {self.path} was not evaluated on episode set {episode_set_hash[:16]}")
-        file = self.path / block["per_episode_file"]
-        try:
-            with np.load(file) as npz:
-                return {k: npz[k] for k in npz.files if k not in ("episode_set_hash", "dataset_fingerprint")}
-        except (OSError, ValueError, EOFError):
-            target = block["episode_set"]["dataset"]
-            other = f" --dataset {target}" if target != self.data["dataset"] else ""
-            again = f"fewshot-sla eval {self.path}{other} --episodes-file {self.episode_set_file(block)}"
-            raise UserError(f"per-episode results {file} are missing or damaged; rebuild them with '{again}'") from None
+        s = block["episode_set"]
+        return read_per_episode(
+            self.path, block["per_episode_file"], self.data["dataset"], s["dataset"], s["file"], s.get("source")
+        )
 
 
 def load_results(run_dir: str | os.PathLike) -> RunResult:
-    """Read a finished run; a folder that is not one is a UserError saying what is missing."""
+    """Read a finished run's results.json as it is (``finished_document``)."""
+    return RunResult(*finished_document(run_dir))
+
+
+def finished_document(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """The folder of a finished run and its results.json, parsed (not checked against the schema beyond the
+    schema version, the status and the main evaluation); a folder that is not one is a UserError saying what is
+    missing."""
     path = Path(run_dir)
     if not path.is_dir():
         raise UserError(f"{path} is not a folder; give the folder of a run made by 'fewshot-sla run'")
@@ -455,7 +504,7 @@ def load_results(run_dir: str | os.PathLike) -> RunResult:
             f"{file} records no finished evaluation; rebuild it from the run's checkpoints with "
             f"'fewshot-sla run --resume --out {path}'"
         )
-    return RunResult(path, data)
+    return path, data
 
 
 def _read_results(file: Path) -> Any:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fewshot_sla.config import RunConfig, load_config
+from fewshot_sla.config import RunConfig
 from fewshot_sla.data.importers.common import resize_image
 from fewshot_sla.data.store import DatasetStore
 from fewshot_sla.engine.build import (
@@ -32,17 +32,16 @@ from fewshot_sla.engine.build import (
     check_names,
     open_dataset,
     pipeline_for,
-    recorded_normalization,
     resolve_device,
 )
 from fewshot_sla.engine.checkpoint import load_checkpoint
 from fewshot_sla.engine.run_evaluation import autocast_for
 from fewshot_sla.episodes import EpisodeBatch
 from fewshot_sla.errors import UserError
+from fewshot_sla.finished_run import FinishedRun
 from fewshot_sla.learners.base import Learner
 from fewshot_sla.objectives import Objective
 from fewshot_sla.prediction_kinds import headline_kind
-from fewshot_sla.results import INCOMPLETE_RUN, RunPaths, RunResult, load_results
 
 CHECKPOINTS = ("best", "last")
 # One image: [H, W, 3] or [3, H, W] (uint8, or float in [0, 1]), or a PIL image.
@@ -140,14 +139,13 @@ def load_run(
     """
     if checkpoint not in CHECKPOINTS:
         raise UserError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got '{checkpoint}'")
-    finished = load_results(run_dir)
-    paths = RunPaths(finished.path)
-    cfg = load_config(paths.config, INCOMPLETE_RUN)
+    finished = FinishedRun.open(run_dir)
+    cfg = finished.config
     check_names(cfg)
     dev = resolve_device(device)
     pipeline = training_pipeline(cfg, finished, data_root)
     learner, objective = build_model(cfg, pipeline.image_size, dev, pipeline.normalization.channels)
-    file = paths.best_checkpoint if checkpoint == "best" else paths.last_checkpoint
+    file = finished.checkpoint("best" if checkpoint == "best" else "last")
     state = load_checkpoint(file, "train the run again with --overwrite")
     try:
         learner.load_state_dict(state["model"])
@@ -155,32 +153,34 @@ def load_run(
     except (KeyError, RuntimeError) as err:
         reason = " ".join(str(err).split())[:160]
         raise UserError(
-            f"checkpoint {file} does not fit the run's {paths.config} ({reason}); train the run again with --overwrite"
+            f"checkpoint {file} does not fit the run's {finished.paths.config} ({reason}); train the run again with "
+            "--overwrite"
         ) from None
     learner.eval()
     objective.eval()
     return TrainedRun(finished.path, cfg, learner, objective, pipeline, dev, checkpoint, int(state["step"]))
 
 
-def training_pipeline(cfg: RunConfig, finished: RunResult, data_root: Any) -> ImagePipeline:
+def training_pipeline(cfg: RunConfig, finished: FinishedRun, data_root: Any) -> ImagePipeline:
     """The run's evaluation image pipeline (no augmentation): from the sizes results.json records, else (runs from
     before they were recorded) from the run's dataset store."""
-    image_size, store_size = finished.data.get("image_size"), finished.data.get("store_image_size")
+    image_size, store_size = finished.results.image_size, finished.results.store_image_size
     if image_size and store_size:
-        return ImagePipeline(int(image_size), int(store_size), None, recorded_normalization(finished.data))
+        return ImagePipeline(image_size, store_size, None, finished.normalization)
     return dataclasses.replace(pipeline_for(cfg, _training_store(cfg, data_root, finished)), augment=None)
 
 
-def _training_store(cfg: RunConfig, data_root: Any, finished: RunResult) -> DatasetStore:
+def _training_store(cfg: RunConfig, data_root: Any, finished: FinishedRun) -> DatasetStore:
     """The dataset store the run was trained on (its fingerprint checked), for its image size."""
     try:
         store = open_dataset(cfg, data_root)
     except UserError as err:
         raise UserError(f"predicting with {finished.path} needs its store for the image size: {err}") from None
-    if store.fingerprint != finished.data["dataset_fingerprint"]:
+    trained_on = finished.results.dataset_fingerprint
+    if store.fingerprint != trained_on:
         raise UserError(
             f"the {cfg.dataset} store {store.path} is not the one {finished.path} was trained on (fingerprint "
-            f"{store.fingerprint[:12]} vs {finished.data['dataset_fingerprint'][:12]}); give the data root of the "
+            f"{store.fingerprint[:12]} vs {trained_on[:12]}); give the data root of the "
             "original store (data_root= / --data-root)"
         )
     return store

@@ -198,7 +198,7 @@ def test_backbone_options_must_match_after_filling_in_the_defaults(tmp_path: Pat
     # other's, and an unnamed option (the published row's defaults) only the default-configured run's.
     for options, expected in (({"hidden": 64}, {}), ({"hidden": 32}, {"hidden": 32}), ({}, {})):
         rep = reproduction_rows(accuracy_rows(entries), [_published(50.0, 0.8, options=options)])
-        assert [r["backbone_options"] for r in rep.rows] == ["hidden=32" if expected else ""]
+        assert [r.backbone_options for r in rep.rows] == ["hidden=32" if expected else ""]
         ((_, why),) = rep.unmatched
         assert "backbone options differ" in why and "hidden=" in why
 
@@ -207,8 +207,9 @@ def test_plot_keeps_every_interval_inside_the_axes(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     make_run(runs, "base", objective="baseline", per_episode={"plain": _episodes(1)})
     rows = accuracy_rows(load_entries(runs)[0])
-    (ours,) = [r for r in rows if r["headline"]]
-    far = ours["accuracy"] + 30.0  # far above ours, with a wide published interval
+    (ours,) = [r for r in rows if r.headline]
+    assert ours.ci95 is not None
+    far = ours.accuracy + 30.0  # far above ours, with a wide published interval
     rep = reproduction_rows(rows, [_published(far, 5.0)])
     figures = []
 
@@ -218,7 +219,7 @@ def test_plot_keeps_every_interval_inside_the_axes(tmp_path: Path) -> None:
     plot(rep, tmp_path / "r.png", _figure, keep)
     (ax,) = figures[0].axes[:1]
     low, high = ax.get_ylim()
-    assert low < ours["accuracy"] - ours["ci95"] and high > far + 5.0
+    assert low < ours.accuracy - ours.ci95 and high > far + 5.0
     assert ax.get_ylabel() == "test accuracy (%)"
 
 

@@ -21,6 +21,7 @@ from fewshot_sla.yaml_file import parse_yaml
 
 if TYPE_CHECKING:
     from fewshot_sla.engine.distributed import Processes
+    from fewshot_sla.results import EvaluationRecord, ResultsFile
 
 # Every configuration flag of `run` is rendered from the RunConfig field that declares it (its Knob in config.py:
 # flag, metavar, help, default): a switch for a boolean, KEY=VALUE items for a mapping, names for a list, else one
@@ -359,12 +360,15 @@ def run_command(args: argparse.Namespace) -> int:
         sys.stderr.write(f"fewshot-sla: interrupted; state saved at step {report.step}; continue with '{resume}'\n")
         return 130
     assert report.results is not None
-    if "dataset" not in given and not args.resume and report.results.get("dataset") == "synthetic":
+    from fewshot_sla.finished_run import typed_results
+
+    run = typed_results(report.results)  # the transformation as a label (older runs recorded the configured one)
+    if "dataset" not in given and not args.resume and run.dataset == "synthetic":
         print(
             "note: no --dataset given, so this used the embedded synthetic set; for real data run "
             "'fewshot-sla data prepare DATASET --source PATH' and pass --dataset DATASET"
         )
-    print(format_results(report.results, report.run_dir))
+    print(format_results(run, report.run_dir))
     return 0
 
 
@@ -389,12 +393,15 @@ def eval_command(args: argparse.Namespace) -> int:
         shutdown()
     if not processes.writer:
         return 0
-    block = results["evaluations"][-1]
+    from fewshot_sla.finished_run import typed_results
+
+    run = typed_results(results)
+    block = run.evaluations[-1]  # the one evaluate_run just added
     if save:
-        print(format_results(results, out or run_dir, block))
+        print(format_results(run, out or run_dir, block))
     else:
-        print(format_results(results, run_dir, block).rsplit("\n", 1)[0])  # all but the results.json line
-    notes = evaluation_notes(results, block)
+        print(format_results(run, run_dir, block).rsplit("\n", 1)[0])  # all but the results.json line
+    notes = evaluation_notes(run, block)
     if out is not None:
         notes.append(f"written to {out / 'results.json'}, with the run's earlier evaluations; {run_dir} is untouched")
     elif not save:
@@ -426,23 +433,22 @@ def _writable(run_dir: Path) -> bool:
     )
 
 
-def evaluation_notes(results: dict[str, Any], block: dict[str, Any]) -> list[str]:
+def evaluation_notes(run: ResultsFile, block: EvaluationRecord) -> list[str]:
     """What to say about an evaluation on a set other than the run's own: where it went, and a spec that differs
     from the one the run was set up for."""
     notes = []
-    s, main = block["episode_set"], results["evaluation"]["episode_set"]
-    if s["dataset"] != results["dataset"]:
-        notes.append(f"cross-domain: trained on {results['dataset']}, tested on {s['dataset']}")
-    if (s["ways"], s["shots"]) != (results["ways"], results["shots"]):
-        train = results.get("train", {})
+    s, main, train = block.episode_set, run.evaluation.episode_set, run.train
+    if s.dataset != run.dataset:
+        notes.append(f"cross-domain: trained on {run.dataset}, tested on {s.dataset}")
+    if (s.ways, s.shots) != (run.ways, run.shots):
         notes.append(
-            f"this episode set is {s['ways']}-way {s['shots']}-shot; the run was set up for {results['ways']}-way "
-            f"{results['shots']}-shot (trained on {train.get('ways')}-way {train.get('shots')}-shot episodes)"
+            f"this episode set is {s.ways}-way {s.shots}-shot; the run was set up for {run.ways}-way "
+            f"{run.shots}-shot (trained on {train.ways}-way {train.shots}-shot episodes)"
         )
-    if s["hash"] != main["hash"]:
+    if s.hash != main.hash:
         notes.append(
             f"added to the evaluations in results.json; the main evaluation stays the run's own test set "
-            f"({main['file']}, hash {main['hash'][:12]})"
+            f"({main.file}, hash {main.hash[:12]})"
         )
     return notes
 
@@ -488,11 +494,10 @@ def compare_command(args: argparse.Namespace) -> int:
     comparison = compare_runs(
         args.run_a, args.run_b, kind=args.kind, kind_a=args.kind_a, kind_b=args.kind_b, episode_set=args.episode_set
     )
-    data = comparison.as_dict()
     if args.json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps(comparison.as_dict(), indent=2))
         return 0
-    n = comparison.pairs[0][4].n
+    n = comparison.pairs[0].stats.n
     lines = [
         f"A: {comparison.run_a.path}",
         f"B: {comparison.run_b.path}",
@@ -501,46 +506,44 @@ def compare_command(args: argparse.Namespace) -> int:
         f"  {'A':<8} {'B':<8} {'acc A %':>8} {'acc B %':>8} {'A-B %':>7} {'95% CI':>8} {'p (t)':>9} "
         f"{'p (Wilcoxon)':>12}  wins/losses/ties",
     ]
-    for row in data["comparisons"]:
+    for pair in comparison.pairs:
+        c = pair.stats  # differences as fractions: shown in percent, as in --json
         lines.append(
-            f"  {kind_label(row['kind_a']):<8} {kind_label(row['kind_b']):<8} {row['mean_a']:8.2f} "
-            f"{row['mean_b']:8.2f} {row['mean_diff']:+7.2f} {'+- ' + format(row['ci95'], '.2f'):>8} "
-            f"{row['p_ttest']:9.2g} {row['p_wilcoxon']:12.2g}  {row['wins']}/{row['losses']}/{row['ties']}"
+            f"  {kind_label(pair.kind_a):<8} {kind_label(pair.kind_b):<8} {pair.mean_a:8.2f} "
+            f"{pair.mean_b:8.2f} {100.0 * c.mean_diff:+7.2f} {'+- ' + format(100.0 * c.ci95, '.2f'):>8} "
+            f"{c.p_ttest:9.2g} {c.p_wilcoxon:12.2g}  {c.wins}/{c.losses}/{c.ties}"
         )
     print("\n".join(lines))
     return 0
 
 
-def format_results(results: dict[str, Any], run_dir: Path, block: dict[str, Any] | None = None) -> str:
+def format_results(run: ResultsFile, run_dir: Path, block: EvaluationRecord | None = None) -> str:
     """The small end-of-run table of an evaluation block (default: the main one): accuracy with 95% CIs per
-    prediction kind, plus context lines."""
-    from fewshot_sla.results import transform_label
-
-    ev, train = block or results["evaluation"], results.get("train", {})
-    s = ev["episode_set"]
-    transform = transform_label(results["objective"], results["transform"])  # older runs: the configured one
+    prediction kind (none for a single episode), plus context lines."""
+    ev, train = block or run.evaluation, run.train
+    s = ev.episode_set
     lines = [
-        f"{results['method']} / {results['backbone']} on {results['dataset']}: {s['ways']}-way {s['shots']}-shot, "
-        f"transform {transform}, objective {results['objective']}, seed {results['seed']}",
+        f"{run.method} / {run.backbone} on {run.dataset}: {s.ways}-way {s.shots}-shot, "
+        f"transform {run.transform}, objective {run.objective}, seed {run.seed}",
     ]
-    if train:
-        rate = train.get("episodes_per_s")
-        lines.append(
-            f"trained {train['episodes']} episodes in {train['time_s']:.1f} s"
-            + (f" ({rate:.1f} episodes/s)" if rate else "")
-            + f", best validation at episode {train['best_episodes']}"
-        )
-    target = f" of {s['dataset']}" if s["dataset"] != results["dataset"] else ""
+    rate = train.episodes_per_s
     lines.append(
-        f"tested on {ev['episodes']} episodes{target} ({s['file']}, hash {s['hash'][:12]}"
-        f"{', cached embeddings' if ev['cached'] else ''}) in {ev['time_s']:.1f} s"
+        f"trained {train.episodes} episodes in {train.time_s:.1f} s"
+        + (f" ({rate:.1f} episodes/s)" if rate else "")
+        + f", best validation at episode {train.best_episodes}"
     )
+    target = f" of {s.dataset}" if s.dataset != run.dataset else ""
+    lines.append(
+        f"tested on {ev.episodes} episodes{target} ({s.file}, hash {s.hash[:12]}"
+        f"{', cached embeddings' if ev.cached else ''}) in {ev.time_s:.1f} s"
+    )
+
+    def interval(half_width: float | None) -> str:
+        return "-" if half_width is None else "+- " + format(half_width, ".2f")
+
     lines.append(f"  {'prediction':<11} {'accuracy':>9}  {'95% CI':>8}  {'95% CI (t)':>10}")
-    for kind, acc in ev["accuracy"].items():
-        lines.append(
-            f"  {kind_label(kind):<11} {acc['mean']:8.2f}%  {'+- ' + format(acc['ci95'], '.2f'):>8}  "
-            f"{'+- ' + format(acc['ci95_t'], '.2f'):>10}"
-        )
-    lines.append(f"  {'chance':<11} {100.0 / s['ways']:8.2f}%")
+    for kind, acc in ev.accuracy.items():
+        lines.append(f"  {kind_label(kind):<11} {acc.mean:8.2f}%  {interval(acc.ci95):>8}  {interval(acc.ci95_t):>10}")
+    lines.append(f"  {'chance':<11} {100.0 / s.ways:8.2f}%")
     lines.append(f"results: {run_dir / 'results.json'}")
     return "\n".join(lines)

@@ -142,15 +142,6 @@ class ImagePipeline:
         )
 
 
-def recorded_normalization(results: dict[str, Any]) -> Normalization:
-    """The input normalisation a finished run trained with, from its results.json data (ImageNet's on RGB for
-    runs from before it was recorded)."""
-    record = results.get("normalization")
-    if not record:
-        return IMAGENET_NORMALIZATION
-    return Normalization(mean=tuple(record["mean"]), std=tuple(record["std"]))
-
-
 def pipeline_for(cfg: RunConfig, store: DatasetStore) -> ImagePipeline:
     """A run's image pipeline: its image size, and the training augmentation when the run augments."""
     augment = TrainAugment(padding=8 if store.image_size >= 64 else 4) if cfg.augment else None

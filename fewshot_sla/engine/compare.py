@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from fewshot_sla.engine.stats import PairedComparison, paired_comparison
 from fewshot_sla.errors import UserError
+from fewshot_sla.finished_run import FinishedRun
 from fewshot_sla.prediction_kinds import display_order, headline_kind, kind_label
-from fewshot_sla.results import RunResult, evaluation_fingerprint, load_results
+
+
+class PairedResult(NamedTuple):
+    """One compared pair of prediction kinds: A's kind against B's, their mean accuracies (percent) on the paired
+    episodes, and the paired statistics of A - B (fractions, as ``paired_comparison`` gives them)."""
+
+    kind_a: str
+    kind_b: str
+    mean_a: float
+    mean_b: float
+    stats: PairedComparison
 
 
 @dataclass
@@ -20,20 +31,22 @@ class Comparison:
     kind), for the reader; None otherwise.
     """
 
-    run_a: RunResult
-    run_b: RunResult
+    run_a: FinishedRun
+    run_b: FinishedRun
     episode_set_hash: str
-    pairs: list[tuple[str, str, float, float, PairedComparison]]  # kind_a, kind_b, mean_a %, mean_b %, stats
+    pairs: list[PairedResult]
     note: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (accuracies and differences in percent, p-values as they are)."""
         out = []
-        for kind_a, kind_b, mean_a, mean_b, c in self.pairs:
-            d = c.as_dict()
+        for pair in self.pairs:
+            d = pair.stats.as_dict()
             for key in ("mean_diff", "std_diff", "ci95", "ci95_t"):
                 d[key] = 100.0 * d[key]
-            out.append({"kind_a": kind_a, "kind_b": kind_b, "mean_a": mean_a, "mean_b": mean_b, **d})
+            out.append(
+                {"kind_a": pair.kind_a, "kind_b": pair.kind_b, "mean_a": pair.mean_a, "mean_b": pair.mean_b, **d}
+            )
         return {
             "run_a": str(self.run_a.path),
             "run_b": str(self.run_b.path),
@@ -58,19 +71,19 @@ def compare_runs(
     run against a baseline) pair their headline kinds (SLA+AG with plain), and the comparison's ``note`` says so.
     A kind a flag leaves open is the run's headline kind.
     """
-    a, b = load_results(run_a), load_results(run_b)
+    a, b = FinishedRun.open(run_a), FinishedRun.open(run_b)
     set_hash = _common_episode_set(a, b, episode_set)
     block_a, block_b = a.evaluation_for(set_hash), b.evaluation_for(set_hash)
     assert block_a is not None and block_b is not None
     # Paired episodes must come from one store (the runs may have trained on different ones: cross-domain).
-    store_a, store_b = evaluation_fingerprint(a.data, block_a), evaluation_fingerprint(b.data, block_b)
+    store_a, store_b = a.store_fingerprint(block_a), b.store_fingerprint(block_b)
     if store_a != store_b:
-        name = block_a["episode_set"]["dataset"]
+        name = block_a.episode_set.dataset
         raise UserError(
             f"the runs were tested on different {name} stores ({store_a[:12]} vs {store_b[:12]}); "
             "compare runs tested on the same store"
         )
-    kinds_a, kinds_b = list(block_a["accuracy"]), list(block_b["accuracy"])
+    kinds_a, kinds_b = list(block_a.accuracy), list(block_b.accuracy)
     if kind is not None:
         kind_a, kind_b = kind_a or kind, kind_b or kind
     note = None
@@ -91,7 +104,7 @@ def compare_runs(
                 raise UserError(f"run {run} has no '{k}' predictions; it has: {', '.join(kinds)}")
     per_a, per_b = a.per_episode(set_hash), b.per_episode(set_hash)
     pairs = [
-        (
+        PairedResult(
             ka,
             kb,
             100.0 * float(per_a[ka].mean()),
@@ -103,9 +116,9 @@ def compare_runs(
     return Comparison(a, b, set_hash, pairs, note)
 
 
-def _common_episode_set(a: RunResult, b: RunResult, prefix: str | None) -> str:
-    hashes_a = [blk["episode_set"]["hash"] for blk in a.data.get("evaluations", [])]
-    hashes_b = [blk["episode_set"]["hash"] for blk in b.data.get("evaluations", [])]
+def _common_episode_set(a: FinishedRun, b: FinishedRun, prefix: str | None) -> str:
+    hashes_a = [blk.episode_set.hash for blk in a.evaluations]
+    hashes_b = [blk.episode_set.hash for blk in b.evaluations]
     common = [h for h in hashes_a if h in hashes_b]
     if prefix is not None:
         common = [h for h in common if h.startswith(prefix)]
@@ -115,15 +128,15 @@ def _common_episode_set(a: RunResult, b: RunResult, prefix: str | None) -> str:
                 "see 'episode_set' in their results.json"
             )
     if not common:
-        target = a.evaluation["episode_set"]["dataset"]
-        other = f" --dataset {target}" if target != b.data["dataset"] else ""  # B tested on A's data: cross-domain
+        target = a.evaluation.episode_set.dataset
+        other = f" --dataset {target}" if target != b.results.dataset else ""  # B tested on A's data: cross-domain
         raise UserError(
             f"the runs were evaluated on different episode sets ({a.path}: "
-            f"{a.evaluation['episode_set']['hash'][:12]}, {b.path}: "
-            f"{b.evaluation['episode_set']['hash'][:12]}); evaluate both on one set, e.g. "
+            f"{a.evaluation.episode_set.hash[:12]}, {b.path}: "
+            f"{b.evaluation.episode_set.hash[:12]}); evaluate both on one set, e.g. "
             f"'fewshot-sla eval {b.path}{other} --episodes-file {a.episode_set_file(a.evaluation)}'"
         )
-    latest_a, latest_b = a.evaluation["episode_set"]["hash"], b.evaluation["episode_set"]["hash"]
+    latest_a, latest_b = a.evaluation.episode_set.hash, b.evaluation.episode_set.hash
     for h in (latest_a, latest_b):
         if h in common:
             return h

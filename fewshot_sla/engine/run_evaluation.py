@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fewshot_sla.atomic import atomic_path
-from fewshot_sla.config import RunConfig, load_config
+from fewshot_sla.config import RunConfig
 from fewshot_sla.data.store import Split
 from fewshot_sla.engine.build import (
     ImagePipeline,
@@ -28,7 +28,6 @@ from fewshot_sla.engine.build import (
     load_episode_file,
     open_dataset,
     pipeline_for,
-    recorded_normalization,
     resolve_device,
 )
 from fewshot_sla.engine.checkpoint import load_checkpoint
@@ -38,19 +37,18 @@ from fewshot_sla.engine.evaluate import evaluate, fixed_test_set, unconverged_me
 from fewshot_sla.engine.stats import summarize
 from fewshot_sla.episodes import EpisodeSet
 from fewshot_sla.errors import UserError
+from fewshot_sla.finished_run import FinishedRun
 from fewshot_sla.learners.base import UNCONVERGED, Learner
 from fewshot_sla.objectives import Objective
 from fewshot_sla.package_data import SHIPPED_SHOWN
 from fewshot_sla.prediction_kinds import headline_kind
 from fewshot_sla.results import (
-    INCOMPLETE_RUN,
     AccuracySummary,
     EpisodeSetInfo,
     EvaluationRecord,
     RunPaths,
-    RunResult,
     add_evaluation,
-    load_results,
+    episode_set_source,
     save_per_episode,
     write_results,
 )
@@ -117,7 +115,7 @@ def evaluate_checkpoint(
         episode_set=EpisodeSetInfo(
             hash=episode_set.content_hash,
             file=shown_path,
-            source=set_source,
+            source=episode_set_source(set_source),
             dataset=episode_set.dataset,
             split=episode_set.split,
             ways=spec.ways,
@@ -179,11 +177,11 @@ def evaluate_run(
     episode sets are used. Runs whose results.json predates ``image_size`` need their own store too, for that
     size."""
     run_dir = Path(run_dir)
-    previous = load_results(run_dir)
+    run = previous = FinishedRun.open(run_dir)
     target_dir = Path(out_dir) if out_dir is not None else run_dir
     if target_dir.resolve() != run_dir.resolve():
-        previous = _results_in(target_dir, previous, save and processes.writer)
-    cfg = load_config(RunPaths(run_dir).config, INCOMPLETE_RUN)
+        previous = _results_in(target_dir, run, save and processes.writer)
+    cfg = run.config
     changes: dict[str, Any] = {}
     if device is not None:
         changes["device"] = device
@@ -193,13 +191,14 @@ def evaluate_run(
     dev = process_device(processes, cfg.device) if processes.active else resolve_device(cfg.device)
     check_names(cfg)
     target_name = dataset or cfg.dataset
-    model_size = previous.data.get("image_size")
+    model_size = previous.results.image_size
     if target_name == cfg.dataset or not model_size:  # the run's own store: its test split, or its image size
         store = open_dataset(cfg, data_root)
-        if store.fingerprint != previous.data["dataset_fingerprint"]:
+        trained_on = previous.results.dataset_fingerprint
+        if store.fingerprint != trained_on:
             raise UserError(
                 f"the {cfg.dataset} store changed since {run_dir} was trained (fingerprint "
-                f"{store.fingerprint[:12]} vs {previous.data['dataset_fingerprint'][:12]}); "
+                f"{store.fingerprint[:12]} vs {trained_on[:12]}); "
                 "rebuild the original store or train a new run"
             )
         model_size = model_size or pipeline_for(cfg, store).image_size
@@ -220,7 +219,7 @@ def evaluate_run(
             target_name, split, spec, count, target_dir, store.path.parent, processes.writer and save
         )
     episode_set.rows_in(split, target_name)
-    channels = recorded_normalization(previous.data).channels
+    channels = previous.normalization.channels
     if store.normalization.channels != channels:
         raise UserError(
             f"{run_dir} was trained on {channels}-channel images, but {target_name} has "
@@ -229,7 +228,7 @@ def evaluate_run(
     pipeline = ImagePipeline(model_size, store.image_size, None, store.normalization)
     learner, objective = build_model(cfg, pipeline.image_size, dev, channels)
     return evaluate_checkpoint(
-        previous.data,
+        previous.document,
         run_dir,
         cfg,
         learner,
@@ -249,24 +248,21 @@ def evaluate_run(
     )
 
 
-def _results_in(out_dir: Path, results: RunResult, write: bool) -> RunResult:
+def _results_in(out_dir: Path, run: FinishedRun, write: bool) -> FinishedRun:
     """The results that an evaluation written to ``out_dir`` adds to: those of an earlier evaluation of the same
     run there, else a copy of the run's own, with the files its evaluations refer to (``write``: copied)."""
     if RunPaths(out_dir).results.is_file():
-        held = load_results(out_dir)
-        if (held.data.get("created"), held.data.get("config")) != (
-            results.data.get("created"),
-            results.data.get("config"),
-        ):
+        held = FinishedRun.open(out_dir)
+        if (held.results.created, held.results.config) != (run.results.created, run.results.config):
             raise UserError(f"--out {out_dir} holds the results of another run; choose another --out")
         return held
     if write:
-        blocks = [results.data.get("evaluation") or {}, *results.data.get("evaluations", [])]
-        files = {b["per_episode_file"] for b in blocks if b.get("per_episode_file")}
-        files |= {b["episode_set"]["file"] for b in blocks if b.get("episode_set", {}).get("source") == "run"}
+        blocks = [run.evaluation, *run.evaluations]
+        files = {b.per_episode_file for b in blocks if b.per_episode_file}
+        files |= {b.episode_set.file for b in blocks if b.episode_set.source == "run"}
         for name in sorted(files):
-            source = results.path / name
+            source = run.path / name
             if source.is_file():
                 with atomic_path(out_dir / name) as tmp:
                     shutil.copyfile(source, tmp)
-    return RunResult(out_dir, results.data)
+    return run.moved(out_dir)

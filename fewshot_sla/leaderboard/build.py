@@ -21,6 +21,11 @@ included), ``paired_differences.csv``, ``other_evaluations.csv`` (accuracies on 
 paired difference to the baseline where there is one), ``accuracy.png``, ``paired_difference.png``, and the
 reproduction table of the rows (any episode set) that match a published one (``reproduction.py``):
 ``reproduction.md``, ``reproduction.csv`` and ``reproduction.png``.
+
+Runs are read through ``finished_run.FinishedRun`` (typed records; older results files completed on read). Rows
+are typed records described once: ``AccuracyRow`` (``leaderboard.csv``), ``OtherRow`` (``other_evaluations.csv``),
+``PairedRow`` (``paired_differences.csv``) and ``reproduction.ReproductionRow``; each CSV file's columns are the
+fields its row marks as its columns, in their order (``columns``).
 """
 
 from __future__ import annotations
@@ -32,27 +37,35 @@ import json
 import math
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from fewshot_sla.atomic import atomic_path, write_text_atomic
 from fewshot_sla.config import RESULT_NEUTRAL_KEYS, RunConfig
-from fewshot_sla.engine.stats import paired_comparison
+from fewshot_sla.engine.stats import PairedComparison, paired_comparison
 from fewshot_sla.errors import UserError
+from fewshot_sla.finished_run import FinishedRun
 from fewshot_sla.leaderboard import reproduction
 from fewshot_sla.leaderboard.published import PublishedResult
+from fewshot_sla.leaderboard.rows import (
+    ACCURACY_COLUMNS,
+    OTHER_COLUMNS,
+    PAIRED_COLUMNS,
+    AccuracyRow,
+    OtherRow,
+    PairedRow,
+)
 from fewshot_sla.objectives import BASELINE
-from fewshot_sla.prediction_kinds import display_rank, headline_kind, kind_label
+from fewshot_sla.prediction_kinds import display_rank, kind_label
 from fewshot_sla.results import (
     UNTRANSFORMED_OBJECTIVES,
-    RunResult,
-    evaluation_fingerprint,
+    EvaluationRecord,
+    ResultsFile,
     find_runs,
-    load_results,
     now_iso,
     transform_label,
 )
@@ -62,7 +75,6 @@ from fewshot_sla.results import (
 RESULT_FREE_KEYS = ("seed", "episodes_file", *RESULT_NEUTRAL_KEYS)
 # The only configuration keys in which a run may differ from the baseline run it is compared with.
 COMPARED_KEYS = ("transform", "objective")
-REQUIRED_FIELDS = ("config", "dataset_fingerprint", "method", "backbone", "dataset", "transform", "objective", "seed")
 OUTPUTS = (
     "leaderboard.md",
     "leaderboard.csv",
@@ -87,37 +99,54 @@ def _identity(config: dict[str, Any], dropped: Iterable[str]) -> str:
     return json.dumps({k: v for k, v in full.items() if k not in dropped}, sort_keys=True)
 
 
+class Setting(NamedTuple):
+    """The columns that describe an entry's setting to a reader (the first columns of its rows)."""
+
+    dataset: str  # a cross-domain evaluation reads "source -> target"
+    ways: int
+    shots: int
+    method: str
+    backbone: str
+    transform: str
+    objective: str
+
+
 @dataclass(frozen=True)
 class Entry:
     """One evaluation (one episode set) of one finished run."""
 
-    run: RunResult
-    block: dict[str, Any]
+    run: FinishedRun
+    block: EvaluationRecord
+
+    @property
+    def results(self) -> ResultsFile:
+        """The run's results (method, backbone, dataset, transform, objective, seed, ...)."""
+        return self.run.results
 
     @property
     def config(self) -> dict[str, Any]:
-        """The run's resolved configuration."""
-        return self.run.data["config"]
+        """The run's resolved configuration, as results.json records it."""
+        return self.run.results.config
 
     @property
     def episode_set(self) -> str:
         """Hash of the test episode set."""
-        return self.block["episode_set"]["hash"]
+        return self.block.episode_set.hash
 
     @property
     def main(self) -> bool:
         """Whether this is the run's own test evaluation (not one ``fewshot-sla eval`` added)."""
-        return self.episode_set == self.run.evaluation["episode_set"]["hash"]
+        return self.episode_set == self.run.evaluation.episode_set.hash
 
     @property
     def fingerprint(self) -> str:
         """Fingerprint of the dataset store the evaluation's episodes came from."""
-        return evaluation_fingerprint(self.run.data, self.block)
+        return self.run.store_fingerprint(self.block)
 
     @property
     def headline(self) -> str:
         """The prediction kind that represents this run (SLA+AG when present)."""
-        return self.block.get("headline") or headline_kind(list(self.block["accuracy"]))
+        return self.block.headline
 
     @property
     def setting(self) -> str:
@@ -129,25 +158,19 @@ class Entry:
         """What a run shares with the baseline it is compared with: everything but transform and objective."""
         return _identity(self.config, tuple(k for k in RESULT_FREE_KEYS if k != "seed") + COMPARED_KEYS)
 
-    def field(self, name: str) -> Any:
-        """A top-level results field (method, backbone, dataset, transform, objective, seed)."""
-        return self.run.data[name]
-
-    def display(self) -> dict[str, Any]:
+    def display(self) -> Setting:
         """The columns that describe this entry's setting to a reader."""
-        s = self.block["episode_set"]
-        source = self.field("dataset")
-        return {
+        s, r = self.block.episode_set, self.results
+        return Setting(
             # a cross-domain evaluation shows where the run trained and where it was tested
-            "dataset": source if s["dataset"] == source else f"{source} -> {s['dataset']}",
-            "ways": s["ways"],
-            "shots": s["shots"],
-            "method": self.field("method"),
-            "backbone": self.field("backbone"),
-            # from the objective: older results recorded a baseline's configured (unused) transformation
-            "transform": transform_label(self.field("objective"), self.field("transform")),
-            "objective": self.field("objective"),
-        }
+            dataset=r.dataset if s.dataset == r.dataset else f"{r.dataset} -> {s.dataset}",
+            ways=s.ways,
+            shots=s.shots,
+            method=r.method,
+            backbone=r.backbone,
+            transform=r.transform,  # from the objective (``finished_run`` reads older results so)
+            objective=r.objective,
+        )
 
 
 def load_entries(runs_dir: str | os.PathLike) -> tuple[list[Entry], list[tuple[Path, str]]]:
@@ -159,15 +182,11 @@ def load_entries(runs_dir: str | os.PathLike) -> tuple[list[Entry], list[tuple[P
     skipped: list[tuple[Path, str]] = []
     for path in find_runs(root):
         try:
-            run = load_results(path)
+            run = FinishedRun.open(path)
         except UserError as err:
             skipped.append((path, str(err)))
             continue
-        missing = [k for k in REQUIRED_FIELDS if k not in run.data]
-        if missing:
-            skipped.append((path, f"results.json lacks {', '.join(missing)}; re-run it with this fewshot-sla"))
-            continue
-        entries.extend(Entry(run, block) for block in run.data.get("evaluations") or [run.evaluation])
+        entries.extend(Entry(run, block) for block in run.evaluations)
     return entries, skipped
 
 
@@ -187,13 +206,13 @@ def _objective_rank(objective: str) -> tuple[bool, str]:
 
 def _seeds(entries: Iterable[Entry]) -> tuple[int, str]:
     """The number of distinct seeds of these entries' runs, and the seeds themselves (space-separated)."""
-    seeds = sorted({int(e.field("seed")) for e in entries})
+    seeds = sorted({e.results.seed for e in entries})
     return len(seeds), " ".join(str(s) for s in seeds)
 
 
 def accuracy_rows(
     entries: Sequence[Entry], published: Sequence[PublishedResult] = (), *, tag_sets: bool = True
-) -> list[dict[str, Any]]:
+) -> list[AccuracyRow]:
     """One row per (setting, episode set, dataset store, prediction kind), plus the published rows of every
     (dataset, ways, shots) that has measured rows; sorted for reading. Measured rows also carry the resolved
     ``config`` of their first run (the same for all, seed aside), their ``test_queries`` and ``test_dataset``.
@@ -204,87 +223,89 @@ def accuracy_rows(
         groups[(e.setting, e.episode_set, e.fingerprint)].append(e)
     rows = []
     for members in groups.values():
-        members.sort(key=lambda e: (e.field("seed"), str(e.run.path)))
+        members.sort(key=lambda e: (e.results.seed, str(e.run.path)))
         first = members[0]
-        for kind in first.block["accuracy"]:
-            if not all(kind in e.block["accuracy"] for e in members):
+        for kind in first.block.accuracy:
+            if not all(kind in e.block.accuracy for e in members):
                 continue
-            accs = [e.block["accuracy"][kind] for e in members]
-            means = [a["mean"] for a in accs]
+            accs = [e.block.accuracy[kind] for e in members]
+            means, cis = [a.mean for a in accs], [a.ci95 for a in accs]
             seeds, seed_values = _seeds(members)
+            s = first.block.episode_set
             rows.append(
-                {
-                    **first.display(),
-                    "source_type": "measured",
-                    "prediction": kind,
-                    "headline": kind == first.headline,
-                    "accuracy": _mean(means),
-                    "ci95": _mean([a["ci95"] for a in accs]),
-                    "seed_std": _std(means),
-                    "runs": len(members),
-                    "seeds": seeds,
-                    "seed_values": seed_values,
-                    "test_episodes": first.block["episodes"],
-                    "test_queries": first.block["episode_set"].get("queries"),
-                    "test_dataset": first.block["episode_set"]["dataset"],
-                    "train_episodes": first.config.get("train_episodes"),
-                    "episode_set": first.episode_set[:12],
-                    "fingerprint": first.fingerprint[:12],
-                    "config_id": _short(first.setting),
-                    "source": "measured here",
-                    "protocol": f"{first.block['episodes']} test episodes, {first.block['episode_set']['queries']} "
-                    f"queries/class, episode set {first.episode_set[:8]}",
-                    "run_means": means,
-                    "config": first.config,
-                }
+                AccuracyRow(
+                    **first.display()._asdict(),
+                    source_type="measured",
+                    prediction=kind,
+                    headline=kind == first.headline,
+                    accuracy=_mean(means),
+                    # a run of a single test episode has no interval (null), nor then has the row
+                    ci95=None if None in cis else _mean([c for c in cis if c is not None]),
+                    seed_std=_std(means),
+                    runs=len(members),
+                    seeds=seeds,
+                    seed_values=seed_values,
+                    test_episodes=first.block.episodes,
+                    test_queries=s.queries,
+                    test_dataset=s.dataset,
+                    train_episodes=first.config.get("train_episodes"),
+                    episode_set=first.episode_set[:12],
+                    fingerprint=first.fingerprint[:12],
+                    config_id=_short(first.setting),
+                    source="measured here",
+                    protocol=f"{first.block.episodes} test episodes, {s.queries} queries/class, episode set "
+                    f"{first.episode_set[:8]}",
+                    run_means=means,
+                    config=first.config,
+                )
             )
-    present = {(r["dataset"], r["ways"], r["shots"]) for r in rows}
+    present = {(r.dataset, r.ways, r.shots) for r in rows}
     for p in published:
         if (p.dataset, p.ways, p.shots) in present:
             rows.append(
-                {
-                    "dataset": p.dataset,
-                    "ways": p.ways,
-                    "shots": p.shots,
-                    "method": p.method,
-                    "backbone": p.backbone,
-                    "transform": "",
-                    "objective": "",
-                    "source_type": "published",
-                    "prediction": "",
-                    "headline": True,
-                    "accuracy": p.accuracy,
-                    "ci95": p.ci95,
-                    "seed_std": None,
-                    "runs": None,
-                    "seeds": None,
-                    "seed_values": "",
-                    "test_episodes": p.test_episodes,
-                    "test_queries": p.test_queries,
-                    "test_dataset": p.dataset,
-                    "train_episodes": p.train_episodes,
-                    "episode_set": "",
-                    "fingerprint": "",
-                    "config_id": "",
-                    "source": p.citation(),
-                    "protocol": p.protocol(),
-                    "run_means": [],
-                    "config": None,
-                }
+                AccuracyRow(
+                    dataset=p.dataset,
+                    ways=p.ways,
+                    shots=p.shots,
+                    method=p.method,
+                    backbone=p.backbone,
+                    transform="",
+                    objective="",
+                    source_type="published",
+                    prediction="",
+                    headline=True,
+                    accuracy=p.accuracy,
+                    ci95=p.ci95,
+                    seed_std=None,
+                    runs=None,
+                    seeds=None,
+                    seed_values="",
+                    test_episodes=p.test_episodes,
+                    test_queries=p.test_queries,
+                    test_dataset=p.dataset,
+                    train_episodes=p.train_episodes,
+                    episode_set="",
+                    fingerprint="",
+                    config_id="",
+                    source=p.citation(),
+                    protocol=p.protocol(),
+                    run_means=[],
+                    config=None,
+                )
             )
     rows.sort(
         key=lambda r: (
-            r["dataset"],
-            r["ways"],
-            r["shots"],
-            r["method"],
-            r["backbone"],
-            r["source_type"] != "published",
-            _objective_rank(r["objective"]),
-            r["transform"],
-            r["config_id"],
-            r["episode_set"],
-            display_rank(r["prediction"]),
+            r.dataset,
+            r.ways,
+            r.shots,
+            r.method,
+            r.backbone,
+            r.source_type != "published",
+            _objective_rank(r.objective),
+            r.transform,
+            r.config_id,
+            r.episode_set,
+            display_rank(r.prediction),
         )
     )
     _label(rows, tag_sets)
@@ -295,46 +316,54 @@ def _short(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def _label(rows: list[dict[str, Any]], tag_sets: bool = True) -> None:
+def _label(rows: list[AccuracyRow], tag_sets: bool = True) -> None:
     """Set each row's ``training`` text (objective, and the transformation where it uses one), adding the episode
     set, data (with ``tag_sets``) or config id where measured rows would otherwise read the same."""
     for r in rows:
-        if r["source_type"] == "published":
-            r["training"] = "published"
+        if r.source_type == "published":
+            r.training = "published"
         else:
-            untransformed = r["objective"] in UNTRANSFORMED_OBJECTIVES
-            r["training"] = r["objective"] if untransformed else f"{r['objective']} ({r['transform']})"
+            untransformed = r.objective in UNTRANSFORMED_OBJECTIVES
+            r.training = r.objective if untransformed else f"{r.objective} ({r.transform})"
     # Episode sets and data are told apart per plot panel (so colours stay consistent across its methods),
     # configurations per method and backbone (the panel's x axis already separates those).
-    tags = [("episode_set", "set", ()), ("fingerprint", "data", ())] if tag_sets else []
-    for key, tag, visible in (*tags, ("config_id", "cfg", ("method", "backbone"))):
-        groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
-        for r in rows:
-            if r["source_type"] == "measured":
-                groups[tuple(r[k] for k in ("dataset", "ways", "shots", "training", "prediction", *visible))].append(r)
-        for members in groups.values():
-            if len({r[key] for r in members}) > 1:
-                for r in members:
-                    r["training"] += f" [{tag} {r[key][:8]}]"
+    if tag_sets:
+        _tag(rows, lambda r: r.episode_set, "set", per_method=False)
+        _tag(rows, lambda r: r.fingerprint, "data", per_method=False)
+    _tag(rows, lambda r: r.config_id, "cfg", per_method=True)
+
+
+def _tag(rows: list[AccuracyRow], value: Callable[[AccuracyRow], str], tag: str, *, per_method: bool) -> None:
+    """Add ``[tag value]`` to the ``training`` of measured rows that read the same (dataset, ways, shots, training,
+    prediction; with ``per_method``, method and backbone too) but differ in ``value``."""
+    groups: dict[tuple[Any, ...], list[AccuracyRow]] = defaultdict(list)
+    for r in rows:
+        if r.source_type == "measured":
+            visible = (r.method, r.backbone) if per_method else ()
+            groups[(r.dataset, r.ways, r.shots, r.training, r.prediction) + visible].append(r)
+    for members in groups.values():
+        if len({value(r) for r in members}) > 1:
+            for r in members:
+                r.training += f" [{tag} {value(r)[:8]}]"
 
 
 def paired_rows(
     entries: Sequence[Entry], partners: Sequence[Entry] | None = None, *, explain: bool = True
-) -> list[dict[str, Any]]:
+) -> list[PairedRow]:
     """Headline-minus-baseline differences per setting, from per-episode accuracies on shared episode sets: each
     non-baseline entry of ``entries`` against a baseline entry of ``partners`` (default: ``entries``) on its
     episode set and data. With ``explain``, entries whose baseline was tested on other episodes or data get a row
     saying why they were not compared; without it they are left out."""
     baselines: dict[str, list[Entry]] = defaultdict(list)
     for e in entries if partners is None else partners:
-        if e.field("objective") == BASELINE:
+        if e.results.objective == BASELINE:
             baselines[e.partner_key].append(e)
     for members in baselines.values():
         members.sort(key=lambda e: str(e.run.path))
-    compared: dict[tuple[str, str, str, str], list[tuple[Entry, Any]]] = defaultdict(list)
+    compared: dict[tuple[str, str, str, str], list[tuple[Entry, PairedComparison]]] = defaultdict(list)
     rows = []
     for e in entries:
-        candidates = baselines.get(e.partner_key, []) if e.field("objective") != BASELINE else []
+        candidates = baselines.get(e.partner_key, []) if e.results.objective != BASELINE else []
         if not candidates:
             continue
         same = [b for b in candidates if b.episode_set == e.episode_set and b.fingerprint == e.fingerprint]
@@ -362,105 +391,105 @@ def paired_rows(
             continue
         compared[(e.setting, e.episode_set, e.fingerprint, e.headline)].append((e, comparison))
     for seeds in compared.values():
-        seeds.sort(key=lambda m: (m[0].field("seed"), str(m[0].run.path)))
+        seeds.sort(key=lambda m: (m[0].results.seed, str(m[0].run.path)))
         first = seeds[0][0]
         diffs = [100.0 * c.mean_diff for _, c in seeds]
         seed_count, seed_values = _seeds(m for m, _ in seeds)
         rows.append(
-            {
-                **first.display(),
-                "comparison": f"{kind_label(first.headline)} - baseline",
-                "difference": _mean(diffs),
-                "ci95": _mean([100.0 * c.ci95 for _, c in seeds]),
-                "seed_std": _std(diffs),
-                "runs": len(seeds),
-                "seeds": seed_count,
-                "seed_values": seed_values,
-                "episodes": seeds[0][1].n,
-                "episode_set": first.episode_set[:12],
-                "fingerprint": first.fingerprint[:12],
-                "config_id": _short(first.setting),
-                "p_ttest": seeds[0][1].p_ttest if len(seeds) == 1 else None,
-                "note": "",
-                "run_diffs": diffs,
-            }
+            PairedRow(
+                **first.display()._asdict(),
+                comparison=f"{kind_label(first.headline)} - baseline",
+                difference=_mean(diffs),
+                ci95=_mean([100.0 * c.ci95 for _, c in seeds]),
+                seed_std=_std(diffs),
+                runs=len(seeds),
+                seeds=seed_count,
+                seed_values=seed_values,
+                episodes=seeds[0][1].n,
+                episode_set=first.episode_set[:12],
+                fingerprint=first.fingerprint[:12],
+                config_id=_short(first.setting),
+                p_ttest=seeds[0][1].p_ttest if len(seeds) == 1 else None,
+                note="",
+                run_diffs=diffs,
+            )
         )
     rows.sort(
         key=lambda r: (
-            r["dataset"],
-            r["ways"],
-            r["shots"],
-            r["method"],
-            r["backbone"],
-            _objective_rank(r["objective"]),
-            r["transform"],
-            r["difference"] is None,
+            r.dataset,
+            r.ways,
+            r.shots,
+            r.method,
+            r.backbone,
+            _objective_rank(r.objective),
+            r.transform,
+            r.difference is None,
         )
     )
     return rows
 
 
-def _unpaired_row(e: Entry, note: str) -> dict[str, Any]:
-    return {
-        **e.display(),
-        "comparison": f"{kind_label(e.headline)} - baseline",
-        "difference": None,
-        "ci95": None,
-        "seed_std": None,
-        "runs": 1,
-        "seeds": 1,
-        "seed_values": str(e.field("seed")),
-        "episodes": e.block["episodes"],
-        "episode_set": e.episode_set[:12],
-        "fingerprint": e.fingerprint[:12],
-        "config_id": _short(e.setting),
-        "p_ttest": None,
-        "note": note,
-        "run_diffs": [],
-    }
+def _unpaired_row(e: Entry, note: str) -> PairedRow:
+    return PairedRow(
+        **e.display()._asdict(),
+        comparison=f"{kind_label(e.headline)} - baseline",
+        difference=None,
+        ci95=None,
+        seed_std=None,
+        runs=1,
+        seeds=1,
+        seed_values=str(e.results.seed),
+        episodes=e.block.episodes,
+        episode_set=e.episode_set[:12],
+        fingerprint=e.fingerprint[:12],
+        config_id=_short(e.setting),
+        p_ttest=None,
+        note=note,
+        run_diffs=[],
+    )
 
 
-def other_evaluation_rows(acc: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def other_evaluation_rows(acc: Sequence[AccuracyRow], pairs: Sequence[PairedRow]) -> list[OtherRow]:
     """The accuracy rows of the other episode sets, each headline row with its paired difference to the baseline
     on the same set (``comparison``, ``difference``, ``difference_ci95``, ``difference_seed_std``,
     ``difference_runs``, ``p_ttest``; None where there is none), sorted by episode set, then as ``accuracy_rows``."""
-    by_key = {(r["config_id"], r["episode_set"], r["fingerprint"]): r for r in pairs if r["difference"] is not None}
+    by_key = {(r.config_id, r.episode_set, r.fingerprint): r for r in pairs if r.difference is not None}
     rows = []
     for r in acc:
-        pair = by_key.get((r["config_id"], r["episode_set"], r["fingerprint"])) if r["headline"] else None
+        pair = by_key.get((r.config_id, r.episode_set, r.fingerprint)) if r.headline else None
         rows.append(
-            {
-                **r,
-                "comparison": pair["comparison"] if pair else None,
-                "difference": pair["difference"] if pair else None,
-                "difference_ci95": pair["ci95"] if pair else None,
-                "difference_seed_std": pair["seed_std"] if pair else None,
-                "difference_runs": pair["runs"] if pair else None,
-                "p_ttest": pair["p_ttest"] if pair else None,
-            }
+            OtherRow(
+                **{f.name: getattr(r, f.name) for f in fields(AccuracyRow)},
+                comparison=pair.comparison if pair else None,
+                difference=pair.difference if pair else None,
+                difference_ci95=pair.ci95 if pair else None,
+                difference_seed_std=pair.seed_std if pair else None,
+                difference_runs=pair.runs if pair else None,
+                p_ttest=pair.p_ttest if pair else None,
+            )
         )
     rows.sort(key=lambda r: _episode_set_key(r) + (0,))  # stable: accuracy_rows' order within a set
     return rows
 
 
-def _episode_set_key(r: dict[str, Any]) -> tuple[Any, ...]:
+def _episode_set_key(r: AccuracyRow) -> tuple[Any, ...]:
     """What names an episode set in the tables of other evaluations."""
     return (
-        r["test_dataset"],
-        r["ways"],
-        r["shots"],
-        r["test_queries"],
-        r["test_episodes"],
-        r["episode_set"],
-        r["fingerprint"],
+        r.test_dataset,
+        r.ways,
+        r.shots,
+        r.test_queries,
+        r.test_episodes,
+        r.episode_set,
+        r.fingerprint,
     )
 
 
-def _other_sections(other: Sequence[dict[str, Any]]) -> list[str]:
+def _other_sections(other: Sequence[OtherRow]) -> list[str]:
     """One Markdown table per episode set of the other evaluations."""
     if not other:
         return ["No run was evaluated on another episode set (`fewshot-sla eval`)."]
-    sets: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    sets: dict[tuple[Any, ...], list[OtherRow]] = defaultdict(list)
     for r in other:
         sets[_episode_set_key(r)].append(r)
     fingerprints = {key[-1] for key in sets}
@@ -488,18 +517,18 @@ def _other_sections(other: Sequence[dict[str, Any]]) -> list[str]:
                 ],
                 [
                     [
-                        r["dataset"],
-                        r["method"],
-                        r["backbone"],
-                        r["training"],
-                        kind_label(r["prediction"]),
-                        _fmt(r["accuracy"]),
-                        _fmt(r["ci95"]),
-                        _fmt(r["seed_std"]),
-                        str(r["runs"]),
-                        str(r["train_episodes"]) if r["train_episodes"] else "-",
-                        f"{_fmt(r['difference'], sign=True)} ± {_fmt(r['difference_ci95'])} ({r['comparison']})"
-                        if r["difference"] is not None
+                        r.dataset,
+                        r.method,
+                        r.backbone,
+                        r.training,
+                        kind_label(r.prediction),
+                        _fmt(r.accuracy),
+                        _fmt(r.ci95),
+                        _fmt(r.seed_std),
+                        str(r.runs),
+                        str(r.train_episodes) if r.train_episodes else "-",
+                        f"{_fmt(r.difference, sign=True)} ± {_fmt(r.difference_ci95)} ({r.comparison})"
+                        if r.difference is not None
                         else "-",
                     ]
                     for r in rows
@@ -526,52 +555,52 @@ def _md_table(header: Sequence[str], lines: Iterable[Sequence[str]]) -> str:
 
 
 def render_markdown(
-    acc: Sequence[dict[str, Any]],
-    pairs: Sequence[dict[str, Any]],
+    acc: Sequence[AccuracyRow],
+    pairs: Sequence[PairedRow],
     runs_dir: Path,
     n_runs: int,
     skipped: Sequence[tuple[Path, str]],
     reproduction_summary: str = "",
-    other: Sequence[dict[str, Any]] = (),
+    other: Sequence[OtherRow] = (),
 ) -> str:
     """The leaderboard as Markdown: accuracy table (published rows marked), paired differences, the tables of the
     other episode sets (``other_evaluation_rows``), the reproduction summary (``reproduction.md`` has the table),
     plots."""
     acc_lines = []
     for r in acc:
-        published = r["source_type"] == "published"
+        published = r.source_type == "published"
         acc_lines.append(
             [
-                r["dataset"],
-                str(r["ways"]),
-                str(r["shots"]),
-                r["method"],
-                r["backbone"],
-                r["training"],
-                kind_label(r["prediction"]) if r["prediction"] else "-",
-                _fmt(r["accuracy"]),
-                _fmt(r["ci95"]),
-                _fmt(r["seed_std"]),
-                str(r["runs"]) if r["runs"] else "-",
-                str(r["train_episodes"]) if r["train_episodes"] else "-",
-                f"**published**: {r['source']}; {r['protocol']}" if published else f"measured; {r['protocol']}",
+                r.dataset,
+                str(r.ways),
+                str(r.shots),
+                r.method,
+                r.backbone,
+                r.training,
+                kind_label(r.prediction) if r.prediction else "-",
+                _fmt(r.accuracy),
+                _fmt(r.ci95),
+                _fmt(r.seed_std),
+                str(r.runs) if r.runs else "-",
+                str(r.train_episodes) if r.train_episodes else "-",
+                f"**published**: {r.source}; {r.protocol}" if published else f"measured; {r.protocol}",
             ]
         )
     pair_lines = [
         [
-            r["dataset"],
-            str(r["ways"]),
-            str(r["shots"]),
-            r["method"],
-            r["backbone"],
-            f"{r['comparison']} ({r['objective']}, {r['transform']})",
-            _fmt(r["difference"], sign=True),
-            _fmt(r["ci95"]),
-            _fmt(r["seed_std"]),
-            str(r["runs"]),
-            str(r["episodes"]),
-            r["episode_set"][:8],
-            r["note"] or "paired on the same episodes",
+            r.dataset,
+            str(r.ways),
+            str(r.shots),
+            r.method,
+            r.backbone,
+            f"{r.comparison} ({r.objective}, {r.transform})",
+            _fmt(r.difference, sign=True),
+            _fmt(r.ci95),
+            _fmt(r.seed_std),
+            str(r.runs),
+            str(r.episodes),
+            r.episode_set[:8],
+            r.note or "paired on the same episodes",
         ]
         for r in pairs
     ]
@@ -661,78 +690,23 @@ def render_markdown(
     return "\n".join(parts)
 
 
-ACCURACY_COLUMNS = (
-    "source_type",
-    "dataset",
-    "ways",
-    "shots",
-    "method",
-    "backbone",
-    "transform",
-    "objective",
-    "prediction",
-    "accuracy",
-    "ci95",
-    "seed_std",
-    "runs",
-    "seeds",
-    "seed_values",
-    "test_episodes",
-    "train_episodes",
-    "episode_set",
-    "fingerprint",
-    "config_id",
-    "source",
-    "protocol",
-)
-# The other episode sets: the accuracy columns with the test set's dataset and queries, and the paired difference.
-OTHER_COLUMNS = (
-    *ACCURACY_COLUMNS[1:],
-    "test_dataset",
-    "test_queries",
-    "comparison",
-    "difference",
-    "difference_ci95",
-    "difference_seed_std",
-    "difference_runs",
-    "p_ttest",
-)
-PAIRED_COLUMNS = (
-    "dataset",
-    "ways",
-    "shots",
-    "method",
-    "backbone",
-    "transform",
-    "objective",
-    "comparison",
-    "difference",
-    "ci95",
-    "seed_std",
-    "runs",
-    "seeds",
-    "seed_values",
-    "episodes",
-    "p_ttest",
-    "episode_set",
-    "fingerprint",
-    "config_id",
-    "note",
-)
+# The columns of the CSV tables, from the rows' fields.
 
 
-def render_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """Rows as CSV text with the given columns (numbers in full precision, empty for missing values)."""
+def render_csv(rows: Sequence[Any], columns: Sequence[str]) -> str:
+    """Rows (dataclasses) as CSV text with the given columns, fields of theirs (numbers in full precision, empty
+    for missing values)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     for r in rows:
-        writer.writerow(["" if r.get(c) is None else r[c] for c in columns])
+        values = [getattr(r, c) for c in columns]
+        writer.writerow(["" if v is None else v for v in values])
     return buffer.getvalue()
 
 
-def _panels(rows: Sequence[dict[str, Any]]) -> list[tuple[str, int, int]]:
-    return sorted({(r["dataset"], r["ways"], r["shots"]) for r in rows})
+def _panels(rows: Sequence[AccuracyRow] | Sequence[PairedRow]) -> list[tuple[str, int, int]]:
+    return sorted({(r.dataset, r.ways, r.shots) for r in rows})
 
 
 def _figure(n_panels: int, width_per_panel: float) -> tuple[Any, list[Any]]:
@@ -750,50 +724,43 @@ def _save(fig: Any, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
 
 
-def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> None:
+def _series(r: AccuracyRow) -> str:
+    """The legend entry of a row's bar: its training, and the prediction kind of a measured row."""
+    return r.training if r.source_type == "published" else f"{r.training}: {kind_label(r.prediction)}"
+
+
+def plot_accuracy(rows: Sequence[AccuracyRow], path: Path) -> None:
     """Bars of headline accuracy with 95% episode intervals per method/backbone, one panel per dataset and
     shot count; dots are the runs (seeds); hatched bars are published numbers."""
-    rows = [
-        {
-            **r,
-            "series": r["training"]
-            if r["source_type"] == "published"
-            else f"{r['training']}: {kind_label(r['prediction'])}",
-        }
-        for r in rows
-        if r["headline"]
-    ]
+    rows = [r for r in rows if r.headline]
     panels = _panels(rows)
     width = max(
         [4.5]
-        + [
-            1.8 * len({(r["method"], r["backbone"]) for r in rows if (r["dataset"], r["ways"], r["shots"]) == p}) + 2
-            for p in panels
-        ]
+        + [1.8 * len({(r.method, r.backbone) for r in rows if (r.dataset, r.ways, r.shots) == p}) + 2 for p in panels]
     )
     fig, axes = _figure(len(panels), min(width, 16))
     for ax, panel in zip(axes, panels):
-        here = [r for r in rows if (r["dataset"], r["ways"], r["shots"]) == panel]
-        groups = sorted({(r["method"], r["backbone"]) for r in here})
-        series = sorted({r["series"] for r in here}, key=lambda t: (t != "published", t))
+        here = [r for r in rows if (r.dataset, r.ways, r.shots) == panel]
+        groups = sorted({(r.method, r.backbone) for r in here})
+        series = sorted({_series(r) for r in here}, key=lambda t: (t != "published", t))
         step = 0.8 / len(series)
         legend = {}
         for r in here:
-            j = series.index(r["series"])
-            x = groups.index((r["method"], r["backbone"])) - 0.4 + step * (j + 0.5)
-            legend[r["series"]] = ax.bar(
+            j = series.index(_series(r))
+            x = groups.index((r.method, r.backbone)) - 0.4 + step * (j + 0.5)
+            legend[_series(r)] = ax.bar(
                 x,
-                r["accuracy"],
+                r.accuracy,
                 step * 0.9,
-                yerr=r["ci95"],
+                yerr=r.ci95,
                 capsize=3,
                 color=f"C{j}",
-                hatch="//" if r["source_type"] == "published" else None,
+                hatch="//" if r.source_type == "published" else None,
                 edgecolor="black",
                 linewidth=0.5,
             )
-            if len(r["run_means"]) > 1:
-                ax.plot([x] * len(r["run_means"]), r["run_means"], "k.", markersize=4)
+            if len(r.run_means) > 1:
+                ax.plot([x] * len(r.run_means), r.run_means, "k.", markersize=4)
         ax.legend([legend[label] for label in series], series, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.set_xticks(range(len(groups)), [f"{m}\n{b}" for m, b in groups], fontsize=8)
         ax.set_xlim(-0.6, len(groups) - 0.4)
@@ -803,30 +770,28 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_paired(rows: Sequence[dict[str, Any]], path: Path) -> None:
+def plot_paired(rows: Sequence[PairedRow], path: Path) -> None:
     """Horizontal bars of each paired difference to the baseline with its 95% interval, one panel per dataset
     and shot count; settings that could not be compared are left out."""
-    rows = [r for r in rows if r["difference"] is not None]
-    panels = _panels(rows)
+    compared = [(r, r.difference) for r in rows if r.difference is not None]
+    panels = _panels([r for r, _ in compared])
     fig, axes = _figure(len(panels), 6.0)
     for ax, panel in zip(axes, panels):
-        here = [r for r in rows if (r["dataset"], r["ways"], r["shots"]) == panel]
-        labels = [
-            f"{r['method']} / {r['backbone']}\n{r['comparison']} ({r['objective']}, {r['transform']})" for r in here
-        ]
+        here = [(r, d) for r, d in compared if (r.dataset, r.ways, r.shots) == panel]
+        labels = [f"{r.method} / {r.backbone}\n{r.comparison} ({r.objective}, {r.transform})" for r, _ in here]
         y = np.arange(len(here))
         ax.barh(
             y,
-            [r["difference"] for r in here],
-            xerr=[r["ci95"] for r in here],
+            [d for _, d in here],
+            xerr=[r.ci95 for r, _ in here],
             capsize=3,
-            color=["C2" if r["difference"] >= 0 else "C3" for r in here],
+            color=["C2" if d >= 0 else "C3" for _, d in here],
             edgecolor="black",
             linewidth=0.5,
         )
-        for yi, r in zip(y, here):
-            if len(r["run_diffs"]) > 1:
-                ax.plot(r["run_diffs"], [yi] * len(r["run_diffs"]), "k.", markersize=4)
+        for yi, (r, _) in zip(y, here):
+            if len(r.run_diffs) > 1:
+                ax.plot(r.run_diffs, [yi] * len(r.run_diffs), "k.", markersize=4)
         ax.axvline(0.0, color="black", linewidth=0.8)
         ax.set_yticks(y, labels, fontsize=7)
         ax.invert_yaxis()
@@ -868,9 +833,8 @@ def build_leaderboard(
     acc = accuracy_rows(main, published)
     pairs = paired_rows(main, entries)
     other = other_evaluation_rows(accuracy_rows(extra, tag_sets=False), paired_rows(extra, entries, explain=False))
-    # Every episode set is matched (e.g. a 20-way run's 5-way evaluation); reproduction.csv's "seeds" column
-    # lists the seed values, as it always has.
-    measured = [{**r, "seeds": r["seed_values"]} for r in [*acc, *other] if r["source_type"] == "measured"]
+    # Every episode set is matched (e.g. a 20-way run's 5-way evaluation).
+    measured = [r for r in [*acc, *other] if r.source_type == "measured"]
     rep = reproduction.reproduction_rows(measured, published)
     n_runs = len({e.run.path for e in entries})
     files = dict(zip(OUTPUTS, (out / name for name in OUTPUTS)))

@@ -27,9 +27,9 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from fewshot_sla.leaderboard.published import PublishedResult, format_options
 from fewshot_sla.objectives import BASELINE
 from fewshot_sla.prediction_kinds import kind_label
 from fewshot_sla.results import now_iso
+
+if TYPE_CHECKING:
+    from fewshot_sla.leaderboard.rows import AccuracyRow
 
 REPRODUCED, ABOVE, BELOW = "reproduced", "above", "below"
 # Percentage points within which a boundary case counts as inside: floating-point rounding only.
@@ -48,42 +51,6 @@ OURS_ONLY = "ours only (no published CI)"
 DATA_OPTIONS = ("in_channels",)
 WITHIN_OURS = "published value within our 95% CI"
 DIFF_CONTAINS_ZERO = "95% CI of the difference contains 0"
-COLUMNS = (
-    "dataset",
-    "ways",
-    "shots",
-    "method",
-    "backbone",
-    "backbone_options",
-    "transform",
-    "objective",
-    "prediction",
-    "runs",
-    "seeds",
-    "published_accuracy",
-    "published_ci95",
-    "accuracy",
-    "ci95",
-    "seed_std",
-    "difference",
-    "difference_ci95",
-    "difference_ci_from",
-    "verdict",
-    "verdict_basis",
-    "train_episodes",
-    "meta_batch",
-    "train_steps",
-    "episodes_seen",
-    "published_train_episodes",
-    "budget_ratio",
-    "test_episodes",
-    "published_test_episodes",
-    "test_queries",
-    "published_test_queries",
-    "source",
-    "published_protocol",
-    "config_id",
-)
 
 
 @dataclass(frozen=True)
@@ -159,33 +126,77 @@ def _budget(config: Mapping[str, Any]) -> tuple[int | None, int | None, int | No
 
 
 @dataclass(frozen=True)
+class ReproductionRow:
+    """One row of the reproduction table: a measured headline row beside a matching published row (all
+    accuracies in percent). Every field but ``training`` is a column of ``reproduction.csv``, in this order."""
+
+    dataset: str
+    ways: int
+    shots: int
+    method: str
+    backbone: str
+    backbone_options: str  # the run's, as written in the published table ("" for none)
+    transform: str
+    objective: str
+    prediction: str
+    runs: int | None
+    seeds: str  # the seed values, space-separated
+    published_accuracy: float
+    published_ci95: float | None
+    accuracy: float
+    ci95: float
+    seed_std: float | None
+    difference: float  # ours - published
+    difference_ci95: float
+    difference_ci_from: str  # BOTH_CIS or OURS_ONLY
+    verdict: str  # REPRODUCED, ABOVE or BELOW
+    verdict_basis: str  # why reproduced (WITHIN_OURS or DIFF_CONTAINS_ZERO); empty otherwise
+    train_episodes: int | None
+    meta_batch: int | None
+    train_steps: int | None
+    episodes_seen: int | None
+    published_train_episodes: int | None
+    budget_ratio: float | None  # episodes seen, ours / published
+    test_episodes: int | None
+    published_test_episodes: int | None
+    test_queries: int | None
+    published_test_queries: int | None
+    source: str  # the published row's citation
+    published_protocol: str
+    config_id: str
+    training: str = field(default="", metadata={"column": False})  # the measured row's label (not a column)
+
+
+COLUMNS = tuple(f.name for f in fields(ReproductionRow) if f.metadata.get("column", True))
+
+
+@dataclass(frozen=True)
 class Reproduction:
     """The reproduction table: one row per (measured headline row, matching published row), and the measured
     headline rows that have none, each with the reason."""
 
-    rows: list[dict[str, Any]]
-    unmatched: list[tuple[dict[str, Any], str]]
+    rows: list[ReproductionRow]
+    unmatched: list[tuple[AccuracyRow, str]]
 
     def counts(self) -> dict[str, int]:
         """Rows per verdict."""
-        return {v: sum(r["verdict"] == v for r in self.rows) for v in (REPRODUCED, ABOVE, BELOW)}
+        return {v: sum(r.verdict == v for r in self.rows) for v in (REPRODUCED, ABOVE, BELOW)}
 
 
-def reproduction_rows(acc_rows: Sequence[dict[str, Any]], published: Sequence[PublishedResult]) -> Reproduction:
+def reproduction_rows(acc_rows: Sequence[AccuracyRow], published: Sequence[PublishedResult]) -> Reproduction:
     """Compare every measured headline row of ``accuracy_rows`` (which carry the run's resolved ``config``) with
     the published rows of its setting."""
-    rows: list[dict[str, Any]] = []
-    unmatched: list[tuple[dict[str, Any], str]] = []
+    rows: list[ReproductionRow] = []
+    unmatched: list[tuple[AccuracyRow, str]] = []
     for r in acc_rows:
-        if r["source_type"] != "measured" or not r["headline"]:
+        if r.source_type != "measured" or not r.headline:
             continue
-        config = r.get("config") or {}
-        ours_options = effective_options(r["backbone"], config.get("backbone_options") or {})
+        config = r.config or {}
+        ours_options = effective_options(r.backbone, config.get("backbone_options") or {})
         same_setting = [
             p
             for p in published
-            if (p.method, p.backbone, p.dataset, p.ways, p.shots)
-            == (r["method"], r["backbone"], r["dataset"], r["ways"], r["shots"])
+            if (p.method, p.backbone, p.dataset, p.ways, p.shots) == (r.method, r.backbone, r.dataset, r.ways, r.shots)
         ]
         matches = [p for p in same_setting if effective_options(p.backbone, p.backbone_options) == ours_options]
         if not matches:
@@ -201,67 +212,68 @@ def reproduction_rows(acc_rows: Sequence[dict[str, Any]], published: Sequence[Pu
             continue
         for p in matches:
             rows.append(_row(r, config, p))
-    key = _order
-    rows.sort(key=key)
-    unmatched.sort(key=lambda item: key(item[0]))
+    rows.sort(key=_order)
+    unmatched.sort(key=lambda item: _order(item[0]))
     return Reproduction(rows, unmatched)
 
 
-def _order(r: Mapping[str, Any]) -> tuple[Any, ...]:
+def _order(r: AccuracyRow | ReproductionRow) -> tuple[Any, ...]:
     return (
-        r["dataset"],
-        r["ways"],
-        r["shots"],
-        r["method"],
-        r["backbone"],
-        r["objective"] != BASELINE,
-        r["objective"],
-        r["transform"],
-        r.get("config_id", ""),
-        r.get("source", ""),
+        r.dataset,
+        r.ways,
+        r.shots,
+        r.method,
+        r.backbone,
+        r.objective != BASELINE,
+        r.objective,
+        r.transform,
+        r.config_id,
+        r.source,
     )
 
 
-def _row(r: Mapping[str, Any], config: Mapping[str, Any], p: PublishedResult) -> dict[str, Any]:
-    v = judge(r["accuracy"], r["ci95"], p.accuracy, p.ci95)
+def _row(r: AccuracyRow, config: Mapping[str, Any], p: PublishedResult) -> ReproductionRow:
+    # A measured row's interval is a number (NaN for runs of a single episode: judged as no interval).
+    ours_ci = math.nan if r.ci95 is None else r.ci95
+    v = judge(r.accuracy, ours_ci, p.accuracy, p.ci95)
     episodes, batch, steps, seen = _budget(config)
-    return {
-        "dataset": r["dataset"],
-        "ways": r["ways"],
-        "shots": r["shots"],
-        "method": r["method"],
-        "backbone": r["backbone"],
-        "backbone_options": format_options(config.get("backbone_options") or {}),
-        "transform": r["transform"],
-        "objective": r["objective"],
-        "training": r.get("training", ""),
-        "prediction": r["prediction"],
-        "runs": r["runs"],
-        "seeds": r["seeds"],
-        "published_accuracy": p.accuracy,
-        "published_ci95": p.ci95,
-        "accuracy": r["accuracy"],
-        "ci95": r["ci95"],
-        "seed_std": r["seed_std"],
-        "difference": v.difference,
-        "difference_ci95": v.ci95,
-        "difference_ci_from": v.ci_from,
-        "verdict": v.verdict,
-        "verdict_basis": v.basis,
-        "train_episodes": episodes,
-        "meta_batch": batch,
-        "train_steps": steps,
-        "episodes_seen": seen,
-        "published_train_episodes": p.train_episodes,
-        "budget_ratio": seen / p.train_episodes if seen and p.train_episodes else None,
-        "test_episodes": r["test_episodes"],
-        "published_test_episodes": p.test_episodes,
-        "test_queries": r.get("test_queries"),
-        "published_test_queries": p.test_queries,
-        "source": p.citation(),
-        "published_protocol": p.protocol(),
-        "config_id": r.get("config_id", ""),
-    }
+    return ReproductionRow(
+        dataset=r.dataset,
+        ways=r.ways,
+        shots=r.shots,
+        method=r.method,
+        backbone=r.backbone,
+        backbone_options=format_options(config.get("backbone_options") or {}),
+        transform=r.transform,
+        objective=r.objective,
+        training=r.training,
+        prediction=r.prediction,
+        runs=r.runs,
+        seeds=r.seed_values,
+        published_accuracy=p.accuracy,
+        published_ci95=p.ci95,
+        accuracy=r.accuracy,
+        ci95=ours_ci,
+        seed_std=r.seed_std,
+        difference=v.difference,
+        difference_ci95=v.ci95,
+        difference_ci_from=v.ci_from,
+        verdict=v.verdict,
+        verdict_basis=v.basis,
+        train_episodes=episodes,
+        meta_batch=batch,
+        train_steps=steps,
+        episodes_seen=seen,
+        published_train_episodes=p.train_episodes,
+        budget_ratio=seen / p.train_episodes if seen and p.train_episodes else None,
+        test_episodes=r.test_episodes,
+        published_test_episodes=p.test_episodes,
+        test_queries=r.test_queries,
+        published_test_queries=p.test_queries,
+        source=p.citation(),
+        published_protocol=p.protocol(),
+        config_id=r.config_id,
+    )
 
 
 def _fmt(value: float | None, digits: int = 2, sign: bool = False) -> str:
@@ -296,20 +308,20 @@ def render_markdown(
     ``table(header, lines)`` renders a Markdown table (the leaderboard's own helper)."""
     lines = [
         [
-            r["dataset"],
-            str(r["ways"]),
-            str(r["shots"]),
-            r["method"],
-            r["backbone"] + (f" ({r['backbone_options']})" if r["backbone_options"] else ""),
-            f"{r['training']}: {kind_label(r['prediction'])}",
-            _with_ci(r["published_accuracy"], r["published_ci95"]),
-            _with_ci(r["accuracy"], r["ci95"]) + (f" ({r['runs']} runs)" if (r["runs"] or 0) > 1 else ""),
-            _with_ci(r["difference"], r["difference_ci95"], sign=True),
-            r["difference_ci_from"],
-            f"**{r['verdict']}**" + (f" ({r['verdict_basis']})" if r["verdict_basis"] else ""),
-            f"{_count(r['episodes_seen'])} / {_count(r['published_train_episodes'])}",
-            f"{_count(r['test_episodes'])} / {_count(r['published_test_episodes'])}",
-            r["source"],
+            r.dataset,
+            str(r.ways),
+            str(r.shots),
+            r.method,
+            r.backbone + (f" ({r.backbone_options})" if r.backbone_options else ""),
+            f"{r.training}: {kind_label(r.prediction)}",
+            _with_ci(r.published_accuracy, r.published_ci95),
+            _with_ci(r.accuracy, r.ci95) + (f" ({r.runs} runs)" if (r.runs or 0) > 1 else ""),
+            _with_ci(r.difference, r.difference_ci95, sign=True),
+            r.difference_ci_from,
+            f"**{r.verdict}**" + (f" ({r.verdict_basis})" if r.verdict_basis else ""),
+            f"{_count(r.episodes_seen)} / {_count(r.published_train_episodes)}",
+            f"{_count(r.test_episodes)} / {_count(r.published_test_episodes)}",
+            r.source,
         ]
         for r in rep.rows
     ]
@@ -357,8 +369,7 @@ def render_markdown(
     if rep.unmatched:
         parts += ["## Not compared", ""]
         parts += [
-            f"- {r['dataset']} {r['ways']}-way {r['shots']}-shot, {r['method']} / {r['backbone']}, {r['training']}: "
-            f"{why}"
+            f"- {r.dataset} {r.ways}-way {r.shots}-shot, {r.method} / {r.backbone}, {r.training}: {why}"
             for r, why in rep.unmatched
         ]
         parts.append("")
@@ -375,30 +386,30 @@ def plot(
     """``reproduction.png``: per (dataset, ways, shots) panel, each compared setting's accuracy with its 95%
     interval beside the published value with its interval (a hollow marker where none is published). The y axis
     spans every interval in full. ``figure(n, width)`` and ``save(fig, path)`` are the leaderboard's helpers."""
-    panels = sorted({(r["dataset"], r["ways"], r["shots"]) for r in rep.rows})
-    width = max([6.0] + [1.6 * sum((r["dataset"], r["ways"], r["shots"]) == p for r in rep.rows) + 3 for p in panels])
+    panels = sorted({(r.dataset, r.ways, r.shots) for r in rep.rows})
+    width = max([6.0] + [1.6 * sum((r.dataset, r.ways, r.shots) == p for r in rep.rows) + 3 for p in panels])
     fig, axes = figure(len(panels), min(width, 16))
     for ax, panel in zip(axes, panels):
-        here = [r for r in rep.rows if (r["dataset"], r["ways"], r["shots"]) == panel]
+        here = [r for r in rep.rows if (r.dataset, r.ways, r.shots) == panel]
         x = np.arange(len(here))
         ours = ax.errorbar(
             x - 0.12,
-            [r["accuracy"] for r in here],
-            yerr=[r["ci95"] if math.isfinite(r["ci95"]) else 0.0 for r in here],
+            [r.accuracy for r in here],
+            yerr=[r.ci95 if math.isfinite(r.ci95) else 0.0 for r in here],
             fmt="o",
             color="C0",
             capsize=4,
             label="ours (mean, 95% CI over episodes)",
         )
         handles = [ours]
-        with_ci = [i for i, r in enumerate(here) if r["published_ci95"] is not None]
-        without = [i for i, r in enumerate(here) if r["published_ci95"] is None]
+        with_ci = [i for i, r in enumerate(here) if r.published_ci95 is not None]
+        without = [i for i, r in enumerate(here) if r.published_ci95 is None]
         if with_ci:
             handles.append(
                 ax.errorbar(
                     x[with_ci] + 0.12,
-                    [here[i]["published_accuracy"] for i in with_ci],
-                    yerr=[here[i]["published_ci95"] for i in with_ci],
+                    [here[i].published_accuracy for i in with_ci],
+                    yerr=[here[i].published_ci95 for i in with_ci],
                     fmt="s",
                     color="C1",
                     capsize=4,
@@ -408,23 +419,23 @@ def plot(
         if without:
             (marker,) = ax.plot(
                 x[without] + 0.12,
-                [here[i]["published_accuracy"] for i in without],
+                [here[i].published_accuracy for i in without],
                 "s",
                 markerfacecolor="none",
                 color="C1",
                 label="published (no CI published)",
             )
             handles.append(marker)
-        lows = [r["accuracy"] - (r["ci95"] if math.isfinite(r["ci95"]) else 0.0) for r in here]
-        lows += [r["published_accuracy"] - (r["published_ci95"] or 0.0) for r in here]
-        highs = [r["accuracy"] + (r["ci95"] if math.isfinite(r["ci95"]) else 0.0) for r in here]
-        highs += [r["published_accuracy"] + (r["published_ci95"] or 0.0) for r in here]
+        lows = [r.accuracy - (r.ci95 if math.isfinite(r.ci95) else 0.0) for r in here]
+        lows += [r.published_accuracy - (r.published_ci95 or 0.0) for r in here]
+        highs = [r.accuracy + (r.ci95 if math.isfinite(r.ci95) else 0.0) for r in here]
+        highs += [r.published_accuracy + (r.published_ci95 or 0.0) for r in here]
         low, high = min(lows), max(highs)
         pad = max(0.25, 0.1 * (high - low))
         ax.set_ylim(low - pad, high + 2.5 * pad)  # headroom for the verdict labels
         for xi, r, top in zip(x, here, [max(a, b) for a, b in zip(highs[: len(here)], highs[len(here) :])]):
             ax.annotate(
-                f"{r['verdict']}\n{r['difference']:+.2f} pp",
+                f"{r.verdict}\n{r.difference:+.2f} pp",
                 (xi, top),
                 xytext=(0, 4),
                 textcoords="offset points",
@@ -435,8 +446,7 @@ def plot(
         ax.set_xticks(
             x,
             [
-                f"{r['method']} / {r['backbone']}\n{r['training']}: {kind_label(r['prediction'])}\n"
-                f"vs {r['source'].split(',')[0]}"
+                f"{r.method} / {r.backbone}\n{r.training}: {kind_label(r.prediction)}\nvs {r.source.split(',')[0]}"
                 for r in here
             ],
         )
