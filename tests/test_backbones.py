@@ -270,3 +270,218 @@ def test_bad_backbone_options_are_user_errors() -> None:
         BACKBONES.create("resnet12", channels=(64, 160, 320))
     with pytest.raises(UserError, match="dropblock_size"):
         BACKBONES.create("resnet12", dropblock_size=0)
+
+
+# ----- wrn28-10 and resnet18, the pretraining recipes' backbones -----
+
+
+def _assert_checkpointing_is_exact(plain: nn.Module, images: torch.Tensor) -> None:
+    """Checkpointing a deep copy of ``plain`` (training mode) gives the same output, gradients and buffers (BatchNorm
+    running statistics and batch counters counted once), and really recomputes the first stage in backward."""
+    plain.train()
+    checked = copy.deepcopy(plain)
+    enable(checked)
+    first_stage_calls = []
+    # A pre-hook: the recomputation stops once it has what backward needs, before the stage returns.
+    checked.checkpoint_stages()[0].register_forward_pre_hook(lambda *_: first_stage_calls.append(1))
+    outputs = []
+    for net in (plain, checked):
+        torch.manual_seed(1)  # the same dropout masks in both; the recomputation replays them
+        out = net(images)
+        (out**2).sum().backward()
+        outputs.append(out.detach())
+    assert len(first_stage_calls) == 2, "the first stage should be recomputed in backward"
+    assert torch.equal(outputs[0], outputs[1])
+    for (name, a), b in zip(plain.named_parameters(), checked.parameters(), strict=True):
+        assert a.grad is not None and torch.equal(a.grad, b.grad), name
+    for (name, a), b in zip(plain.named_buffers(), checked.buffers(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def _wrn_parameters(depth: int, widen: int, in_channels: int = 3) -> int:
+    """WRN-depth-widen's parameters counted from the paper's architecture, without a classifier: the 3x3 stem
+    conv to 16 channels; per group of (depth - 4) / 6 pre-activation blocks, each BN(c_in) - conv3x3(c_in -> c) -
+    BN(c) - conv3x3(c -> c), plus a 1x1 projection (c_in -> c) where the width changes; the final BN. A BN layer has
+    a weight and a bias per channel, the convolutions no bias."""
+    blocks = (depth - 4) // 6
+    total, c_in = 9 * in_channels * 16, 16
+    for c in (16 * widen, 32 * widen, 64 * widen):
+        for i in range(blocks):
+            first = c_in if i == 0 else c
+            total += 2 * first + 9 * first * c + 2 * c + 9 * c * c + (first * c if first != c else 0)
+        c_in = c
+    return total + 2 * 64 * widen
+
+
+def test_wrn28_10_has_the_published_36_5m_parameters() -> None:
+    # By hand: stem 432; group 1 (16 -> 160) 256,352 + 3 x 461,440; group 2 (160 -> 320) 1,434,560 + 3 x 1,844,480;
+    # group 3 (320 -> 640) 5,736,320 + 3 x 7,375,360; final BN 1,280: 36,472,784.
+    assert _wrn_parameters(28, 10) == 36_472_784
+    backbone = BACKBONES.create("wrn28-10")
+    assert sum(p.numel() for p in backbone.parameters()) == 36_472_784
+    # Zagoruyko & Komodakis 2016, Table 4 (CIFAR-10): WRN-28-10, 36.5M parameters with the 640 x 10 classifier.
+    assert round((36_472_784 + 640 * 10 + 10) / 1e6, 1) == 36.5
+    assert len(backbone.checkpoint_stages()) == 12  # 3 groups of (28 - 4) / 6 = 4 blocks
+    for depth, widen in ((10, 1), (16, 2), (16, 8)):  # WRN-16-8: 11.0M in the paper, with its classifier
+        small = BACKBONES.create("wrn28-10", depth=depth, widen=widen)
+        assert sum(p.numel() for p in small.parameters()) == _wrn_parameters(depth, widen)
+    assert round((_wrn_parameters(16, 8) + 512 * 10 + 10) / 1e6, 1) == 11.0
+    grey = BACKBONES.create("wrn28-10", depth=10, widen=1, in_channels=1)
+    assert sum(p.numel() for p in grey.parameters()) == _wrn_parameters(10, 1, in_channels=1)
+
+
+def test_resnet18_has_torchvisions_parameters_without_the_classifier() -> None:
+    # By hand: stem 7x7x3x64 + BN 128 = 9,536; per stage c_in -> c: two blocks of two 3x3 convs and two BNs, a 1x1
+    # projection conv + BN in the first block where the width changes.
+    expected, c_in = 49 * 3 * 64 + 2 * 64, 64
+    for c in (64, 128, 256, 512):
+        expected += 9 * c_in * c + 9 * c * c + 4 * c  # first block
+        expected += (c_in * c + 2 * c) if c_in != c else 0  # its projection
+        expected += 2 * 9 * c * c + 4 * c  # second block
+        c_in = c
+    # torchvision's resnet18: 11,689,512 parameters, of which the 512 x 1000 classifier holds 513,000.
+    assert expected == 11_689_512 - (512 * 1000 + 1000) == 11_176_512
+    backbone = BACKBONES.create("resnet18")
+    assert sum(p.numel() for p in backbone.parameters()) == 11_176_512
+    grey = BACKBONES.create("resnet18", in_channels=1)
+    assert sum(p.numel() for p in grey.parameters()) == 11_176_512 - 49 * 2 * 64
+
+
+def _stage_shapes(backbone: nn.Module, images: torch.Tensor) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+    """The output shape of every checkpoint stage, and of the backbone, in evaluation mode."""
+    shapes: list[tuple[int, ...]] = []
+    hooks = [
+        stage.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+        for stage in backbone.checkpoint_stages()
+    ]
+    with torch.no_grad():
+        out = backbone.eval()(images)
+    for hook in hooks:
+        hook.remove()
+    return shapes, tuple(out.shape)
+
+
+@pytest.mark.parametrize(("size", "sides"), [(32, (32, 16, 8)), (84, (84, 42, 21))])
+def test_wrn28_10_output_shapes(size: int, sides: tuple[int, ...]) -> None:
+    backbone = BACKBONES.create("wrn28-10")
+    shapes, out = _stage_shapes(backbone, torch.randn(1, 3, size, size))  # one image: 36 GFLOPs at 84 pixels
+    expected = [(1, c, s, s) for c, s in zip((160, 320, 640), sides) for _ in range(4)]
+    assert shapes == expected
+    assert out == (1, 640) and backbone.feature_dim(size) == 640
+    grey = BACKBONES.create("wrn28-10", depth=10, widen=1, in_channels=1)
+    assert _stage_shapes(grey, torch.randn(2, 1, size, size))[1] == (2, 64) and grey.feature_dim(size) == 64
+
+
+@pytest.mark.parametrize(("size", "sides"), [(32, (8, 8, 4, 2, 1)), (84, (21, 21, 11, 6, 3))])
+def test_resnet18_output_shapes(size: int, sides: tuple[int, ...]) -> None:
+    # 7x7 stride 2 then max-pool 3 stride 2 (each ceil(n / 2)), then stages of stride 1, 2, 2, 2.
+    backbone = BACKBONES.create("resnet18")
+    shapes, out = _stage_shapes(backbone, torch.randn(2, 3, size, size))
+    assert shapes == [(2, c, s, s) for c, s in zip((64, 64, 128, 256, 512), sides)]
+    assert out == (2, 512) and backbone.feature_dim(size) == 512
+    grey = BACKBONES.create("resnet18", in_channels=1)
+    assert _stage_shapes(grey, torch.randn(2, 1, size, size))[1] == (2, 512)
+
+
+def _wrn_reference(net: nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor:
+    """A pre-activation Wide ResNet written with functional calls over ``net``'s weights: per block
+    a = ReLU(BN(x)); out = conv3x3(ReLU(BN(conv3x3(a, stride)))); x = out + (x, or conv1x1(a, stride) where the
+    width changes); then ReLU(BN(x)) averaged over the positions."""
+
+    def bn(layer: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        mean, var = layer.running_mean.clone(), layer.running_var.clone()  # training mode updates them in place
+        return F.batch_norm(t, mean, var, layer.weight, layer.bias, training=training, momentum=0.1, eps=layer.eps)
+
+    x = F.conv2d(x, net.conv1.weight, padding=1)
+    for group, stride in ((net.block1, 1), (net.block2, 2), (net.block3, 2)):
+        for i, block in enumerate(group.layer):
+            step = stride if i == 0 else 1
+            a = F.relu(bn(block.bn1, x))
+            out = F.conv2d(
+                F.relu(bn(block.bn2, F.conv2d(a, block.conv1.weight, stride=step, padding=1))),
+                block.conv2.weight,
+                padding=1,
+            )
+            widens = block.conv1.weight.shape[0] != block.conv1.weight.shape[1]
+            assert (block.convShortcut is not None) == widens
+            x = out + (F.conv2d(a, block.convShortcut.weight, stride=step) if widens else x)
+    return F.relu(bn(net.bn1, x)).mean(dim=(2, 3))
+
+
+def test_wrn_is_the_pre_activation_wide_resnet() -> None:
+    torch.manual_seed(0)
+    backbone = BACKBONES.create("wrn28-10", depth=16, widen=2)
+    _randomise_batch_norms(backbone)
+    images = torch.randn(3, 3, 20, 20)
+    for training in (False, True):
+        backbone.train(training)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                backbone(images), _wrn_reference(backbone, images, training), rtol=1e-5, atol=1e-5
+            )
+    # The published state dict names (xternalz/WideResNet-pytorch, S2M2), classifier aside.
+    names = list(BACKBONES.create("wrn28-10").state_dict())
+    assert names[:2] == ["conv1.weight", "block1.layer.0.bn1.weight"]
+    assert "block1.layer.0.convShortcut.weight" in names and "block1.layer.1.convShortcut.weight" not in names
+    assert names[-5:] == [f"bn1.{n}" for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+
+
+def test_wrn_dropout_acts_in_training_only() -> None:
+    backbone = BACKBONES.create("wrn28-10", depth=10, widen=1, dropout=0.3).train()
+    images = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(1)
+    a = backbone(images)
+    torch.manual_seed(2)
+    assert not torch.equal(a, backbone(images))
+    backbone.eval()
+    assert torch.equal(backbone(images), backbone(images))
+
+
+def test_resnet18_computes_as_torchvisions_without_its_classifier() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None)
+    _randomise_batch_norms(reference)
+    ours = BACKBONES.create("resnet18")
+    ours.load_state_dict({k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}, strict=True)
+    reference.fc = nn.Identity()
+    for size in (32, 84):
+        images = torch.randn(3, 3, size, size)
+        for training in (False, True):
+            reference.train(training)
+            ours.train(training)
+            with torch.no_grad():
+                torch.testing.assert_close(ours(images), reference(images), rtol=1e-5, atol=1e-5)
+    # Training mode updated both sides' running statistics alike.
+    for (name, a), b in zip(ours.named_buffers(), (reference.state_dict()[n] for n, _ in ours.named_buffers())):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "size"),
+    [
+        ("wrn28-10", {"depth": 16, "widen": 2, "dropout": 0.2}, 20),
+        ("resnet18", {}, 32),
+        ("resnet18", {"in_channels": 1}, 20),
+    ],
+)
+def test_wrn_and_resnet18_checkpointing_gives_identical_gradients_and_statistics(name, options, size) -> None:
+    torch.manual_seed(0)
+    backbone = BACKBONES.create(name, **options)
+    channels = options.get("in_channels", 3)
+    _assert_checkpointing_is_exact(backbone, torch.randn(6, channels, size, size))
+
+
+def test_wrn_and_resnet18_option_errors_are_user_errors() -> None:
+    with pytest.raises(UserError, match="depth = 6n"):
+        BACKBONES.create("wrn28-10", depth=27)
+    with pytest.raises(UserError, match="depth = 6n"):
+        BACKBONES.create("wrn28-10", depth=4)
+    with pytest.raises(UserError, match="widen"):
+        BACKBONES.create("wrn28-10", widen=0)
+    with pytest.raises(UserError, match="dropout"):
+        BACKBONES.create("wrn28-10", dropout=1.0)
+    with pytest.raises(UserError, match="in_channels"):
+        BACKBONES.create("resnet18", in_channels=0)
+    with pytest.raises(UserError, match="at least 1x1"):
+        BACKBONES.create("resnet18").feature_dim(0)

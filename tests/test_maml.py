@@ -214,6 +214,7 @@ SMALL_BACKBONES: dict[str, dict] = {
     "conv4": {"hidden": 4},
     "relation-conv4": {"hidden": 4},
     "resnet12": {"channels": (4, 4, 8, 8), "drop_rate": 0.1, "dropblock_ramp_steps": 1},
+    "wrn28-10": {"depth": 10, "widen": 1},
 }
 BACKBONE_CASES = [
     *[pytest.param(name, SMALL_BACKBONES.get(name, {}), id=name) for name in BACKBONES.names()],

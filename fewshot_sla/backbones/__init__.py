@@ -5,6 +5,6 @@ Importing this package registers the built-in backbones; each has ``feature_dim(
 (C, H, W)`` and ``map_channels``.
 """
 
-from fewshot_sla.backbones import conv4, relation_conv4, resnet12
+from fewshot_sla.backbones import conv4, relation_conv4, resnet12, resnet18, wrn
 
-__all__ = ["conv4", "relation_conv4", "resnet12"]
+__all__ = ["conv4", "relation_conv4", "resnet12", "resnet18", "wrn"]

@@ -9,7 +9,8 @@ pass.
 
 A backbone supports checkpointing by holding a ``checkpointing`` attribute (False by default) and listing the
 modules its forward runs one after another in ``checkpoint_stages()``; built-in: ``conv4`` (its four blocks),
-``relation-conv4`` (its four blocks) and ``resnet12`` (its four residual stages). The engine switches it on with
+``relation-conv4`` (its four blocks), ``resnet12`` (its four residual stages), ``wrn28-10`` (its twelve wide
+blocks) and ``resnet18`` (its stem and four layers). The engine switches it on with
 ``enable(backbone)``. Stages are registered submodules of the backbone (never a plain list beside them: tools
 that rebuild a module from its registered submodules, such as learn2learn's ``clone()``, would leave such a list
 running the original layers). A stage may also receive the modules it runs as arguments (conv4's blocks are
