@@ -195,6 +195,28 @@ class RunConfig(BaseModel):
         ),
     ] = _positive()
     augment: Annotated[bool | None, Knob("random crop/flip/colour jitter of training images", "--augment")] = None
+    # Meta-training from another run's backbone (engine/build.py ``read_init_source``), as Meta-Baseline, MetaOptNet
+    # and FEAT train; unset is the seeded initialisation of every earlier run, so both enter a cell's identity when set.
+    init_from: Annotated[
+        str | None,
+        Knob(
+            "meta-train from the backbone weights of another run's checkpoint (a new run; --resume continues its own)",
+            "--init-from",
+            "RUN_DIR",
+            default="none, the seeded initialisation",
+            identity="when_set",
+        ),
+    ] = Field(default=None, min_length=1)
+    init_checkpoint: Annotated[
+        Literal["best", "last"] | None,
+        Knob(
+            "the checkpoint of --init-from to start from: best or last",
+            "--init-checkpoint",
+            "WHICH",
+            default="best",
+            identity="when_set",
+        ),
+    ] = None
     val_episodes: Annotated[int, Knob("validation episodes", "--val-episodes", "N")] = Field(
         default=200, ge=1, le=MAX_EPISODE_SET
     )

@@ -10,6 +10,7 @@ A run directory holds::
                              in runs from before it was recorded)
     checkpoints/last.pt      full training state (model, optimizer, scheduler, RNG states, step), for --resume
     checkpoints/best.pt      the model with the best validation accuracy
+    init_from.json           the checkpoint the backbone started from (``InitRecord``), in a run with ``init_from``
     learning_curve.png       training loss/accuracy and validation accuracy against episodes
     tensorboard/             TensorBoard event files, when the run logs to it (``--log tensorboard``)
     per_episode/<h>.npz      per-episode test accuracies (fractions in [0, 1], float64) for the episode set whose
@@ -49,6 +50,9 @@ half-width, s the sample standard deviation over episodes)::
     git_commit       str or null
     created, updated ISO-8601 UTC times
     config           the full resolved configuration (as in config.yaml)
+    init_from        {run_dir, checkpoint, sha256, step}: the other run's checkpoint the backbone started from
+                     (``--init-from``: its folder, absolute, "best" or "last", the file's sha256, its step); null
+                     when the run started from the seeded initialisation (and in runs from before it was recorded)
 
 An evaluation block::
 
@@ -100,6 +104,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
 CHECKPOINT_DIR = "checkpoints"
+INIT_FILE = "init_from.json"
 INCOMPLETE_RUN = "the run folder is incomplete; start the run again with --overwrite"
 PER_EPISODE_DIR = "per_episode"
 # The transformation label of a run whose objective uses none. The objectives that use none (``objectives.py``:
@@ -169,6 +174,11 @@ class RunPaths:
     def best_checkpoint(self) -> Path:
         """The model with the best validation accuracy."""
         return self.root / CHECKPOINT_DIR / "best.pt"
+
+    @property
+    def init_source(self) -> Path:
+        """Where the backbone started (``--init-from``): the ``InitRecord`` a resumed run reports."""
+        return self.root / INIT_FILE
 
     def per_episode(self, episode_set_hash: str) -> Path:
         """The per-episode accuracy file for the episode set with this hash."""
@@ -302,6 +312,15 @@ class MemoryRecord(_Record):
     measured_baseline_bytes: int | None  # the same quantity when training started (GPU: allocated; CPU: VmRSS)
 
 
+class InitRecord(_Record):
+    """Where a run's backbone started (``--init-from``): another run's checkpoint, named by its content."""
+
+    run_dir: str  # the source run's folder, absolute (the configuration's ``init_from`` holds it as given)
+    checkpoint: Annotated[Literal["best", "last"], _TEXT]
+    sha256: str  # of the checkpoint file as read
+    step: int  # the source's training step the checkpoint was saved at
+
+
 class RunRecord(_Record):
     """What a finished run was: its parts, data, training summary and environment."""
 
@@ -335,6 +354,8 @@ class RunRecord(_Record):
     # follows and the choices made where they are ambiguous (null in runs from before it was recorded).
     recipe: dict[str, str] | None = None
     learner_settings: dict[str, Any] = Field(default_factory=dict)  # e.g. the SVM's solver and its budget
+    # The checkpoint the backbone started from (``--init-from``); null for a run from the seeded initialisation.
+    init_from: InitRecord | None = None
 
 
 class ResultsFile(RunRecord):

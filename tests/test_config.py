@@ -11,9 +11,18 @@ from fewshot_sla.config import RunConfig, load_config
 from fewshot_sla.engine.recipes import _parse, add_recipe, apply_recipe, default_val_every, recipe_book
 from fewshot_sla.errors import UserError
 
-# The only fields a recipe-resolved configuration may leave empty (val_ways/val_shots: the test's; the memory plan
-# resolves the last two).
-OPTIONAL_FIELDS = ["image_size", "episodes_file", "val_ways", "val_shots", "micro_batch", "checkpointing"]
+# The only fields a recipe-resolved configuration may leave empty (init_from/init_checkpoint: the seeded
+# initialisation; val_ways/val_shots: the test's; the memory plan resolves the last two).
+OPTIONAL_FIELDS = [
+    "image_size",
+    "episodes_file",
+    "init_from",
+    "init_checkpoint",
+    "val_ways",
+    "val_shots",
+    "micro_batch",
+    "checkpointing",
+]
 
 
 def test_yaml_round_trip_keeps_every_field(tmp_path: Path) -> None:
@@ -415,7 +424,8 @@ def test_derived_key_lists_are_the_ones_they_replace_but_checkpointing_no_longer
 
     assert set(RESUME_FREE_KEYS) == set(OLD_RESUME_FREE_KEYS)
     assert set(HASH_FREE_KEYS) == set(OLD_HASH_FREE_KEYS)
-    assert set(UNSET_FREE_KEYS) == set(OLD_UNSET_FREE_KEYS)
+    # Fields added since, unset in every earlier cell, enter only when set (so that no existing cell was renamed).
+    assert set(UNSET_FREE_KEYS) == set(OLD_UNSET_FREE_KEYS) | {"init_from", "init_checkpoint"}
     # The one reclassification: activation checkpointing gives bit-identical gradients and BatchNorm statistics
     # (tests/test_scale.py), was already out of the cell identity and free on resume, and now also out of a
     # leaderboard row's setting, so runs whose memory plans differed only in it are seeds of one row.

@@ -272,6 +272,8 @@ def test_cli_dry_run_lists_cells_without_writing(tmp_path: Path, capsys: pytest.
 # cell_identity as it was before the Knobs (config.py) defined which fields enter it, with its key lists frozen.
 OLD_HASH_FREE_KEYS = ("device", "eval_batch", "feature_cache", "checkpointing", "log", "checkpoint_every")
 OLD_UNSET_FREE_KEYS = ("val_ways", "val_shots")
+# Fields added since, which enter the identity only when set: a cell that does not set them keeps its old name.
+ADDED_UNSET_FREE_KEYS = ("init_from", "init_checkpoint")
 # A valid value other than the default for every field.
 OTHER_VALUES = {
     "method": "maml",
@@ -301,6 +303,8 @@ OTHER_VALUES = {
     "lr_factors": [0.1],
     "lr_schedule_episodes": 2000,
     "augment": True,
+    "init_from": "runs/pretrained",
+    "init_checkpoint": "last",
     "val_episodes": 100,
     "val_ways": 5,
     "val_shots": 1,
@@ -322,7 +326,7 @@ def old_cell_identity(config: RunConfig) -> str:
     identity = {
         k: v
         for k, v in config.to_dict().items()
-        if k not in OLD_HASH_FREE_KEYS and not (k in OLD_UNSET_FREE_KEYS and v is None)
+        if k not in OLD_HASH_FREE_KEYS and not (k in OLD_UNSET_FREE_KEYS + ADDED_UNSET_FREE_KEYS and v is None)
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
 

@@ -7,26 +7,32 @@ a run writes anything.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from fewshot_sla.augment import TrainAugment, normalize
-from fewshot_sla.config import RunConfig
+from fewshot_sla.config import RunConfig, load_config
 from fewshot_sla.data.catalog import check_dataset_name, open_store
 from fewshot_sla.data.store import IMAGENET_NORMALIZATION, DatasetStore, Normalization, Split
+from fewshot_sla.engine.checkpoint import load_checkpoint
 from fewshot_sla.episodes import CanonicalOrder, EpisodeBatch, EpisodeSet, EpisodeSpec
 from fewshot_sla.errors import UserError
+from fewshot_sla.io_errors import io_error
 from fewshot_sla.learners.base import Learner
 from fewshot_sla.objectives import Objective
-from fewshot_sla.registry import BACKBONES, LEARNERS, OBJECTIVES
+from fewshot_sla.registry import BACKBONES, DATASETS, LEARNERS, OBJECTIVES
+from fewshot_sla.results import InitRecord, RunPaths, is_finished
 from fewshot_sla.sla import Transformation, checked_transform, resolve_transform
 
 
@@ -260,3 +266,141 @@ def _materialize(
     with torch.no_grad():
         learner(images, labels, images, ways)
     learner.train(was_training)
+
+
+# ----- --init-from: another run's backbone weights -----
+
+BACKBONE_PREFIX = "backbone."  # the backbone's keys in a learner's state dict
+_ANOTHER_RUN = "give the folder of a run made by 'fewshot-sla run' to --init-from"
+
+
+@dataclass(frozen=True)
+class InitSource:
+    """Another run's backbone weights (``init_from``), read and checked against the configuration that loads them:
+    the backbone's state-dict entries without their ``backbone.`` prefix, and where they came from."""
+
+    given: str  # the folder as the configuration gives it, for messages
+    config: RunConfig  # the source run's
+    channels: int | None  # the channels of the images it trained on, where known without its store
+    backbone: dict[str, torch.Tensor]
+    record: InitRecord
+
+
+def read_init_source(cfg: RunConfig, run_dir: Path) -> InitSource:
+    """The backbone of ``cfg.init_from``'s ``init_checkpoint`` (default ``best``), read with ``load_checkpoint``. A
+    folder that is not a run, a missing or damaged checkpoint, or a backbone other than ``cfg``'s (name or options)
+    is a one-line UserError; the channels and tensor shapes are checked by ``init_backbone``."""
+    given, which = str(cfg.init_from), cfg.init_checkpoint or "best"
+    folder = Path(given).expanduser()
+    if not folder.is_dir():
+        what = "a file, not a run folder" if folder.exists() else "missing"
+        raise UserError(f"--init-from {given} is {what}; {_ANOTHER_RUN}")
+    if folder.resolve() == Path(run_dir).resolve():
+        raise UserError(f"--init-from {given} is this run's own folder; {_ANOTHER_RUN}")
+    paths = RunPaths(folder)
+    if not paths.config.is_file():
+        raise UserError(f"--init-from {given} is not a run folder (no {paths.config.name}); {_ANOTHER_RUN}")
+    source_cfg = load_config(paths.config, f"the run folder is incomplete; {_ANOTHER_RUN}")
+    ours, theirs = _backbone_text(cfg), _backbone_text(source_cfg)
+    if ours != theirs:
+        raise UserError(
+            f"{given} was trained with backbone {theirs}, this run builds {ours}; give this run the same --backbone "
+            "and --backbone-option values, or --init-from a run with this backbone"
+        )
+    file = paths.best_checkpoint if which == "best" else paths.last_checkpoint
+    if not file.is_file():
+        other = "last" if which == "best" else "best"
+        has_other = (paths.last_checkpoint if which == "best" else paths.best_checkpoint).is_file()
+        fix = f"use --init-checkpoint {other}" if has_other else "train it until its first validation"
+        raise UserError(f"--init-from {given} has no {which} checkpoint ({file} is missing); {fix}, or {_ANOTHER_RUN}")
+    fix = f"give another run to --init-from (or --init-checkpoint {'last' if which == 'best' else 'best'})"
+    digest = _sha256(file, fix)
+    state = load_checkpoint(file, fix)
+    model = state.get("model")
+    backbone = (
+        {k.removeprefix(BACKBONE_PREFIX): v for k, v in model.items() if k.startswith(BACKBONE_PREFIX)}
+        if isinstance(model, dict)
+        else {}
+    )
+    if not backbone or not all(isinstance(v, torch.Tensor) for v in backbone.values()):
+        raise UserError(f"checkpoint {file} holds no backbone weights; {fix}")
+    step = state.get("step")
+    record = InitRecord(
+        run_dir=str(folder.resolve()), checkpoint=which, sha256=digest, step=step if isinstance(step, int) else 0
+    )
+    return InitSource(given, source_cfg, _source_channels(folder, source_cfg), backbone, record)
+
+
+def init_backbone(learner: Learner, source: InitSource, cfg: RunConfig, channels: int) -> InitRecord:
+    """Copy ``source``'s backbone parameters and buffers into ``learner.backbone`` (nothing else of the learner);
+    images of other channels than the source's, or a state dict of other keys or shapes, is a one-line UserError
+    before anything is copied. The record of where they came from, for ``results.json``."""
+    given = source.given
+    if source.channels is not None and source.channels != channels:
+        raise UserError(
+            f"{given} was trained on {source.channels}-channel images ({source.config.dataset}), but this run's "
+            f"{cfg.dataset} has {channels}; --init-from a run trained on {channels}-channel images"
+        )
+    target = learner.backbone.state_dict()
+    lacking = [k for k in target if k not in source.backbone]
+    extra = [k for k in source.backbone if k not in target]
+    if lacking or extra:
+        parts = ([f"lacks {_some(lacking)}"] if lacking else []) + ([f"has {_some(extra)}"] if extra else [])
+        raise UserError(
+            f"the backbone of {given} differs from this run's: it {' and '.join(parts)}; --init-from a run with "
+            "this backbone"
+        )
+    for key, value in target.items():
+        theirs = source.backbone[key]
+        if theirs.shape != value.shape:
+            raise UserError(
+                f"the backbone of {given} differs from this run's: {key} is {list(theirs.shape)} there, "
+                f"{list(value.shape)} here; --init-from a run with this backbone"
+            )
+    with torch.no_grad():
+        learner.backbone.load_state_dict(source.backbone, strict=True)
+    return source.record
+
+
+def _backbone_text(cfg: RunConfig) -> str:
+    """``conv4 {hidden: 32}``: a configuration's backbone and its options (``in_channels`` aside: the channels are
+    compared on their own)."""
+    options = {k: v for k, v in cfg.backbone_options.items() if k != "in_channels"}
+    shown = yaml.safe_dump(options, default_flow_style=True, sort_keys=True, width=10**6).strip() if options else ""
+    return f"{cfg.backbone or 'conv4'} {shown or '(default options)'}"
+
+
+def _source_channels(folder: Path, cfg: RunConfig) -> int | None:
+    """The channels of the images a run trained on, where they are known without its store: its backbone's
+    ``in_channels``, else its recorded normalisation (a finished run), else its registered dataset's."""
+    explicit = cfg.backbone_options.get("in_channels")
+    if isinstance(explicit, int):
+        return explicit
+    if is_finished(folder):
+        from fewshot_sla.finished_run import FinishedRun
+
+        try:
+            return FinishedRun.open(folder).normalization.channels
+        except UserError:  # a damaged results file: the weights may still be fine
+            pass
+    if cfg.dataset in DATASETS:
+        channels = getattr(DATASETS.get(cfg.dataset), "channels", None)
+        return channels if isinstance(channels, int) else None
+    return None
+
+
+def _some(keys: list[str]) -> str:
+    """``a.weight`` or ``a.weight (and 3 more)``."""
+    return keys[0] + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
+
+
+def _sha256(path: Path, fix: str) -> str:
+    """The sha256 (hex) of a file's bytes."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as err:
+        raise io_error(err, path, "read the checkpoint", fix) from None
+    return digest.hexdigest()

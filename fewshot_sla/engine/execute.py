@@ -81,6 +81,8 @@ def _execute(plan: RunPlan, max_steps: int | None, progress: bool, callbacks: Se
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         if not plan.resume:
             write_text_atomic(paths.config, cfg.to_yaml())
+        if plan.init is not None:  # where the backbone started, for the results of this and any resumed session
+            write_text_atomic(paths.init_source, plan.init.model_dump_json(indent=2) + "\n")
     processes.barrier()
     trainer = Trainer(
         cfg,
@@ -118,6 +120,7 @@ def _execute(plan: RunPlan, max_steps: int | None, progress: bool, callbacks: Se
         created=now_iso(),
         config=cfg.to_dict(),
         learner_settings=plan.learner.settings(),
+        init_from=plan.init,
         image_size=plan.pipeline.image_size,
         store_image_size=plan.pipeline.store_size,
         normalization={"mean": list(plan.pipeline.normalization.mean), "std": list(plan.pipeline.normalization.std)},

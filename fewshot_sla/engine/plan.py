@@ -1,10 +1,11 @@
 """Planning a run: resolve and check everything a user can get wrong before anything is written.
 
 ``plan_run`` resolves the configuration (recipe, or the stored one on ``--resume``), checks names, device,
-dataset, episode specs, the episode file and the output folder, loads the splits, builds the model once and
-plans its memory (``memory/``: the micro-batch and checkpointing it trains with, written into the resolved
-configuration); ``execute.execute_run`` then trains and tests exactly what was planned. Every process of a
-distributed run plans the same run; only process 0 will write.
+dataset, episode specs, the episode file and the output folder, loads the splits, builds the model once (a run
+that starts training with ``init_from`` takes another run's backbone weights, ``build.init_backbone``; a resumed
+one has its own checkpoint's) and plans its memory (``memory/``: the micro-batch and checkpointing it trains with,
+written into the resolved configuration); ``execute.execute_run`` then trains and tests exactly what was planned.
+Every process of a distributed run plans the same run; only process 0 will write.
 """
 
 from __future__ import annotations
@@ -26,15 +27,18 @@ from fewshot_sla.config import RESUME_FREE_KEYS, RunConfig, load_config, require
 from fewshot_sla.data.store import DatasetStore, Split
 from fewshot_sla.engine.build import (
     ImagePipeline,
+    InitSource,
     build_model,
     check_channels,
     check_names,
     check_split,
     derived_seed,
     episode_specs,
+    init_backbone,
     load_episode_file,
     open_dataset,
     pipeline_for,
+    read_init_source,
     resolve_device,
     validation_spec,
 )
@@ -44,10 +48,11 @@ from fewshot_sla.engine.memory import FIT_MODES, MemoryPlan, memory_budget, plan
 from fewshot_sla.engine.recipes import apply_recipe
 from fewshot_sla.episodes import EpisodeSampler, EpisodeSet
 from fewshot_sla.errors import UserError
+from fewshot_sla.io_errors import read_text
 from fewshot_sla.learners.base import Learner
 from fewshot_sla.locks import exclusive, lock_path
 from fewshot_sla.objectives import Objective
-from fewshot_sla.results import INCOMPLETE_RUN, RunPaths, default_run_dir, is_finished
+from fewshot_sla.results import INCOMPLETE_RUN, InitRecord, RunPaths, default_run_dir, is_finished
 
 
 @dataclass
@@ -69,6 +74,7 @@ class RunPlan:
     memory: MemoryPlan
     processes: Processes = SINGLE
     data_note: str | None = None  # which splits are read from disk, when some are
+    init: InitRecord | None = None  # the checkpoint the backbone started from (``init_from``)
 
 
 def plan_run(
@@ -98,6 +104,7 @@ def plan_run(
         cfg = apply_recipe(cfg)
         _check_output_folder(run_dir, overwrite)
     check_names(cfg)
+    source = _init_source(cfg, run_dir, resume)
     device = process_device(processes, cfg.device) if processes.active else resolve_device(cfg.device)
     meta_batch = required(cfg.meta_batch, "meta_batch")
     _check_scale(cfg, meta_batch, processes, device)
@@ -123,6 +130,11 @@ def plan_run(
     check_channels(cfg, pipeline.normalization.channels)
     # bad backbone/learner options fail here
     learner, objective = build_model(cfg, pipeline.image_size, device, pipeline.normalization.channels)
+    init = None
+    if source is not None:  # a run that starts training: the other run's backbone replaces the seeded one
+        init = init_backbone(learner, source, cfg, pipeline.normalization.channels)
+    elif cfg.init_from is not None:  # resumed from its own checkpoint, which holds the weights
+        init = _recorded_init(run_dir)
     can_checkpoint = checkpointing.supports(learner.backbone) and learner.supports_checkpointing
     if cfg.checkpointing and not can_checkpoint:
         why = (
@@ -163,6 +175,7 @@ def plan_run(
         memory,
         processes,
         placement.note,
+        init,
     )
 
 
@@ -222,6 +235,33 @@ def _resumable_config(run_dir: Path, overrides: Mapping[str, Any]) -> RunConfig:
             f"{', '.join(changed)}; drop those flags or start a new run with another --out"
         )
     return stored.updated({k: v for k, v in overrides.items() if k in RESUME_FREE_KEYS}, "command line")
+
+
+def _init_source(cfg: RunConfig, run_dir: Path, resume: bool) -> InitSource | None:
+    """The other run's backbone a run starts from (``init_from``): read and checked when training starts at step 0,
+    a new run or a resumed one without a checkpoint; None when the run's own ``last.pt`` holds its weights."""
+    if cfg.init_from is None:
+        if cfg.init_checkpoint is not None:
+            raise UserError(
+                f"--init-checkpoint {cfg.init_checkpoint} chooses a checkpoint of --init-from, which is not given; "
+                "add --init-from RUN_DIR or drop --init-checkpoint"
+            )
+        return None
+    if resume and RunPaths(run_dir).last_checkpoint.is_file():
+        return None
+    return read_init_source(cfg, run_dir)
+
+
+def _recorded_init(run_dir: Path) -> InitRecord:
+    """The ``InitRecord`` a run wrote when it started from another run's backbone (``execute.py``), which a resumed
+    run reports without reading that run again."""
+    file = RunPaths(run_dir).init_source
+    if not file.is_file():
+        raise UserError(f"{file} is missing; {INCOMPLETE_RUN}")
+    try:
+        return InitRecord.model_validate_json(read_text(file, "the init record", INCOMPLETE_RUN))
+    except ValueError:
+        raise UserError(f"{file} is damaged; {INCOMPLETE_RUN}") from None
 
 
 def _check_output_folder(run_dir: Path, overwrite: bool) -> None:
