@@ -1,5 +1,23 @@
 """Learners (``LEARNERS``): B episodes in, query logits out; importing this package registers them."""
 
-from fewshot_sla.learners import maml, matchingnet, metaoptnet_ridge, metaoptnet_svm, protonet, relationnet
+from fewshot_sla.learners import (
+    logistic_regression,
+    maml,
+    matchingnet,
+    metaoptnet_ridge,
+    metaoptnet_svm,
+    nearest_centroid,
+    protonet,
+    relationnet,
+)
 
-__all__ = ["maml", "matchingnet", "metaoptnet_ridge", "metaoptnet_svm", "protonet", "relationnet"]
+__all__ = [
+    "logistic_regression",
+    "maml",
+    "matchingnet",
+    "metaoptnet_ridge",
+    "metaoptnet_svm",
+    "nearest_centroid",
+    "protonet",
+    "relationnet",
+]
