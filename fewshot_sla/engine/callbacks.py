@@ -114,7 +114,7 @@ class ProgressBar(Callback):
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.bar: tqdm | None = None
+        self.bar: tqdm[Any] | None = None
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.bar = tqdm(

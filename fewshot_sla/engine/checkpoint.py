@@ -42,7 +42,8 @@ def load_checkpoint(path: Path, fix: str = "train the run again with --overwrite
         with zipfile.ZipFile(path) as archive:
             if archive.testzip() is not None:
                 raise damaged
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        return state
     except OSError as err:
         raise io_error(err, path, "read the checkpoint", fix) from None
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, AttributeError, TypeError, zipfile.BadZipFile):
@@ -55,7 +56,7 @@ def rng_state(generators: Mapping[str, torch.Generator]) -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "generators": {name: g.get_state() for name, g in generators.items()},
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # untyped in torch
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 

@@ -57,8 +57,8 @@ class Comparison:
 
 
 def compare_runs(
-    run_a: str | os.PathLike,
-    run_b: str | os.PathLike,
+    run_a: str | os.PathLike[str],
+    run_b: str | os.PathLike[str],
     *,
     kind: str | None = None,
     kind_a: str | None = None,

@@ -37,7 +37,8 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     cumsum = np.cumsum(np.insert(values, 0, 0.0))
     idx = np.arange(1, len(values) + 1)
     lo = np.maximum(idx - window, 0)
-    return (cumsum[idx] - cumsum[lo]) / (idx - lo)
+    means: np.ndarray = (cumsum[idx] - cumsum[lo]) / (idx - lo)
+    return means
 
 
 def _training_label_count(cfg: RunConfig) -> tuple[int, int]:

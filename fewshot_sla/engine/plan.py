@@ -159,7 +159,7 @@ def plan_run(
     if memory.checkpointing:
         checkpointing.enable(learner.backbone)
     if cfg.sync_batchnorm:
-        learner = nn.SyncBatchNorm.convert_sync_batchnorm(learner)
+        learner = nn.SyncBatchNorm.convert_sync_batchnorm(learner)  # type: ignore[no-untyped-call]  # untyped in torch
     return RunPlan(
         cfg,
         run_dir,

@@ -150,7 +150,7 @@ def evaluate_checkpoint(
 
 
 def evaluate_run(
-    run_dir: str | os.PathLike,
+    run_dir: str | os.PathLike[str],
     *,
     data_root: Any,
     episodes_file: str | None = None,
@@ -161,7 +161,7 @@ def evaluate_run(
     progress: bool = True,
     processes: Processes = SINGLE,
     data_memory_gb: float | None = None,
-    out_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
     save: bool = True,
 ) -> dict[str, Any]:
     """Re-evaluate a finished run's best checkpoint on another (or the same) fixed episode set (with several

@@ -103,7 +103,7 @@ def accumulate_gradients(
         with autocast():
             loss, metrics = objective.loss(learner, part)
         weight = part.batch_size / meta_batch  # the meta-batch loss is the mean over its episodes
-        (loss * weight).backward()
+        torch.autograd.backward(loss * weight)
         for key, value in {**metrics, "loss": float(loss.detach())}.items():
             totals[key] = totals.get(key, 0.0) + weight * float(value)
     return totals
