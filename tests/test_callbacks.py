@@ -99,3 +99,20 @@ def test_a_callback_can_stop_a_run_which_saves_and_resumes_to_the_same_numbers(d
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
     assert execute(data_root, out, [], resume=True) == "finished"
     assert_same_run(reference, out)
+
+
+class FinishAtValidation(Callback):
+    """Early stopping: end training at the first validation."""
+
+    def on_validation(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        trainer.finish_requested = True
+
+
+def test_a_callback_can_end_training_early_and_the_run_is_tested_as_finished(data_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert execute(data_root, out, [FinishAtValidation()]) == "finished"
+    results = json.loads((out / "results.json").read_text())
+    assert results["train"]["steps"] == 2 and results["train"]["best_step"] == 2  # validated at step 2, then done
+    assert results["evaluation"]["episodes"] == SETTINGS["eval_episodes"]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in logged) == 2

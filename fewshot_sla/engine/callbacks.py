@@ -14,9 +14,11 @@ The list, in order: ``DivergenceGuard``, ``SolverWarnings``, ``ProgressBar``, on
 experiment logger (``loggers.py``: ``metrics.jsonl``, TensorBoard, plug-ins), the caller's own
 (``Trainer.run(callbacks=...)``, ``execute_run(callbacks=...)``), then ``PeriodicValidation`` (validation at the
 run's cadence, ``best.pt`` and ``last.pt``) and ``ClockCheckpoint`` (``last.pt`` every ``checkpoint_every``
-minutes). So a caller's callback sees each step before the validation that follows it, and a stop it asks for
-(``trainer.stop_requested = True``: early stopping) is saved with that step. A callback that changes what is
-trained breaks bit-identical resume unless it keeps its state in the checkpoint.
+minutes). So a caller's callback sees each step before the validation that follows it. A callback ends training
+early with ``trainer.finish_requested = True`` (early stopping: the run is then tested as finished, with its best
+checkpoint), or stops it to be resumed later with ``trainer.stop_requested = True`` (as Ctrl-C: saved with that
+step). A callback that changes what is trained breaks bit-identical resume unless it keeps its state in the
+checkpoint.
 Every process calls its callbacks (collectives such as validation run everywhere); only process 0 writes files.
 """
 
@@ -50,6 +52,7 @@ class Trainer(Protocol):
     total_steps: int
     pending_validation: bool
     stop_requested: bool
+    finish_requested: bool
     saved_at: float
     processes: Processes
     paths: RunPaths

@@ -183,6 +183,9 @@ class Trainer:
         )
         self.state = TrainState()
         self.stop_requested = False  # Ctrl-C
+        # A callback ended training early (early stopping): the run stops before its next step and is tested as a
+        # finished one. Every process must decide alike (from what they share, e.g. validation accuracies).
+        self.finish_requested = False
         self.preempted_by: int | None = None  # the preemption signal every process stops for
         self.pending_validation = False  # the validation of the current step is yet to be done
         self.callbacks: list[Callback] = []  # the loop's, while it runs (``run``)
@@ -331,7 +334,7 @@ class Trainer:
             ]
             for callback in self.callbacks:
                 callback.on_train_start(self)
-            while state.step < self.total_steps:
+            while state.step < self.total_steps and not self.finish_requested:
                 if self.stopping():
                     status = "interrupted"
                     break
