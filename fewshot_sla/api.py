@@ -8,7 +8,8 @@
     api.evaluate(run.path, eval_episodes=10000)         # another fixed episode set, added to the run's results
 
 Every function takes keyword arguments and returns a typed value; a mistake is a ``UserError`` (``errors.py``) and
-a preemption signal a ``Preempted`` (``preemption.py``), both with a one-line message; notes and warnings go to the
+a preemption signal a ``Preempted`` (``preemption.py``), both with a one-line message naming configuration fields
+and API calls (``train_ways``, ``fewshot_sla.api.resume('DIR')``), not the CLI's flags; notes and warnings go to the
 ``fewshot_sla`` logger (``logging``). Training here is what ``fewshot-sla run`` does (one process; ``torchrun``
 launches the CLI for several), with the same run folder, lock, resume and results. Heavy modules are imported when a
 function is called, so ``import fewshot_sla.api`` stays light.

@@ -48,7 +48,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 from fewshot_sla.validation import one_line_error
 from fewshot_sla.yaml_file import key_lines, read_yaml
 
@@ -542,19 +542,21 @@ def config_error(err: ValidationError, source: str, lines: Mapping[str, int] | N
         return f"{source} line {lines[key]}" if lines and key in lines else source
 
     def hint(loc: tuple[Any, ...]) -> str:
-        return f"fix --{str(loc[0]).replace('_', '-')}" if source == "command line" and loc else ""
+        return f"fix {setting(str(loc[0]))}" if source == "command line" and loc else ""
 
     return one_line_error(err, where, RunConfig.field_names(), hint)
 
 
-def load_config(path: str | Path, fix: str = "check the --config path") -> RunConfig:
+def load_config(path: str | Path, fix: str = f"check the {setting('config')} path") -> RunConfig:
     """Read a YAML config file; malformed YAML or an unknown/ill-typed key is a UserError naming the line.
     ``fix`` is the advice when it cannot be read."""
     values, lines = read_config_values(path, fix)
     return RunConfig.from_mapping(values, f"config file {path}", lines)
 
 
-def read_config_values(path: str | Path, fix: str = "check the --config path") -> tuple[dict[str, Any], dict[str, int]]:
+def read_config_values(
+    path: str | Path, fix: str = f"check the {setting('config')} path"
+) -> tuple[dict[str, Any], dict[str, int]]:
     """The key: value pairs a YAML config file sets, checked against the RunConfig fields, with their lines."""
     path = Path(path)
     root, data = read_yaml(path, "config file", fix)

@@ -21,6 +21,8 @@ import threading
 from collections.abc import Iterator
 from types import FrameType
 
+from fewshot_sla.errors import render
+
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -39,7 +41,10 @@ class Preempted(BaseException):
 
     def then(self, advice: str) -> Preempted:
         """The same stop, its message ending in what to do next."""
-        return Preempted(self.signum, f"{self}; {advice}")
+        return Preempted(self.signum, f"{self.args[0]}; {advice}")
+
+    def __str__(self) -> str:
+        return render(str(self.args[0]))  # what to do next may name settings and actions (errors.py)
 
 
 class _State:

@@ -93,7 +93,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from fewshot_sla.atomic import atomic_path, write_text_atomic
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, command, setting
 from fewshot_sla.io_errors import IOFailure, read_text
 from fewshot_sla.package_data import SHIPPED_SHOWN, shipped_episode_sets
 from fewshot_sla.version import __version__
@@ -105,7 +105,7 @@ METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
 CHECKPOINT_DIR = "checkpoints"
 INIT_FILE = "init_from.json"
-INCOMPLETE_RUN = "the run folder is incomplete; start the run again with --overwrite"
+INCOMPLETE_RUN = f"the run folder is incomplete; start the run again with {setting('overwrite')}"
 PER_EPISODE_DIR = "per_episode"
 # The transformation label of a run whose objective uses none. The objectives that use none (``objectives.py``:
 # ``baseline`` trains and predicts on the plain episode and never reads its ``transform``).
@@ -441,9 +441,9 @@ def read_per_episode(
         with np.load(file) as npz:
             return {k: npz[k] for k in npz.files if k not in ("episode_set_hash", "dataset_fingerprint")}
     except (OSError, ValueError, EOFError):
-        other = f" --dataset {tested_dataset}" if tested_dataset != run_dataset else ""
+        other = tested_dataset if tested_dataset != run_dataset else None
         where = episode_set_path(run_dir, set_file, set_source)
-        again = f"fewshot-sla eval {run_dir}{other} --episodes-file {where}"
+        again = command("eval", run_dir, dataset=other, episodes_file=where)
         raise UserError(f"per-episode results {file} are missing or damaged; rebuild them with '{again}'") from None
 
 
@@ -497,20 +497,20 @@ def finished_document(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]
     missing."""
     path = Path(run_dir)
     if not path.is_dir():
-        raise UserError(f"{path} is not a folder; give the folder of a run made by 'fewshot-sla run'")
+        raise UserError(f"{path} is not a folder; give the folder of a run made by '{command('run')}'")
     file = RunPaths(path).results
     if not file.is_file():
         hint = (
-            "resume it with 'fewshot-sla run --resume --out " + str(path) + "'"
+            f"resume it with '{command('run', resume=True, out=path)}'"
             if RunPaths(path).config.is_file()
-            else "give the folder of a run made by 'fewshot-sla run'"
+            else f"give the folder of a run made by '{command('run')}'"
         )
         raise UserError(f"{path} is not a finished run (no {RESULTS_FILE}); {hint}")
     data = _read_results(file)
     if data is None:
         raise UserError(
             f"{file} is damaged (not valid JSON); rebuild it from the run's checkpoints with "
-            f"'fewshot-sla run --resume --out {path}' (this re-tests the best checkpoint)"
+            f"'{command('run', resume=True, out=path)}' (this re-tests the best checkpoint)"
         )
     version = data.get("schema_version") if isinstance(data, dict) else None
     if not isinstance(version, int):
@@ -523,7 +523,7 @@ def finished_document(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]
     if data.get("status") != "finished" or "evaluation" not in data:
         raise UserError(
             f"{file} records no finished evaluation; rebuild it from the run's checkpoints with "
-            f"'fewshot-sla run --resume --out {path}'"
+            f"'{command('run', resume=True, out=path)}'"
         )
     return path, data
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 from fewshot_sla.registry import TRANSFORMS
 
 # Channel orders of RGB images: all six in lexicographic order (identity first), and the cyclic three.
@@ -332,7 +332,7 @@ def _check_output(
     if not isinstance(again, torch.Tensor) or again.shape != out.shape or not _close(again, out):
         raise broken(
             "gives different images for the same input on a second call",
-            "make the transformation deterministic (random augmentation is --augment's job)",
+            f"make the transformation deterministic (random augmentation is {setting('augment')}'s job)",
         )
     if identity or identity_rows:
         got = out[:, ::identity_rows] if identity_rows else out

@@ -37,7 +37,7 @@ from fewshot_sla.engine.build import (
 from fewshot_sla.engine.checkpoint import load_checkpoint
 from fewshot_sla.engine.run_evaluation import autocast_for
 from fewshot_sla.episodes import EpisodeBatch
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 from fewshot_sla.finished_run import FinishedRun
 from fewshot_sla.learners.base import Learner
 from fewshot_sla.objectives import Objective
@@ -146,7 +146,7 @@ def load_run(
     pipeline = training_pipeline(cfg, finished, data_root)
     learner, objective = build_model(cfg, pipeline.image_size, dev, pipeline.normalization.channels)
     file = finished.checkpoint("best" if checkpoint == "best" else "last")
-    state = load_checkpoint(file, "train the run again with --overwrite")
+    state = load_checkpoint(file, f"train the run again with {setting('overwrite')}")
     try:
         learner.load_state_dict(state["model"])
         objective.load_state_dict(state["objective"])
@@ -154,7 +154,7 @@ def load_run(
         reason = " ".join(str(err).split())[:160]
         raise UserError(
             f"checkpoint {file} does not fit the run's {finished.paths.config} ({reason}); train the run again with "
-            "--overwrite"
+            f"{setting('overwrite')}"
         ) from None
     learner.eval()
     objective.eval()
@@ -181,7 +181,7 @@ def _training_store(cfg: RunConfig, data_root: Any, finished: FinishedRun) -> Da
         raise UserError(
             f"the {cfg.dataset} store {store.path} is not the one {finished.path} was trained on (fingerprint "
             f"{store.fingerprint[:12]} vs {trained_on[:12]}); give the data root of the "
-            "original store (data_root= / --data-root)"
+            f"original store (data_root= / {setting('data_root')})"
         )
     return store
 

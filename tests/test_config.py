@@ -7,9 +7,10 @@ from typing import get_origin
 
 import pytest
 
+from fewshot_sla.cli.messages import CliVoice
 from fewshot_sla.config import RunConfig, load_config
 from fewshot_sla.engine.recipes import _parse, add_recipe, apply_recipe, default_val_every, recipe_book
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, voice
 
 # The only fields a recipe-resolved configuration may leave empty (init_from/init_checkpoint: the seeded
 # initialisation; val_ways/val_shots: the test's; the memory plan resolves the last two).
@@ -105,8 +106,8 @@ def test_updated_rejects_unknown_keys_and_bad_types() -> None:
     [
         ({"ways": 0}, "'ways' must be at least 2, got 0"),
         ({"ways": 1}, "'ways' must be at least 2, got 1"),
-        ({"val_ways": 1}, "'val_ways' must be at least 2, got 1; fix --val-ways"),
-        ({"val_shots": 0}, "'val_shots' must be at least 1, got 0; fix --val-shots"),
+        ({"val_ways": 1}, "'val_ways' must be at least 2, got 1; fix val_ways"),
+        ({"val_shots": 0}, "'val_shots' must be at least 1, got 0; fix val_shots"),
         ({"train_episodes": 0}, "'train_episodes' must be at least 1, got 0"),
         ({"lr": float("inf")}, "'lr' must be a finite number"),
         ({"lr_factors": [float("nan")], "lr_milestones": [0.5]}, "lr_factors must hold finite numbers"),
@@ -126,7 +127,9 @@ def test_out_of_range_values_are_rejected_in_one_line(change: dict, expected: st
 
 
 def test_command_line_errors_name_the_flag() -> None:
-    with pytest.raises(UserError, match="fix --train-episodes"):
+    with pytest.raises(UserError, match=r"fix train_episodes$"):  # the field, outside the CLI's voice
+        RunConfig().updated({"train_episodes": 0}, "command line")
+    with voice(CliVoice()), pytest.raises(UserError, match="fix --train-episodes"):
         RunConfig().updated({"train_episodes": 0}, "command line")
 
 

@@ -131,7 +131,7 @@ def test_tampered_positions_are_rejected(tmp_path):
     rewrite_member(path, "positions", positions)
     with pytest.raises(UserError, match="was altered or damaged: its content hash does not match") as err:
         EpisodeSet.load(path)
-    assert "fewshot-sla episodes make --dataset toy --split test --ways 3 --shots 2 --queries 3" in str(err.value)
+    assert 'the episodes make action with dataset="toy", split="test", ways=3, shots=2, queries=3' in str(err.value)
 
 
 def test_tampered_metadata_is_rejected(tmp_path):

@@ -243,7 +243,7 @@ def test_non_positive_numbers_are_user_errors(ways, shots, queries, fragment):
 
 def test_too_many_ways_is_a_user_error():
     split = make_split([10] * 4)
-    with pytest.raises(UserError, match=r"5-way episodes need 5 classes but split 'train' has 4; use --ways 4"):
+    with pytest.raises(UserError, match=r"5-way episodes need 5 classes but split 'train' has 4; use ways 4"):
         EpisodeSampler(split, EpisodeSpec(5, 1, 1), seed=0)
 
 

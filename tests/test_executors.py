@@ -151,7 +151,7 @@ def test_last_error_line_prefers_the_cli_error(tmp_path: Path) -> None:
 
 
 def test_jobs_must_be_positive() -> None:
-    with pytest.raises(UserError, match="--jobs must be a positive integer"):
+    with pytest.raises(UserError, match=r"^jobs must be a positive integer"):
         LocalExecutor(jobs=0)
 
 

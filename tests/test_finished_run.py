@@ -129,9 +129,9 @@ def test_an_older_file_is_completed_on_read_and_kept_as_it_was(run_dir: Path, sc
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("no folder", r"is not a folder; give the folder of a run made by 'fewshot-sla run'"),
+        ("no folder", r"is not a folder; give the folder of a run made by 'fewshot_sla\.api\.train'"),
         ("empty folder", r"is not a finished run \(no results.json\); give the folder of a run made by"),
-        ("no results", r"is not a finished run \(no results.json\); resume it with 'fewshot-sla run --resume --out "),
+        ("no results", r"is not a finished run \(no results.json\); resume it with 'fewshot_sla\.api\.resume\(\""),
         ("cut short", r"results.json is damaged \(not valid JSON\); rebuild it from the run's checkpoints with "),
         ("not utf-8", r"results.json is damaged \(not valid JSON\)"),
         ("no version", r"results.json has no schema_version; it was not written by fewshot-sla"),

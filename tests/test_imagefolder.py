@@ -230,9 +230,7 @@ def test_a_grid_accepts_a_user_dataset_in_its_data_root(
     path.write_text(grid.replace("DATASET", "mine"))
     assert {cell.config.dataset for cell in load_grid(path).cells} == {"mine"}
     path.write_text(grid.replace("DATASET", "theirs"))
-    with pytest.raises(
-        UserError, match=r"unknown dataset 'theirs'.*prepare .*theirs --source DIR --layout imagefolder"
-    ):
+    with pytest.raises(UserError, match=r'unknown dataset \'theirs\'.*prepare_image_folder\("theirs", source="DIR"\)'):
         load_grid(path)
 
 

@@ -15,8 +15,10 @@ import pytest
 import yaml
 
 from fewshot_sla.cli import main
+from fewshot_sla.cli.messages import CliVoice
 from fewshot_sla.config import RunConfig
 from fewshot_sla.engine.loggers import TENSORBOARD_MISSING, RunLogger
+from fewshot_sla.errors import render
 from fewshot_sla.leaderboard.grid import cell_identity
 from fewshot_sla.registry import LOGGERS
 
@@ -199,7 +201,7 @@ def test_missing_tensorboard_fails_up_front_in_one_line(
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard now fails, as when not installed
     out = tmp_path / "run"
     assert run(data_root, out, "--log", "tensorboard") == 2
-    assert one_error_line(capsys) == TENSORBOARD_MISSING
+    assert one_error_line(capsys) == render(TENSORBOARD_MISSING, CliVoice())
     assert list(tmp_path.iterdir()) == []
     # On --resume the stored configuration's loggers are checked too, before training touches the folder.
     argv = ["--data-root", str(data_root), "run", *TINY, "--log", "tensorboard", "--print-config"]
@@ -207,5 +209,5 @@ def test_missing_tensorboard_fails_up_front_in_one_line(
     out.mkdir()
     (out / "config.yaml").write_text(capsys.readouterr().out)
     assert main(["--data-root", str(data_root), "run", "--resume", "--quiet", "--out", str(out)]) == 2
-    assert one_error_line(capsys) == TENSORBOARD_MISSING
+    assert one_error_line(capsys) == render(TENSORBOARD_MISSING, CliVoice())
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.yaml", "run"]

@@ -22,7 +22,7 @@ from fewshot_sla.engine.data_placement import data_budget, in_memory, load_split
 from fewshot_sla.engine.evaluate import evaluate
 from fewshot_sla.engine.memory import Budget
 from fewshot_sla.episodes import CanonicalOrder, EpisodeSampler, EpisodeSet, EpisodeSpec
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, render
 from fewshot_sla.registry import BACKBONES, LEARNERS, OBJECTIVES
 
 SIZE = 16
@@ -164,7 +164,7 @@ def test_the_default_budget_is_half_the_available_ram_and_bad_values_are_refused
     assert data_budget(torch.device("cpu"), local_processes=2).bytes == 2 << 30
     assert data_budget(torch.device("cpu"), budget_gb=1.5).bytes == int(1.5 * 2**30)
     for bad in (-1.0, float("nan"), float("inf")):
-        with pytest.raises(UserError, match="--data-memory"):
+        with pytest.raises(UserError, match=r"^data_memory must be"):
             data_budget(torch.device("cpu"), budget_gb=bad)
 
 
@@ -173,7 +173,7 @@ def test_load_splits_names_what_stays_on_disk(store: DatasetStore) -> None:
     placement = load_splits(store, ["train", "val", "test"], torch.device("cpu"), budget_gb=budget_gb)
     assert isinstance(placement.splits["train"].images, DiskImages)
     assert isinstance(placement.splits["val"].images, torch.Tensor)
-    assert placement.note is not None and "train" in placement.note and "--data-memory" in placement.note
+    assert placement.note is not None and "train" in placement.note and "(data_memory)" in render(placement.note)
     assert load_splits(store, ["val"], torch.device("cpu")).note is None
 
 

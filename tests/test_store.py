@@ -140,7 +140,7 @@ def test_a_store_without_checksums_loads_with_a_note_on_upgrading_it(
         assert np.array_equal(store.split("val").images.numpy(), content["val"][0])
     notes = [r.getMessage() for r in caplog.records if r.name.startswith("fewshot_sla")]
     assert len(notes) == 1 and "has no content checksums" in notes[0]  # once per store and process
-    assert "rebuild it with 'fewshot-sla data prepare cub --source <PATH> --force'" in notes[0]
+    assert """rebuild it with 'fewshot_sla.api.prepare_dataset("cub", source="<PATH>", force=True)'""" in notes[0]
 
 
 def test_summary_counts_classes_and_images(tmp_path: Path) -> None:
@@ -165,13 +165,13 @@ def test_an_unfinished_or_foreign_file_is_refused_with_the_rebuild_command(tmp_p
     unfinished = tmp_path / "cub.h5"
     with h5py.File(unfinished, "w") as h5:
         create_split(h5, "train", ["a"], 4)
-    with pytest.raises(UserError, match=r"never finished.*fewshot-sla data prepare cub --source <PATH> --force"):
+    with pytest.raises(UserError, match=r'never finished.*prepare_dataset\("cub", source="<PATH>", force=True\)'):
         open_store("cub", tmp_path)
     garbage = tmp_path / "fc100.h5"
     garbage.write_bytes(b"not hdf5 at all")
-    with pytest.raises(UserError, match=r"unreadable.*fewshot-sla data prepare fc100 --source <PATH> --force"):
+    with pytest.raises(UserError, match=r'unreadable.*prepare_dataset\("fc100", source="<PATH>", force=True\)'):
         open_store("fc100", tmp_path)
-    with pytest.raises(UserError, match=r"unreadable.*fewshot-sla data prepare fc100 --force"):
+    with pytest.raises(UserError, match=r'unreadable.*prepare_dataset\("fc100", force=True\)'):
         DatasetStore(garbage)  # without the catalog's hint: the generic command
 
 
@@ -179,7 +179,7 @@ def test_open_store_names_the_prepare_command_when_missing(tmp_path: Path) -> No
     with pytest.raises(UserError) as err:
         open_store("cub", tmp_path)
     message = str(err.value)
-    assert "fewshot-sla data prepare cub --source <PATH>" in message and "\n" not in message
+    assert 'fewshot_sla.api.prepare_dataset("cub", source="<PATH>")' in message and "\n" not in message
     assert list(tmp_path.iterdir()) == []
 
 

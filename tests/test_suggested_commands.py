@@ -5,6 +5,7 @@ suggest commands fails it until a test here covers it."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shlex
@@ -70,19 +71,50 @@ def results(run: Path) -> dict:
 
 
 def test_every_suggesting_module_is_covered() -> None:
-    """Every module with a quoted command (``'fewshot-sla ...'`` holding a value, or a variable holding a whole
-    command such as a store's ``rebuild``) is in COVERED. Templates with placeholders (``<PATH>``, ``GRID``,
-    ``...``) and bare command names ('fewshot-sla eval') are advice, not commands to run."""
+    """Every module that suggests a runnable command is in COVERED: outside ``cli/``, a call of the
+    ``errors.command`` marker with values (``command("eval", run_dir)``); in ``cli/``, a quoted command (``'fewshot-sla
+    ...'`` holding a value); anywhere, a quoted variable holding a whole command such as a store's ``rebuild``.
+    Templates with placeholders (``<PATH>``, ``GRID``, ``...``) and bare actions (``command("eval")``) are advice,
+    not commands to run."""
     quoted = re.compile(r"'(fewshot-sla [a-z][^'\n]*)'|'\{[a-z_.]*(resume|again|command|rebuild)[a-z_.]*(\(path\))?\}'")
     template = re.compile(r"<|\.\.\.|\b[A-Z]{2,}\b")
     suggesting = set()
     for path in PACKAGE.rglob("*.py"):
-        for match in quoted.finditer(path.read_text()):
+        text = path.read_text()
+        for match in quoted.finditer(text):
             command = match.group(1)
             if command is None or ("{" in command and not template.search(command)):
                 suggesting.add(str(path.relative_to(PACKAGE)))
+        if any(_runnable(call, text) for call in _marker_calls(text)):
+            suggesting.add(str(path.relative_to(PACKAGE)))
     assert suggesting - set(COVERED) == set(), "add a test that runs these modules' suggested commands"
     assert set(COVERED) - suggesting == set(), "these modules no longer suggest commands"
+
+
+def _marker_calls(text: str) -> list[ast.Call]:
+    """The calls of ``fewshot_sla.errors.command`` (under any name it is imported as) in a module's source."""
+    tree = ast.parse(text)
+    names = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "fewshot_sla.errors"
+        for alias in node.names
+        if alias.name == "command"
+    }
+    return [
+        n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in names
+    ]
+
+
+def _runnable(call: ast.Call, text: str) -> bool:
+    """Whether a ``command(...)`` marker names a whole command with values: not a bare action, no placeholder in
+    its constants, not followed by `` ...`` in its message."""
+    values = call.args[1:] + [k.value for k in call.keywords]
+    constants = [v.value for v in values if isinstance(v, ast.Constant) and isinstance(v.value, str)]
+    line = text.splitlines()[(call.end_lineno or call.lineno) - 1]
+    followed = line[call.end_col_offset or 0 :]
+    template = re.compile(r"<|\.\.\.|\b[A-Z]{2,}\b")
+    return bool(values) and not any(template.search(c) for c in constants) and not followed.startswith("} ...")
 
 
 def test_a_finished_run_suggests_evaluating_it(data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -323,7 +323,7 @@ def test_an_undecodable_png_is_named_and_skip_bad_skips_it(tmp_path: Path) -> No
     _dump(images, folder / "val_images_png.pkl")
     with pytest.raises(UserError, match=r"cannot read image .*val_images_png.pkl row 0 \(cannot decode") as err:
         _prepare(tmp_path, tmp_path / "src", split_dir)
-    assert "--skip-bad" in str(err.value) and "\n" not in str(err.value)
+    assert "pass skip_bad" in str(err.value) and "\n" not in str(err.value)
     result = prepare(
         "tieredimagenet",
         tmp_path / "src",

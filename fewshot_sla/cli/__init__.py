@@ -15,7 +15,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from fewshot_sla.errors import UserError
+from fewshot_sla.cli.messages import CliVoice
+from fewshot_sla.errors import UserError, render, voice
 from fewshot_sla.preemption import Preempted, preemption_signals
 from fewshot_sla.version import __version__
 
@@ -65,7 +66,7 @@ class _ConsoleHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         label = "warning: " if record.levelno >= logging.WARNING else ""
-        sys.stderr.write(f"fewshot-sla: {label}{record.getMessage()}\n")
+        sys.stderr.write(f"fewshot-sla: {label}{render(record.getMessage(), CliVoice())}\n")
 
 
 def _show_library_messages() -> None:
@@ -78,6 +79,11 @@ def _show_library_messages() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _show_library_messages()
+    with voice(CliVoice()):  # the library's messages name flags and command lines here
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         with preemption_signals():  # SIGTERM, SIGUSR1, SIGUSR2: save what can be saved, then one line
             args = build_parser().parse_args(argv)

@@ -12,7 +12,7 @@ from fewshot_sla.data.catalog import open_store, prepare_command, user_datasets
 from fewshot_sla.data.prepare import LAYOUTS, prepare
 from fewshot_sla.data.root import resolve_data_root
 from fewshot_sla.data.store import DatasetStore, store_path
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, render
 from fewshot_sla.registry import ALL_REGISTRIES, DATASETS
 
 # The help texts a parser fills in only when its help is shown: action -> a function making its text.
@@ -235,7 +235,7 @@ def run_info(args: argparse.Namespace) -> int:
     if bad:
         raise UserError(
             f"stored content of {', '.join(bad)} no longer matches its fingerprint; rebuild with "
-            f"'{prepare_command(bad[0])} --force'"
+            f"'{render(prepare_command(bad[0], force=True))}'"
         )
     return 0
 
@@ -245,7 +245,7 @@ def _status(dataset: str, path: Path, verify: bool) -> dict[str, Any]:
     if not path.exists():
         return {"dataset": dataset, "path": str(path), "prepared": False}
     try:
-        return _summary(DatasetStore(path, rebuild=f"{prepare_command(dataset)} --force"), verify)
+        return _summary(DatasetStore(path, rebuild=prepare_command(dataset, force=True)), verify)
     except UserError as err:
         return {"dataset": dataset, "path": str(path), "prepared": False, "problem": str(err)}
 
@@ -261,7 +261,7 @@ def _text(s: dict[str, Any]) -> str:
     if "problem" in s:
         return f"{s['dataset']}: {s['problem']}"
     if not s["prepared"]:
-        return f"{s['dataset']}: not prepared (no {s['path']}); run '{prepare_command(s['dataset'])}'"
+        return f"{s['dataset']}: not prepared (no {s['path']}); run '{render(prepare_command(s['dataset']))}'"
     lines = [
         f"{s['dataset']}: {s['path']}",
         f"  source format {s['source_format']}, image size {s['image_size']}, split convention {s['split_convention']}",

@@ -11,7 +11,7 @@ from fewshot_sla.data.conventions import load_convention
 from fewshot_sla.data.root import resolve_data_root
 from fewshot_sla.data.store import store_path
 from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, render
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -132,7 +132,7 @@ def _describe(episode_set: EpisodeSet, path: Path) -> dict:
         "images_used": len(set(episode_set.positions.ravel().tolist())),
         "identifiers_sha256": episode_set.identifiers_fingerprint,
         "content_sha256": episode_set.content_hash,
-        "make_command": episode_set.make_command(),
+        "make_command": render(episode_set.make_command()),
     }
 
 
@@ -180,7 +180,7 @@ def run_verify(args: argparse.Namespace) -> int:
         print("  split content   identical to the one the set was drawn from")
         print(
             f"  regenerates     {'yes, bit for bit, with' if same else 'NO (another sampler version made it):'} "
-            f"{episode_set.make_command()}"
+            f"{render(episode_set.make_command())}"
         )
     else:
         print(

@@ -15,7 +15,7 @@ import yaml
 from fewshot_sla.cli.data import HelpTexts, help_from_registries, listed_help, positive_integer
 from fewshot_sla.config import RunConfig, base_type, check_values, help_text, knobs, read_config_values
 from fewshot_sla.cpu_memory import reuse_freed_memory
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, render
 from fewshot_sla.prediction_kinds import kind_label, kind_table
 from fewshot_sla.yaml_file import parse_yaml
 
@@ -344,9 +344,9 @@ def run_command(args: argparse.Namespace) -> int:
             assert plan is not None
             _reuse_memory_on_cpu(plan.device.type, args)
             if processes.writer and not args.quiet:
-                sys.stderr.write(f"fewshot-sla: {plan.memory.summary()}\n")
+                sys.stderr.write(f"fewshot-sla: {render(plan.memory.summary())}\n")
                 if plan.data_note:
-                    sys.stderr.write(f"fewshot-sla: {plan.data_note}\n")
+                    sys.stderr.write(f"fewshot-sla: {render(plan.data_note)}\n")
             report = execute_run(plan, max_steps=args.max_steps, progress=not args.quiet)
     finally:
         shutdown()
@@ -501,7 +501,7 @@ def compare_command(args: argparse.Namespace) -> int:
     lines = [
         f"A: {comparison.run_a.path}",
         f"B: {comparison.run_b.path}",
-        *([f"note: {comparison.note}"] if comparison.note else []),
+        *([f"note: {render(comparison.note)}"] if comparison.note else []),
         f"{n} paired test episodes (episode set {comparison.episode_set_hash[:12]})",
         f"  {'A':<8} {'B':<8} {'acc A %':>8} {'acc B %':>8} {'A-B %':>7} {'95% CI':>8} {'p (t)':>9} "
         f"{'p (Wilcoxon)':>12}  wins/losses/ties",

@@ -15,31 +15,38 @@ from pathlib import Path
 from fewshot_sla.data.prepare import USER_ATTR, USER_NAME, prepare
 from fewshot_sla.data.root import ENV_VAR, resolve_data_root
 from fewshot_sla.data.store import DatasetStore, store_path
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, command, note, setting
 from fewshot_sla.registry import DATASETS
 
 log = logging.getLogger(__name__)
 
 
-def prepare_command(dataset: str) -> str:
-    """The command that (re)builds the store of ``dataset``, for error messages."""
+def prepare_command(dataset: str, *, force: bool = False) -> str:
+    """The action that (re)builds the store of ``dataset`` (an ``errors.command`` marker), for error messages."""
     if dataset not in DATASETS:
-        return f"fewshot-sla data prepare {dataset} --source <DIR> --layout imagefolder"
+        return command("data prepare", dataset, source="<DIR>", layout="imagefolder", force=force)
     if DATASETS.get(dataset).generator is not None:
-        return f"fewshot-sla data prepare {dataset}"
-    return f"fewshot-sla data prepare {dataset} --source <PATH>"
+        return command("data prepare", dataset, force=force)
+    return command("data prepare", dataset, source="<PATH>", force=force)
 
 
-def user_prepare_command(store: DatasetStore) -> str:
-    """The command that rebuilds a store of the user's own images, with the options it was prepared with."""
+def user_prepare_command(store: DatasetStore, *, force: bool = False) -> str:
+    """The action that rebuilds a store of the user's own images, with the options it was prepared with."""
     attrs = store.attrs
-    parts = [f"fewshot-sla data prepare {store.path.stem} --source {attrs.get('source', '<DIR>')}"]
-    parts.append(f"--layout {attrs.get(USER_ATTR)} --image-size {store.image_size}")
+    split: dict[str, object] = {}
     if attrs.get("split_file"):
-        parts.append(f"--split-file {attrs['split_file']}")
+        split["split_file"] = attrs["split_file"]
     elif attrs.get("split_fractions"):
-        parts.append(f"--split-fractions {attrs['split_fractions']} --split-seed {attrs.get('split_seed', 0)}")
-    return " ".join(parts)
+        split.update(split_fractions=attrs["split_fractions"], split_seed=attrs.get("split_seed", 0))
+    return command(
+        "data prepare",
+        store.path.stem,
+        source=attrs.get("source", "<DIR>"),
+        layout=attrs.get(USER_ATTR),
+        image_size=store.image_size,
+        **split,
+        force=force,
+    )
 
 
 def is_user_store(path: Path) -> bool:
@@ -65,8 +72,9 @@ def user_datasets(data_root: str | os.PathLike | None = None) -> list[str]:
 def _unknown(dataset: str, root: Path, why: str = "") -> UserError:
     return UserError(
         f"unknown dataset '{dataset}'; choose one of: {', '.join(DATASETS.names() + user_datasets(root))}{why}, or "
-        f"prepare your own images under that name with 'fewshot-sla data prepare {dataset} --source DIR --layout "
-        f"imagefolder' (and the same --data-root / ${ENV_VAR})"
+        f"prepare your own images under that name with "
+        f"'{command('data prepare', dataset, source='DIR', layout='imagefolder')}' (and the same "
+        f"{setting('data_root')} / ${ENV_VAR})"
     )
 
 
@@ -75,10 +83,10 @@ def _user_store(dataset: str, root: Path) -> DatasetStore:
     path = store_path(dataset, root)
     if not USER_NAME.match(dataset) or not path.is_file():
         raise _unknown(dataset, root)
-    store = DatasetStore(path, rebuild=f"{prepare_command(dataset)} --force")
+    store = DatasetStore(path, rebuild=prepare_command(dataset, force=True))
     if store.attrs.get(USER_ATTR) is None:
         raise _unknown(dataset, root, f" ({path} is a store of no registered dataset nor of your own images)")
-    store.rebuild = f"{user_prepare_command(store)} --force"
+    store.rebuild = user_prepare_command(store, force=True)
     if store.dataset != dataset:
         raise UserError(
             f"store {path} holds the images prepared as '{store.dataset}', not '{dataset}'; rename it back to "
@@ -105,19 +113,19 @@ def open_store(dataset: str, data_root: str | os.PathLike | None = None) -> Data
             if info.generator is None:
                 raise UserError(
                     f"dataset '{dataset}' is not prepared in {root} (no {path.name}); run "
-                    f"'fewshot-sla data prepare {dataset} --source <PATH>' with <PATH> {info.source_hint} "
-                    f"(and the same --data-root / ${ENV_VAR})"
+                    f"'{command('data prepare', dataset, source='<PATH>')}' with <PATH> {info.source_hint} "
+                    f"(and the same {setting('data_root')} / ${ENV_VAR})"
                 )
             log.info("generating the %s dataset into %s (one-off, a few seconds)", dataset, path)
             prepare(dataset, data_root=root, progress=False, wait=True)  # a concurrent first use waits, then reuses
-        store = DatasetStore(path, rebuild=f"{prepare_command(dataset)} --force")
+        store = DatasetStore(path, rebuild=prepare_command(dataset, force=True))
     if not store.checked and path not in _NOTED and os.environ.get("RANK", "0") == "0":
         _NOTED.add(path)
         log.info(
             "note: %s has no content checksums (an older fewshot-sla prepared it), so its loads are not verified; "
             "rebuild it with '%s' to have them checked",
             path,
-            store.rebuild,
+            note(store.rebuild),
         )
     return store
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fewshot_sla.data.store import SPLIT_NAMES
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 from fewshot_sla.io_errors import io_error
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def load_convention(
     if packaged is None and split_dir is None:
         raise UserError(
             f"the '{name}' split has no packaged split files; the source must hold train/val/test.{ext} "
-            "beside images/, or pass --split-dir DIR"
+            f"beside images/, or pass {setting('split_dir')} DIR"
         )
     shipped = packaged_splits() / packaged if packaged is not None else None
     folder: Traversable
@@ -156,7 +156,7 @@ def _parse_ravi_csv(entry: Traversable, raw: bytes) -> dict[str, list[str]]:
         seen.add(row[0])
         per_class.setdefault(row[1], []).append(row[0])
     if not per_class:
-        raise UserError(f"split file {entry} lists no images; fill it or remove --split-dir")
+        raise UserError(f"split file {entry} lists no images; fill it or remove {setting('split_dir')}")
     return per_class
 
 

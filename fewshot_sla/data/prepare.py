@@ -38,7 +38,7 @@ from fewshot_sla.data.store import (
     store_path,
     writing,
 )
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 from fewshot_sla.locks import exclusive, lock_path
 from fewshot_sla.registry import DATASETS
 from fewshot_sla.version import __version__
@@ -111,13 +111,15 @@ def prepare(
             raise UserError(f"'{dataset}' is a built-in dataset; choose another name")
         if split_file is not None or split_fractions is not None or split_seed is not None:
             raise UserError(
-                f"--split-file, --split-fractions and --split-seed are for your own images (--layout imagefolder); "
-                f"'{dataset}' is a built-in dataset with its own split (--split-dir replaces its split files)"
+                f"{setting('split_file')}, {setting('split_fractions')} and {setting('split_seed')} are for "
+                f"your own images ({setting('layout')} imagefolder); "
+                f"'{dataset}' is a built-in dataset with its own split ({setting('split_dir')} replaces its "
+                "split files)"
             )
         info = DATASETS.get(dataset)
         size = info.image_size if image_size is None else image_size
     if not 1 <= size <= MAX_IMAGE_SIZE:
-        raise UserError(f"--image-size must be between 1 and {MAX_IMAGE_SIZE} pixels, got {size}")
+        raise UserError(f"{setting('image_size')} must be between 1 and {MAX_IMAGE_SIZE} pixels, got {size}")
     if user:
         plan = _user_images(dataset, size, source, split_file, split_fractions, split_seed, log)
     elif info.generator is not None:
@@ -181,7 +183,9 @@ def _generated(
 ) -> _Plan:
     assert info.generator is not None and info.generator_identity is not None
     if source is not None or split_dir is not None:
-        raise UserError(f"dataset '{info.name}' is generated from a seed; drop --source and --split-dir")
+        raise UserError(
+            f"dataset '{info.name}' is generated from a seed; drop {setting('source')} and {setting('split_dir')}"
+        )
     generator = info.generator
     return _Plan(
         source_format="generated",
@@ -200,11 +204,11 @@ def _imported(
     log: Callable[[str], None],
 ) -> _Plan:
     if source is None:
-        raise UserError(f"'data prepare {info.name}' needs --source PATH: {info.source_hint}")
+        raise UserError(f"'data prepare {info.name}' needs {setting('source')} PATH: {info.source_hint}")
     layout, root = _find_layout(info, Path(source).expanduser())
     chosen = Path(split_dir).expanduser() if split_dir is not None else layout.split_dir(root)
     if chosen is not None and not chosen.is_dir():
-        raise UserError(f"--split-dir {chosen} is not a folder; pass the folder holding the split files")
+        raise UserError(f"{setting('split_dir')} {chosen} is not a folder; pass the folder holding the split files")
     assert info.split_format is not None
     convention = load_convention(info.split_convention, info.split_format, info.packaged_splits, chosen)
     log(f"reading {info.title} from {root} ({layout.summary}); split convention: {convention.describe()}")
@@ -229,18 +233,22 @@ def _check_user_name(dataset: str, layout: str | None, split_dir: str | os.PathL
     """A new dataset name is fine for the user's own images given ``--layout imagefolder``."""
     if layout is None:
         raise UserError(
-            f"unknown dataset '{dataset}': to prepare your own images pass --layout imagefolder "
+            f"unknown dataset '{dataset}': to prepare your own images pass {setting('layout')} imagefolder "
             f"(built-in datasets: {', '.join(DATASETS.names())})"
         )
     if layout not in LAYOUTS:
-        raise UserError(f"unknown --layout '{layout}'; the layout of your own images is: {', '.join(LAYOUTS)}")
+        raise UserError(
+            f"unknown {setting('layout')} '{layout}'; the layout of your own images is: {', '.join(LAYOUTS)}"
+        )
     if not USER_NAME.match(dataset):
         raise UserError(
             f"dataset name {dataset!r} must be one word of letters, digits, '_', '.', '+' or '-' "
             "(it names the store file and run folders); choose another name"
         )
     if split_dir is not None:
-        raise UserError("--split-dir is for built-in datasets; split your own images with --split-file FILE")
+        raise UserError(
+            f"{setting('split_dir')} is for built-in datasets; split your own images with {setting('split_file')} FILE"
+        )
 
 
 def _check_replaceable(path: Path, dataset: str) -> None:
@@ -272,16 +280,22 @@ def _user_images(
         layouts=(imagefolder.IMAGEFOLDER,),
     )
     if source is None:
-        raise UserError(f"'data prepare {dataset} --layout imagefolder' needs --source DIR: {info.source_hint}")
+        raise UserError(
+            f"'data prepare {dataset} {setting('layout')} imagefolder' needs {setting('source')} DIR: "
+            f"{info.source_hint}"
+        )
     if split_file is not None and (split_fractions is not None or split_seed is not None):
-        raise UserError("--split-file gives the split itself; drop --split-fractions / --split-seed, or the file")
+        raise UserError(
+            f"{setting('split_file')} gives the split itself; drop {setting('split_fractions')} / "
+            f"{setting('split_seed')}, or the file"
+        )
     if isinstance(split_fractions, str):
         fractions = imagefolder.parse_fractions(split_fractions)
     else:
         fractions = imagefolder.DEFAULT_FRACTIONS if split_fractions is None else split_fractions
     seed = imagefolder.DEFAULT_SEED if split_seed is None else split_seed
     if seed < 0:
-        raise UserError(f"--split-seed must be a whole number >= 0, got {seed}")
+        raise UserError(f"{setting('split_seed')} must be a whole number >= 0, got {seed}")
     _, root = _find_layout(info, Path(source).expanduser())
     collection = imagefolder.scan(root)
     chosen = Path(split_file).expanduser() if split_file is not None else None
@@ -316,7 +330,7 @@ def _user_images(
 
 def _find_layout(info: DatasetInfo, source: Path) -> tuple[Layout, Path]:
     """The first of the dataset's layouts found in ``source``, with the folder holding it."""
-    hint = f"pass --source {info.source_hint}"
+    hint = f"pass {setting('source')} {info.source_hint}"
     if not source.exists():
         raise UserError(f"source {source} does not exist; {hint}")
     if not source.is_dir():
@@ -398,7 +412,8 @@ def _write_split(
             if isinstance(image, BadImage):
                 if not skip_bad:
                     raise UserError(
-                        f"cannot read image {image.path} ({image.reason}); replace it, or pass --skip-bad to skip it"
+                        f"cannot read image {image.path} ({image.reason}); replace it, or pass "
+                        f"{setting('skip_bad')} to skip it"
                     )
                 skipped.append(image.path)
         good = [i for i, image in zip(rows, loaded) if not isinstance(image, BadImage)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 
 ENV_VAR = "FEWSHOT_SLA_DATA"
 
@@ -14,7 +14,7 @@ def resolve_data_root(cli_value: str | os.PathLike | None = None) -> Path:
     """The data root a command should use, in order of precedence: flag, environment, default. A path that is,
     or lies below, a file is a UserError."""
     if cli_value:
-        root, source = Path(cli_value).expanduser(), "--data-root"
+        root, source = Path(cli_value).expanduser(), setting("data_root")
     elif os.environ.get(ENV_VAR):
         root, source = Path(os.environ[ENV_VAR]).expanduser(), f"${ENV_VAR}"
     else:

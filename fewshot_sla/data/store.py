@@ -41,6 +41,7 @@ import xxhash
 
 from fewshot_sla.data.disk_images import DiskImages
 from fewshot_sla.errors import UserError
+from fewshot_sla.errors import command as action
 from fewshot_sla.io_errors import IOFailure, errno_of, free_bytes, io_error
 
 FORMAT_VERSION = 1
@@ -444,7 +445,7 @@ class DatasetStore:
     def __init__(self, path: str | os.PathLike, rebuild: str | None = None) -> None:
         self.path = Path(path)
         dataset = self.path.stem
-        command = rebuild or f"fewshot-sla data prepare {dataset} --force"
+        command = rebuild or action("data prepare", dataset, force=True)
         self.rebuild = command
         try:
             with h5py.File(self.path, "r") as h5:

@@ -27,7 +27,7 @@ from fewshot_sla.data.catalog import check_dataset_name, open_store
 from fewshot_sla.data.store import IMAGENET_NORMALIZATION, DatasetStore, Normalization, Split
 from fewshot_sla.engine.checkpoint import load_checkpoint
 from fewshot_sla.episodes import CanonicalOrder, EpisodeBatch, EpisodeSet, EpisodeSpec
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, command, setting
 from fewshot_sla.io_errors import io_error
 from fewshot_sla.learners.base import Learner
 from fewshot_sla.objectives import Objective
@@ -43,9 +43,14 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asks for a CUDA GPU but none is visible; use --device cpu or auto")
+            raise UserError(
+                f"{setting('device')} {name} asks for a CUDA GPU but none is visible; use {setting('device')} "
+                "cpu or auto"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible; pick another index")
+            raise UserError(
+                f"{setting('device')} {name}: only {torch.cuda.device_count()} GPU(s) visible; pick another index"
+            )
     return device
 
 
@@ -83,7 +88,7 @@ def load_episode_file(path: str | os.PathLike[str], dataset: str, store: Dataset
     if episode_set.dataset != dataset:
         raise UserError(
             f"episode file {path} is for dataset '{episode_set.dataset}', not '{dataset}'; "
-            f"use a set made with 'fewshot-sla episodes make --dataset {dataset} ...'"
+            f"use a set made with '{command('episodes make', dataset=dataset)} ...'"
         )
     if episode_set.split not in store.split_names:
         raise UserError(f"episode file {path} uses split '{episode_set.split}', which the {dataset} store lacks")
@@ -102,16 +107,16 @@ def validation_spec(cfg: RunConfig) -> EpisodeSpec:
     return EpisodeSpec(cfg.val_ways or cfg.ways, cfg.val_shots or cfg.shots, cfg.queries)
 
 
-# The flags that set each kind of episodes' ways, shots and queries (validation queries are the test's).
-_SPEC_FLAGS = {"training": "--train-", "validation": "--val-"}
+# The prefix of the settings of each kind of episodes' ways, shots and queries (validation queries are the test's).
+_SPEC_PREFIXES = {"training": "train_", "validation": "val_"}
 
 
 def check_split(split: Split, spec: EpisodeSpec, what: str) -> None:
     """A UserError when ``split`` cannot serve ``spec`` (the message says which flag to change)."""
     try:
-        CanonicalOrder.of_split(split).check(spec, _SPEC_FLAGS.get(what, "--"))
+        CanonicalOrder.of_split(split).check(spec, _SPEC_PREFIXES.get(what, ""))
     except UserError as err:
-        message = str(err).replace("--val-queries", "--queries")  # there is no --val-queries
+        message = err.message.replace(setting("val_queries"), setting("queries"))  # there is no val_queries
         raise UserError(f"{what} episodes: {message}") from None
 
 
@@ -204,14 +209,15 @@ def check_channels(cfg: RunConfig, channels: int) -> None:
     if transform.channels is not None and transform.channels != channels:
         raise UserError(
             f"transformation '{cfg.transform}' permutes colour channels and needs {transform.channels}-channel "
-            f"images, but {cfg.dataset} has {channels}; choose a geometric one such as --transform rotation"
+            f"images, but {cfg.dataset} has {channels}; choose a geometric one such as {setting('transform')} rotation"
         )
     if channels == 3:
         return
     if cfg.augment:
         raise UserError(
-            f"--augment pads crops with black and jitters colour, which suits RGB photographs, but {cfg.dataset} is "
-            f"greyscale; drop --augment (or --set augment=false)"
+            f"{setting('augment')} pads crops with black and jitters colour, which suits RGB photographs, but "
+            f"{cfg.dataset} is "
+            f"greyscale; drop {setting('augment')} (or {setting('set')} augment=false)"
         )
     factory = BACKBONES.get(cfg.backbone or "conv4")
     in_channels = cfg.backbone_options.get("in_channels")
@@ -271,7 +277,7 @@ def _materialize(
 # ----- --init-from: another run's backbone weights -----
 
 BACKBONE_PREFIX = "backbone."  # the backbone's keys in a learner's state dict
-_ANOTHER_RUN = "give the folder of a run made by 'fewshot-sla run' to --init-from"
+_ANOTHER_RUN = f"give the folder of a run made by '{command('run')}' to {setting('init_from')}"
 
 
 @dataclass(frozen=True)
@@ -294,26 +300,30 @@ def read_init_source(cfg: RunConfig, run_dir: Path) -> InitSource:
     folder = Path(given).expanduser()
     if not folder.is_dir():
         what = "a file, not a run folder" if folder.exists() else "missing"
-        raise UserError(f"--init-from {given} is {what}; {_ANOTHER_RUN}")
+        raise UserError(f"{setting('init_from')} {given} is {what}; {_ANOTHER_RUN}")
     if folder.resolve() == Path(run_dir).resolve():
-        raise UserError(f"--init-from {given} is this run's own folder; {_ANOTHER_RUN}")
+        raise UserError(f"{setting('init_from')} {given} is this run's own folder; {_ANOTHER_RUN}")
     paths = RunPaths(folder)
     if not paths.config.is_file():
-        raise UserError(f"--init-from {given} is not a run folder (no {paths.config.name}); {_ANOTHER_RUN}")
+        raise UserError(f"{setting('init_from')} {given} is not a run folder (no {paths.config.name}); {_ANOTHER_RUN}")
     source_cfg = load_config(paths.config, f"the run folder is incomplete; {_ANOTHER_RUN}")
     ours, theirs = _backbone_text(cfg), _backbone_text(source_cfg)
     if ours != theirs:
         raise UserError(
-            f"{given} was trained with backbone {theirs}, this run builds {ours}; give this run the same --backbone "
-            "and --backbone-option values, or --init-from a run with this backbone"
+            f"{given} was trained with backbone {theirs}, this run builds {ours}; give this run the same "
+            f"{setting('backbone')} "
+            f"and {setting('backbone_options')} values, or {setting('init_from')} a run with this backbone"
         )
     file = paths.best_checkpoint if which == "best" else paths.last_checkpoint
     if not file.is_file():
         other = "last" if which == "best" else "best"
         has_other = (paths.last_checkpoint if which == "best" else paths.best_checkpoint).is_file()
-        fix = f"use --init-checkpoint {other}" if has_other else "train it until its first validation"
-        raise UserError(f"--init-from {given} has no {which} checkpoint ({file} is missing); {fix}, or {_ANOTHER_RUN}")
-    fix = f"give another run to --init-from (or --init-checkpoint {'last' if which == 'best' else 'best'})"
+        fix = f"use {setting('init_checkpoint')} {other}" if has_other else "train it until its first validation"
+        raise UserError(
+            f"{setting('init_from')} {given} has no {which} checkpoint ({file} is missing); {fix}, or {_ANOTHER_RUN}"
+        )
+    other = "last" if which == "best" else "best"
+    fix = f"give another run to {setting('init_from')} (or {setting('init_checkpoint')} {other})"
     digest = _sha256(file, fix)
     state = load_checkpoint(file, fix)
     model = state.get("model")
@@ -339,7 +349,7 @@ def init_backbone(learner: Learner, source: InitSource, cfg: RunConfig, channels
     if source.channels is not None and source.channels != channels:
         raise UserError(
             f"{given} was trained on {source.channels}-channel images ({source.config.dataset}), but this run's "
-            f"{cfg.dataset} has {channels}; --init-from a run trained on {channels}-channel images"
+            f"{cfg.dataset} has {channels}; {setting('init_from')} a run trained on {channels}-channel images"
         )
     target = learner.backbone.state_dict()
     lacking = [k for k in target if k not in source.backbone]
@@ -347,7 +357,8 @@ def init_backbone(learner: Learner, source: InitSource, cfg: RunConfig, channels
     if lacking or extra:
         parts = ([f"lacks {_some(lacking)}"] if lacking else []) + ([f"has {_some(extra)}"] if extra else [])
         raise UserError(
-            f"the backbone of {given} differs from this run's: it {' and '.join(parts)}; --init-from a run with "
+            f"the backbone of {given} differs from this run's: it {' and '.join(parts)}; "
+            f"{setting('init_from')} a run with "
             "this backbone"
         )
     for key, value in target.items():
@@ -355,7 +366,7 @@ def init_backbone(learner: Learner, source: InitSource, cfg: RunConfig, channels
         if theirs.shape != value.shape:
             raise UserError(
                 f"the backbone of {given} differs from this run's: {key} is {list(theirs.shape)} there, "
-                f"{list(value.shape)} here; --init-from a run with this backbone"
+                f"{list(value.shape)} here; {setting('init_from')} a run with this backbone"
             )
     with torch.no_grad():
         learner.backbone.load_state_dict(source.backbone, strict=True)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fewshot_sla.atomic import atomic_path
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 from fewshot_sla.io_errors import io_error, write_error
 
 
@@ -28,7 +28,7 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
         raise write_error(err, path, "the checkpoint") from None
 
 
-def load_checkpoint(path: Path, fix: str = "train the run again with --overwrite") -> dict[str, Any]:
+def load_checkpoint(path: Path, fix: str = f"train the run again with {setting('overwrite')}") -> dict[str, Any]:
     """Read a checkpoint onto the CPU; a missing, unreadable or damaged file is a UserError ending in ``fix``.
 
     A checkpoint is a zip archive whose every record carries a CRC-32 (torch writes them, but does not check
@@ -71,7 +71,7 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
     if missing:
         raise UserError(
             f"checkpoint lacks generator states {sorted(missing)}; it is from another version, "
-            "start the run again with --overwrite"
+            f"start the run again with {setting('overwrite')}"
         )
     for name, g in generators.items():
         g.set_state(saved[name])

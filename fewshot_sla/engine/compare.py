@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from fewshot_sla.engine.stats import PairedComparison, paired_comparison
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, command, render, setting
 from fewshot_sla.finished_run import FinishedRun
 from fewshot_sla.prediction_kinds import display_order, headline_kind, kind_label
 
@@ -35,7 +35,7 @@ class Comparison:
     run_b: FinishedRun
     episode_set_hash: str
     pairs: list[PairedResult]
-    note: str | None = None
+    note: str | None = None  # with errors.py markers: read it through errors.render
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (accuracies and differences in percent, p-values as they are)."""
@@ -51,7 +51,7 @@ class Comparison:
             "run_a": str(self.run_a.path),
             "run_b": str(self.run_b.path),
             "episode_set_hash": self.episode_set_hash,
-            "note": self.note,
+            "note": None if self.note is None else render(self.note),  # in the voice in effect (errors.py)
             "comparisons": out,
         }
 
@@ -96,7 +96,7 @@ def compare_runs(
         wanted = [(headline_kind(kinds_a), headline_kind(kinds_b))]
         note = (
             f"pairing A's {kind_label(wanted[0][0])} with B's {kind_label(wanted[0][1])} (the runs share no "
-            "prediction kind; choose others with --kind-a/--kind-b)"
+            f"prediction kind; choose others with {setting('kind_a')}/{setting('kind_b')})"
         )
     for ka, kb in wanted:
         for k, kinds, run in ((ka, kinds_a, run_a), (kb, kinds_b, run_b)):
@@ -129,12 +129,12 @@ def _common_episode_set(a: FinishedRun, b: FinishedRun, prefix: str | None) -> s
             )
     if not common:
         target = a.evaluation.episode_set.dataset
-        other = f" --dataset {target}" if target != b.results.dataset else ""  # B tested on A's data: cross-domain
+        other = target if target != b.results.dataset else None  # B tested on A's data: cross-domain
         raise UserError(
             f"the runs were evaluated on different episode sets ({a.path}: "
             f"{a.evaluation.episode_set.hash[:12]}, {b.path}: "
             f"{b.evaluation.episode_set.hash[:12]}); evaluate both on one set, e.g. "
-            f"'fewshot-sla eval {b.path}{other} --episodes-file {a.episode_set_file(a.evaluation)}'"
+            f"'{command('eval', b.path, dataset=other, episodes_file=a.episode_set_file(a.evaluation))}'"
         )
     latest_a, latest_b = a.evaluation.episode_set.hash, b.evaluation.episode_set.hash
     for h in (latest_a, latest_b):

@@ -18,7 +18,7 @@ import torch
 
 from fewshot_sla.data.store import DatasetStore, Split
 from fewshot_sla.engine.memory import Budget, gib, host_memory, processes_on_machine
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 
 DATA_SHARE = 0.5  # of the memory where the splits live
 
@@ -28,9 +28,9 @@ def data_budget(device: torch.device, local_processes: int = 1, budget_gb: float
     if budget_gb is not None:
         if not (budget_gb >= 0 and math.isfinite(budget_gb)):
             raise UserError(
-                f"--data-memory must be a number of GB >= 0, got {budget_gb}; 0 reads every split from disk"
+                f"{setting('data_memory')} must be a number of GB >= 0, got {budget_gb}; 0 reads every split from disk"
             )
-        return Budget(int(budget_gb * 2**30), None, "--data-memory")
+        return Budget(int(budget_gb * 2**30), None, setting("data_memory"))
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return Budget(int(DATA_SHARE * free), int(free), f"half the GPU's free {gib(free)}")
@@ -62,7 +62,7 @@ class Placement:
     """The loaded splits and, when some stay on disk, one line saying so for the run's header."""
 
     splits: dict[str, Split]
-    note: str | None
+    note: str | None  # with errors.py markers: read it through errors.render
 
 
 def load_splits(
@@ -83,7 +83,11 @@ def load_splits(
     if on_disk:
         listed = ", ".join(f"{name} ({_size(sizes[name])})" for name in on_disk)
         assert budget.bytes is not None
-        where = budget.source if budget.source == "--data-memory" else f"{budget.source}; --data-memory GB sets it"
+        where = (
+            budget.source
+            if budget.source == setting("data_memory")
+            else f"{budget.source}; {setting('data_memory')} GB sets it"
+        )
         note = (
             f"data: {listed} read from {store.path} on demand, over the data budget of {_size(budget.bytes)} ({where})"
         )

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 
 BACKENDS = ("auto", "gloo", "nccl")
 # How long a collective waits for a silent process before the run stops (a dead or stuck peer).
@@ -120,7 +120,7 @@ def _collective(call: Any, *args: Any, **kwargs: Any) -> Any:
     except RuntimeError as err:  # gloo/nccl errors (DistBackendError is one), timeouts
         raise UserError(
             f"lost contact with another process of the run ({_reason(err)}); the run stopped at its last "
-            "checkpoint: resume it with the same launch command and --resume"
+            f"checkpoint: resume it with the same launch command and {setting('resume')}"
         ) from None
 
 
@@ -159,13 +159,16 @@ def process_device(processes: Processes, requested: str) -> torch.device:
     if not processes.active or requested == "cpu" or requested.startswith("cuda:"):
         if processes.active and requested.startswith("cuda:"):
             raise UserError(
-                f"--device {requested} names one GPU, but this run has {processes.world_size} processes; "
-                "use --device cuda (each process takes the GPU of its local rank) or --device cpu"
+                f"{setting('device')} {requested} names one GPU, but this run has {processes.world_size} processes; "
+                f"use {setting('device')} cuda (each process takes the GPU of its local rank) or "
+                f"{setting('device')} cpu"
             )
         return torch.device(requested if requested != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if not torch.cuda.is_available():
         if requested == "cuda":
-            raise UserError("--device cuda asks for GPUs but none is visible; use --device cpu or auto")
+            raise UserError(
+                f"{setting('device')} cuda asks for GPUs but none is visible; use {setting('device')} cpu or auto"
+            )
         return torch.device("cpu")
     return torch.device("cuda", processes.local_rank % torch.cuda.device_count())
 
@@ -174,25 +177,26 @@ def check_process_count(processes: Processes, device: torch.device, backend: str
     """The backend to use; too many processes for the cores or GPUs, or nccl without one GPU per process, is a
     UserError saying what works."""
     if backend not in BACKENDS:
-        raise UserError(f"--dist-backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
+        raise UserError(f"{setting('dist_backend')} must be one of {', '.join(BACKENDS)}, got '{backend}'")
     local = processes.local_world_size
     if device.type == "cpu":
         if backend == "nccl":
             raise UserError(
-                "--dist-backend nccl needs GPUs, but this run is on the CPU; use --dist-backend gloo (or auto)"
+                f"{setting('dist_backend')} nccl needs GPUs, but this run is on the CPU; use "
+                f"{setting('dist_backend')} gloo (or auto)"
             )
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         if local > cores:
             raise UserError(
                 f"{local} processes on this machine but only {cores} CPU core(s) for them; use "
-                f"--nproc-per-node {cores} or fewer"
+                f"{setting('nproc_per_node')} {cores} or fewer"
             )
         return "gloo"
     gpus = torch.cuda.device_count()
     if backend == "nccl" and local > gpus:
         raise UserError(
             f"nccl needs one GPU per process: {local} processes but {gpus} GPU(s) visible; use "
-            f"--nproc-per-node {gpus} or fewer, or --dist-backend gloo to share GPUs"
+            f"{setting('nproc_per_node')} {gpus} or fewer, or {setting('dist_backend')} gloo to share GPUs"
         )
     if backend == "auto":
         return "nccl" if local <= gpus else "gloo"

@@ -16,6 +16,7 @@ from fewshot_sla.engine.plan import RunPlan
 from fewshot_sla.engine.recipes import recipe_record
 from fewshot_sla.engine.run_evaluation import evaluate_checkpoint
 from fewshot_sla.engine.train import Trainer
+from fewshot_sla.errors import command, render
 from fewshot_sla.io_errors import IOFailure, write_error
 from fewshot_sla.preemption import Preempted, preemption_signals
 from fewshot_sla.results import MemoryRecord, RunPaths, RunRecord, git_commit, now_iso, transform_label, versions
@@ -57,7 +58,7 @@ def execute_run(
 def _after_failure(plan: RunPlan, err: BaseException) -> BaseException:
     """Clean up after a failed run and say what to do next."""
     paths = RunPaths(plan.run_dir)
-    resume = f"continue with 'fewshot-sla run --resume --out {plan.run_dir}'"
+    resume = f"continue with '{command('run', resume=True, out=plan.run_dir)}'"
     if isinstance(err, Preempted):
         return err.then(resume if paths.config.is_file() else "run the command again (nothing was written yet)")
     if isinstance(err, OSError):  # a plain write into the run folder failed (a full disk, say)
@@ -131,7 +132,7 @@ def _execute(plan: RunPlan, max_steps: int | None, progress: bool, callbacks: Se
             processes=processes.world_size,
             estimated_step_bytes=plan.memory.estimate,
             budget_bytes=plan.memory.budget,
-            budget=plan.memory.source,
+            budget=render(plan.memory.source),  # in the voice of the caller: --memory-budget from the CLI
             available_bytes=plan.memory.available,
             measured_peak_bytes=outcome.peak_bytes,
             measured_baseline_bytes=outcome.baseline_bytes,

@@ -29,12 +29,14 @@ from typing import Any
 
 from fewshot_sla.atomic import write_text_atomic
 from fewshot_sla.config import RunConfig, required
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 from fewshot_sla.registry import LOGGERS
 from fewshot_sla.results import RunPaths
 
 TENSORBOARD_DIR = "tensorboard"  # RUN_DIR/tensorboard/: the TensorBoard event files
-TENSORBOARD_MISSING = "--log tensorboard needs the tensorboard package: pip install 'fewshot-sla[tensorboard]'"
+TENSORBOARD_MISSING = (
+    f"{setting('log')} tensorboard needs the tensorboard package: pip install 'fewshot-sla[tensorboard]'"
+)
 
 
 class RunLogger:

@@ -47,7 +47,7 @@ from fewshot_sla.engine.distributed import SINGLE, Processes, process_device
 from fewshot_sla.engine.memory import FIT_MODES, MemoryPlan, memory_budget, plan_memory, profile_step
 from fewshot_sla.engine.recipes import apply_recipe
 from fewshot_sla.episodes import EpisodeSampler, EpisodeSet
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, command, setting
 from fewshot_sla.io_errors import read_text
 from fewshot_sla.learners.base import Learner
 from fewshot_sla.locks import exclusive, lock_path
@@ -73,7 +73,7 @@ class RunPlan:
     objective: Objective
     memory: MemoryPlan
     processes: Processes = SINGLE
-    data_note: str | None = None  # which splits are read from disk, when some are
+    data_note: str | None = None  # which splits are read from disk, when some are (errors.render reads it)
     init: InitRecord | None = None  # the checkpoint the backbone started from (``init_from``)
 
 
@@ -92,11 +92,11 @@ def plan_run(
 ) -> RunPlan:
     """Resolve and check a run without writing anything (every user mistake is a UserError here)."""
     if resume and overwrite:
-        raise UserError("--resume and --overwrite contradict each other; pass only one")
+        raise UserError(f"{setting('resume')} and {setting('overwrite')} contradict each other; pass only one")
     if fit_memory not in FIT_MODES:
-        raise UserError(f"--fit-memory must be one of {', '.join(FIT_MODES)}, got '{fit_memory}'")
+        raise UserError(f"{setting('fit_memory')} must be one of {', '.join(FIT_MODES)}, got '{fit_memory}'")
     if memory_budget_gb is not None and not (memory_budget_gb > 0 and math.isfinite(memory_budget_gb)):
-        raise UserError(f"--memory-budget must be a positive number of GB, got {memory_budget_gb}")
+        raise UserError(f"{setting('memory_budget')} must be a positive number of GB, got {memory_budget_gb}")
     run_dir = run_directory(cfg, out)
     if resume:
         cfg = _resumable_config(run_dir, overrides)
@@ -114,8 +114,9 @@ def plan_run(
     if episode_file is not None and episode_file.spec != test_spec:
         s = episode_file.spec
         raise UserError(
-            f"--episodes-file holds {s.ways}-way {s.shots}-shot {s.queries}-query episodes but the "
-            f"run tests {cfg.ways}-way {cfg.shots}-shot {cfg.queries}-query; match --ways/--shots/--queries"
+            f"{setting('episodes_file')} holds {s.ways}-way {s.shots}-shot {s.queries}-query episodes but the "
+            f"run tests {cfg.ways}-way {cfg.shots}-shot {cfg.queries}-query; match "
+            f"{setting('ways')}/{setting('shots')}/{setting('queries')}"
         )
     names = ["train", "val", "test"] + ([episode_file.split] if episode_file is not None else [])
     placement = load_splits(store, names, device, processes.local_world_size, data_memory_gb)
@@ -142,7 +143,7 @@ def plan_run(
             if not learner.supports_checkpointing
             else f"backbone '{cfg.backbone}' does not support it (built-in backbones that do: conv4, resnet12)"
         )
-        raise UserError(f"activation checkpointing is not available here: {why}; drop --checkpointing")
+        raise UserError(f"activation checkpointing is not available here: {why}; drop {setting('checkpointing')}")
     profile = None
     if fit_memory != "off":
         sampler = EpisodeSampler(splits["train"], train_spec, seed=derived_seed(cfg.seed, "memory-probe"))
@@ -191,7 +192,9 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
     """Hold the run folder's lock while a run or an evaluation writes it (one writer at a time), and clear the
     temporary files a killed writer left in it."""
     _check_location(run_dir)
-    with exclusive(lock_path(run_dir), f"run folder {run_dir}", "wait for it to end, or choose another --out"):
+    with exclusive(
+        lock_path(run_dir), f"run folder {run_dir}", f"wait for it to end, or choose another {setting('out')}"
+    ):
         remove_temporaries(run_dir, recursive=True)
         yield
 
@@ -200,19 +203,20 @@ def _check_scale(cfg: RunConfig, meta_batch: int, processes: Processes, device: 
     """The micro-batch and the process count must fit the meta-batch; SyncBatchNorm needs processes on GPUs."""
     if cfg.micro_batch is not None and cfg.micro_batch > meta_batch:
         raise UserError(
-            f"--micro-batch {cfg.micro_batch} is above the meta-batch of {meta_batch} episodes; use "
-            f"--micro-batch {meta_batch} or fewer"
+            f"{setting('micro_batch')} {cfg.micro_batch} is above the meta-batch of {meta_batch} episodes; use "
+            f"{setting('micro_batch')} {meta_batch} or fewer"
         )
     world = processes.world_size
     if meta_batch % world:
         counts = [n for n in range(1, meta_batch + 1) if meta_batch % n == 0]
         raise UserError(
             f"{world} processes cannot share a meta-batch of {meta_batch} episodes evenly; use a process count in "
-            f"{counts} or --meta-batch {world * max(1, round(meta_batch / world))}"
+            f"{counts} or {setting('meta_batch')} {world * max(1, round(meta_batch / world))}"
         )
     if cfg.sync_batchnorm and not (processes.active and device.type == "cuda"):
         raise UserError(
-            "--sync-batchnorm synchronises BatchNorm across processes on GPUs (torch's SyncBatchNorm has no CPU "
+            f"{setting('sync_batchnorm')} synchronises BatchNorm across processes on GPUs (torch's "
+            "SyncBatchNorm has no CPU "
             "kernel); launch several processes on GPUs with torchrun, or drop it"
         )
 
@@ -221,18 +225,20 @@ def _resumable_config(run_dir: Path, overrides: Mapping[str, Any]) -> RunConfig:
     """The stored configuration of an unfinished run, with the few flags allowed to change on resume."""
     paths = RunPaths(run_dir)
     if not paths.config.is_file():
-        raise UserError(f"nothing to resume in {run_dir} (no {paths.config.name}); start the run without --resume")
+        raise UserError(
+            f"nothing to resume in {run_dir} (no {paths.config.name}); start the run without {setting('resume')}"
+        )
     if is_finished(run_dir):  # a damaged results file is rebuilt by resuming (the last checkpoint is final)
         raise UserError(
-            f"{run_dir} already finished; re-evaluate it with 'fewshot-sla eval {run_dir}' "
-            "or start again with --overwrite"
+            f"{run_dir} already finished; re-evaluate it with '{command('eval', run_dir)}' "
+            f"or start again with {setting('overwrite')}"
         )
     stored = load_config(paths.config, INCOMPLETE_RUN)
     changed = [k for k, v in overrides.items() if k not in RESUME_FREE_KEYS and getattr(stored, k) != v]
     if changed:
         raise UserError(
-            f"--resume continues {run_dir} with its stored configuration, which differs in "
-            f"{', '.join(changed)}; drop those flags or start a new run with another --out"
+            f"{setting('resume')} continues {run_dir} with its stored configuration, which differs in "
+            f"{', '.join(changed)}; drop those flags or start a new run with another {setting('out')}"
         )
     return stored.updated({k: v for k, v in overrides.items() if k in RESUME_FREE_KEYS}, "command line")
 
@@ -243,8 +249,9 @@ def _init_source(cfg: RunConfig, run_dir: Path, resume: bool) -> InitSource | No
     if cfg.init_from is None:
         if cfg.init_checkpoint is not None:
             raise UserError(
-                f"--init-checkpoint {cfg.init_checkpoint} chooses a checkpoint of --init-from, which is not given; "
-                "add --init-from RUN_DIR or drop --init-checkpoint"
+                f"{setting('init_checkpoint')} {cfg.init_checkpoint} chooses a checkpoint of "
+                f"{setting('init_from')}, which is not given; "
+                f"add {setting('init_from')} RUN_DIR or drop {setting('init_checkpoint')}"
             )
         return None
     if resume and RunPaths(run_dir).last_checkpoint.is_file():
@@ -269,15 +276,16 @@ def _check_output_folder(run_dir: Path, overwrite: bool) -> None:
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not overwrite:
             if is_finished(run_dir):
-                advice = f"re-evaluate it with 'fewshot-sla eval {run_dir}', pass --overwrite to replace it"
+                advice = f"re-evaluate it with '{command('eval', run_dir)}', pass {setting('overwrite')} to replace it"
             elif RunPaths(run_dir).config.is_file():
-                advice = "pass --resume to continue it, --overwrite to replace it"
+                advice = f"pass {setting('resume')} to continue it, {setting('overwrite')} to replace it"
             else:
                 advice = "empty it"
-            raise UserError(f"output folder {run_dir} already exists; {advice}, or choose another --out")
+            raise UserError(f"output folder {run_dir} already exists; {advice}, or choose another {setting('out')}")
         if not RunPaths(run_dir).config.is_file():
             raise UserError(
-                f"--overwrite refuses to delete {run_dir}: it is not a fewshot-sla run folder; choose another --out"
+                f"{setting('overwrite')} refuses to delete {run_dir}: it is not a fewshot-sla run folder; "
+                f"choose another {setting('out')}"
             )
     _check_location(run_dir)
 
@@ -285,15 +293,18 @@ def _check_output_folder(run_dir: Path, overwrite: bool) -> None:
 def _check_location(run_dir: Path) -> None:
     """The run folder must be a folder, or creatable in a writable one."""
     if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {run_dir} is a file, not a folder; choose another --out")
+        raise UserError(f"{setting('out')} {run_dir} is a file, not a folder; choose another {setting('out')}")
     parent = run_dir
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise UserError(f"cannot create --out {run_dir}: {parent} is a file, not a folder; choose another --out")
+        raise UserError(
+            f"cannot create {setting('out')} {run_dir}: {parent} is a file, not a folder; choose another "
+            f"{setting('out')}"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
         why = "a read-only file system" if _read_only_file_system(parent) else "permission denied"
-        raise UserError(f"cannot write to {parent} ({why}); choose a writable --out")
+        raise UserError(f"cannot write to {parent} ({why}); choose a writable {setting('out')}")
 
 
 def _read_only_file_system(folder: Path) -> bool:

@@ -36,7 +36,7 @@ from fewshot_sla.engine.distributed import SINGLE, Processes, process_device
 from fewshot_sla.engine.evaluate import evaluate, fixed_test_set, unconverged_message
 from fewshot_sla.engine.stats import summarize
 from fewshot_sla.episodes import EpisodeSet
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 from fewshot_sla.finished_run import FinishedRun
 from fewshot_sla.learners.base import UNCONVERGED, Learner
 from fewshot_sla.objectives import Objective
@@ -254,7 +254,9 @@ def _results_in(out_dir: Path, run: FinishedRun, write: bool) -> FinishedRun:
     if RunPaths(out_dir).results.is_file():
         held = FinishedRun.open(out_dir)
         if (held.results.created, held.results.config) != (run.results.created, run.results.config):
-            raise UserError(f"--out {out_dir} holds the results of another run; choose another --out")
+            raise UserError(
+                f"{setting('out')} {out_dir} holds the results of another run; choose another {setting('out')}"
+            )
         return held
     if write:
         blocks = [run.evaluation, *run.evaluations]

@@ -51,7 +51,7 @@ from fewshot_sla.engine.evaluate import evaluate, validation_episode_set
 from fewshot_sla.engine.loggers import RunLogger, open_loggers, validation_ci95
 from fewshot_sla.engine.memory import PeakMeter
 from fewshot_sla.episodes import EpisodeBatch, EpisodeSampler
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 from fewshot_sla.learners.base import Learner
 from fewshot_sla.objectives import Objective
 from fewshot_sla.prediction_kinds import headline_kind
@@ -218,7 +218,7 @@ class Trainer:
     def _restore(self) -> None:
         ckpt = load_checkpoint(
             self.paths.last_checkpoint,
-            "delete it to retrain from the start with --resume, or start again with --overwrite",
+            f"delete it to retrain from the start with {setting('resume')}, or start again with {setting('overwrite')}",
         )
 
         def computed(config: Any) -> dict[str, Any]:
@@ -229,7 +229,7 @@ class Trainer:
         if computed(ckpt.get("config")) != computed(self.cfg.to_dict()):
             raise UserError(
                 f"{self.paths.last_checkpoint} belongs to another configuration than "
-                f"{self.paths.config}; start again with --overwrite"
+                f"{self.paths.config}; start again with {setting('overwrite')}"
             )
         self.learner.load_state_dict(ckpt["model"])
         self.objective.load_state_dict(ckpt["objective"])
@@ -444,13 +444,13 @@ class Trainer:
         """The error of a non-finite loss, naming the last good checkpoint if one was saved."""
         if self.saved_step is not None:
             kept = f"the last good checkpoint, {self.paths.last_checkpoint} (step {self.saved_step}), is kept"
-            restart = "start again with --overwrite"
+            restart = f"start again with {setting('overwrite')}"
         else:
             kept = "no checkpoint had been saved yet"
             restart = "run again"
-        amp = " or turn off --amp" if self.cfg.amp else ""
+        amp = f" or turn off {setting('amp')}" if self.cfg.amp else ""
         return UserError(
-            f"training diverged: the loss is {loss} at step {self.state.step + 1}; {kept}; lower --lr (now "
+            f"training diverged: the loss is {loss} at step {self.state.step + 1}; {kept}; lower {setting('lr')} (now "
             f"{self.cfg.lr}){amp}, then {restart}"
         )
 

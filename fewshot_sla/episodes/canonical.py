@@ -16,7 +16,7 @@ import torch
 
 from fewshot_sla.episodes.spec import EpisodeSpec
 from fewshot_sla.episodes.split import SplitLike
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 
 
 def identifiers_fingerprint(class_names: Sequence[str], class_sizes: np.ndarray, identifiers: Sequence[str]) -> str:
@@ -80,14 +80,14 @@ class CanonicalOrder:
         """sha256 over the ``class<TAB>identifier`` lines in canonical order: names the split's content."""
         return identifiers_fingerprint(self.class_names, self.class_sizes, self.identifiers)
 
-    def check(self, spec: EpisodeSpec, flags: str = "--") -> None:
-        """Raise a UserError when ``spec`` cannot be drawn from this split; the advice names the options
-        ``<flags>ways``, ``<flags>shots`` and ``<flags>queries`` (``--train-`` for the training episodes)."""
+    def check(self, spec: EpisodeSpec, prefix: str = "") -> None:
+        """Raise a UserError when ``spec`` cannot be drawn from this split; the advice names the settings
+        ``<prefix>ways``, ``<prefix>shots`` and ``<prefix>queries`` (``train_`` for the training episodes)."""
         n_classes = len(self.class_names)
         if spec.ways > n_classes:
             raise UserError(
                 f"{spec.ways}-way episodes need {spec.ways} classes but {self.where} has {n_classes}; "
-                f"use {flags}ways {n_classes} or fewer"
+                f"use {setting(prefix + 'ways')} {n_classes} or fewer"
             )
         smallest = int(np.argmin(self.class_sizes))
         size = int(self.class_sizes[smallest])
@@ -95,5 +95,5 @@ class CanonicalOrder:
             raise UserError(
                 f"{spec.shots} shots + {spec.queries} queries need {spec.per_class} images per class but "
                 f"class '{self.class_names[smallest]}' of {self.where} has {size}; "
-                f"lower {flags}shots/{flags}queries to at most {size} together"
+                f"lower {setting(prefix + 'shots')}/{setting(prefix + 'queries')} to at most {size} together"
             )

@@ -23,7 +23,7 @@ from fewshot_sla.episodes.rows import episode_batches
 from fewshot_sla.episodes.sampler import PositionSampler
 from fewshot_sla.episodes.spec import EpisodeSpec, whole_number
 from fewshot_sla.episodes.split import SplitLike
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, command
 
 # Episode sets are drawn this many episodes at a time (the last chunk cut short), so a set is a prefix of
 # any longer set made with the same seed from the same source. Changing it changes every set.
@@ -125,12 +125,19 @@ class EpisodeSet:
         return f"{dataset}-{split}-{spec.tag}-{count}-seed{seed}.npz"
 
     def make_command(self, out: str | Path | None = None) -> str:
-        """The ``fewshot-sla episodes make`` command that regenerates this set (into ``out``, if given)."""
+        """The ``episodes make`` action that regenerates this set (into ``out``, if given), an ``errors.command``
+        marker (``errors.render`` reads it)."""
         s = self.spec
-        return (
-            f"fewshot-sla episodes make --dataset {self.dataset} --split {self.split} --ways {s.ways} "
-            f"--shots {s.shots} --queries {s.queries} --count {self.count} --seed {self.seed}"
-            + (f" --out {out}" if out is not None else "")
+        return command(
+            "episodes make",
+            dataset=self.dataset,
+            split=self.split,
+            ways=s.ways,
+            shots=s.shots,
+            queries=s.queries,
+            count=self.count,
+            seed=self.seed,
+            out=out,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -151,7 +158,7 @@ class EpisodeSet:
         """Read a set written by ``save``; a missing, unreadable, edited or inconsistent file is a UserError."""
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"no episode set at '{path}'; check the path or make one with 'fewshot-sla episodes make'")
+            raise UserError(f"no episode set at '{path}'; check the path or make one with '{command('episodes make')}'")
         try:
             loaded = np.load(path, allow_pickle=False)
             if not isinstance(loaded, np.lib.npyio.NpzFile):
@@ -185,7 +192,7 @@ class EpisodeSet:
         except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
             raise UserError(
                 f"'{path}' is not a readable episode set ({type(err).__name__}: {err}); "
-                "regenerate it with 'fewshot-sla episodes make'"
+                f"regenerate it with '{command('episodes make')}'"
             ) from None
         if not intact:
             raise UserError(
@@ -228,7 +235,7 @@ class EpisodeSet:
         if dataset != self.dataset:
             raise UserError(
                 f"this episode set was made for dataset '{self.dataset}', not '{dataset}'; "
-                f"use a set made for '{dataset}' ('fewshot-sla episodes make --dataset {dataset} ...')"
+                f"use a set made for '{dataset}' ('{command('episodes make', dataset=dataset)} ...')"
             )
         if split != self.split:
             raise UserError(

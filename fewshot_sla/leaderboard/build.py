@@ -47,7 +47,7 @@ import numpy as np
 from fewshot_sla.atomic import atomic_path, write_text_atomic
 from fewshot_sla.config import RESULT_NEUTRAL_KEYS, RunConfig
 from fewshot_sla.engine.stats import PairedComparison, paired_comparison
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, command, setting
 from fewshot_sla.finished_run import FinishedRun
 from fewshot_sla.leaderboard import reproduction
 from fewshot_sla.leaderboard.published import PublishedResult
@@ -821,12 +821,12 @@ def build_leaderboard(
     """Read every finished run below ``runs_dir`` and write the tables and plots into ``out_dir``."""
     runs_dir, out = Path(runs_dir), Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; choose a folder for the leaderboard")
+        raise UserError(f"{setting('out')} {out} is a file; choose a folder for the leaderboard")
     entries, skipped = load_entries(runs_dir)
     if not entries:
         raise UserError(
             f"no finished run (results.json) under {runs_dir}; run "
-            f"'fewshot-sla leaderboard run GRID --runs-dir {runs_dir}' first"
+            f"'{command('leaderboard run', 'GRID', runs_dir=runs_dir)}' first"
         )
     main = [e for e in entries if e.main]  # one entry per run: its own test evaluation
     extra = [e for e in entries if not e.main]

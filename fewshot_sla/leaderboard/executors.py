@@ -32,7 +32,7 @@ from typing import Any, Protocol, TextIO
 from fewshot_sla.atomic import write_text_atomic
 from fewshot_sla.data.catalog import open_store
 from fewshot_sla.engine.memory import CONCURRENT_RUNS_VAR
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, command, setting
 from fewshot_sla.leaderboard.grid import Grid
 from fewshot_sla.preemption import PREEMPTION_SIGNALS, Preempted
 from fewshot_sla.results import RunPaths
@@ -284,7 +284,7 @@ def runs_folder(runs_dir: str | os.PathLike) -> Path:
     """``runs_dir`` as an absolute path; an existing file there is a UserError."""
     runs = Path(runs_dir).resolve()
     if runs.exists() and not runs.is_dir():
-        raise UserError(f"--runs-dir {runs} is a file; choose a folder")
+        raise UserError(f"{setting('runs_dir')} {runs} is a file; choose a folder")
     return runs
 
 
@@ -308,7 +308,7 @@ class LocalExecutor:
 
     def __init__(self, jobs: int = 1, runner: CellRunner = run_cell) -> None:
         if jobs < 1:
-            raise UserError(f"--jobs must be a positive integer, got {jobs}")
+            raise UserError(f"{setting('jobs')} must be a positive integer, got {jobs}")
         self.jobs = jobs
         self.runner = runner
 
@@ -455,8 +455,8 @@ def runs_dir_lock(runs_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise UserError(
-                f"another 'fewshot-sla leaderboard run' is working in {runs_dir}; wait for it to end "
-                "or choose another --runs-dir"
+                f"another '{command('leaderboard run')}' is working in {runs_dir}; wait for it to end "
+                f"or choose another {setting('runs_dir')}"
             ) from None
         try:
             yield

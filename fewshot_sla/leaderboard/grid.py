@@ -57,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from fewshot_sla.config import RunConfig, check_values, identity_values, knobs, read_config_values
 from fewshot_sla.engine.recipes import apply_recipe
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, command, setting
 from fewshot_sla.registry import ALL_REGISTRIES
 from fewshot_sla.validation import one_line_error
 from fewshot_sla.yaml_file import read_yaml
@@ -160,7 +160,7 @@ def _user_dataset(name: str, err: ValueError, base: Path | None, data_root: str 
     where = "its 'data_root'" if data_root else f"${ENV_VAR} or the default data root"
     raise ValueError(
         f"{err}; or, for your own images, prepare them into the grid's data root ({where}: {root}) with "
-        f"'fewshot-sla --data-root {root} data prepare {name} --source DIR --layout imagefolder'"
+        f"'{command('data prepare', name, data_root=root, source='DIR', layout='imagefolder')}'"
     )
 
 
@@ -462,7 +462,9 @@ def _cell(values: dict[str, Any], src: _Source) -> Cell:
     try:
         resolved = apply_recipe(RunConfig.from_mapping(values, f"grid {src.path}"))
     except UserError as err:
-        reason = re.sub(r"; fix --[\w-]+$", "; fix it in the grid", str(err))  # the grid, not a flag, set it
+        # The grid set the value, not a flag: "; fix <setting>" (config_error's hint) becomes "; fix it in the grid".
+        hint = re.escape(f"; fix {setting('NAME')}").replace("NAME", r"\w+")
+        reason = re.sub(hint + "$", "; fix it in the grid", err.message)
         raise UserError(f"grid {src.path}, cell {label}: {reason}") from None
     return Cell(cell_name(resolved), values, resolved)
 

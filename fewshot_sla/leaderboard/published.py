@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 from fewshot_sla.io_errors import read_text
 from fewshot_sla.package_data import published_table
 from fewshot_sla.yaml_file import parse_yaml
@@ -97,7 +97,9 @@ class PublishedResult:
 def load_published(path: str | Path = DEFAULT_PUBLISHED) -> list[PublishedResult]:
     """Read a published-number table; a malformed row is a UserError naming the file and row."""
     path = Path(path)
-    text = read_text(path, "the published-number table", "check --published or pass --no-published")
+    text = read_text(
+        path, "the published-number table", f"check {setting('published')} or pass {setting('no_published')}"
+    )
     reader = csv.DictReader(text.splitlines())
     header = reader.fieldnames or []
     missing = [c for c in REQUIRED if c not in header]

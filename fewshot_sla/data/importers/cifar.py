@@ -25,7 +25,7 @@ from fewshot_sla.data.importers.common import (
     stack_split,
 )
 from fewshot_sla.data.store import SPLIT_NAMES
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 
 FILES = ("train", "test", "meta")
 FOLDER = "cifar-100-python"
@@ -52,7 +52,7 @@ def _read(root: Path, convention: SplitConvention) -> Iterator[tuple[str, RawSpl
     if wanted - set(names):
         raise UserError(
             f"{meta} lacks {some_classes(wanted - set(names))} named by the split files; "
-            "check --source, or pass --split-dir with matching split files"
+            f"check {setting('source')}, or pass {setting('split_dir')} with matching split files"
         )
     parts = []
     for path in (train, test):
@@ -70,7 +70,9 @@ def _read(root: Path, convention: SplitConvention) -> Iterator[tuple[str, RawSpl
             fine = names.index(name)
             found = [(p, int(r)) for p, (_, _, labels) in enumerate(parts) for r in np.flatnonzero(labels == fine)]
             if not found:
-                raise UserError(f"{root} has no image of class '{name}' named by the {split} split; check --source")
+                raise UserError(
+                    f"{root} has no image of class '{name}' named by the {split} split; check {setting('source')}"
+                )
             rows[name] = found
             ids[name] = [f"{parts[p][0]}/{r}" for p, r in found]
         labels, flat, image_ids = stack_split(class_names, rows, ids)

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from fewshot_sla.data.conventions import SplitConvention
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 from fewshot_sla.io_errors import io_error
 
 
@@ -170,7 +170,10 @@ def check_same_classes(found: Iterable[str], expected: Iterable[str], where: str
         parts.append(f"lacks {some_classes(expected_set - found_set)} named by the {split} split")
     if found_set - expected_set:
         parts.append(f"has {some_classes(found_set - expected_set)} not in the {split} split")
-    raise UserError(f"{where} {' and '.join(parts)}; check --source, or pass --split-dir with matching split files")
+    raise UserError(
+        f"{where} {' and '.join(parts)}; check {setting('source')}, or pass {setting('split_dir')} with "
+        "matching split files"
+    )
 
 
 def some_classes(names: set[str]) -> str:
@@ -195,7 +198,8 @@ def ravi_ids_by_position(
         if counts[wnid] != len(files[wnid]):
             raise UserError(
                 f"{where} has {counts[wnid]} images of {wnid} but the {split} split file lists {len(files[wnid])}; "
-                "Ravi file names cannot be matched by position (pass --split-dir with the lists it was built from)"
+                f"Ravi file names cannot be matched by position (pass {setting('split_dir')} with the lists it "
+                "was built from)"
             )
     return files
 

@@ -20,7 +20,7 @@ from fewshot_sla.data.importers.common import (
     stack_split,
 )
 from fewshot_sla.data.store import SPLIT_NAMES
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 from fewshot_sla.io_errors import read_text
 
 FOLDER = "CUB_200_2011"
@@ -69,7 +69,7 @@ def _read(root: Path, convention: SplitConvention) -> Iterator[tuple[str, RawSpl
     if lacking:
         raise UserError(
             f"{root} has no image of {some_classes(lacking)} named by the split files; "
-            "check --source, or pass --split-dir with matching split files"
+            f"check {setting('source')}, or pass {setting('split_dir')} with matching split files"
         )
     images = root / "images"
     for split in SPLIT_NAMES:

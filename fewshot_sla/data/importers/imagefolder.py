@@ -30,7 +30,7 @@ from PIL import Image
 from fewshot_sla.data.conventions import SplitConvention
 from fewshot_sla.data.importers.common import Layout, RawSplit, files_of, some_classes, stack_split
 from fewshot_sla.data.store import SPLIT_NAMES
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 from fewshot_sla.io_errors import io_error
 
 LAYOUT = "imagefolder"
@@ -159,11 +159,13 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
     except ValueError:
         values = []
     if len(values) != 3 or not all(math.isfinite(v) for v in values):
-        raise UserError(f"--split-fractions must be three numbers TRAIN,VAL,TEST such as 0.64,0.16,0.20, got {text!r}")
+        raise UserError(
+            f"{setting('split_fractions')} must be three numbers TRAIN,VAL,TEST such as 0.64,0.16,0.20, got {text!r}"
+        )
     if any(v <= 0 for v in values):
-        raise UserError(f"--split-fractions must all be positive (every split needs classes), got {text!r}")
+        raise UserError(f"{setting('split_fractions')} must all be positive (every split needs classes), got {text!r}")
     if abs(sum(values) - 1) > 1e-6:
-        raise UserError(f"--split-fractions must sum to 1, got {text!r} (sum {sum(values):g})")
+        raise UserError(f"{setting('split_fractions')} must sum to 1, got {text!r} (sum {sum(values):g})")
     return values[0], values[1], values[2]
 
 
@@ -174,7 +176,8 @@ def split_sizes(count: int, fractions: Sequence[float]) -> tuple[int, int, int]:
     train = count - val - test
     if train < MIN_SPLIT_CLASSES:
         raise UserError(
-            f"--split-fractions {','.join(f'{f:g}' for f in fractions)} leave {max(train, 0)} of {count} classes "
+            f"{setting('split_fractions')} {','.join(f'{f:g}' for f in fractions)} leave {max(train, 0)} of "
+            f"{count} classes "
             f"for the train split (val {val}, test {test}); each split needs at least {MIN_SPLIT_CLASSES}: "
             "raise the train fraction or add classes"
         )
@@ -199,9 +202,9 @@ def read_split_file(path: Path, classes: Sequence[str]) -> dict[str, list[str]]:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise UserError(f"--split-file {path} does not exist; give the CSV of 'class,split' rows") from None
+        raise UserError(f"{setting('split_file')} {path} does not exist; give the CSV of 'class,split' rows") from None
     except IsADirectoryError:
-        raise UserError(f"--split-file {path} is a folder; give the CSV of 'class,split' rows") from None
+        raise UserError(f"{setting('split_file')} {path} is a folder; give the CSV of 'class,split' rows") from None
     except OSError as err:
         raise io_error(err, path, "read the split file") from None
     try:

@@ -32,7 +32,7 @@ from fewshot_sla.data.importers.common import (
     stack_split,
 )
 from fewshot_sla.data.store import SPLIT_NAMES
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 
 MINI_FILES = {
     "train": "miniImageNet_category_split_train_phase_train.pickle",
@@ -59,7 +59,9 @@ def _mini_class_names(obj: dict, by_label: dict[int, list[int]], expected: list[
             raise UserError(f"{path}: labels {unnamed[:3]} have no entry in 'catname2label'; the file is damaged")
         return {label: names[label] for label in by_label}
     if len(by_label) != len(expected):
-        raise UserError(f"{path} has {len(by_label)} classes but its split lists {len(expected)}; check --source")
+        raise UserError(
+            f"{path} has {len(by_label)} classes but its split lists {len(expected)}; check {setting('source')}"
+        )
     return dict(zip(sorted(by_label), expected))
 
 

@@ -31,7 +31,7 @@ from PIL import Image
 from fewshot_sla.data.conventions import SplitConvention
 from fewshot_sla.data.importers.common import BadImage, Layout, RawSplit, check_same_classes, stack_split
 from fewshot_sla.data.store import SPLIT_NAMES
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 from fewshot_sla.io_errors import io_error
 
 SETS = ("images_background", "images_evaluation")
@@ -133,7 +133,7 @@ def _reader(
         if not index:
             raise UserError(
                 f"{root} holds no Omniglot character images (images_background/<Alphabet>/characterNN/*.png); "
-                "check --source"
+                f"check {setting('source')}"
             )
         for split in SPLIT_NAMES:
             class_names = convention.classes[split]

@@ -19,7 +19,7 @@ from fewshot_sla.data.importers.common import (
     stack_split,
 )
 from fewshot_sla.data.store import SPLIT_NAMES
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 
 CSV_NAMES = tuple(f"{s}.csv" for s in SPLIT_NAMES)
 
@@ -55,7 +55,7 @@ def _read(root: Path, convention: SplitConvention) -> Iterator[tuple[str, RawSpl
     if lacking:
         raise UserError(
             f"{images} has no image of {some_classes(lacking)} named by the split files; "
-            "check --source, or pass --split-dir with matching split files"
+            f"check {setting('source')}, or pass {setting('split_dir')} with matching split files"
         )
     for split in SPLIT_NAMES:
         class_names = convention.classes[split]

@@ -49,7 +49,7 @@ from fewshot_sla.data.importers.common import (
 )
 from fewshot_sla.data.importers.imagefolder import image_extensions
 from fewshot_sla.data.store import SPLIT_NAMES
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 from fewshot_sla.io_errors import io_error, read_text
 
 PNG_FILES = {split: (f"{split}_images_png.pkl", f"{split}_labels.pkl") for split in SPLIT_NAMES}
@@ -127,7 +127,9 @@ def _wnids_of(names: list[str], used: list[int], path: Path, root: Path, wanted:
         candidates = [w for w in table.get(name, []) if w in wanted] or table.get(name, [])
         if len(candidates) != 1:
             found = "no" if not candidates else f"{len(candidates)} ({', '.join(candidates[:3])})"
-            raise UserError(f"{path}: class name {name!r} matches {found} wnids in {NAME_FILES[0]}; check --source")
+            raise UserError(
+                f"{path}: class name {name!r} matches {found} wnids in {NAME_FILES[0]}; check {setting('source')}"
+            )
         wnids[label] = candidates[0]
     seen: dict[str, int] = {}
     for label, wnid in wnids.items():

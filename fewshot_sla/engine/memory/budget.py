@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from fewshot_sla.errors import setting
+
 GIB = 1 << 30
 GPU_SHARE = 0.9  # of the free GPU memory
 CPU_SHARE = 0.9  # of the available RAM
@@ -91,5 +93,5 @@ def memory_budget(device: torch.device, local_processes: int, budget_gb: float |
             f"{gib(total or available)} RAM" + (f", split among {runs} processes" if runs > 1 else "")
         )
     if budget_gb is not None:
-        return Budget(int(budget_gb * GIB), available, "--memory-budget")
+        return Budget(int(budget_gb * GIB), available, setting("memory_budget"))
     return Budget(default, available, source)

@@ -10,7 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fewshot_sla.engine.memory.budget import Budget, gib
 from fewshot_sla.engine.memory.estimate import StepProfile
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 from fewshot_sla.learners.base import Learner
 
 FIT_MODES = ("auto", "check", "off")
@@ -89,17 +89,20 @@ def plan_memory(
         f"({budget.source})"
     )
     if options is not None:
-        flags = f"--micro-batch {options.micro_batch}" + (" --checkpointing" if options.checkpointing else "")
+        flags = f"{setting('micro_batch')} {options.micro_batch}" + (
+            f" {setting('checkpointing')}" if options.checkpointing else ""
+        )
         raise UserError(
             f"{need}; {flags} would need about {gib(options.estimate or 0)} (pass them, or "
-            "--fit-memory auto to choose), or raise --memory-budget"
+            f"{setting('fit_memory')} auto to choose), or raise {setting('memory_budget')}"
         )
     smallest = profile.estimate(1, can_checkpoint)
     spread = "spread the episodes over more processes (torchrun), " if share > 1 else ""
     raise UserError(
         f"{need}; even one episode per backward pass{' with checkpointing' if can_checkpoint else ''} "
-        f"needs about {gib(smallest)}: lower --train-ways, --train-queries or --image-size, use --amp, "
-        f"{spread}or raise --memory-budget"
+        f"needs about {gib(smallest)}: lower {setting('train_ways')}, {setting('train_queries')} or "
+        f"{setting('image_size')}, use {setting('amp')}, "
+        f"{spread}or raise {setting('memory_budget')}"
     )
 
 
