@@ -26,6 +26,8 @@ COMMAND_MODULES = (
     "fewshot_sla.cli.episodes",
     "fewshot_sla.cli.listing",
     "fewshot_sla.cli.run",
+    "fewshot_sla.cli.evaluate",
+    "fewshot_sla.cli.compare",
     "fewshot_sla.cli.predict",
     "fewshot_sla.cli.leaderboard",
 )
