@@ -26,30 +26,13 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from test_predict import TINY
 
 from fewshot_sla.cli import main
 from fewshot_sla.data import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = [
-    "--device",
-    "cpu",
-    "--quiet",
-    "--train-episodes",
-    "4",
-    "--val-every",
-    "4",
-    "--val-episodes",
-    "4",
-    "--eval-episodes",
-    "4",
-    "--queries",
-    "3",
-    "--train-queries",
-    "3",
-    "--image-size",
-    "16",
-]
+RUN = TINY  # the tiny run of the predict tests
 FULL = "no space is left on the device"
 
 DRIVER = r"""
