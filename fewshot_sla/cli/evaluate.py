@@ -81,10 +81,12 @@ def eval_command(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     save = out is not None or _writable(run_dir)
     processes = join_processes(args, args.device or "auto")
+    finished = False
     try:
         results = _evaluate_agreed(args, processes, out, save)
+        finished = True
     finally:
-        shutdown()
+        shutdown(together=finished)
     if not processes.writer:
         return 0
     from fewshot_sla.finished_run import typed_results

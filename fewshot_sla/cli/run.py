@@ -191,6 +191,7 @@ def run_command(args: argparse.Namespace) -> int:
     from fewshot_sla.engine.distributed import shutdown
 
     processes = join_processes(args, cfg.device)
+    finished = False
     try:
         with contextlib.ExitStack() as held:
             plan = None
@@ -221,8 +222,9 @@ def run_command(args: argparse.Namespace) -> int:
                 if plan.data_note:
                     sys.stderr.write(f"fewshot-sla: {render(plan.data_note)}\n")
             report = execute_run(plan, max_steps=args.max_steps, progress=not args.quiet)
+        finished = True
     finally:
-        shutdown()
+        shutdown(together=finished)
     if not processes.writer:
         return 0 if report.status != "interrupted" else 130
     resume = f"fewshot-sla run --resume --out {report.run_dir}"

@@ -11,6 +11,7 @@ alone writes. Backends: gloo on the CPU (or several processes sharing one GPU), 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -219,7 +220,13 @@ def initialize(processes: Processes, device: torch.device, backend: str) -> None
         ) from None
 
 
-def shutdown() -> None:
-    """Leave the process group (if this process joined one)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(*, together: bool) -> None:
+    """Leave the process group (if this process joined one). ``together`` (a normal exit, every process on the
+    same path): wait for the others first, so that no process tears down its connections while a peer still
+    uses them (gloo can abort a process then). After an error the others may never arrive: leave at once."""
+    if not dist.is_initialized():
+        return
+    if together:
+        with contextlib.suppress(RuntimeError):  # a peer already gone: nothing left to wait for
+            dist.barrier()
+    dist.destroy_process_group()
