@@ -159,12 +159,14 @@ def evaluate(
     dataset: str | None = None,
     data_root: PathLike | None = None,
     out: PathLike | None = None,
+    eval_head: str | None = None,
     progress: bool = False,
 ) -> FinishedRun:
     """Test a finished run's best checkpoint on another fixed episode set (a file, or the seed-0 set of
     ``eval_episodes`` episodes; ``dataset``: another prepared dataset's, cross-domain), add the evaluation to its
     results (or, with ``out``, to a copy of them there, leaving the run untouched) and return the run as read back
-    from where it was written; as ``fewshot-sla eval`` does."""
+    from where it was written; as ``fewshot-sla eval`` does. ``eval_head``: a pretraining run's embedding tested
+    with another head (nearest-centroid, logistic-regression, protonet), written to ``out`` only."""
     from fewshot_sla.engine.plan import run_folder_lock
     from fewshot_sla.engine.run_evaluation import evaluate_run
     from fewshot_sla.finished_run import FinishedRun
@@ -181,5 +183,6 @@ def evaluate(
             dataset=dataset,
             progress=progress,
             out_dir=out,
+            eval_head=eval_head,
         )
     return FinishedRun.open(target)

@@ -153,6 +153,11 @@ class Objective(nn.Module):
         """The ways of the episodes this objective hands the learner in training, for N-way training episodes."""
         return ways
 
+    def training_ways(self, ways: int) -> tuple[int, ...]:
+        """Every width of logits this objective asks of the learner in training, for N-way training episodes (a
+        pretraining learner keeps one classifier per width)."""
+        return (self.learner_ways(ways),)
+
     @property
     def prediction_copies(self) -> int:
         """How many copies of each image (the first ones of the transformation) the predictions use."""
@@ -316,6 +321,10 @@ class SelfDistillation(LabelAugmentation):
     """
 
     kinds: ClassVar[tuple[PredictionKind, ...]] = (SLA_SI, SLA_AG, SLA_SD)
+
+    def training_ways(self, ways: int) -> tuple[int, ...]:
+        """N*M (the joint prediction) and N (the distilled plain one)."""
+        return (self.learner_ways(ways), ways)
 
     def _joint_and_single(self, learner: Learner, episode: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """The augmented episode, its joint logits, and the plain logits (sharing one backbone pass

@@ -36,7 +36,7 @@ import inspect
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ from torch import nn
 
 from fewshot_sla import sla
 from fewshot_sla.episodes import EpisodeBatch
-from fewshot_sla.learners.base import CROSS_ENTROPY, MSE_SIGMOID, EmbeddingLearner, Learner
+from fewshot_sla.learners.base import CROSS_ENTROPY, EPISODIC, MSE_SIGMOID, PRETRAINING, EmbeddingLearner, Learner
 from fewshot_sla.objectives import CopiedEpisode, Objective
 from fewshot_sla.prediction_kinds import PredictionKind, kind_table
 from fewshot_sla.registry import BACKBONES, LEARNERS, OBJECTIVES, TRANSFORMS
@@ -588,7 +588,8 @@ def check_learner(
     backbone_factory, backbone_build, backbone_what = _backbone_factory(backbone, backbone_options)
     learner_options = dict(options or {})
 
-    def make() -> Learner:
+    def make(objective: str | None = None) -> Learner:
+        """The learner; a pretraining one with the classifiers ``objective`` trains (None: the plain WAYS-way)."""
         torch.manual_seed(0)
         body = _build(backbone_factory, backbone_build, backbone_what)
         with _step(what, f"building it as factory(backbone=<{backbone_what}>, **{learner_options})"):
@@ -600,6 +601,25 @@ def check_learner(
             "(or EmbeddingLearner, whose logits depend on the images through per-image embeddings only)",
         )
         assert isinstance(built, Learner)
+        _require(
+            built.regime in (EPISODIC, PRETRAINING),
+            what,
+            f"declares regime {built.regime!r}; choose {EPISODIC!r} or {PRETRAINING!r}",
+        )
+        if built.regime == PRETRAINING:  # the engine gives it a classifier per width its objective trains
+            _require(
+                isinstance(built, EmbeddingLearner) and callable(getattr(built, "add_classifier", None)),
+                what,
+                "declares the pretraining regime but is not an EmbeddingLearner with add_classifier(features, classes)",
+            )
+            features = _feature_dim(built.backbone, image_size, backbone_what)
+            widths: tuple[int, ...] = (WAYS,)
+            if objective is not None:
+                widths = OBJECTIVES.create(objective, transform="rotation", feature_dim=features).training_ways(WAYS)
+            add_classifier = cast(Callable[[int, int], None], built.add_classifier)
+            for classes in widths:
+                with _step(what, f"add_classifier({features}, {classes})"):
+                    add_classifier(features, classes)
         return built.to(dtype)
 
     with _isolated():
@@ -612,7 +632,7 @@ def check_learner(
             _check_learner_independent_in_training(make().train(), what, episode)
         feature_dim = _feature_dim(make().backbone, image_size, backbone_what)
         for name in objectives:
-            _check_learner_with_objective(make(), what, name, feature_dim, episode, dtype)
+            _check_learner_with_objective(make(name), what, name, feature_dim, episode, dtype)
 
 
 def _check_learner_attributes(learner: Learner, what: str) -> None:

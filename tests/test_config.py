@@ -9,8 +9,10 @@ import pytest
 
 from fewshot_sla.cli.messages import CliVoice
 from fewshot_sla.config import RunConfig, load_config
+from fewshot_sla.engine.build import regime
 from fewshot_sla.engine.recipes import _parse, add_recipe, apply_recipe, default_val_every, recipe_book
 from fewshot_sla.errors import UserError, voice
+from fewshot_sla.learners.base import PRETRAINING
 
 # The only fields a recipe-resolved configuration may leave empty (init_from/init_checkpoint: the seeded
 # initialisation; val_ways/val_shots: the test's; the memory plan resolves the last two).
@@ -182,7 +184,9 @@ def test_unknown_method_uses_the_generic_recipe_and_every_recipe_resolves() -> N
         empty = {k for k, v in resolved.to_dict().items() if v is None}
         # a constant learning rate needs no schedule span; a decaying one is anchored to its published budget
         constant = [] if resolved.lr_milestones else ["lr_schedule_episodes"]
-        assert empty == set(OPTIONAL_FIELDS + constant), method
+        # the pretraining regime trains on images of every class: its plan sets train_ways, no episode shape
+        images = ["train_ways", "train_shots", "train_queries"] if regime(resolved) == PRETRAINING else []
+        assert empty == set(OPTIONAL_FIELDS + constant + images), method
 
 
 @pytest.mark.parametrize("method", ["protonet", "metaoptnet-svm", "metaoptnet-ridge"])

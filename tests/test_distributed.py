@@ -166,6 +166,19 @@ def test_a_run_resumes_with_another_number_of_processes(data_root, single, tmp_p
     assert_same_parameters(single, out)
 
 
+# The pretraining regime with SLA's joint labels: RIDGE's run with 10 steps of 8 images instead of 4 episodes.
+PRETRAIN = ["--method", "pretrain", "--objective", "sla", *RIDGE[2:]]
+PRETRAIN[PRETRAIN.index("--meta-batch") + 1] = "8"
+
+
+def test_pretraining_trains_the_same_over_two_processes(data_root, tmp_path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert one_process(data_root, "run", *PRETRAIN, "--out", str(one)) == 0
+    proc = torchrun(data_root, "run", *PRETRAIN, "--out", str(two))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_parameters(one, two)  # each process classifies 4 of the 8 images of every step
+
+
 def test_second_order_maml_trains_the_same_over_two_processes(data_root, tmp_path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     assert one_process(data_root, "run", *MAML, "--out", str(one)) == 0

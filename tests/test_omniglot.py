@@ -215,8 +215,12 @@ def test_every_learner_trains_on_omniglot_with_and_without_sla(tmp_path, release
     objective = "sla" if transform == "rotation" else "baseline"
     out = tmp_path / "run"
     backbone = ["--backbone", "relation-conv4"] if method == "relationnet" else ["--backbone-option", "hidden=8"]
+    flags = TINY
+    if method == "pretrain":  # batches of single images of every training class: no training episode shape
+        flags = [f for i, f in enumerate(TINY) if not (f.startswith("--train-") or TINY[i - 1].startswith("--train-"))]
+        flags += ["--train-episodes", "2"]
     code, err = cli(capsys, tmp_path, "run", "--dataset", "omniglot", "--method", method, "--transform", transform,
-                    "--objective", objective, *backbone, *TINY, "--out", str(out))  # fmt: skip
+                    "--objective", objective, *backbone, *flags, "--out", str(out))  # fmt: skip
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     assert results["normalization"] == {"mean": [1.0], "std": [-1.0]}

@@ -58,6 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "or do not want to write to) instead of the run's folder; a read-only run without --out is evaluated and "
         "printed, nothing written",
     )
+    ev.add_argument(
+        "--eval-head",
+        metavar="NAME",
+        help="a pretraining run (--method pretrain) tested with another evaluation head: nearest-centroid, "
+        "logistic-regression or protonet; with --out DIR (the run's results describe its own head)",
+    )
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     add_process_flags(ev)
     add_data_memory_flag(ev)
@@ -139,7 +145,13 @@ def evaluation_notes(run: ResultsFile, block: EvaluationRecord) -> list[str]:
     if (s.ways, s.shots) != (run.ways, run.shots):
         notes.append(
             f"this episode set is {s.ways}-way {s.shots}-shot; the run was set up for {run.ways}-way "
-            f"{run.shots}-shot (trained on {train.ways}-way {train.shots}-shot episodes)"
+            f"{run.shots}-shot ("
+            + (
+                f"pretrained on batches of its {train.ways} training classes"
+                if train.shots == 0  # the pretraining regime
+                else f"trained on {train.ways}-way {train.shots}-shot episodes"
+            )
+            + ")"
         )
     if s.hash != main.hash:
         notes.append(
@@ -175,6 +187,7 @@ def _evaluate_agreed(args: argparse.Namespace, processes: Processes, out: Path |
                 data_memory_gb=args.data_memory,
                 out_dir=out,
                 save=save,
+                eval_head=args.eval_head,
             )
     except UserError as err:
         processes.agree(err)

@@ -21,10 +21,11 @@ def format_results(run: ResultsFile, run_dir: Path, block: EvaluationRecord | No
         f"transform {run.transform}, objective {run.objective}, seed {run.seed}",
     ]
     rate = train.episodes_per_s
+    unit = "images" if train.shots == 0 else "episodes"  # the pretraining regime's "episode" is one image
     lines.append(
-        f"trained {train.episodes} episodes in {train.time_s:.1f} s"
-        + (f" ({rate:.1f} episodes/s)" if rate else "")
-        + f", best validation at episode {train.best_episodes}"
+        f"trained {train.episodes} {unit} in {train.time_s:.1f} s"
+        + (f" ({rate:.1f} {unit}/s)" if rate else "")
+        + f", best validation at {unit[:-1]} {train.best_episodes}"
     )
     target = f" of {s.dataset}" if s.dataset != run.dataset else ""
     lines.append(

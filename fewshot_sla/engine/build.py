@@ -26,10 +26,11 @@ from fewshot_sla.config import RunConfig, load_config
 from fewshot_sla.data.catalog import check_dataset_name, open_store
 from fewshot_sla.data.store import IMAGENET_NORMALIZATION, DatasetStore, Normalization, Split
 from fewshot_sla.engine.checkpoint import load_checkpoint
-from fewshot_sla.episodes import CanonicalOrder, EpisodeBatch, EpisodeSet, EpisodeSpec
+from fewshot_sla.episodes import CanonicalOrder, EpisodeBatch, EpisodeSampler, EpisodeSet, EpisodeSpec
+from fewshot_sla.episodes.image_batches import ImageBatchSampler
 from fewshot_sla.errors import UserError, command, setting
 from fewshot_sla.io_errors import io_error
-from fewshot_sla.learners.base import Learner
+from fewshot_sla.learners.base import EPISODIC, PRETRAINING, Learner
 from fewshot_sla.objectives import Objective
 from fewshot_sla.registry import BACKBONES, DATASETS, LEARNERS, OBJECTIVES
 from fewshot_sla.results import InitRecord, RunPaths, is_finished
@@ -99,6 +100,37 @@ def episode_specs(cfg: RunConfig) -> tuple[EpisodeSpec, EpisodeSpec]:
     """The (training, test) episode specs of a resolved configuration."""
     train = EpisodeSpec(cfg.train_ways or cfg.ways, cfg.train_shots or cfg.shots, cfg.train_queries or cfg.queries)
     return train, EpisodeSpec(cfg.ways, cfg.shots, cfg.queries)
+
+
+def regime(cfg: RunConfig) -> str:
+    """How the run's learner trains: EPISODIC, or PRETRAINING (batches of images over every training class)."""
+    return str(getattr(LEARNERS.get(cfg.method), "regime", EPISODIC))
+
+
+def training_sampler(cfg: RunConfig, split: Split, spec: EpisodeSpec, seed: int) -> EpisodeSampler | ImageBatchSampler:
+    """The sampler of a run's training batches: N-way episodes of ``spec``, or for the pretraining regime shuffled
+    images of every class (``meta_batch`` images per step)."""
+    if regime(cfg) == PRETRAINING:
+        return ImageBatchSampler(split, seed=seed)
+    return EpisodeSampler(split, spec, seed=seed)
+
+
+def pretraining_classes(cfg: RunConfig, split: Split) -> RunConfig:
+    """A pretraining run's configuration with ``train_ways`` the number of training classes (every batch is labelled
+    among all of them); another value given, or training shots or queries, is a UserError."""
+    classes = len(split.class_names)
+    for key in ("train_shots", "train_queries"):
+        if getattr(cfg, key) is not None:
+            raise UserError(
+                f"the pretraining regime trains on batches of single images ({setting('meta_batch')} per step), "
+                f"not on episodes, so {setting(key)} means nothing there; leave it unset"
+            )
+    if cfg.train_ways is not None and cfg.train_ways != classes:
+        raise UserError(
+            f"the pretraining regime classifies among all {classes} training classes of '{cfg.dataset}', but "
+            f"{setting('train_ways')} is {cfg.train_ways}; leave it unset"
+        )
+    return cfg.updated({"train_ways": classes}, "pretraining regime")
 
 
 def validation_spec(cfg: RunConfig) -> EpisodeSpec:
@@ -178,6 +210,11 @@ def build_model(cfg: RunConfig, image_size: int, device: torch.device, channels:
         feature_dim = backbone.feature_dim(image_size)
         learner = _create("learner", LEARNERS, cfg.method, cfg.learner_options, backbone=backbone)
         objective = OBJECTIVES.create(cfg.objective, transform=transform, feature_dim=feature_dim)
+        if learner.regime == PRETRAINING:  # one classifier per width the objective trains (C, C*M)
+            if cfg.train_ways is None:
+                raise UserError(f"a pretraining run needs {setting('train_ways')}, its number of training classes")
+            for classes in objective.training_ways(cfg.train_ways):
+                learner.add_classifier(feature_dim, classes)
         learner.to(device)
         objective.to(device)
         _materialize(learner, objective, cfg, image_size, channels, device)

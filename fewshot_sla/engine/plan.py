@@ -38,18 +38,21 @@ from fewshot_sla.engine.build import (
     load_episode_file,
     open_dataset,
     pipeline_for,
+    pretraining_classes,
     read_init_source,
+    regime,
     resolve_device,
+    training_sampler,
     validation_spec,
 )
 from fewshot_sla.engine.data_placement import load_splits
 from fewshot_sla.engine.distributed import SINGLE, Processes, process_device
 from fewshot_sla.engine.memory import FIT_MODES, MemoryPlan, memory_budget, plan_memory, profile_step
 from fewshot_sla.engine.recipes import apply_recipe
-from fewshot_sla.episodes import EpisodeSampler, EpisodeSet
+from fewshot_sla.episodes import EpisodeSet
 from fewshot_sla.errors import UserError, command, setting
 from fewshot_sla.io_errors import read_text
-from fewshot_sla.learners.base import Learner
+from fewshot_sla.learners.base import PRETRAINING, Learner
 from fewshot_sla.locks import exclusive, lock_path
 from fewshot_sla.objectives import Objective
 from fewshot_sla.results import INCOMPLETE_RUN, InitRecord, RunPaths, default_run_dir, is_finished
@@ -124,7 +127,11 @@ def plan_run(
     if episode_file is None:
         check_split(splits["test"], test_spec, "test")
     check_split(splits["val"], validation_spec(cfg), "validation")
-    check_split(splits["train"], train_spec, "training")
+    if regime(cfg) == PRETRAINING:  # batches of every training class: the classifier's width is their number
+        cfg = pretraining_classes(cfg, splits["train"])
+        train_spec, _ = episode_specs(cfg)
+    else:
+        check_split(splits["train"], train_spec, "training")
     if episode_file is not None:
         episode_file.rows_in(splits[episode_file.split], cfg.dataset)
     pipeline = pipeline_for(cfg, store)
@@ -146,7 +153,7 @@ def plan_run(
         raise UserError(f"activation checkpointing is not available here: {why}; drop {setting('checkpointing')}")
     profile = None
     if fit_memory != "off":
-        sampler = EpisodeSampler(splits["train"], train_spec, seed=derived_seed(cfg.seed, "memory-probe"))
+        sampler = training_sampler(cfg, splits["train"], train_spec, derived_seed(cfg.seed, "memory-probe"))
         optimizer = str(cfg.optimizer)
         profile = profile_step(
             learner, objective, sampler, pipeline, meta_batch, optimizer, cfg.momentum or 0.0, cfg.amp

@@ -28,6 +28,7 @@ from fewshot_sla.engine.build import (
     load_episode_file,
     open_dataset,
     pipeline_for,
+    regime,
     resolve_device,
 )
 from fewshot_sla.engine.checkpoint import load_checkpoint
@@ -38,7 +39,8 @@ from fewshot_sla.engine.stats import summarize
 from fewshot_sla.episodes import EpisodeSet
 from fewshot_sla.errors import UserError, setting
 from fewshot_sla.finished_run import FinishedRun
-from fewshot_sla.learners.base import UNCONVERGED, Learner
+from fewshot_sla.learners.base import PRETRAINING, UNCONVERGED, Learner
+from fewshot_sla.learners.pretrain import DEFAULT_EVAL_HEAD, EVAL_HEADS
 from fewshot_sla.objectives import Objective
 from fewshot_sla.package_data import SHIPPED_SHOWN
 from fewshot_sla.prediction_kinds import headline_kind
@@ -163,6 +165,7 @@ def evaluate_run(
     data_memory_gb: float | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     save: bool = True,
+    eval_head: str | None = None,
 ) -> dict[str, Any]:
     """Re-evaluate a finished run's best checkpoint on another (or the same) fixed episode set (with several
     processes, each evaluates its share of the episodes; process 0 writes).
@@ -175,13 +178,19 @@ def evaluate_run(
     ``dataset``: test on that prepared dataset's test split instead (cross-domain, e.g. trained on mini-ImageNet,
     tested on CUB): its images are resized to the size the run's model saw in training, and its own fixed
     episode sets are used. Runs whose results.json predates ``image_size`` need their own store too, for that
-    size."""
+    size.
+
+    ``eval_head``: a pretraining run's embedding tested with another evaluation head (``pretrain``'s ``eval_head``
+    option: nearest-centroid, logistic-regression, protonet); the run's results describe its own head, so another
+    one is written to ``out_dir`` only, as a copy of the results that names it."""
     run_dir = Path(run_dir)
     run = previous = FinishedRun.open(run_dir)
     target_dir = Path(out_dir) if out_dir is not None else run_dir
-    if target_dir.resolve() != run_dir.resolve():
-        previous = _results_in(target_dir, run, save and processes.writer)
     cfg = run.config
+    if eval_head is not None:
+        cfg = _with_eval_head(cfg, eval_head, run_dir, moved=target_dir.resolve() != run_dir.resolve())
+    if target_dir.resolve() != run_dir.resolve():
+        previous = _results_in(target_dir, run, save and processes.writer, cfg)
     changes: dict[str, Any] = {}
     if device is not None:
         changes["device"] = device
@@ -227,8 +236,15 @@ def evaluate_run(
         )
     pipeline = ImagePipeline(model_size, store.image_size, None, store.normalization)
     learner, objective = build_model(cfg, pipeline.image_size, dev, channels)
+    document = previous.document
+    if eval_head is not None:  # the copy names the head it was tested with
+        document = {
+            **document,
+            "config": {**document["config"], "learner_options": cfg.learner_options},
+            "learner_settings": learner.settings(),
+        }
     return evaluate_checkpoint(
-        previous.document,
+        document,
         run_dir,
         cfg,
         learner,
@@ -248,12 +264,35 @@ def evaluate_run(
     )
 
 
-def _results_in(out_dir: Path, run: FinishedRun, write: bool) -> FinishedRun:
+def _with_eval_head(cfg: RunConfig, head: str, run_dir: Path, *, moved: bool) -> RunConfig:
+    """A pretraining run's configuration with another evaluation head; anything else is a UserError."""
+    if regime(cfg) != PRETRAINING:
+        raise UserError(
+            f"{run_dir} was trained by '{cfg.method}', which has no evaluation head to choose; "
+            f"{setting('eval_head')} is for runs of the pretraining regime ('pretrain')"
+        )
+    options = cfg.learner_options or {}
+    if head == options.get("eval_head", DEFAULT_EVAL_HEAD):
+        return cfg
+    if head not in EVAL_HEADS:
+        raise UserError(f"{setting('eval_head')} must be one of {', '.join(EVAL_HEADS)}, got '{head}'")
+    if not moved:
+        raise UserError(
+            f"the results of {run_dir} describe its own evaluation head, "
+            f"{options.get('eval_head', DEFAULT_EVAL_HEAD)}; write this one elsewhere with {setting('out')} DIR "
+            "(a copy of the run's results naming the head)"
+        )
+    return cfg.updated({"learner_options": {**options, "eval_head": head}}, "command line")
+
+
+def _results_in(out_dir: Path, run: FinishedRun, write: bool, cfg: RunConfig) -> FinishedRun:
     """The results that an evaluation written to ``out_dir`` adds to: those of an earlier evaluation of the same
-    run there, else a copy of the run's own, with the files its evaluations refer to (``write``: copied)."""
+    run (with the same configuration ``cfg``) there, else a copy of the run's own, with the files its evaluations
+    refer to (``write``: copied)."""
     if RunPaths(out_dir).results.is_file():
         held = FinishedRun.open(out_dir)
-        if (held.results.created, held.results.config) != (run.results.created, run.results.config):
+        expected = {**run.results.config, "learner_options": cfg.learner_options}
+        if (held.results.created, held.results.config) != (run.results.created, expected):
             raise UserError(
                 f"{setting('out')} {out_dir} holds the results of another run; choose another {setting('out')}"
             )

@@ -34,7 +34,7 @@ from torch import nn
 from fewshot_sla import preemption
 from fewshot_sla.config import RESUME_FREE_KEYS, RunConfig, required
 from fewshot_sla.data.store import Split
-from fewshot_sla.engine.build import ImagePipeline, derived_seed, episode_specs, validation_spec
+from fewshot_sla.engine.build import ImagePipeline, derived_seed, episode_specs, training_sampler, validation_spec
 from fewshot_sla.engine.callbacks import (
     Callback,
     ClockCheckpoint,
@@ -51,6 +51,7 @@ from fewshot_sla.engine.evaluate import evaluate, validation_episode_set
 from fewshot_sla.engine.loggers import RunLogger, open_loggers, validation_ci95
 from fewshot_sla.engine.memory import PeakMeter
 from fewshot_sla.episodes import EpisodeBatch, EpisodeSampler
+from fewshot_sla.episodes.image_batches import ImageBatchSampler
 from fewshot_sla.errors import UserError, setting
 from fewshot_sla.learners.base import Learner
 from fewshot_sla.objectives import Objective
@@ -170,7 +171,7 @@ class Trainer:
         train_spec, _ = episode_specs(cfg)
         self.train_spec = train_spec
         self.val_spec = validation_spec(cfg)
-        self.sampler = EpisodeSampler(train_split, train_spec, seed=derived_seed(cfg.seed, "train-episodes"))
+        self.sampler = training_sampler(cfg, train_split, train_spec, derived_seed(cfg.seed, "train-episodes"))
         self.augment_generator = torch.Generator(device=train_split.images.device)
         self.augment_generator.manual_seed(derived_seed(cfg.seed, "augment"))
         self.val_set = validation_episode_set(cfg.dataset, val_split, self.val_spec, cfg.val_episodes)
@@ -195,7 +196,9 @@ class Trainer:
 
     # ----- state -----
     def _generators(self) -> dict[str, torch.Generator]:
-        return {"sampler": self.sampler.positions.generator, "augment": self.augment_generator}
+        if isinstance(self.sampler, EpisodeSampler):
+            return {"sampler": self.sampler.positions.generator, "augment": self.augment_generator}
+        return {"augment": self.augment_generator}  # the image batches' state is their position (``_checkpoint``)
 
     def _checkpoint(self) -> dict[str, Any]:
         s = self.state
@@ -211,6 +214,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(self._generators()),
+            **({"image_batches": self.sampler.state_dict()} if isinstance(self.sampler, ImageBatchSampler) else {}),
             "config": self.cfg.to_dict(),
             "validated": not self.pending_validation,  # False: saved as the validation of this step began
         }
@@ -236,6 +240,8 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         restore_rng_state(ckpt["rng"], self._generators())
+        if isinstance(self.sampler, ImageBatchSampler):
+            self.sampler.load_state_dict(ckpt["image_batches"])
         self.saved_step = int(ckpt["step"])
         self.pending_validation = not ckpt.get("validated", True)
         self.state = TrainState(
@@ -458,10 +464,11 @@ class Trainer:
         """The ``train`` block of results.json."""
         s, cfg = self.state, self.cfg
         episodes = s.step * self.meta_batch
+        pretraining = isinstance(self.sampler, ImageBatchSampler)  # an "episode" is one image of the C classes
         return TrainSummary(
             ways=self.train_spec.ways,
-            shots=self.train_spec.shots,
-            queries=self.train_spec.queries,
+            shots=0 if pretraining else self.train_spec.shots,
+            queries=1 if pretraining else self.train_spec.queries,
             episodes=episodes,
             meta_batch=self.meta_batch,
             steps=s.step,

@@ -7,6 +7,7 @@ from fewshot_sla.learners import (
     metaoptnet_ridge,
     metaoptnet_svm,
     nearest_centroid,
+    pretrain,
     protonet,
     relationnet,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "metaoptnet_ridge",
     "metaoptnet_svm",
     "nearest_centroid",
+    "pretrain",
     "protonet",
     "relationnet",
 ]

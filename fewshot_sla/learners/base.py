@@ -13,6 +13,10 @@ UNCONVERGED = "_unconverged"
 # The training losses a learner's logits can ask for (``Learner.loss_kind``; the objectives apply them).
 CROSS_ENTROPY = "cross_entropy"  # softmax cross-entropy of the logits
 MSE_SIGMOID = "mse_sigmoid"  # mean squared error of sigmoid(logits) against one-hot targets (Relation Networks)
+# How a learner is trained (``Learner.regime``): on episodes (meta-training), or on shuffled batches of labelled
+# images over every training class (pretraining: ``episodes.ImageBatchSampler``, a classifier of its own).
+EPISODIC = "episodic"
+PRETRAINING = "pretraining"
 
 
 class Learner(nn.Module):
@@ -26,6 +30,10 @@ class Learner(nn.Module):
     # Whether each episode's logits depend on that episode alone, in training mode too (no statistics shared
     # across the episodes of a pass): then a meta-batch split into micro-batches gives the same gradient.
     episodes_independent: ClassVar[bool] = False
+    # How the trainer feeds it (EPISODIC or PRETRAINING). A PRETRAINING learner is an EmbeddingLearner whose training
+    # batches are B single images with no support, labelled among all ``ways`` training classes, and which gets
+    # ``add_classifier(features, classes)`` for each width its objective trains (``Objective.training_ways``).
+    regime: ClassVar[str] = EPISODIC
     # Whether the backbone's stages may be checkpointed (recomputed in backward from the module's parameters).
     supports_checkpointing: ClassVar[bool] = True
     # The loss the objectives train the logits with (CROSS_ENTROPY or MSE_SIGMOID); predictions take the arg-max.

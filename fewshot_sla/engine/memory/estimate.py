@@ -30,11 +30,13 @@ from torch import nn
 from fewshot_sla.backbones import checkpointing
 from fewshot_sla.engine.build import ImagePipeline
 from fewshot_sla.episodes import EpisodeSampler, EpisodeSpec
+from fewshot_sla.episodes.image_batches import ImageBatchSampler
 from fewshot_sla.learners.base import Learner
 from fewshot_sla.objectives import Objective
 
 PROBES = ((1, 1), (2, 1), (1, 2))  # (shots, queries) of the 2-way probe episodes
 PROBE_WAYS = 2
+IMAGE_PROBES = (1, 2, 4)  # images per probe batch of the pretraining regime (one-image episodes)
 
 
 @dataclass(frozen=True)
@@ -153,15 +155,15 @@ def static_bytes(learner: Learner, objective: Objective, optimizer: str, momentu
 def profile_step(
     learner: Learner,
     objective: Objective,
-    sampler: EpisodeSampler,
+    sampler: EpisodeSampler | ImageBatchSampler,
     pipeline: ImagePipeline,
     meta_batch: int,
     optimizer: str,
     momentum: float,
     amp: bool,
 ) -> StepProfile:
-    """Probe the memory of one training step of ``meta_batch`` episodes of ``sampler.spec`` (see the module)."""
-    spec = sampler.spec
+    """Probe the memory of one training step of ``meta_batch`` episodes of ``sampler.spec``, or of ``meta_batch``
+    single images for the pretraining regime's ``ImageBatchSampler`` (see the module)."""
     model, loss_of = copy.deepcopy(learner).train(), copy.deepcopy(objective).train()
     stages = checkpointing.stages_of(model.backbone)
     if stages:
@@ -170,24 +172,31 @@ def profile_step(
     probes, sizes = [], []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for i, (shots, queries) in enumerate(PROBES):
-            probe_spec = EpisodeSpec(min(PROBE_WAYS, spec.ways), shots, queries)
-            probe_sampler = EpisodeSampler(sampler.split, probe_spec, seed=i)
-            episode = pipeline.episode(probe_sampler.sample(1))
+            if isinstance(sampler, ImageBatchSampler):  # B one-image episodes: B query images, no support
+                images = IMAGE_PROBES[i]
+                episode = pipeline.episode(ImageBatchSampler(sampler.split, seed=i).sample(images))
+                sizes.append((0, images))
+            else:
+                probe_spec = EpisodeSpec(min(PROBE_WAYS, sampler.spec.ways), shots, queries)
+                episode = pipeline.episode(EpisodeSampler(sampler.split, probe_spec, seed=i).sample(1))
+                sizes.append((probe_spec.ways * shots, probe_spec.ways * queries))
             with _counting(model, stages) as counted, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss, _ = loss_of.loss(model, episode)
                 probes.append(counted())
             del loss, episode
-            sizes.append((probe_spec.ways * shots, probe_spec.ways * queries))
-    # saved = fixed + support_images * a + query_images * b, fitted exactly on the three probes.
+    # saved = fixed + support_images * a + query_images * b, fitted on the three probes (exactly, for episodes).
     design = np.array([[1.0, s, q] for s, q in sizes])
-    coef = np.linalg.solve(design, np.stack([p.vector() for p in probes]))
-    episode_rows = np.array([0.0, spec.ways * spec.shots, spec.ways * spec.queries])
+    coef = np.linalg.lstsq(design, np.stack([p.vector() for p in probes]), rcond=None)[0]
+    if isinstance(sampler, ImageBatchSampler):
+        support, query = 0, 1
+    else:
+        support, query = sampler.spec.ways * sampler.spec.shots, sampler.spec.ways * sampler.spec.queries
     image = pipeline.image_size * pipeline.image_size * pipeline.normalization.channels
-    inputs = meta_batch * spec.ways * spec.per_class * image * (1 + 4)  # uint8 gathered + float32 normalised
+    inputs = meta_batch * (support + query) * image * (1 + 4)  # uint8 gathered + float32 normalised
     return StepProfile(
         static=static_bytes(learner, objective, optimizer, momentum),
         inputs=inputs,
         fixed=Probe.from_vector(coef[0], len(stages)),
-        per_episode=Probe.from_vector(episode_rows @ coef, len(stages)),
+        per_episode=Probe.from_vector(np.array([0.0, support, query]) @ coef, len(stages)),
         stages=len(stages),
     )
