@@ -232,7 +232,7 @@ def test_one_real_cell_is_resumed_and_finished_end_to_end(tmp_path: Path, capsys
     (cell,) = load_grid(grid_file).cells
     runs, data = tmp_path / "runs", tmp_path / "data"
     config = tmp_path / "cell.yaml"
-    config.write_text(cell.to_yaml())
+    config.write_text(cell.to_yaml(tmp_path))
     assert (
         main(
             [
@@ -285,3 +285,51 @@ def test_a_slurm_job_of_two_tasks_runs_the_cell_as_one_distributed_run(
     assert results.data["memory"]["processes"] == 2
     logs = sorted(p.name for p in (tmp_path / "runs" / "_logs").iterdir())
     assert logs == [f"{cell.name}.log", f"{cell.name}.rank1.log"]
+
+
+CHAIN = """\
+name: chain
+datasets: [synthetic]
+methods:
+  - pretrain
+  - method: nearest-centroid
+    init_from: {method: pretrain}
+backbones: conv4
+variants:
+  - {transform: none, objective: baseline}
+  - {transform: rotation, objective: sla}
+shots: [1]
+settings: {train_episodes: 10}
+"""
+
+
+def test_a_cell_started_from_another_runs_after_it_with_its_folder(tmp_path: Path) -> None:
+    path = tmp_path / "grid.yaml"
+    path.write_text(CHAIN)
+    cells = {(c.config.method, c.config.objective): c for c in load_grid(path).cells}
+    runner = FakeRunner()
+    runs = tmp_path / "runs"
+    report = run_grid(load_grid(path), runs, LocalExecutor(jobs=2, runner=runner), stream=io.StringIO())
+    assert not report.failed
+    order = [task.name for task in runner.tasks]
+    for objective in ("baseline", "sla"):
+        source, started = cells[("pretrain", objective)], cells[("nearest-centroid", objective)]
+        assert started.source == source.name and order.index(source.name) < order.index(started.name)
+        assert load_config(runs / CELLS_DIR / f"{started.name}.yaml").init_from == str(runs.resolve() / source.name)
+        assert load_config(runs / CELLS_DIR / f"{source.name}.yaml").init_from is None
+
+
+def test_a_cell_whose_source_fails_is_not_run(tmp_path: Path) -> None:
+    path = tmp_path / "grid.yaml"
+    path.write_text(CHAIN)
+    grid = load_grid(path)
+    failing = next(c for c in grid.cells if c.config.method == "pretrain" and c.config.objective == "sla")
+    runner = FakeRunner(fail=(failing.name,))
+    report = run_grid(grid, tmp_path / "runs", LocalExecutor(runner=runner), stream=io.StringIO())
+    dependent = next(c for c in grid.cells if c.source == failing.name)
+    assert dependent.name not in [task.name for task in runner.tasks]
+    assert {o.name: o.error for o in report.failed} == {
+        failing.name: "bad cell: shots too large",
+        dependent.name: f"not run: the cell it starts from, {failing.name}, did not finish",
+    }
+    assert len(runner.tasks) == 3  # the other chain ran

@@ -111,7 +111,7 @@ def test_a_recipe_change_renames_exactly_the_cells_it_affects(tmp_path: Path, mo
         assert cell.config.lr == (0.002 if key[0] == "protonet" else 0.001)
     # The cell's configuration file is the resolved configuration: a run from it takes nothing from the recipe.
     assert (
-        load_config(write(tmp_path, after[("protonet", "sla", 1)].to_yaml(), "cell.yaml"))
+        load_config(write(tmp_path, after[("protonet", "sla", 1)].to_yaml(tmp_path), "cell.yaml"))
         == after[("protonet", "sla", 1)].config
     )
 
@@ -240,6 +240,36 @@ BAD = [
         "rule 1 matches no cell",
     ),
     ("not a mapping", "- a\n- b\n", "must hold a mapping"),
+    (
+        "init_from by a non-axis",
+        GRID.replace("  - maml", "  - {method: maml, init_from: {lr: 0.1}}"),
+        "line 7: init_from names the source cell by the grid axes that differ",
+    ),
+    (
+        "init_from a missing cell",
+        GRID.replace("  - maml", "  - {method: maml, init_from: {method: pretrain}}"),
+        "starts from the cell with dataset synthetic, method pretrain, backbone conv4, transform none, objective "
+        "baseline, ways 5, shots 1, seed 0, which the grid does not have",
+    ),
+    (
+        "init_from itself",
+        GRID.replace("  - maml", "  - {method: maml, init_from: {method: maml}}"),
+        "would start from itself",
+    ),
+    (
+        "init_from in a loop",
+        GRID.replace("  - maml", "  - {method: maml, init_from: {method: protonet}}").replace(
+            "    settings: {train_episodes: 30}", "    settings: {train_episodes: 30}\n    init_from: {method: maml}"
+        ),
+        "would start from itself",
+    ),
+    (
+        "init_from another backbone",
+        GRID.replace("  - maml", "  - {method: maml, init_from: {method: protonet}}").replace(
+            "    settings: {train_episodes: 30}", "    settings: {train_episodes: 30, backbone_options: {hidden: 8}}"
+        ),
+        "give both entries the same backbones",
+    ),
 ]
 
 

@@ -292,7 +292,7 @@ def write_cell_configs(grid: Grid, plan: GridPlan) -> None:
     """Write the configuration file of every pending cell (atomically)."""
     cells = {cell.name: cell for cell in grid.cells}
     for task in plan.tasks:
-        write_text_atomic(task.config_file, cells[task.name].to_yaml())
+        write_text_atomic(task.config_file, cells[task.name].to_yaml(plan.runs_dir))
 
 
 class Executor(Protocol):
@@ -497,6 +497,30 @@ class GridReport:
         return "\n".join(lines)
 
 
+def _run_in_waves(
+    grid: Grid, plan: GridPlan, executor: Executor, report: Callable[[CellOutcome], None]
+) -> list[CellOutcome]:
+    """Run the tasks, each cell after the cell it starts from (``Cell.source``): in waves, each one every task whose
+    source is finished; a cell whose source did not finish fails without running."""
+    source = {cell.name: cell.source for cell in grid.cells}
+    finished = set(plan.finished)
+    remaining, outcomes = list(plan.tasks), []
+    while remaining:
+        waiting = {task.name for task in remaining}
+        wave = [task for task in remaining if source[task.name] not in waiting]
+        remaining = [task for task in remaining if source[task.name] in waiting]
+        runnable = [task for task in wave if source[task.name] is None or source[task.name] in finished]
+        for task in wave:
+            if task not in runnable:
+                why = f"not run: the cell it starts from, {source[task.name]}, did not finish"
+                outcomes.append(CellOutcome(task.name, "failed", 0.0, why))
+                report(outcomes[-1])
+        ran = executor.run(runnable, report)
+        outcomes += ran
+        finished |= {outcome.name for outcome in ran if outcome.status == "finished"}
+    return outcomes
+
+
 def run_grid(
     grid: Grid,
     runs_dir: str | os.PathLike,
@@ -524,7 +548,7 @@ def run_grid(
             out.flush()
 
         try:
-            outcomes = executor.run(plan.tasks, report)
+            outcomes = _run_in_waves(grid, plan, executor, report)
         except KeyboardInterrupt:
             return GridReport(plan.finished, done, interrupted=True)
         except Preempted as stop:

@@ -14,6 +14,9 @@ A grid file (see ``benchmarks/grids/``)::
         shots: [1]                         # optional: else the grid's shots
         config: recipes/protonet.yaml   # optional recipe file (RunConfig YAML), relative to this file
         settings: {train_episodes: 600}    # optional RunConfig keys for this entry
+      - method: nearest-centroid
+        init_from: {method: pretrain}      # optional: start each cell from the backbone of the grid's cell that
+                                           # has these axes instead of its own (the others the same); it runs after it
     backbones: [resnet12]                  # optional default backbones
     variants:                              # the {transform, objective} axis
       - {transform: none, objective: baseline}
@@ -38,7 +41,10 @@ Everything is checked before anything runs: the file's structure by pydantic mod
 ranges), run settings as RunConfig values, each error one line naming the file line.
 
 A cell's identity (the hash ending its folder name) covers its fully resolved configuration, the published
-recipe included, so a changed recipe or setting never reuses the run folder of a cell it no longer describes.
+recipe included, so a changed recipe or setting never reuses the run folder of a cell it no longer describes. A cell
+started from another cell (``init_from`` in its entry) has that cell's name in its identity in place of a folder
+(``Cell.source``), so its name does not depend on where the runs go; the folder is filled in when its configuration
+file is written.
 """
 
 from __future__ import annotations
@@ -81,17 +87,24 @@ UNSET_FREE_KEYS = tuple(key for key, knob in knobs().items() if knob.identity ==
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
+SOURCE_CELL = "cell:"  # init_from in a cell's identity: the grid cell it starts from, by name
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One run of a grid: the values the grid sets, its resolved configuration, and its folder name."""
+    """One run of a grid: the values the grid sets, its resolved configuration, its folder name, and the cell whose
+    backbone it starts from (``source``; its ``config.init_from`` is then ``cell:<source>``)."""
 
     name: str
     values: dict[str, Any]
     config: RunConfig
+    source: str | None = None
 
-    def to_yaml(self) -> str:
-        """The resolved configuration as a ``fewshot-sla run --config`` file."""
-        return self.config.to_yaml()
+    def to_yaml(self, runs_dir: Path) -> str:
+        """The resolved configuration as a ``fewshot-sla run --config`` file, for the cells under ``runs_dir``."""
+        if self.source is None:
+            return self.config.to_yaml()
+        return self.config.updated({"init_from": str(runs_dir / self.source)}, "grid").to_yaml()
 
 
 @dataclass(frozen=True)
@@ -174,6 +187,20 @@ class _Entry(_Strict):
     shots: list[int] | None = None
     config: str | None = None
     settings: dict[str, Any] | None = None
+    init_from: dict[str, Any] | None = None  # grid axes -> values: the cell whose backbone each cell starts from
+
+    @field_validator("init_from")
+    @classmethod
+    def _source_axes(cls, axes: dict[str, Any] | None) -> dict[str, Any] | None:
+        if axes is None:
+            return None
+        unknown = sorted(set(axes) - set(AXES))
+        if unknown or not axes:
+            raise ValueError(
+                f"init_from names the source cell by the grid axes that differ ({', '.join(AXES)}), "
+                f"got {', '.join(unknown) or 'none'}"
+            )
+        return axes
 
     @field_validator("backbones", "shots", mode="before")
     @classmethod
@@ -390,8 +417,9 @@ def load_grid(path: str | Path) -> Grid:
             raise UserError(f"{src.at('rules', i)}: rule {i + 1} sets nothing; give it 'config' and/or 'settings'")
     used = [False] * len(rules)
     cells: dict[str, Cell] = {}
-    for (dataset, dataset_settings), (entry, entry_recipe, entry_settings) in itertools.product(
-        datasets.items(), entries
+    sources: dict[str, int] = {}  # cell name -> the index of the entry whose init_from names its source
+    for (dataset, dataset_settings), (index, (entry, entry_recipe, entry_settings)) in itertools.product(
+        datasets.items(), enumerate(entries)
     ):
         backbones = entry.backbones or grid.backbones or [entry_recipe.backbone if entry_recipe else None]
         for backbone, variant, n, k, seed in itertools.product(
@@ -427,16 +455,66 @@ def load_grid(path: str | Path) -> Grid:
             if cell.name in cells:
                 raise UserError(f"grid {path} gives the cell {cell.name} twice; remove the duplicate entry")
             cells[cell.name] = cell
+            if entry.init_from is not None:
+                sources[cell.name] = index
     for i, hit in enumerate(used):
         if not hit:
             raise UserError(
                 f"{src.at('rules', i)}: rule {i + 1} matches no cell of the grid; "
                 "fix its 'when' (values must be the grid's datasets, methods, backbones, ...)"
             )
+    if sources:
+        cells = _started_from_cells(cells, {name: grid.methods[i].init_from or {} for name, i in sources.items()}, src)
     root_path = (base / grid.data_root).resolve() if grid.data_root else None
     return Grid(
         grid.name or path.stem, path, grid.description.strip(), root_path, list(cells.values()), dict(grid.slurm or {})
     )
+
+
+def _axes_of(config: RunConfig) -> tuple[Any, ...]:
+    return tuple(getattr(config, axis) for axis in AXES)
+
+
+def _started_from_cells(cells: dict[str, Cell], changes: dict[str, dict[str, Any]], src: _Source) -> dict[str, Cell]:
+    """The cells with each ``init_from`` entry's cells started from their source cells: the cell with the axes the
+    entry names changed (the rest its own), which must be in the grid with the same backbone, not start from the
+    cell itself, directly or through others; renamed, since the source enters their identity (sources first)."""
+    by_axes = {_axes_of(cell.config): name for name, cell in cells.items()}
+    renamed: dict[str, Cell] = {}
+
+    def resolve(name: str, chain: tuple[str, ...]) -> Cell:
+        if name in renamed:
+            return renamed[name]
+        cell = cells[name]
+        if name not in changes:
+            renamed[name] = cell
+            return cell
+        axes = dict(zip(AXES, _axes_of(cell.config)))
+        wanted = {**axes, **changes[name]}
+        label = ", ".join(f"{axis} {wanted[axis]}" for axis in AXES)
+        source = by_axes.get(tuple(wanted[axis] for axis in AXES))
+        if source is None:
+            raise UserError(
+                f"grid {src.path}: cell {name} starts from the cell with {label}, which the grid does not have; "
+                "add it to the grid or fix the entry's init_from"
+            )
+        if source == name or source in chain:
+            raise UserError(f"grid {src.path}: cell {name} would start from itself through init_from; break the loop")
+        started = resolve(source, (*chain, name))
+        own, theirs = cell.config, started.config
+        if (own.backbone, own.backbone_options) != (theirs.backbone, theirs.backbone_options):
+            raise UserError(
+                f"grid {src.path}: cell {name} starts from {started.name}, whose backbone is {theirs.backbone} "
+                f"{theirs.backbone_options or ''}, not {own.backbone} {own.backbone_options or ''}; give both entries "
+                "the same backbones"
+            )
+        config = cell.config.updated({"init_from": SOURCE_CELL + started.name}, f"grid {src.path}")
+        renamed[name] = Cell(cell_name(config), cell.values, config, started.name)
+        return renamed[name]
+
+    for name in cells:
+        resolve(name, ())
+    return {cell.name: cell for cell in renamed.values()}
 
 
 def cell_identity(config: RunConfig) -> str:
