@@ -70,6 +70,8 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._families: dict[str, Callable[[str], T]] = {}
+        self._made: dict[str, T] = {}  # family entries made so far (not listed by ``names``)
         self._builtins_loaded = False
 
     def register(self, name: str | None = None, *, override: bool = False) -> Callable[[T], T]:
@@ -94,6 +96,21 @@ class Registry(Generic[T]):
         """Register ``obj`` under ``name`` without a decorator."""
         return self.register(name, override=override)(obj)
 
+    def add_family(self, prefix: str, make: Callable[[str], T]) -> None:
+        """Entries named ``prefix:NAME`` for any NAME, each made on first use by ``make(NAME)`` (which raises a
+        UserError for a NAME it cannot make), e.g. ``timm:resnet18``."""
+        self._families[prefix] = make
+
+    def _family_entry(self, name: str) -> T | None:
+        prefix, sep, rest = name.partition(":")
+        if not sep or prefix not in self._families:
+            return None
+        if not rest:
+            raise UserError(f"{self.kind} '{name}' names no model; write {prefix}:NAME")
+        if name not in self._made:
+            self._made[name] = self._families[prefix](rest)
+        return self._made[name]
+
     def _ensure_loaded(self) -> None:
         if not self._builtins_loaded:
             for module in _BUILTIN_MODULES.get(self.kind, ()):
@@ -108,7 +125,7 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         self._ensure_loaded()
-        return name in self._entries
+        return name in self._entries or (isinstance(name, str) and name.partition(":")[0] in self._families)
 
     def get(self, name: str) -> T:
         """The entry called ``name``; an unknown name is a UserError listing the valid ones."""
@@ -116,8 +133,13 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            valid = ", ".join(self.names()) or "(none registered)"
-            raise UserError(f"unknown {self.kind} '{name}'; choose one of: {valid}") from None
+            entry = self._family_entry(name)
+            if entry is not None:
+                return entry
+            valid = ", ".join(self.names()) + "".join(f", {prefix}:NAME" for prefix in sorted(self._families))
+            raise UserError(
+                f"unknown {self.kind} '{name}'; choose one of: {valid.strip(', ') or '(none registered)'}"
+            ) from None
 
     def create(self, name: str, **kwargs: Any) -> Any:
         """Call the entry called ``name`` (a class or factory) with ``kwargs``."""
