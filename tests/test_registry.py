@@ -61,6 +61,28 @@ def test_unknown_name_is_a_one_line_user_error_listing_the_valid_names():
         Registry("gadget").get("anything")
 
 
+def test_a_family_makes_its_entries_on_first_use_and_lists_only_its_pattern():
+    reg, made = widgets(), []
+
+    def make(name: str):
+        if name == "bad":
+            raise UserError("no such widget model")
+        made.append(name)
+        return {"model": name}
+
+    reg.add_family("kit", make)
+    assert "kit:anything" in reg and "kat:anything" not in reg
+    first = reg.get("kit:small")
+    assert first == {"model": "small"} and reg.get("kit:small") is first and made == ["small"]
+    assert reg.names() == ["maml", "maml-fo", "protonet"]  # made entries are not listed
+    with pytest.raises(UserError, match="no such widget model"):
+        reg.get("kit:bad")
+    with pytest.raises(UserError, match="widget 'kit:' names no model; write kit:NAME"):
+        reg.get("kit:")
+    with pytest.raises(UserError, match="choose one of: maml, maml-fo, protonet, kit:NAME"):
+        reg.get("protonett")
+
+
 def test_duplicate_names_are_rejected_unless_overridden():
     reg = widgets()
     original = reg.get("protonet")
