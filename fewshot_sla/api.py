@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fewshot_sla.errors import UserError
 
@@ -88,6 +88,42 @@ def prepare_image_folder(
         split_file=split_file,
         split_fractions=split_fractions,
         split_seed=split_seed,
+    )
+
+
+def prepare_torch_dataset(
+    name: str,
+    dataset: Any,
+    *,
+    data_root: PathLike | None = None,
+    image_size: int | None = None,
+    split_fractions: tuple[float, float, float] | None = None,
+    split_seed: int | None = None,
+    split_file: PathLike | None = None,
+    skip_bad: bool = False,
+) -> PrepareResult:
+    """Build a store named ``name`` from a map-style torch ``Dataset`` of ``(image, label)`` items (PIL images,
+    uint8 arrays or ``[C, H, W]`` tensors; classes named by ``dataset.classes`` when it has them): classes split
+    into train/val/test by ``split_file`` or by ``split_fractions`` (default 0.64/0.16/0.20, ``split_seed`` 0),
+    images resized to ``image_size`` (default 84); as ``fewshot-sla data prepare NAME --layout torch --source
+    MODULE:FACTORY`` does. The dataset is read anew on every call (its content cannot be checked otherwise)."""
+    from fewshot_sla.data.prepare import prepare
+    from fewshot_sla.registry import DATASETS
+
+    if name in DATASETS:
+        raise UserError(f"'{name}' is a registered dataset; use prepare_dataset, or another name for your images")
+    return prepare(
+        name,
+        None,
+        data_root,
+        image_size=image_size,
+        skip_bad=skip_bad,
+        progress=False,
+        layout="torch",
+        split_file=split_file,
+        split_fractions=split_fractions,
+        split_seed=split_seed,
+        torch_object=dataset,
     )
 
 

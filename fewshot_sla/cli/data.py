@@ -132,7 +132,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--layout",
         choices=LAYOUTS,
         help="prepare your own images under a new DATASET name: imagefolder = --source DIR holding one "
-        "subfolder of images per class (DIR/<class>/*.jpg|png|...); identifiers are paths relative to DIR",
+        "subfolder of images per class (DIR/<class>/*.jpg|png|...), identifiers the paths relative to DIR; torch = "
+        "--source MODULE:FACTORY, a function returning a map-style torch Dataset of (image, label) items, "
+        "identifiers the item indices (the dataset is read anew on every prepare)",
     )
     prep.add_argument(
         "--split-file",

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from fewshot_sla.atomic import atomic_path, remove_temporaries
 from fewshot_sla.data.conventions import load_convention
 from fewshot_sla.data.datasets import DatasetInfo
-from fewshot_sla.data.importers import imagefolder
+from fewshot_sla.data.importers import imagefolder, torch_dataset
 from fewshot_sla.data.importers.common import BadImage, Layout, RawSplit, resize_image
 from fewshot_sla.data.root import resolve_data_root
 from fewshot_sla.data.store import (
@@ -45,7 +45,7 @@ from fewshot_sla.version import __version__
 
 MAX_IMAGE_SIZE = 1024
 USER_ATTR = "user_dataset"  # store attribute marking a dataset of the user's own images: its layout (imagefolder)
-LAYOUTS = (imagefolder.LAYOUT,)  # the layouts ``--layout`` names, for datasets of the user's own images
+LAYOUTS = (imagefolder.LAYOUT, torch_dataset.LAYOUT)  # the layouts ``--layout`` names: the user's own images
 # A user dataset's name: it names the store file and run folders.
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _BATCH_BYTES = 8 << 20  # images decoded (in parallel) and appended to the store per step: about 8 MB
@@ -93,14 +93,17 @@ def prepare(
     split_file: str | os.PathLike | None = None,
     split_fractions: str | tuple[float, float, float] | None = None,
     split_seed: int | None = None,
+    torch_object: Any = None,
 ) -> PrepareResult:
     """Build ``<data_root>/<dataset>.h5`` from ``source`` (or from ``seed`` for a generated dataset). One prepare
     of a store runs at a time: another one is refused, or waited for (``wait``).
 
     A name no registered dataset has is a dataset of the user's own images: ``layout`` must then be
-    ``imagefolder`` (see ``importers/imagefolder.py``), split by ``split_file`` or by ``split_fractions`` (text
-    ``TRAIN,VAL,TEST`` or three floats; default 0.64/0.16/0.20) and ``split_seed`` (default 0), image size
-    ``image_size`` (default 84). Its store records ``user_dataset = "imagefolder"``, so it needs no registry entry.
+    ``imagefolder`` (see ``importers/imagefolder.py``) or ``torch`` (a map-style torch dataset: ``source``
+    ``MODULE:FACTORY``, or the dataset itself as ``torch_object``; ``importers/torch_dataset.py``), split by
+    ``split_file`` or by ``split_fractions`` (text ``TRAIN,VAL,TEST`` or three floats; default 0.64/0.16/0.20) and
+    ``split_seed`` (default 0), image size ``image_size`` (default 84). Its store records ``user_dataset`` (the
+    layout), so it needs no registry entry.
     """
     user = dataset not in DATASETS
     if user:
@@ -121,7 +124,9 @@ def prepare(
     if not 1 <= size <= MAX_IMAGE_SIZE:
         raise UserError(f"{setting('image_size')} must be between 1 and {MAX_IMAGE_SIZE} pixels, got {size}")
     if user:
-        plan = _user_images(dataset, size, source, split_file, split_fractions, split_seed, log)
+        plan = _user_images(
+            dataset, size, source, split_file, split_fractions, split_seed, log, str(layout), torch_object
+        )
     elif info.generator is not None:
         plan = _generated(info, seed, size, source, split_dir)
     else:
@@ -269,8 +274,11 @@ def _user_images(
     split_fractions: str | tuple[float, float, float] | None,
     split_seed: int | None,
     log: Callable[[str], None],
+    layout: str = imagefolder.LAYOUT,
+    torch_object: Any = None,
 ) -> _Plan:
-    """The plan of a dataset of the user's own images (``importers/imagefolder.py``)."""
+    """The plan of a dataset of the user's own images: an image folder (``importers/imagefolder.py``) or a torch
+    dataset (``importers/torch_dataset.py``: from ``source`` ``MODULE:FACTORY``, or ``torch_object`` itself)."""
     info = DatasetInfo(
         name=dataset,
         title=f"'{dataset}' image folder",
@@ -279,10 +287,13 @@ def _user_images(
         source_hint="a folder with one subfolder of images per class (DIR/<class>/*.jpg)",
         layouts=(imagefolder.IMAGEFOLDER,),
     )
-    if source is None:
+    if source is None and torch_object is None:
+        hint = (
+            "MODULE:FACTORY, a function returning the dataset" if layout == torch_dataset.LAYOUT else info.source_hint
+        )
+        what = "MODULE:FACTORY" if layout == torch_dataset.LAYOUT else "DIR"
         raise UserError(
-            f"'data prepare {dataset} {setting('layout')} imagefolder' needs {setting('source')} DIR: "
-            f"{info.source_hint}"
+            f"'data prepare {dataset} {setting('layout')} {layout}' needs {setting('source')} {what}: {hint}"
         )
     if split_file is not None and (split_fractions is not None or split_seed is not None):
         raise UserError(
@@ -296,10 +307,13 @@ def _user_images(
     seed = imagefolder.DEFAULT_SEED if split_seed is None else split_seed
     if seed < 0:
         raise UserError(f"{setting('split_seed')} must be a whole number >= 0, got {seed}")
+    if layout == torch_dataset.LAYOUT:
+        return _torch_dataset(dataset, size, source, torch_object, split_file, fractions, seed, log)
+    assert source is not None
     _, root = _find_layout(info, Path(source).expanduser())
     collection = imagefolder.scan(root)
     chosen = Path(split_file).expanduser() if split_file is not None else None
-    split = imagefolder.convention(collection, chosen, fractions, seed)
+    split = imagefolder.convention(collection.classes, chosen, fractions, seed)
     described = imagefolder.describe(split)
     counts = ", ".join(f"{name} {len(split.classes[name])}" for name in split.classes)
     log(
@@ -325,6 +339,42 @@ def _user_images(
             "split_seed": seed if chosen is None else -1,
         },
         read=lambda: imagefolder.read_splits(collection, split),
+    )
+
+
+def _torch_dataset(
+    dataset: str,
+    size: int,
+    source: str | os.PathLike | None,
+    torch_object: Any,
+    split_file: str | os.PathLike | None,
+    fractions: tuple[float, float, float] | Any,
+    seed: int,
+    log: Callable[[str], None],
+) -> _Plan:
+    """The plan of a torch dataset (``importers/torch_dataset.py``). Its content cannot be checked without reading
+    it all, so a store of one is never reused: each prepare reads it anew."""
+    spec = None if torch_object is not None else str(source)
+    data = torch_object if spec is None else torch_dataset.load_factory(spec)
+    where = torch_dataset.describe_source(data, spec)
+    collection = torch_dataset.collect(data, where)
+    chosen = Path(split_file).expanduser() if split_file is not None else None
+    split = imagefolder.convention(collection.classes, chosen, fractions, seed)
+    described = imagefolder.describe(split)
+    images = sum(len(v) for v in collection.indices.values())
+    log(f"reading {images} images of {len(collection.indices)} classes from {where} (torch); split: {described}")
+    return _Plan(
+        source_format=torch_dataset.LAYOUT,
+        split_convention=described,
+        key=_key(dataset=dataset, layout=torch_dataset.LAYOUT, read=os.urandom(16).hex()),
+        attrs={
+            "source": where,
+            USER_ATTR: torch_dataset.LAYOUT,
+            "split_file": str(chosen.resolve()) if chosen is not None else "",
+            "split_fractions": ",".join(f"{f:g}" for f in fractions) if chosen is None else "",
+            "split_seed": seed if chosen is None else -1,
+        },
+        read=lambda: torch_dataset.read_splits(collection, split),
     )
 
 

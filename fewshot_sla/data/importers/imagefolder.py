@@ -254,17 +254,17 @@ def read_split_file(path: Path, classes: Sequence[str]) -> dict[str, list[str]]:
 
 
 def convention(
-    collection: Collection,
+    class_names: Sequence[str],
     split_file: Path | None = None,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seed: int = DEFAULT_SEED,
 ) -> SplitConvention:
-    """The class split of a collection as a ``SplitConvention`` (its digest covers the split it gives)."""
+    """The class split of a collection's classes as a ``SplitConvention`` (its digest covers the split it gives)."""
     if split_file is not None:
-        classes = read_split_file(split_file, collection.classes)
+        classes = read_split_file(split_file, class_names)
         name, origin = "split-file", str(split_file.resolve())
     else:
-        classes = seeded_split(collection.classes, fractions, seed)
+        classes = seeded_split(class_names, fractions, seed)
         name, origin = f"seeded {'/'.join(f'{f:g}' for f in fractions)} seed {seed}", "seeded"
     digest = hashlib.sha256(json.dumps({"name": name, "classes": classes}, sort_keys=True).encode()).hexdigest()
     return SplitConvention(name=name, origin=origin, classes=classes, files=None, digest=digest)
