@@ -134,7 +134,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="prepare your own images under a new DATASET name: imagefolder = --source DIR holding one "
         "subfolder of images per class (DIR/<class>/*.jpg|png|...), identifiers the paths relative to DIR; torch = "
         "--source MODULE:FACTORY, a function returning a map-style torch Dataset of (image, label) items, "
-        "identifiers the item indices (the dataset is read anew on every prepare)",
+        "identifiers the item indices (the dataset is read anew on every prepare); hf = --source DIR, a Hugging "
+        "Face datasets folder (save_to_disk, or parquet files) with an Image and a ClassLabel column",
     )
     prep.add_argument(
         "--split-file",

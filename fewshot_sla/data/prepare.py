@@ -23,7 +23,7 @@ from tqdm import tqdm
 from fewshot_sla.atomic import atomic_path, remove_temporaries
 from fewshot_sla.data.conventions import load_convention
 from fewshot_sla.data.datasets import DatasetInfo
-from fewshot_sla.data.importers import imagefolder, torch_dataset
+from fewshot_sla.data.importers import hf_datasets, imagefolder, torch_dataset
 from fewshot_sla.data.importers.common import BadImage, Layout, RawSplit, resize_image
 from fewshot_sla.data.root import resolve_data_root
 from fewshot_sla.data.store import (
@@ -45,7 +45,7 @@ from fewshot_sla.version import __version__
 
 MAX_IMAGE_SIZE = 1024
 USER_ATTR = "user_dataset"  # store attribute marking a dataset of the user's own images: its layout (imagefolder)
-LAYOUTS = (imagefolder.LAYOUT, torch_dataset.LAYOUT)  # the layouts ``--layout`` names: the user's own images
+LAYOUTS = (imagefolder.LAYOUT, torch_dataset.LAYOUT, hf_datasets.LAYOUT)  # ``--layout``: the user's own images
 # A user dataset's name: it names the store file and run folders.
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _BATCH_BYTES = 8 << 20  # images decoded (in parallel) and appended to the store per step: about 8 MB
@@ -309,6 +309,9 @@ def _user_images(
         raise UserError(f"{setting('split_seed')} must be a whole number >= 0, got {seed}")
     if layout == torch_dataset.LAYOUT:
         return _torch_dataset(dataset, size, source, torch_object, split_file, fractions, seed, log)
+    if layout == hf_datasets.LAYOUT:
+        assert source is not None
+        return _hf_folder(dataset, size, Path(source).expanduser(), split_file, fractions, seed, log)
     assert source is not None
     _, root = _find_layout(info, Path(source).expanduser())
     collection = imagefolder.scan(root)
@@ -373,6 +376,49 @@ def _torch_dataset(
             "split_file": str(chosen.resolve()) if chosen is not None else "",
             "split_fractions": ",".join(f"{f:g}" for f in fractions) if chosen is None else "",
             "split_seed": seed if chosen is None else -1,
+        },
+        read=lambda: torch_dataset.read_splits(collection, split),
+    )
+
+
+def _hf_folder(
+    dataset: str,
+    size: int,
+    root: Path,
+    split_file: str | os.PathLike | None,
+    fractions: tuple[float, float, float] | Any,
+    seed: int,
+    log: Callable[[str], None],
+) -> _Plan:
+    """The plan of a Hugging Face datasets folder (``importers/hf_datasets.py``): its own class split when it has
+    one, else split as an image folder is."""
+    items = hf_datasets.Items(hf_datasets.load(root), str(root))
+    collection = torch_dataset.collect(items, str(root), items.identifier)
+    own = hf_datasets.source_split(items, str(root))
+    chosen = Path(split_file).expanduser() if split_file is not None else None
+    if own is not None and chosen is None:
+        split = own
+        described = f"the folder's own train/validation/test classes ({root.resolve()})"
+    else:
+        split = imagefolder.convention(collection.classes, chosen, fractions, seed)
+        described = imagefolder.describe(split)
+    log(f"reading {len(items)} images of {len(collection.indices)} classes from {root} (hf); split: {described}")
+    return _Plan(
+        source_format=hf_datasets.LAYOUT,
+        split_convention=described,
+        key=_key(
+            dataset=dataset,
+            layout=hf_datasets.LAYOUT,
+            splits=split.digest,
+            image_size=size,
+            files=_file_stats(root, hf_datasets.source_files(root)),
+        ),
+        attrs={
+            "source": str(root.resolve()),
+            USER_ATTR: hf_datasets.LAYOUT,
+            "split_file": str(chosen.resolve()) if chosen is not None else "",
+            "split_fractions": ",".join(f"{f:g}" for f in fractions) if split is not own else "",
+            "split_seed": seed if split is not own and chosen is None else -1,
         },
         read=lambda: torch_dataset.read_splits(collection, split),
     )

@@ -85,6 +85,7 @@ class DatasetCollection:
     dataset: Any
     indices: dict[str, list[int]]
     source: str
+    identifier: Callable[[int], str]  # an item's identifier in the store
 
     @property
     def classes(self) -> list[str]:
@@ -100,8 +101,9 @@ class DatasetCollection:
         return to_image(item, index)
 
 
-def collect(dataset: Any, source: str) -> DatasetCollection:
-    """Group a map-style dataset's indices by class; a dataset that is not one is one line."""
+def collect(dataset: Any, source: str, identifier: Callable[[int], str] | None = None) -> DatasetCollection:
+    """Group a map-style dataset's indices by class; a dataset that is not one is one line. ``identifier``: an
+    item's identifier (default: its index, zero-padded)."""
     if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         raise UserError(f"{source} is a {type(dataset).__name__}, not a map-style dataset (with __len__, __getitem__)")
     count = len(dataset)
@@ -123,16 +125,16 @@ def collect(dataset: Any, source: str) -> DatasetCollection:
         indices.setdefault(name, []).append(index)
     if len(indices) < MIN_CLASSES:
         raise UserError(f"{source} has {len(indices)} class(es); a dataset needs at least {MIN_CLASSES}")
-    return DatasetCollection(dataset, indices, source)
+    width = len(str(count - 1))
+    return DatasetCollection(dataset, indices, source, identifier or (lambda index: f"{index:0{width}d}"))
 
 
 def read_splits(collection: DatasetCollection, convention: SplitConvention) -> Iterator[tuple[str, RawSplit]]:
     """``(split, RawSplit)`` for train, val and test: each split's classes sorted, each class's items in order."""
-    width = len(str(max(max(v) for v in collection.indices.values())))
     for split in SPLIT_NAMES:
         names = convention.classes[split]
         rows = {name: collection.indices[name] for name in names}
-        ids = {name: [f"{i:0{width}d}" for i in rows[name]] for name in names}
+        ids = {name: [collection.identifier(i) for i in rows[name]] for name in names}
         labels, flat, image_ids = stack_split(names, rows, ids)
         yield split, RawSplit(names, labels, image_ids, load=_loader(collection, flat))
 
