@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from real_data import REAL_DATA
 from test_episodes import FakeSplit, make_split, reorder
 
 from fewshot_sla.episodes import SET_CHUNK, CanonicalOrder, EpisodeSampler, EpisodeSet, EpisodeSpec, PositionSampler
@@ -301,7 +302,7 @@ def test_regenerating_a_shipped_set_reproduces_its_hash(dataset, count, shots, s
 
 
 OMNIGLOT_SETS = [(ways, shots, 1000) for ways in (5, 20) for shots in (1, 5)] + [(5, 1, 10000), (5, 5, 10000)]
-OMNIGLOT_RELEASE = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+OMNIGLOT_RELEASE = REAL_DATA / "omniglot"
 
 
 def _omniglot_set(ways: int, shots: int, count: int) -> tuple[Path, EpisodeSet]:
@@ -325,7 +326,10 @@ def test_omniglot_sets_rebuild_bit_for_bit_from_their_identifier_lists(ways, sho
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not OMNIGLOT_RELEASE.is_dir(), reason="the Omniglot release is not in ../shared/data/omniglot")
+@pytest.mark.skipif(
+    not OMNIGLOT_RELEASE.is_dir(),
+    reason="the Omniglot release is not in $FEWSHOT_SLA_TEST_DATA/omniglot (default ../shared/data)",
+)
 def test_omniglot_sets_name_exactly_the_test_split_of_a_store_from_the_release(tmp_path):
     from fewshot_sla.cli.episodes import split_order
     from fewshot_sla.data.prepare import prepare

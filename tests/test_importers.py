@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from real_data import REAL_DATA
 
 from fewshot_sla.data.conventions import packaged_splits
 from fewshot_sla.data.prepare import prepare
 from fewshot_sla.data.store import DatasetStore
 from fewshot_sla.errors import UserError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SPLITS = ("train", "val", "test")
 # Facts of the CIFAR-100 release: fine label numbers of a few classes (names are numbered alphabetically).
 CIFAR_FACTS = {0: "apple", 1: "aquarium_fish", 2: "baby", 3: "bear", 30: "dolphin", 99: "worm"}
@@ -315,8 +315,10 @@ def test_damaged_wrong_or_hostile_pickles_are_refused(tmp_path: Path, kind: str)
     assert "\n" not in str(err.value) and not marker.exists()
 
 
-TINY = SHARED / "data" / "tinyimagenet-ravi"
-needs_tiny = pytest.mark.skipif(not TINY.is_dir(), reason="needs ../shared/data/tinyimagenet-ravi")
+TINY = REAL_DATA / "tinyimagenet-ravi"
+needs_tiny = pytest.mark.skipif(
+    not TINY.is_dir(), reason=f"needs {TINY} (set FEWSHOT_SLA_TEST_DATA to the data folder)"
+)
 
 
 def _tiny_rows(split: str) -> list[dict[str, str]]:
@@ -470,9 +472,9 @@ def _write_cifar100_python(parent: Path) -> dict[str, np.ndarray]:
 
 
 def _shared_split_table() -> dict[str, dict[str, str]]:
-    table = SHARED / "data" / "splits" / "cifar100_fine_coarse_splits.csv"
+    table = REAL_DATA / "splits" / "cifar100_fine_coarse_splits.csv"
     if not table.is_file():
-        pytest.skip("needs ../shared/data/splits/cifar100_fine_coarse_splits.csv")
+        pytest.skip(f"needs {table} (set FEWSHOT_SLA_TEST_DATA to the data folder)")
     with open(table) as f:
         return {row["fine_label_name"]: row for row in csv.DictReader(f)}
 

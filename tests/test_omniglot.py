@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from real_data import REAL_DATA
 
 from fewshot_sla.cli import main
 from fewshot_sla.config import RunConfig
@@ -19,7 +20,7 @@ from fewshot_sla.data.store import DatasetStore
 from fewshot_sla.engine.build import pipeline_for
 from fewshot_sla.registry import LEARNERS
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+REAL = REAL_DATA / "omniglot"
 ALPHABETS = {
     "images_background": {"Alpha_(A)": 3, "Beta": 2},
     "images_evaluation": {"Gamma": 3},
@@ -230,7 +231,9 @@ def test_every_learner_trains_on_omniglot_with_and_without_sla(tmp_path, release
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL.is_dir(), reason="the Omniglot release is not in ../shared/data/omniglot")
+@pytest.mark.skipif(
+    not REAL.is_dir(), reason="the Omniglot release is not in $FEWSHOT_SLA_TEST_DATA/omniglot (default ../shared/data)"
+)
 def test_the_real_release_gives_vinyals_and_lake_splits(tmp_path, capsys):
     expected = {
         "omniglot": {"train": 4112, "val": 688, "test": 1692},

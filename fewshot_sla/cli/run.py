@@ -217,6 +217,14 @@ def run_command(args: argparse.Namespace) -> int:
             processes.agree(None)
             assert plan is not None
             reuse_memory_on_cpu(plan.device.type, args)
+            if processes.writer and "dataset" not in given and not args.resume and plan.cfg.dataset == "synthetic":
+                size = plan.store.path.stat().st_size / 1e6
+                print(
+                    f"note: no --dataset given, so this run uses the embedded synthetic set (generated once into "
+                    f"{plan.store.path}, {size:.0f} MB); for real data run 'fewshot-sla data prepare DATASET --source "
+                    "PATH' and pass --dataset DATASET",
+                    flush=True,
+                )
             if processes.writer and not args.quiet:
                 sys.stderr.write(f"fewshot-sla: {render(plan.memory.summary())}\n")
                 if plan.data_note:
@@ -238,10 +246,5 @@ def run_command(args: argparse.Namespace) -> int:
     from fewshot_sla.finished_run import typed_results
 
     run = typed_results(report.results)  # the transformation as a label (older runs recorded the configured one)
-    if "dataset" not in given and not args.resume and run.dataset == "synthetic":
-        print(
-            "note: no --dataset given, so this used the embedded synthetic set; for real data run "
-            "'fewshot-sla data prepare DATASET --source PATH' and pass --dataset DATASET"
-        )
     print(format_results(run, report.run_dir))
     return 0
