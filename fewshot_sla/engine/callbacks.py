@@ -113,7 +113,8 @@ class SolverWarnings(Callback):
 
 
 class ProgressBar(Callback):
-    """A tqdm bar of the steps (process 0, unless the run is quiet) with the loss, and one line per validation."""
+    """A tqdm bar of the steps (process 0, unless the run is quiet, and only on a terminal) with the loss, and one
+    line per validation (also when the output goes to a file, where no bar is drawn between them)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -125,7 +126,7 @@ class ProgressBar(Callback):
             initial=trainer.state.step,
             desc="train",
             unit="step",
-            disable=not self.enabled,
+            disable=None if self.enabled else True,  # None: no bar when stderr is not a terminal (a log file)
             dynamic_ncols=True,
         )
 
