@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from fewshot_sla.learners.base import MSE_SIGMOID, EmbeddingLearner, Learner
 from fewshot_sla.prediction_kinds import PLAIN, SLA_AG, SLA_SD, SLA_SI, PredictionKind
 from fewshot_sla.registry import OBJECTIVES
 from fewshot_sla.sla import (
+    Episode,
     Transformation,
     aggregate_ag,
     aggregate_si,
@@ -74,7 +75,7 @@ class CopiedEpisode:
         return _identity_rows(self.support, self.m), _identity_rows(self.query, self.m)
 
 
-def _forward(learner: Learner, episode: Any) -> torch.Tensor:
+def _forward(learner: Learner, episode: Episode) -> torch.Tensor:
     """The learner's query logits ``[B, Q, ways]`` on ``episode`` as it is."""
     logits: torch.Tensor = learner(episode.support, episode.support_labels, episode.query, episode.ways)
     return logits
@@ -163,7 +164,7 @@ class Objective(nn.Module):
         """How many copies of each image (the first ones of the transformation) the predictions use."""
         return self.transform.m if self.uses_copies else 1
 
-    def loss(self, learner: Learner, episode: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, learner: Learner, episode: Episode) -> tuple[torch.Tensor, dict[str, float]]:
         """The training loss on one batch of episodes, and float metrics for logging."""
         raise NotImplementedError
 
@@ -172,7 +173,7 @@ class Objective(nn.Module):
         support, query = copies.identity()
         return {PLAIN.name: classify(support, copies.support_labels, query, copies.ways)}
 
-    def predict(self, learner: Learner, episode: Any) -> dict[str, torch.Tensor]:
+    def predict(self, learner: Learner, episode: Episode) -> dict[str, torch.Tensor]:
         """N-way query logits ``[B, N*Q, N]`` of each prediction this objective offers, from images."""
         m = self.prediction_copies
         support, query = episode.support, episode.query
@@ -190,7 +191,7 @@ class Objective(nn.Module):
 class Baseline(Objective):
     """Cross-entropy on the plain N-way episode; the transformation is not used."""
 
-    def loss(self, learner: Learner, episode: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, learner: Learner, episode: Episode) -> tuple[torch.Tensor, dict[str, float]]:
         logits = _forward(learner, episode)
         loss = _task_loss(learner, logits, episode.query_labels)
         return loss, _metrics(loss=loss, acc=_accuracy(logits, episode.query_labels))
@@ -203,7 +204,7 @@ class DataAugmentation(Objective):
     Prediction (``plain``) uses the untransformed episode, the usual test protocol for augmentation.
     """
 
-    def loss(self, learner: Learner, episode: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, learner: Learner, episode: Episode) -> tuple[torch.Tensor, dict[str, float]]:
         m = self.transform.m
         query_labels = episode.query_labels.repeat_interleave(m, dim=-1)
         logits = learner(
@@ -233,7 +234,7 @@ class MultiTask(Objective):
             )
         self.transform_head = nn.Linear(feature_dim, self.transform.m)
 
-    def loss(self, learner: Learner, episode: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, learner: Learner, episode: Episode) -> tuple[torch.Tensor, dict[str, float]]:
         m = self.transform.m
         support, query = self.transform(episode.support), self.transform(episode.query)
         if isinstance(learner, EmbeddingLearner):
@@ -282,7 +283,7 @@ class LabelAugmentation(Objective):
         """N*M: the learner sees the joint (class, transformation) labels."""
         return ways * self.transform.m
 
-    def _joint(self, learner: Learner, episode: Any) -> tuple[Any, torch.Tensor]:
+    def _joint(self, learner: Learner, episode: Episode) -> tuple[Episode, torch.Tensor]:
         augmented = augment_episode(episode, self.transform)
         return augmented, _forward(learner, augmented)
 
@@ -292,7 +293,7 @@ class LabelAugmentation(Objective):
         return classify(copies.support, joint_labels(copies.support_labels, m), copies.query, copies.ways * m)
 
     def _sla_terms(
-        self, learner: Learner, joint: torch.Tensor, augmented: Any, episode: Any
+        self, learner: Learner, joint: torch.Tensor, augmented: Episode, episode: Episode
     ) -> dict[str, torch.Tensor]:
         """The joint loss and the training accuracies of the joint, SI and AG predictions."""
         m = self.transform.m
@@ -303,7 +304,7 @@ class LabelAugmentation(Objective):
             "acc_ag": _accuracy(aggregate_ag(joint, m), episode.query_labels),
         }
 
-    def loss(self, learner: Learner, episode: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, learner: Learner, episode: Episode) -> tuple[torch.Tensor, dict[str, float]]:
         augmented, joint = self._joint(learner, episode)
         terms = self._sla_terms(learner, joint, augmented, episode)
         loss = terms.pop("loss_sla")
@@ -326,7 +327,7 @@ class SelfDistillation(LabelAugmentation):
         """N*M (the joint prediction) and N (the distilled plain one)."""
         return (self.learner_ways(ways), ways)
 
-    def _joint_and_single(self, learner: Learner, episode: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    def _joint_and_single(self, learner: Learner, episode: Episode) -> tuple[Episode, torch.Tensor, torch.Tensor]:
         """The augmented episode, its joint logits, and the plain logits (sharing one backbone pass
         when the learner is an EmbeddingLearner)."""
         augmented = augment_episode(episode, self.transform)
@@ -343,7 +344,7 @@ class SelfDistillation(LabelAugmentation):
         )
         return augmented, joint, single
 
-    def loss(self, learner: Learner, episode: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, learner: Learner, episode: Episode) -> tuple[torch.Tensor, dict[str, float]]:
         augmented, joint, single = self._joint_and_single(learner, episode)
         terms = self._sla_terms(learner, joint, augmented, episode)
         aggregated = aggregate_ag(joint, self.transform.m)

@@ -16,7 +16,7 @@ import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +119,21 @@ def transformation_labels(rows: int, m: int, device: torch.device | str | None =
     return torch.arange(m, device=device).repeat(rows)
 
 
-def augment_episode(episode: Any, transform: Transformation) -> Any:
+class Episode(Protocol):
+    """What objectives and SLA read of a batch of episodes (``episodes.EpisodeBatch`` is one): float images
+    ``[B, R, C, H, W]``, labels ``[B, R]`` in ``0..ways-1``."""
+
+    support: torch.Tensor
+    support_labels: torch.Tensor
+    query: torch.Tensor
+    query_labels: torch.Tensor
+    ways: int
+
+
+EpisodeT = TypeVar("EpisodeT", bound=Episode)
+
+
+def augment_episode(episode: EpisodeT, transform: Transformation) -> EpisodeT:
     """An N-way K-shot float episode -> the N*M-way K-shot episode of (class, transformation) pairs.
 
     Support and query images are transformed sample-major, labels become joint labels ``y*M + j``, and
@@ -137,7 +151,7 @@ def augment_episode(episode: Any, transform: Transformation) -> Any:
     for name in ("support_index", "query_index"):
         if hasattr(episode, name):
             changes[name] = getattr(episode, name).repeat_interleave(m, dim=-1)
-    return dataclasses.replace(episode, **changes)
+    return dataclasses.replace(episode, **changes)  # type: ignore[type-var]  # a dataclass, as documented
 
 
 def _joint_view(joint_logits: torch.Tensor, m: int) -> torch.Tensor:
