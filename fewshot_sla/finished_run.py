@@ -5,7 +5,7 @@
 validates it as a ``ResultsFile``: every field, evaluation block and accuracy summary is then an attribute of a
 typed record. The run's configuration (``config.yaml``, read when first asked for), its paths and its checkpoints
 come with it. Nothing outside ``results.py`` and this module reads a results block by key
-(``tests/test_finished_run.py`` keeps it so).
+(``tests/unit/test_finished_run.py`` keeps it so).
 
 What older results files (schema_version 1, written before a field was recorded) lack, and what they read as:
 

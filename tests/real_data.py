@@ -1,9 +1,0 @@
-"""Where the tests find real data: ``$FEWSHOT_SLA_TEST_DATA`` when set (data kept elsewhere), else ``../shared/data``
-beside the repository. Tests that need it skip, saying so, when it is absent."""
-
-from __future__ import annotations
-
-import os
-from pathlib import Path
-
-REAL_DATA = Path(os.environ.get("FEWSHOT_SLA_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
