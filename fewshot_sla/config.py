@@ -13,9 +13,9 @@ unset default is described, and three properties:
 
 - ``affects_results``: whether the value can change a run's numbers. ``False`` only for where and how a run
   executes or is logged: ``device``, ``eval_batch``, ``feature_cache``, ``checkpointing`` (bit-identical
-  gradients and BatchNorm statistics, ``tests/unit/engine/test_scale.py``), ``log`` and ``checkpoint_every``. ``micro_batch``
-  does change results: with BatchNorm in training mode each micro-batch is normalised by its own statistics
-  (``tests/unit/engine/test_scale.py``), so it stays in.
+  gradients and BatchNorm statistics, ``tests/unit/engine/test_scale.py``), ``log`` and ``checkpoint_every``.
+  ``micro_batch`` does change results: with BatchNorm in training mode each micro-batch is normalised by its own
+  statistics (``tests/unit/engine/test_scale.py``), so it stays in.
 - ``identity``: whether the value enters a grid cell's identity (the hash ending its folder name,
   ``leaderboard/grid.py``): ``always`` for what affects results, ``never`` for what does not, ``when_set`` for
   fields added after grids were first run whose unset value means what every earlier cell did (``val_ways``,

@@ -10,9 +10,9 @@ map, so it needs 224-pixel images, which global pooling reproduces there). 11,17
 Written here rather than imported from torchvision, which is only a test dependency of the package (its
 augmentation and backbone tests' reference): the layers, their order and the state dict's names are torchvision's
 (``conv1``, ``bn1``, ``layer{1-4}.{0,1}.{conv1, bn1, conv2, bn2, downsample.{0,1}}``), so a torchvision
-``resnet18`` state dict without ``fc.*`` loads as it is, and ``tests/unit/backbones/test_backbones.py`` checks the outputs
-against torchvision's. Differences: ReLUs are not in place, ``in_channels`` sets the stem's input channels (1 for
-greyscale data), and the stem runs as a registered, parameter-free stage so that it can be checkpointed.
+``resnet18`` state dict without ``fc.*`` loads as it is, and ``tests/unit/backbones/test_backbones.py`` checks the
+outputs against torchvision's. Differences: ReLUs are not in place, ``in_channels`` sets the stem's input channels
+(1 for greyscale data), and the stem runs as a registered, parameter-free stage so that it can be checkpointed.
 
 Activation checkpointing: five stages, the stem (its 64 x H/2 x W/2 maps are the largest of the network) and the
 four layers.

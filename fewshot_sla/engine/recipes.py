@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fewshot_sla import rules
 from fewshot_sla.config import RunConfig, check_values
 from fewshot_sla.errors import UserError
 from fewshot_sla.validation import one_line_error
@@ -22,10 +23,6 @@ from fewshot_sla.validation import one_line_error
 RECIPE_FILE = "recipes.yaml"
 MATCH_KEYS = ("dataset", "backbone", "method", "ways", "shots")
 OPTION_FIELDS = ("backbone_options", "learner_options")
-
-
-def _as_list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else [value]
 
 
 def _is_reference(value: Any) -> bool:
@@ -57,20 +54,17 @@ class _Rule(_Strict):
     @field_validator("when", mode="before")
     @classmethod
     def _listed(cls, when: Any) -> Any:
-        return {k: _as_list(v) for k, v in when.items()} if isinstance(when, dict) else when
+        return rules.listed(when)
 
     @field_validator("when")
     @classmethod
     def _keys(cls, when: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        unknown = sorted(set(when) - set(MATCH_KEYS))
-        if unknown:
-            raise ValueError(f"cannot match on {', '.join(unknown)}; match on {', '.join(MATCH_KEYS)}")
-        return when
+        return rules.checked(when, MATCH_KEYS)
 
     _values = field_validator("values")(_check_run_values)
 
     def matches(self, run: Mapping[str, Any]) -> bool:
-        return all(run.get(key) in allowed for key, allowed in self.when.items())
+        return rules.matches(self.when, run)
 
 
 class _Choice(_Rule):

@@ -61,10 +61,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from fewshot_sla import rules as rule_matcher
 from fewshot_sla.config import RunConfig, check_values, identity_values, knobs, read_config_values
 from fewshot_sla.engine.recipes import apply_recipe
 from fewshot_sla.errors import UserError, command, setting
 from fewshot_sla.registry import ALL_REGISTRIES
+from fewshot_sla.rules import matches
 from fewshot_sla.validation import one_line_error
 from fewshot_sla.yaml_file import read_yaml
 
@@ -246,15 +248,12 @@ class _Rule(_Strict):
     @field_validator("when", mode="before")
     @classmethod
     def _lists(cls, when: Any) -> Any:
-        return {k: _listed(v) for k, v in when.items()} if isinstance(when, dict) else when
+        return rule_matcher.listed(when)
 
     @field_validator("when")
     @classmethod
     def _axes(cls, when: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        unknown = [k for k in when if k not in AXES]
-        if unknown:
-            raise ValueError(f"unknown axis '{unknown[0]}'; rules match on: {', '.join(AXES)}")
-        return when
+        return rule_matcher.checked(when, AXES)
 
 
 class _GridFile(_Strict):
@@ -435,11 +434,7 @@ def load_grid(path: str | Path) -> Grid:
                 "shots": k,
                 "seed": seed,
             }
-            matched = [
-                i
-                for i, (rule, _, _) in enumerate(rules)
-                if all(axes[key] in values for key, values in rule.when.items())
-            ]
+            matched = [i for i, (rule, _, _) in enumerate(rules) if matches(rule.when, axes)]
             for i in matched:
                 used[i] = True
             recipe = next((rules[i][1] for i in reversed(matched) if rules[i][1] is not None), entry_recipe)

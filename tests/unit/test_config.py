@@ -233,7 +233,7 @@ def test_every_builtin_learner_has_a_recipe_entry() -> None:
         (("train_shots: 15", "train_shots: fifteen"), "recipes.metaoptnet.values: 'train_shots' must be an integer"),
         (("train_queries: 6", "train_querys: 6"), "recipes.metaoptnet.values: unknown key 'train_querys'"),
         (("- recipe: maml\n  maml-fo", "- recipe: mamal\n  maml-fo"), "no recipe called mamal"),
-        (("when: {shots: 1}", "when: {queries: 1}"), "cannot match on queries"),
+        (("when: {shots: 1}", "when: {queries: 1}"), "cannot match on 'queries'; rules match on: dataset"),
         (("{same_as: ways}", "{same_as: wayz}"), "same_as names no configuration field: 'wayz'"),
     ],
 )

@@ -1,6 +1,7 @@
 """Backbones: conv4/resnet12/DropBlock specifics (published sizes, reference formulations, checkpointing, option
 errors). The contract every registered backbone keeps (shapes, modes, gradients, deepcopy / functional_call /
-learn2learn-style clones) is ``fewshot_sla.testing.check_backbone``, run over the registry in tests/unit/test_testing.py."""
+learn2learn-style clones) is ``fewshot_sla.testing.check_backbone``, run over the registry in
+tests/unit/test_testing.py."""
 
 from __future__ import annotations
 
