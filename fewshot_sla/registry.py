@@ -156,7 +156,7 @@ BACKBONES: Registry[Any] = Registry("backbone")
 LEARNERS: Registry[Any] = Registry("learner")
 # SLA transformations: a ``sla.Transformation``, or a factory called with no arguments that returns one. Their
 # contract (normalised float images [B, R, C, H, W] -> sample-major [B, R*M, C, H, W], copy 0 the identity, shape,
-# dtype and device kept, deterministic) is in ``sla.Transformation``'s docstring and the README ("Plug-in
+# dtype and device kept, deterministic) is in ``sla.Transformation``'s docstring and docs/guide/plugins.md ("Plug-in
 # transformations"); ``sla.checked_transform`` checks it on a probe batch when a run builds its model.
 TRANSFORMS: Registry[Any] = Registry("transform")
 OBJECTIVES: Registry[Any] = Registry("objective")

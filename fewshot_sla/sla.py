@@ -5,7 +5,7 @@ Layout (see DESIGN.md): a transformation with M copies maps images ``[..., R, C,
 ``[..., R*M, C, H, W]`` sample-major (row ``r*M + j`` is ``t_j(x_r)``); the joint label of class ``y``
 under ``t_j`` is ``y*M + j`` (class-major), so an N-way episode becomes an N*M-way one.
 
-Plug-in transformations (``TRANSFORMS``; the README's "Plug-in transformations") follow the contract of
+Plug-in transformations (``TRANSFORMS``; "Plug-in transformations" in docs/guide/plugins.md) follow the contract of
 ``Transformation``; ``checked_transform`` resolves a run's transformation and checks that contract on a probe batch
 (``check_transform``), the one place training, evaluation and prediction get it from (``engine/build.build_model``).
 """
@@ -225,7 +225,7 @@ def resolve_transform(spec: str | Transformation) -> Transformation:
 
 # ----- the contract of a transformation, checked on a probe batch -----
 
-CONTRACT = " (README.md: 'Plug-in transformations')"
+CONTRACT = " (docs/guide/plugins.md: 'Plug-in transformations')"
 # How far copy 0 may be from its input, and two calls on the same input from each other (float32 rounding only).
 IDENTITY_TOLERANCE = 1e-6
 

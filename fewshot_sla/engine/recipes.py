@@ -129,12 +129,12 @@ def recipe_book() -> RecipeBook:
 def add_recipe(method: str, recipe: Mapping[str, Any]) -> None:
     """Register a recipe for a (plug-in) learner: ``{"source": ..., "values": {...}, "rules": [...]}``.
 
-    Call it when the plug-in's module is imported (README.md: "A recipe for a plug-in learner"). The recipe has the
-    form of ``recipes.yaml``'s: ``source`` (recorded in results.json), ``values`` (run-configuration fields, checked;
-    ``{"same_as": FIELD}`` takes the run's own value of FIELD) and ``rules`` (``when`` a run matches, their values on
-    top, in order). Like every recipe it fills only the fields a run leaves unset, and it replaces the ``generic``
-    recipe as a whole for ``method``: set every field ``generic`` sets (an omitted one stays unset). A bad recipe is
-    a one-line UserError naming the field.
+    Call it when the plug-in's module is imported (docs/guide/plugins.md: "A recipe for a plug-in learner"). The
+    recipe has the form of ``recipes.yaml``'s: ``source`` (recorded in results.json), ``values`` (run-configuration
+    fields, checked; ``{"same_as": FIELD}`` takes the run's own value of FIELD) and ``rules`` (``when`` a run
+    matches, their values on top, in order). Like every recipe it fills only the fields a run leaves unset, and it
+    replaces the ``generic`` recipe as a whole for ``method``: set every field ``generic`` sets (an omitted one stays
+    unset). A bad recipe is a one-line UserError naming the field.
     """
     try:
         checked = _Recipe.model_validate(dict(recipe))

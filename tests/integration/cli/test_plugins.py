@@ -1,6 +1,6 @@
 """A third-party learner package, installed with pip into a temporary folder, is found through the
-`fewshot_sla.plugins` entry point, listed by the CLI, trained with the `sla` objective and passes the README's test
-of it (`fewshot_sla.testing.check_learner`)."""
+`fewshot_sla.plugins` entry point, listed by the CLI, trained with the `sla` objective and passes the plug-ins guide's
+test of it (`fewshot_sla.testing.check_learner`)."""
 
 from __future__ import annotations
 
@@ -15,18 +15,19 @@ import pytest
 
 from tests.helpers.paths import REPO
 
-README = REPO / "README.md"
+GUIDE = REPO / "docs" / "guide" / "plugins.md"
 
 
 def readme_block(first_line: str) -> str:
-    """The fenced code block of the README whose first line is ``first_line`` (the plug-in example's files)."""
-    blocks = re.findall(r"```[a-z]*\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL)
+    """The fenced code block of the plug-ins guide (docs/guide/plugins.md) whose first line is ``first_line`` (the
+    plug-in example's files)."""
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", GUIDE.read_text(encoding="utf-8"), flags=re.DOTALL)
     matches = [block for block in blocks if block.splitlines()[:1] == [first_line]]
-    assert len(matches) == 1, f"README.md should hold one code block starting with {first_line!r}"
+    assert len(matches) == 1, f"docs/guide/plugins.md should hold one code block starting with {first_line!r}"
     return matches[0]
 
 
-# The README's example plug-in, exactly as printed there: one module, one learner.
+# The plug-ins guide's example plug-in, exactly as printed there: one module, one learner.
 PYPROJECT = readme_block("# my-plugin/pyproject.toml")
 LEARNER_MODULE = readme_block("# my-plugin/fsl_cosine_protonet.py")
 # ... and its test, running the suite's public contract checks (fewshot_sla.testing) on the installed learner.
@@ -129,7 +130,7 @@ def test_the_plugin_learner_trains_with_the_sla_objective(plugin_env):
 
 
 def test_the_readme_plugin_test_runs_check_learner_on_the_installed_learner(plugin_env):
-    """The README's test file for the plug-in, run with pytest as its author would: ``check_learner`` passes."""
+    """The plug-ins guide's test file for the plug-in, run with pytest as its author would: ``check_learner`` passes."""
     env, root = plugin_env
     assert 'check_learner("cosine-protonet")' in PLUGIN_TEST
     tests = root / "plugin_tests"
@@ -194,7 +195,7 @@ def test_the_plugin_learner_trains_on_greyscale_omniglot_with_and_without_sla(pl
         assert results["method"] == "cosine-protonet" and results["normalization"]["mean"] == [1.0]
 
 
-# The README's plug-in transformation and its recipe for a plug-in learner, exactly as printed there.
+# The plug-ins guide's plug-in transformation and its recipe for a plug-in learner, exactly as printed there.
 TRANSFORM_MODULE = readme_block("# my-plugin/fsl_flips.py")
 RECIPE_CODE = readme_block("# my-plugin/fsl_cosine_protonet.py, at the end: the learner's own recipe")
 
@@ -227,7 +228,7 @@ def test_the_readme_recipe_for_a_plugin_learner_applies():
         assert (cfg.train_ways, cfg.train_shots, cfg.train_queries) == (3, 2, 15)
         assert recipe_record(cfg)["name"] == "cosine-protonet"
         generic = set(recipe_book().recipes["generic"].values)
-        assert generic <= set(recipe_book().recipes["cosine-protonet"].values), "the README says: set them all"
+        assert generic <= set(recipe_book().recipes["cosine-protonet"].values), "the plug-ins guide says: set them all"
     finally:
         recipe_book().methods.pop("cosine-protonet")
         recipe_book().recipes.pop("cosine-protonet")
