@@ -360,3 +360,22 @@ def test_skip_bad_counts_and_skips_an_unreadable_image(tmp_path: Path, capsys: p
     store = DatasetStore(root / "mine.h5")
     ids = [i for s in SPLIT_NAMES for i in store.split(s).image_ids]
     assert len(ids) == 8 * PER_CLASS and "class2/broken.jpg" not in ids and store.attrs["skipped_images"] == 1
+
+
+def test_tiny_imagenet_200s_release_reads_as_an_image_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``tiny-imagenet-200/train/<wnid>/images/*.JPEG`` beside ``<wnid>_boxes.txt``: the class folders are the wnids,
+    the images sit one folder down, the box files are not images."""
+    train = tmp_path / "tiny-imagenet-200" / "train"
+    wnids = [f"n0{i:07d}" for i in range(8)]
+    for c, wnid in enumerate(wnids):
+        (train / wnid / "images").mkdir(parents=True)
+        (train / wnid / f"{wnid}_boxes.txt").write_text(f"{wnid}_0.JPEG\t0\t0\t10\t10\n")
+        for i in range(3):
+            Image.new("RGB", (16, 16), colour(c, i)).save(train / wnid / "images" / f"{wnid}_{i}.JPEG", quality=95)
+    args = ["--data-root", str(tmp_path / "data"), "data", "prepare", "tiny200", "--layout", "imagefolder"]
+    assert main([*args, "--source", str(train), "--image-size", "16"]) == 0
+    store = open_store("tiny200", tmp_path / "data")
+    splits = [store.split(name) for name in SPLIT_NAMES]
+    assert sorted(n for s in splits for n in s.class_names) == wnids
+    assert all(i.split("/")[1] == "images" and i.endswith(".JPEG") for s in splits for i in s.image_ids)
+    assert sum(len(s.image_ids) for s in splits) == 24
