@@ -410,6 +410,12 @@ def add_evaluation(results: dict[str, Any], record: EvaluationRecord) -> dict[st
     return {**results, "evaluation": main, "evaluations": kept + [block]}
 
 
+def with_learner(results: dict[str, Any], options: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """``results`` describing its run with other learner ``options`` and ``settings``: ``eval --eval-head``'s copy
+    of a pretraining run tested with another evaluation head."""
+    return {**results, "config": {**results["config"], "learner_options": options}, "learner_settings": settings}
+
+
 def save_per_episode(
     path: Path, accuracies: dict[str, np.ndarray], episode_set_hash: str, dataset_fingerprint: str
 ) -> None:

@@ -52,6 +52,7 @@ from fewshot_sla.results import (
     add_evaluation,
     episode_set_source,
     save_per_episode,
+    with_learner,
     write_results,
 )
 
@@ -238,11 +239,7 @@ def evaluate_run(
     learner, objective = build_model(cfg, pipeline.image_size, dev, channels)
     document = previous.document
     if eval_head is not None:  # the copy names the head it was tested with
-        document = {
-            **document,
-            "config": {**document["config"], "learner_options": cfg.learner_options},
-            "learner_settings": learner.settings(),
-        }
+        document = with_learner(document, cfg.learner_options, learner.settings())
     return evaluate_checkpoint(
         document,
         run_dir,
