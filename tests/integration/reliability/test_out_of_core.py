@@ -179,7 +179,7 @@ def test_load_splits_names_what_stays_on_disk(store: DatasetStore) -> None:
 
 
 def _run(capsys, data_root: Path, out: Path, *extra: str) -> dict:
-    from tests.test_run_cli import TINY
+    from tests.integration.cli.test_run_cli import TINY
 
     code = main(["--data-root", str(data_root), "run", *TINY, "--out", str(out), *extra])
     err = capsys.readouterr().err
@@ -228,7 +228,7 @@ def test_eval_reads_the_test_split_from_disk_with_the_same_result(
 
 
 def test_a_bad_data_memory_is_one_line_and_exit_2(capsys, data_root: Path, tmp_path: Path) -> None:
-    from tests.test_run_cli import TINY
+    from tests.integration.cli.test_run_cli import TINY
 
     code = main(["--data-root", str(data_root), "run", *TINY, "--out", str(tmp_path / "x"), "--data-memory", "-2"])
     err = capsys.readouterr().err
