@@ -243,21 +243,30 @@ def test_a_preempted_slurm_cell_saves_is_requeued_and_resumes_to_the_same_run(
     data_root: Path, reference: Path, tmp_path: Path
 ) -> None:
     """submitit calls ``checkpoint`` on the preemption signal: the running cell saves and exits, and the
-    submission it returns (the requeued job) resumes the cell to the uninterrupted run's numbers."""
+    submission it returns (the requeued job) resumes the cell to the uninterrupted cell's numbers. The cell trains
+    200 steps, so that the signal, sent once a step is logged, finds it training however fast the machine is."""
     pytest.importorskip("submitit")
+    from fewshot_sla.config import load_config
     from fewshot_sla.leaderboard.executors import CellTask, RequeueableCell
 
     config = tmp_path / "cell.yaml"
-    config.write_text((reference / "config.yaml").read_text())
-    task = CellTask(
-        "cell",
-        tmp_path / "cell",
-        config,
-        tmp_path / "cell.log",
-        resume=False,
-        data_root=str(data_root),
-        env={"OMP_NUM_THREADS": "1"},
-    )
+    longer = {"train_episodes": 400, "val_every": 200, "lr_schedule_episodes": 400}
+    config.write_text(load_config(reference / "config.yaml").updated(longer).to_yaml())
+
+    def cell(name: str) -> CellTask:
+        return CellTask(
+            name,
+            tmp_path / name,
+            config,
+            tmp_path / f"{name}.log",
+            resume=False,
+            data_root=str(data_root),
+            env={"OMP_NUM_THREADS": "1"},
+        )
+
+    uninterrupted = cell("uninterrupted")
+    assert RequeueableCell()(uninterrupted).status == "finished", uninterrupted.log_file.read_text()
+    task = cell("cell")
     job = RequeueableCell()
     outcome: list = []
     worker = threading.Thread(target=lambda: outcome.append(job(task)))
@@ -272,4 +281,4 @@ def test_a_preempted_slurm_cell_saves_is_requeued_and_resumes_to_the_same_run(
     assert "fewshot-sla: stopped by SIGTERM" in task.log_file.read_text()
     assert requeued.args[0].resume is True
     assert requeued.function(*requeued.args).status == "finished", task.log_file.read_text()
-    assert_same_run(reference, task.run_dir)
+    assert_same_run(uninterrupted.run_dir, task.run_dir)
