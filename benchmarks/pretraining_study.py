@@ -1,18 +1,19 @@
 """Pretraining against episodic training, each with and without SLA, at equal training compute (issue 22, item 6).
 
-For each dataset this trains four Conv-4 runs with seed 0: the pretraining regime (``--method pretrain``: a linear
-classifier over every training class, nearest-centroid test head) and episodic ProtoNet, each with the plain
-objective and with SLA (rotations, M=4). Compute is equalised by the training images seen (the originals; SLA's four
-copies cost four backbone passes each in both regimes, so runs with the same objective also make the same number of
-backbone passes): ``EPOCHS`` passes over the training split, i.e. ``EPOCHS * images`` pretraining "episodes" (one
-image each) and that many images' worth of ProtoNet episodes (N-way (K + Q)-image episodes of its recipe). Each
-regime keeps its own recipe as the suite resolves it (optimiser, learning rate, batch or episode shape; the schedules
-are anchored to the published budgets, so neither decays its learning rate at this budget), with augmentation off for
-all four. The checkpoint tested is the one of best validation accuracy (200 fixed validation episodes, four
-validations per run); all four runs are tested on the same 1000 fixed 5-way 1-shot test episodes, and the differences
-are paired on them (``fewshot-sla compare``, 95% CI). It prints a Markdown table.
+For each dataset this trains four Conv-4 runs with one seed (``--seed``, 0 by default): the pretraining regime
+(``--method pretrain``: a linear classifier over every training class, nearest-centroid test head) and episodic
+ProtoNet, each with the plain objective and with SLA (rotations, M=4). Compute is equalised by the training images
+seen (the originals; SLA's four copies cost four backbone passes each in both regimes, so runs with the same
+objective also make the same number of backbone passes): ``EPOCHS`` passes over the training split, i.e. ``EPOCHS *
+images`` pretraining "episodes" (one image each) and that many images' worth of ProtoNet episodes (N-way (K +
+Q)-image episodes of its recipe). Each regime keeps its own recipe as the suite resolves it (optimiser, learning
+rate, batch or episode shape; the schedules are anchored to the published budgets, so neither decays its learning
+rate at this budget), with augmentation off for all four. The checkpoint tested is the one of best validation
+accuracy (200 fixed validation episodes, four validations per run); all four runs are tested on the same 1000 fixed
+5-way 1-shot test episodes, and the differences are paired on them (``fewshot-sla compare``, 95% CI). It prints a
+Markdown table.
 
-    python benchmarks/pretraining_study.py --data-root .data [--runs runs/pretraining-study]
+    python benchmarks/pretraining_study.py --data-root .data [--runs runs/pretraining-study] [--seed 0]
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ COMMON += ["--val-episodes", "200", "--eval-episodes", "1000", "--fit-memory", "
 OBJECTIVES = {"plain": ["--transform", "none", "--objective", "baseline"], "SLA": ["--objective", "sla"]}
 
 
-def runs_of(dataset: str) -> dict[str, list[str]]:
-    """The four runs of a dataset: name -> flags."""
+def runs_of(dataset: str, seed: int) -> dict[str, list[str]]:
+    """The four runs of a dataset with ``seed``: name -> flags."""
     extra, images, per_episode = DATASETS[dataset]
     budget = EPOCHS * images
     episodes = budget // per_episode
@@ -47,7 +48,16 @@ def runs_of(dataset: str) -> dict[str, list[str]]:
         "protonet": ["--method", "protonet", "--train-episodes", str(episodes), "--val-every", str(episodes // 4)],
     }
     return {
-        f"{regime} {objective}": ["--dataset", dataset, *extra, *COMMON, *flags, *OBJECTIVES[objective]]
+        f"{regime} {objective}": [
+            "--dataset",
+            dataset,
+            *extra,
+            *COMMON,
+            "--seed",
+            str(seed),
+            *flags,
+            *OBJECTIVES[objective],
+        ]
         for regime, flags in regimes.items()
         for objective in OBJECTIVES
     }
@@ -65,12 +75,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--runs", default="runs/pretraining-study", help="where the runs go (finished ones are kept)")
+    parser.add_argument("--seed", type=int, default=0, help="the runs' seed (the test episodes are the same for all)")
     args = parser.parse_args()
     rows = ["| dataset | run | training steps | train time s | test % (kind) | 95% CI |", "|---|---|---|---|---|---|"]
     pairs = ["| dataset | A - B | paired difference, 95% CI | wins/losses/ties |", "|---|---|---|---|"]
     for dataset in DATASETS:
         folders = {}
-        for name, flags in runs_of(dataset).items():
+        for name, flags in runs_of(dataset, args.seed).items():
             out = Path(args.runs) / dataset / name.replace(" ", "-")
             folders[name] = out
             started = time.perf_counter()
