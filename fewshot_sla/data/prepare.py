@@ -334,15 +334,23 @@ def _user_images(
             image_size=size,
             files=_file_stats(root, files),
         ),
-        attrs={
-            "source": str(root.resolve()),
-            USER_ATTR: imagefolder.LAYOUT,
-            "split_file": str(chosen.resolve()) if chosen is not None else "",
-            "split_fractions": ",".join(f"{f:g}" for f in fractions) if chosen is None else "",
-            "split_seed": seed if chosen is None else -1,
-        },
+        attrs=_user_attrs(str(root.resolve()), imagefolder.LAYOUT, chosen, fractions, seed, seeded=chosen is None),
         read=lambda: imagefolder.read_splits(collection, split),
     )
+
+
+def _user_attrs(
+    source: str, layout: str, chosen: Path | None, fractions: Any, seed: int, *, seeded: bool
+) -> dict[str, Any]:
+    """The store attributes of a dataset of the user's own images: its source, layout and how it was split (a split
+    file, or the seeded fractions and seed when ``seeded``)."""
+    return {
+        "source": source,
+        USER_ATTR: layout,
+        "split_file": str(chosen.resolve()) if chosen is not None else "",
+        "split_fractions": ",".join(f"{f:g}" for f in fractions) if seeded else "",
+        "split_seed": seed if seeded else -1,
+    }
 
 
 def _torch_dataset(
@@ -370,13 +378,7 @@ def _torch_dataset(
         source_format=torch_dataset.LAYOUT,
         split_convention=described,
         key=_key(dataset=dataset, layout=torch_dataset.LAYOUT, read=os.urandom(16).hex()),
-        attrs={
-            "source": where,
-            USER_ATTR: torch_dataset.LAYOUT,
-            "split_file": str(chosen.resolve()) if chosen is not None else "",
-            "split_fractions": ",".join(f"{f:g}" for f in fractions) if chosen is None else "",
-            "split_seed": seed if chosen is None else -1,
-        },
+        attrs=_user_attrs(where, torch_dataset.LAYOUT, chosen, fractions, seed, seeded=chosen is None),
         read=lambda: torch_dataset.read_splits(collection, split),
     )
 
@@ -413,13 +415,9 @@ def _hf_folder(
             image_size=size,
             files=_file_stats(root, hf_datasets.source_files(root)),
         ),
-        attrs={
-            "source": str(root.resolve()),
-            USER_ATTR: hf_datasets.LAYOUT,
-            "split_file": str(chosen.resolve()) if chosen is not None else "",
-            "split_fractions": ",".join(f"{f:g}" for f in fractions) if split is not own else "",
-            "split_seed": seed if split is not own and chosen is None else -1,
-        },
+        attrs=_user_attrs(
+            str(root.resolve()), hf_datasets.LAYOUT, chosen, fractions, seed, seeded=split is not own and chosen is None
+        ),
         read=lambda: torch_dataset.read_splits(collection, split),
     )
 
