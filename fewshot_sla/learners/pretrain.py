@@ -85,6 +85,12 @@ class Pretrain(EmbeddingLearner):
         self.__dict__["evaluator"] = LEARNERS.create(eval_head, backbone=nn.Identity(), **self.eval_options)
         self.classifiers = nn.ModuleDict()
 
+    @property
+    def evaluator(self) -> EmbeddingLearner:
+        """The evaluation head of novel-class episodes (outside the module tree: no parameters of its own)."""
+        head: EmbeddingLearner = self.__dict__["evaluator"]
+        return head
+
     def add_classifier(self, features: int, classes: int) -> None:
         """A classifier for ``classes``-way training batches (once per width), on ``features``-dim embeddings."""
         key = str(classes)
@@ -100,17 +106,15 @@ class Pretrain(EmbeddingLearner):
 
     def settings(self) -> dict[str, object]:
         """The classifier and the evaluation head (recorded in results.json)."""
-        evaluator: EmbeddingLearner = self.__dict__["evaluator"]
         return {
             "classifier": self.classifier,
             "classifier_widths": sorted(int(k) for k in self.classifiers),
             "eval_head": self.eval_head,
-            "eval_settings": evaluator.settings(),
+            "eval_settings": self.evaluator.settings(),
         }
 
     def pop_diagnostics(self) -> dict[str, float]:
-        evaluator: EmbeddingLearner = self.__dict__["evaluator"]
-        return evaluator.pop_diagnostics()
+        return self.evaluator.pop_diagnostics()
 
     def head(
         self,
@@ -122,8 +126,7 @@ class Pretrain(EmbeddingLearner):
         """Training: the ``ways``-way classifier's logits of the queries ``[B, Q, ways]`` (the support, empty, is
         ignored). Evaluation: the evaluation head on the episode."""
         if not self.training:
-            evaluator: EmbeddingLearner = self.__dict__["evaluator"]
-            return evaluator.head(support_features, support_labels, query_features, ways)
+            return self.evaluator.head(support_features, support_labels, query_features, ways)
         if str(ways) not in self.classifiers:
             widths = ", ".join(sorted(self.classifiers, key=int)) or "none"
             raise UserError(
