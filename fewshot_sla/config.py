@@ -174,6 +174,18 @@ class RunConfig(BaseModel):
     train_shots: Annotated[int | None, Knob("training shots", "--train-shots", "K")] = _positive()
     train_queries: Annotated[int | None, Knob("training queries per class", "--train-queries", "Q")] = _positive()
     train_episodes: Annotated[int | None, Knob("training episodes", "--train-episodes", "E")] = _positive()
+    # Snell et al.'s and Lee et al.'s final models train on the classes of train and val together; validation then
+    # watches classes the model trains on. Unset is the train split of every earlier run (identity when set).
+    train_split: Annotated[
+        Literal["train", "train+val"] | None,
+        Knob(
+            "the classes to train on: train, or train+val (validation then watches trained classes)",
+            "--train-split",
+            "SPLITS",
+            default="train",
+            identity="when_set",
+        ),
+    ] = None
     meta_batch: Annotated[int | None, Knob("episodes per optimizer step", "--meta-batch", "B")] = _positive()
     optimizer: Annotated[Literal["sgd", "adam"] | None, Knob("sgd or adam", "--optimizer", "NAME")] = None
     lr: Annotated[float | None, Knob("initial learning rate", "--lr", "LR")] = _number(gt=0)
@@ -305,6 +317,11 @@ class RunConfig(BaseModel):
         if not DEVICE_PATTERN.match(value):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got '{value}'")
         return value
+
+    @field_validator("train_split")
+    @classmethod
+    def _train_split(cls, value: str | None) -> str | None:
+        return None if value == "train" else value  # unset and "train" are one run, one grid cell
 
     @field_validator("log")
     @classmethod

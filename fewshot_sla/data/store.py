@@ -40,7 +40,7 @@ import torch
 import xxhash
 
 from fewshot_sla.data.disk_images import DiskImages
-from fewshot_sla.errors import UserError
+from fewshot_sla.errors import UserError, setting
 from fewshot_sla.errors import command as action
 from fewshot_sla.io_errors import IOFailure, errno_of, free_bytes, io_error
 
@@ -88,6 +88,27 @@ class Split:
     def num_classes(self) -> int:
         """Number of classes (``labels`` lie in ``0..num_classes-1``)."""
         return len(self.class_names)
+
+
+def joined(first: Split, second: Split, name: str) -> Split:
+    """The images and classes of two splits as one (``second``'s labels after ``first``'s), e.g. train+val.
+
+    Both must be in memory; a split left on disk gets one line saying how to hold it.
+    """
+    for split in (first, second):
+        if not isinstance(split.images, torch.Tensor):
+            raise UserError(
+                f"{name} needs split '{split.name}' in memory, but it is over the data budget and read from disk; "
+                f"raise {setting('data_memory')}"
+            )
+    assert isinstance(first.images, torch.Tensor) and isinstance(second.images, torch.Tensor)
+    return Split(
+        name,
+        torch.cat([first.images, second.images]),
+        torch.cat([first.labels, second.labels + first.num_classes]),
+        first.class_names + second.class_names,
+        first.image_ids + second.image_ids,
+    )
 
 
 def store_path(dataset: str, data_root: str | os.PathLike) -> Path:

@@ -24,7 +24,7 @@ from torch import nn
 from fewshot_sla.atomic import remove_temporaries
 from fewshot_sla.backbones import checkpointing
 from fewshot_sla.config import RESUME_FREE_KEYS, RunConfig, load_config, required
-from fewshot_sla.data.store import DatasetStore, Split
+from fewshot_sla.data.store import DatasetStore, Split, joined
 from fewshot_sla.engine.build import (
     ImagePipeline,
     InitSource,
@@ -124,6 +124,8 @@ def plan_run(
     names = ["train", "val", "test"] + ([episode_file.split] if episode_file is not None else [])
     placement = load_splits(store, names, device, processes.local_world_size, data_memory_gb)
     splits = placement.splits
+    if cfg.train_split == "train+val":  # the final models of Snell et al. and Lee et al.
+        splits["train"] = joined(splits["train"], splits["val"], "train+val")
     if episode_file is None:
         check_split(splits["test"], test_spec, "test")
     check_split(splits["val"], validation_spec(cfg), "validation")

@@ -20,6 +20,7 @@ from tests.helpers.paths import REPO
 OPTIONAL_FIELDS = [
     "image_size",
     "episodes_file",
+    "train_split",
     "init_from",
     "init_checkpoint",
     "val_ways",
@@ -433,7 +434,7 @@ def test_derived_key_lists_are_the_ones_they_replace_but_checkpointing_no_longer
     assert set(RESUME_FREE_KEYS) == set(OLD_RESUME_FREE_KEYS)
     assert set(HASH_FREE_KEYS) == set(OLD_HASH_FREE_KEYS)
     # Fields added since, unset in every earlier cell, enter only when set (so that no existing cell was renamed).
-    assert set(UNSET_FREE_KEYS) == set(OLD_UNSET_FREE_KEYS) | {"init_from", "init_checkpoint"}
+    assert set(UNSET_FREE_KEYS) == set(OLD_UNSET_FREE_KEYS) | {"init_from", "init_checkpoint", "train_split"}
     # The one reclassification: activation checkpointing gives bit-identical gradients and BatchNorm statistics
     # (tests/unit/engine/test_scale.py), was already out of the cell identity and free on resume, and now also out of a
     # leaderboard row's setting, so runs whose memory plans differed only in it are seeds of one row.
@@ -453,7 +454,7 @@ def test_annotated_yaml_is_the_plain_yaml_plus_comments(tmp_path: Path) -> None:
     cfg = RunConfig(learner_options={"a": {"b": [1, 2], "c": {"d": 3}}}, lr_milestones=[0.5], lr_factors=[0.1])
     notes = {name: f"note {i}" for i, name in enumerate(RunConfig.field_names())}
     text = cfg.to_yaml(notes, header="a header")
-    assert text.startswith("# a header\n") and "lr_factors: [0.1]  # note 24\n" in text
+    assert text.startswith("# a header\n") and "lr_factors: [0.1]  # note 25\n" in text
     assert "# learner_options: note 6\nlearner_options:\n  a:\n" in text  # a value on several lines: note above
     assert [line.split("  # ")[0] for line in text.splitlines() if not line.startswith("#")] == (
         cfg.to_yaml().splitlines()
