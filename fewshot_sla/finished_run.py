@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from fewshot_sla.config import RunConfig, load_config
 from fewshot_sla.errors import UserError
-from fewshot_sla.package_data import SHIPPED_SHOWN
+from fewshot_sla.package_data import FORMER_SHIPPED_SHOWN
 from fewshot_sla.results import (
     INCOMPLETE_RUN,
     RESULTS_FILE,
@@ -79,7 +79,7 @@ def _completed_block(block: Any, run_fingerprint: Any) -> Any:
         block["headline"] = headline_kind(list(accuracy))
     episode_set = block.get("episode_set")
     if isinstance(episode_set, dict) and "source" not in episode_set and isinstance(episode_set.get("file"), str):
-        shipped = str(Path(episode_set["file"]).parent) == SHIPPED_SHOWN
+        shipped = str(Path(episode_set["file"]).parent) == FORMER_SHIPPED_SHOWN  # files without "source" are older
         block["episode_set"] = {**episode_set, "source": "shipped" if shipped else "file"}
     return block
 

@@ -1,5 +1,6 @@
 """Files shipped inside the package, read through ``importlib.resources`` so that a wheel install has them: the
-fixed episode sets (``episode_sets/``) and the table of published results (``leaderboard/published.csv``).
+fixed episode sets (the repository's top-level ``episodes/`` folder, installed as ``fewshot_sla.episode_sets``) and
+the table of published results (``leaderboard/published.csv``).
 
 A user adds or overrides episode sets by putting files of the same names into ``DATA_ROOT/episodes/``, beside
 the dataset stores: a set found there is used before the shipped one.
@@ -12,7 +13,8 @@ from importlib import resources
 from pathlib import Path
 
 USER_EPISODES = "episodes"  # the folder, inside the data root, that holds a user's own episode sets
-SHIPPED_SHOWN = "fewshot_sla/episode_sets"  # how results.json names the folder of a shipped set
+SHIPPED_SHOWN = "episodes"  # how results.json names the folder of a shipped set
+FORMER_SHIPPED_SHOWN = "fewshot_sla/episode_sets"  # how results.json files written before the move name it
 
 
 @dataclass(frozen=True)
@@ -23,14 +25,14 @@ class FoundSet:
     source: str
 
 
-def _packaged(*parts: str) -> Path:
+def _packaged(package: str, *parts: str) -> Path:
     # Installed packages (wheel, editable or source tree) are folders on disk, so the resource is a plain path.
-    return Path(str(resources.files("fewshot_sla").joinpath(*parts)))
+    return Path(str(resources.files(package).joinpath(*parts)))
 
 
 def shipped_episode_sets() -> Path:
     """The folder of episode sets shipped with the package."""
-    return _packaged("episode_sets")
+    return _packaged("fewshot_sla.episode_sets")
 
 
 def find_episode_set(name: str, data_root: Path | None) -> FoundSet | None:
@@ -45,4 +47,4 @@ def find_episode_set(name: str, data_root: Path | None) -> FoundSet | None:
 
 def published_table() -> Path:
     """The table of published results shipped with the package."""
-    return _packaged("leaderboard", "published.csv")
+    return _packaged("fewshot_sla", "leaderboard", "published.csv")

@@ -95,7 +95,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from fewshot_sla.atomic import atomic_path, write_text_atomic
 from fewshot_sla.errors import UserError, command, setting
 from fewshot_sla.io_errors import IOFailure, read_text
-from fewshot_sla.package_data import SHIPPED_SHOWN, shipped_episode_sets
+from fewshot_sla.package_data import FORMER_SHIPPED_SHOWN, SHIPPED_SHOWN, shipped_episode_sets
 from fewshot_sla.version import __version__
 
 SCHEMA_VERSION = 1
@@ -431,7 +431,7 @@ def episode_set_path(run_dir: Path, file: str, source: str | None) -> Path:
     for a shipped set, else the recorded path (relative ones: from the working folder when the file is there, else
     from the run folder)."""
     path = Path(file)
-    if source == "shipped" or str(path.parent) == SHIPPED_SHOWN:
+    if source == "shipped" or str(path.parent) in (SHIPPED_SHOWN, FORMER_SHIPPED_SHOWN):
         return shipped_episode_sets() / path.name
     return path if path.is_absolute() or path.exists() else run_dir / path
 

@@ -19,7 +19,7 @@ from fewshot_sla.cli import main
 from fewshot_sla.config import load_config
 from fewshot_sla.errors import UserError
 from fewshot_sla.finished_run import FinishedRun, typed_evaluation, typed_results
-from fewshot_sla.package_data import SHIPPED_SHOWN
+from fewshot_sla.package_data import FORMER_SHIPPED_SHOWN
 from fewshot_sla.results import (
     SCHEMA_VERSION,
     AccuracySummary,
@@ -103,7 +103,7 @@ def _older(results: dict) -> None:
         for key in ("dataset_fingerprint", "diagnostics", "headline"):
             block.pop(key)
         block["episode_set"].pop("source")
-    results["evaluations"][0]["episode_set"]["file"] = f"{SHIPPED_SHOWN}/some-set.npz"
+    results["evaluations"][0]["episode_set"]["file"] = f"{FORMER_SHIPPED_SHOWN}/some-set.npz"
     results["objective"], results["transform"] = "baseline", "rotation"
 
 

@@ -61,5 +61,16 @@ def test_the_package_data_a_wheel_needs_is_found_through_importlib_resources() -
     sets = sorted(p.name for p in shipped_episode_sets().glob("*.npz"))
     assert "synthetic-test-5w1s15q-1000-seed0.npz" in sets and len(sets) >= 8
     assert published_table().is_file() and SCHEMA_FILE.is_file()
-    package = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["fewshot_sla"]
-    assert {"episode_sets/*", "leaderboard/*.csv", "results.schema.json"} <= set(package)
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert {"leaderboard/*.csv", "results.schema.json"} <= set(data["fewshot_sla"])
+    assert "*.npz" in data["fewshot_sla.episode_sets"]
+
+
+def test_the_listed_packages_are_every_code_package_and_the_episode_sets_folder() -> None:
+    setuptools = pytest.importorskip("setuptools")
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    code = setuptools.find_packages(where=str(REPO), include=["fewshot_sla*"])
+    assert sorted(tool["packages"]) == sorted([*code, "fewshot_sla.episode_sets"])  # a new subpackage must be listed
+    assert tool["package-dir"] == {"fewshot_sla.episode_sets": "episodes"}
+    if (REPO / ".git").exists():  # a source checkout (editable install): the sets are read from the top-level folder
+        assert shipped_episode_sets().resolve() == (REPO / "episodes").resolve()

@@ -258,7 +258,7 @@ def test_position_sampler_is_device_independent_for_sets():
     assert np.array_equal(made.positions.astype(np.int64), cpu.numpy())
 
 
-# --- The sets shipped in the package (fewshot_sla/episode_sets/) -------------------------------------------------
+# --- The sets shipped with the package (episodes/) --------------------------------------------------------------------
 
 SHIPPED_DIR = shipped_episode_sets()
 STANDARD = [
