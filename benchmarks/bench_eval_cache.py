@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from fewshot_sla.config import RunConfig
+from fewshot_sla.config.recipes import apply_recipe
 from fewshot_sla.cpu_memory import reuse_freed_memory
 from fewshot_sla.data.catalog import open_store
 from fewshot_sla.data.store import Split
 from fewshot_sla.engine.build import ImagePipeline, build_model, resolve_device
 from fewshot_sla.engine.evaluate import evaluate
-from fewshot_sla.engine.recipes import apply_recipe
 from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec
 
 

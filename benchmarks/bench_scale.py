@@ -38,7 +38,7 @@ from fewshot_sla.config import RunConfig
 from fewshot_sla.data.store import Split
 from fewshot_sla.engine.build import ImagePipeline, build_model, episode_specs
 from fewshot_sla.engine.memory import PeakMeter, profile_step
-from fewshot_sla.engine.recipes import apply_recipe
+from fewshot_sla.config.recipes import apply_recipe
 from fewshot_sla.engine.train import accumulate_gradients, make_optimizer
 from fewshot_sla.episodes import EpisodeSampler
 spec = json.loads(sys.argv[1])

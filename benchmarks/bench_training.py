@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from fewshot_sla.config import RunConfig
+from fewshot_sla.config.recipes import apply_recipe
 from fewshot_sla.cpu_memory import reuse_freed_memory
 from fewshot_sla.data.catalog import open_store
 from fewshot_sla.data.store import Split
 from fewshot_sla.engine.build import ImagePipeline, build_model, resolve_device
-from fewshot_sla.engine.recipes import apply_recipe
 from fewshot_sla.engine.train import Trainer
 
 METHODS = ("protonet", "metaoptnet-svm", "metaoptnet-ridge", "maml", "maml-fo")

@@ -68,6 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """``fewshot-sla leaderboard run``."""
+    from fewshot_sla.config.grid import load_grid
     from fewshot_sla.leaderboard.executors import (
         SLURM_DIR,
         Executor,
@@ -77,7 +78,6 @@ def run_command(args: argparse.Namespace) -> int:
         plan_grid,
         run_grid,
     )
-    from fewshot_sla.leaderboard.grid import load_grid
 
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs must be a positive integer, got {args.jobs}")

@@ -27,10 +27,11 @@ from fewshot_sla.yaml_file import parse_yaml
 if TYPE_CHECKING:
     pass
 
-# Every configuration flag of `run` is rendered from the RunConfig field that declares it (its Knob in config.py:
-# flag, metavar, help, default): a switch for a boolean, KEY=VALUE items for a mapping, names for a list, else one
-# value of the field's type. Absent flags leave the configuration file's (or the recipe's) value. A help text's
-# {learners}, {objectives}, ... become the registered names, plug-ins' included, when help is shown (``listed_help``).
+# Every configuration flag of `run` is rendered from the RunConfig field that declares it (its Knob in
+# config/run_config.py: flag, metavar, help, default): a switch for a boolean, KEY=VALUE items for a mapping, names
+# for a list, else one value of the field's type. Absent flags leave the configuration file's (or the recipe's)
+# value. A help text's {learners}, {objectives}, ... become the registered names, plug-ins' included, when help is
+# shown (``listed_help``).
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, texts: HelpTexts) -> None:
@@ -157,7 +158,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any
 def _annotated_config(cfg: RunConfig, given: dict[str, Any], args: argparse.Namespace) -> str:
     """``--print-config``: the resolved configuration as YAML, each value's origin in a comment: ``recipe`` (filled
     in by it), ``flag`` (a flag or ``--set``), ``config file`` (``--config``) or ``default`` (the field's)."""
-    from fewshot_sla.engine.recipes import apply_recipe, recipe_record
+    from fewshot_sla.config.recipes import apply_recipe, recipe_record
 
     resolved = apply_recipe(cfg)
     flags = {key for key in RunConfig.field_names() if hasattr(args, key)}

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from fewshot_sla.atomic import write_text_atomic
+from fewshot_sla.config.recipes import recipe_record
 from fewshot_sla.engine.build import describe_device, episode_specs
 from fewshot_sla.engine.callbacks import Callback
 from fewshot_sla.engine.evaluate import fixed_test_set
 from fewshot_sla.engine.plan import RunPlan
-from fewshot_sla.engine.recipes import recipe_record
 from fewshot_sla.engine.run_evaluation import evaluate_checkpoint
 from fewshot_sla.engine.train import Trainer
 from fewshot_sla.errors import command, render

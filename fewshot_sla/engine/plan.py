@@ -24,6 +24,7 @@ from torch import nn
 from fewshot_sla.atomic import remove_temporaries
 from fewshot_sla.backbones import checkpointing
 from fewshot_sla.config import RESUME_FREE_KEYS, RunConfig, load_config, required
+from fewshot_sla.config.recipes import apply_recipe
 from fewshot_sla.data.store import DatasetStore, Split, joined
 from fewshot_sla.engine.build import (
     ImagePipeline,
@@ -48,7 +49,6 @@ from fewshot_sla.engine.build import (
 from fewshot_sla.engine.data_placement import load_splits
 from fewshot_sla.engine.distributed import SINGLE, Processes, process_device
 from fewshot_sla.engine.memory import FIT_MODES, MemoryPlan, memory_budget, plan_memory, profile_step
-from fewshot_sla.engine.recipes import apply_recipe
 from fewshot_sla.episodes import EpisodeSet
 from fewshot_sla.errors import UserError, command, setting
 from fewshot_sla.io_errors import read_text

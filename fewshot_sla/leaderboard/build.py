@@ -70,8 +70,8 @@ from fewshot_sla.results import (
     transform_label,
 )
 
-# What a row does not tell apart: the settings that never change a run's numbers (config.py's Knobs), the seed (a
-# row pools a setting's seeds) and the episode file (rows are keyed by the episode set's hash itself).
+# What a row does not tell apart: the settings that never change a run's numbers (config/run_config.py's Knobs),
+# the seed (a row pools a setting's seeds) and the episode file (rows are keyed by the episode set's hash itself).
 RESULT_FREE_KEYS = ("seed", "episodes_file", *RESULT_NEUTRAL_KEYS)
 # The only configuration keys in which a run may differ from the baseline run it is compared with.
 COMPARED_KEYS = ("transform", "objective")

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from fewshot_sla.atomic import write_text_atomic
+from fewshot_sla.config.grid import Grid
 from fewshot_sla.data.catalog import open_store
 from fewshot_sla.engine.memory import CONCURRENT_RUNS_VAR
 from fewshot_sla.errors import UserError, command, setting
-from fewshot_sla.leaderboard.grid import Grid
 from fewshot_sla.preemption import PREEMPTION_SIGNALS, Preempted
 from fewshot_sla.results import RunPaths
 

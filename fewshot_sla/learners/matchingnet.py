@@ -8,7 +8,7 @@ then the paper's negative log-likelihood, and softmax(logits) = p.
 Choices, stated:
 - ``distance="cosine"`` (the paper's): sim = cosine similarity; ``"euclidean"``: sim = -squared distance.
 - ``scale`` (1.0, the paper's formula: cosines in [-1, 1] enter the softmax as they are) multiplies sim. The
-  recipe (``engine/recipes.yaml``) sets 100, as Chen et al. 2019's code does ("to strengthen the highest
+  recipe (``config/recipes.yaml``) sets 100, as Chen et al. 2019's code does ("to strengthen the highest
   probability"): with ReLU features the cosines lie in [0, 1], and unscaled they train slowly.
   ``learn_scale=True`` makes it a parameter initialised to ``scale``, as reimplementations with a temperature do
   (Gidaris & Komodakis 2018, "Dynamic Few-Shot Visual Learning without Forgetting": learnable, initialised to 10;

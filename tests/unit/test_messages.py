@@ -26,9 +26,9 @@ COMMAND_LINE = re.compile(r"fewshot-sla (run|eval|data|episodes|leaderboard|list
 ARGV_WORD = re.compile(r"--[a-z][a-z0-9-]*")  # one flag alone: a word of an argument list, not a message
 # Text that documents the command line itself, not a message: (module, enclosing function or call) -> why.
 ALLOWED = {
-    ("config.py", "Knob"): "the help of each run flag, rendered by cli/run.py and docs/configuration.md",
-    ("config.py", "configuration_reference"): "docs/configuration.md, the reference of the flags",
-    ("config.py", "__missing__"): "docs/configuration.md's pointer to 'fewshot-sla list'",
+    ("config/run_config.py", "Knob"): "the help of each run flag, rendered by cli/run.py and docs/configuration.md",
+    ("config/run_config.py", "configuration_reference"): "docs/configuration.md, the reference of the flags",
+    ("config/run_config.py", "__missing__"): "docs/configuration.md's pointer to 'fewshot-sla list'",
     ("leaderboard/build.py", "_other_sections"): "leaderboard.md, a report on what the CLI did",
     ("leaderboard/build.py", "render_markdown"): "leaderboard.md, a report on what the CLI did",
     ("leaderboard/build.py", "_unpaired_row"): "a row note of leaderboard.md and its CSV, files of the report",

@@ -16,9 +16,9 @@ import yaml
 
 from fewshot_sla.cli import main
 from fewshot_sla.config import RunConfig, identity_values
+from fewshot_sla.config.grid import cell_identity, load_grid
 from fewshot_sla.engine.plan import plan_run
 from fewshot_sla.finished_run import FinishedRun
-from fewshot_sla.leaderboard.grid import cell_identity, load_grid
 
 # 4 steps of 2 episodes, validation and checkpoints every 2 steps, conv4 with 8 channels on 16-pixel images.
 SETTINGS = {

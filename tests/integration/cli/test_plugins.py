@@ -219,7 +219,7 @@ def test_the_readme_plugin_transformation_keeps_the_contract(monkeypatch):
 
 def test_the_readme_recipe_for_a_plugin_learner_applies():
     from fewshot_sla.config import RunConfig
-    from fewshot_sla.engine.recipes import apply_recipe, recipe_book, recipe_record
+    from fewshot_sla.config.recipes import apply_recipe, recipe_book, recipe_record
 
     exec(compile(RECIPE_CODE, "fsl_cosine_protonet.py", "exec"), {"__name__": "fsl_cosine_protonet"})
     try:

@@ -470,7 +470,7 @@ def test_an_unconverged_solver_is_logged_warned_and_recorded(capsys, data_root: 
 
 def test_print_config_names_where_each_value_came_from_and_loads_back(capsys, data_root: Path, tmp_path: Path) -> None:
     from fewshot_sla.config import RunConfig, load_config
-    from fewshot_sla.engine.recipes import apply_recipe
+    from fewshot_sla.config.recipes import apply_recipe
 
     given = tmp_path / "given.yaml"
     given.write_text("ways: 10\nshots: 5\nseed: 4\nlearner_options:\n  scale: 2.0\n")

@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 
 from fewshot_sla.cli import main
+from fewshot_sla.config.grid import load_grid
 from fewshot_sla.data.catalog import open_store
 from fewshot_sla.data.importers.imagefolder import DEFAULT_FRACTIONS, seeded_split, split_sizes
 from fewshot_sla.data.store import SPLIT_NAMES, DatasetStore
 from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec
 from fewshot_sla.errors import UserError
-from fewshot_sla.leaderboard.grid import load_grid
 
 CLASSES = [f"class{c}" for c in range(8)]
 PER_CLASS = 6

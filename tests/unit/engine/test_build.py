@@ -35,8 +35,8 @@ def test_building_a_model_leaves_the_callers_random_state_alone_and_repeats() ->
     import torch
 
     from fewshot_sla.config import RunConfig
+    from fewshot_sla.config.recipes import apply_recipe
     from fewshot_sla.engine.build import build_model
-    from fewshot_sla.engine.recipes import apply_recipe
 
     cfg = apply_recipe(RunConfig(method="protonet", backbone_options={"hidden": 4}))
     torch.manual_seed(123)
@@ -56,8 +56,8 @@ def test_a_bug_inside_a_constructor_is_not_reported_as_a_bad_option() -> None:
     import torch
 
     from fewshot_sla.config import RunConfig
+    from fewshot_sla.config.recipes import apply_recipe
     from fewshot_sla.engine.build import build_model
-    from fewshot_sla.engine.recipes import apply_recipe
     from fewshot_sla.errors import UserError
     from fewshot_sla.registry import BACKBONES
 

@@ -17,9 +17,9 @@ import yaml
 from fewshot_sla.cli import main
 from fewshot_sla.cli.messages import CliVoice
 from fewshot_sla.config import RunConfig
+from fewshot_sla.config.grid import cell_identity
 from fewshot_sla.engine.loggers import TENSORBOARD_MISSING, RunLogger
 from fewshot_sla.errors import render
-from fewshot_sla.leaderboard.grid import cell_identity
 from fewshot_sla.registry import LOGGERS
 
 # 2 steps of 2 episodes, a validation after each (the global step, episodes, differs from the step).

@@ -274,7 +274,7 @@ from fewshot_sla.config import RunConfig
 from fewshot_sla.data.catalog import open_store
 from fewshot_sla.engine.build import build_model, episode_specs, pipeline_for
 from fewshot_sla.engine.memory import PeakMeter, profile_step
-from fewshot_sla.engine.recipes import apply_recipe
+from fewshot_sla.config.recipes import apply_recipe
 from fewshot_sla.engine.train import accumulate_gradients, make_optimizer
 from fewshot_sla.episodes import EpisodeSampler
 cfg = apply_recipe(RunConfig(method="protonet", train_ways=20, train_queries=10, device="cpu"))

@@ -12,6 +12,7 @@ import pytest
 
 from fewshot_sla.cli import main
 from fewshot_sla.config import load_config
+from fewshot_sla.config.grid import Grid, load_grid
 from fewshot_sla.errors import UserError
 from fewshot_sla.leaderboard.executors import (
     CELLS_DIR,
@@ -22,7 +23,6 @@ from fewshot_sla.leaderboard.executors import (
     last_error_line,
     run_grid,
 )
-from fewshot_sla.leaderboard.grid import Grid, load_grid
 from fewshot_sla.results import RunPaths, load_results
 
 GRID = """\

@@ -297,7 +297,7 @@ def test_omniglot_grid_loads_and_its_cells_match_the_published_rows() -> None:
     needed = {"matchingnet", "relationnet"} - set(LEARNERS.names())
     if needed or "omniglot" not in DATASETS.names() or "relation-conv4" not in BACKBONES.names():
         pytest.skip("the omniglot dataset, the matchingnet/relationnet learners or relation-conv4 are not registered")
-    from fewshot_sla.leaderboard.grid import load_grid
+    from fewshot_sla.config.grid import load_grid
     from fewshot_sla.leaderboard.reproduction import effective_options
 
     cells = load_grid(GRID).cells

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 
 from fewshot_sla.cli import main
 from fewshot_sla.config import RunConfig
+from fewshot_sla.config.recipes import apply_recipe
 from fewshot_sla.data.store import Split
 from fewshot_sla.engine.build import ImagePipeline
 from fewshot_sla.engine.evaluate import evaluate
 from fewshot_sla.engine.feature_cache import FeatureCache, ImagesOf
-from fewshot_sla.engine.recipes import apply_recipe
 from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec, gather_episodes
 from fewshot_sla.errors import UserError
 from fewshot_sla.learners.base import UNCONVERGED

@@ -385,8 +385,8 @@ def test_zero_head_meta_gradients_match_finite_differences_too(head: str) -> Non
 
 def test_under_sla_the_engine_sizes_the_head_for_the_joint_ways() -> None:
     from fewshot_sla.config import RunConfig
+    from fewshot_sla.config.recipes import apply_recipe
     from fewshot_sla.engine.build import build_model
-    from fewshot_sla.engine.recipes import apply_recipe
 
     for objective, transform, rows in (("sla", "rotation", 20), ("baseline", "none", 5), ("da", "rotation", 5)):
         cfg = apply_recipe(RunConfig(method="maml", objective=objective, transform=transform))

@@ -11,7 +11,7 @@ import torch
 
 from fewshot_sla.cli import main
 from fewshot_sla.config import RunConfig
-from fewshot_sla.engine.recipes import apply_recipe
+from fewshot_sla.config.recipes import apply_recipe
 from fewshot_sla.errors import UserError
 from fewshot_sla.registry import LEARNERS
 

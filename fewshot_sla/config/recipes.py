@@ -15,8 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fewshot_sla import rules
-from fewshot_sla.config import RunConfig, check_values
+from fewshot_sla.config import RunConfig, check_values, rules
 from fewshot_sla.errors import UserError
 from fewshot_sla.validation import one_line_error
 
@@ -122,8 +121,8 @@ def _parse(text: str, where: str) -> RecipeBook:
 @lru_cache(maxsize=1)
 def recipe_book() -> RecipeBook:
     """The packaged recipe file, read and checked once."""
-    text = resources.files("fewshot_sla.engine").joinpath(RECIPE_FILE).read_text()
-    return _parse(text, f"fewshot_sla/engine/{RECIPE_FILE}")
+    text = resources.files("fewshot_sla.config").joinpath(RECIPE_FILE).read_text()
+    return _parse(text, f"fewshot_sla/config/{RECIPE_FILE}")
 
 
 def add_recipe(method: str, recipe: Mapping[str, Any]) -> None:

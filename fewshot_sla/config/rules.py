@@ -1,4 +1,4 @@
-"""The one rule matcher of recipes (``engine/recipes.yaml``) and grids (``leaderboard/grid.py``): a rule's ``when``
+"""The one rule matcher of recipes (``config/recipes.yaml``) and grids (``config/grid.py``): a rule's ``when``
 maps keys (a recipe's run settings, a grid's axes) to a value or a list of values, and a run matches it when each of
 its values for those keys is among the listed ones."""
 

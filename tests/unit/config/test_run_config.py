@@ -9,8 +9,8 @@ import pytest
 
 from fewshot_sla.cli.messages import CliVoice
 from fewshot_sla.config import RunConfig, load_config
+from fewshot_sla.config.recipes import _parse, add_recipe, apply_recipe, default_val_every, recipe_book
 from fewshot_sla.engine.build import regime
-from fewshot_sla.engine.recipes import _parse, add_recipe, apply_recipe, default_val_every, recipe_book
 from fewshot_sla.errors import UserError, voice
 from fewshot_sla.learners.base import PRETRAINING
 from tests.helpers.paths import REPO
@@ -241,7 +241,7 @@ def test_every_builtin_learner_has_a_recipe_entry() -> None:
 def test_a_broken_recipe_file_is_one_line_naming_the_place(change: tuple[str, str], expected: str) -> None:
     from importlib import resources
 
-    text = resources.files("fewshot_sla.engine").joinpath("recipes.yaml").read_text()
+    text = resources.files("fewshot_sla.config").joinpath("recipes.yaml").read_text()
     assert change[0] in text
     with pytest.raises(UserError) as info:
         _parse(text.replace(change[0], change[1], 1), "recipes.yaml")
@@ -392,7 +392,7 @@ def test_numbers_in_exponent_form_are_numbers_in_files_set_and_flags(
 
 
 def test_exponent_numbers_and_repeated_keys_in_grid_files(tmp_path: Path) -> None:
-    from fewshot_sla.leaderboard.grid import load_grid
+    from fewshot_sla.config.grid import load_grid
 
     grid = tmp_path / "grid.yaml"
     variants = "variants:\n  - {transform: none, objective: baseline}\nshots: [1]\n"
@@ -403,7 +403,7 @@ def test_exponent_numbers_and_repeated_keys_in_grid_files(tmp_path: Path) -> Non
         load_grid(grid)
 
 
-# The key lists the Knobs replaced, frozen as they were (config.py, leaderboard/grid.py, leaderboard/build.py).
+# The key lists the Knobs replaced, frozen as they were (config.py, config/grid.py, leaderboard/build.py).
 OLD_RESUME_FREE_KEYS = ("device", "micro_batch", "checkpointing", "log", "checkpoint_every")
 OLD_HASH_FREE_KEYS = ("device", "eval_batch", "feature_cache", "checkpointing", "log", "checkpoint_every")
 OLD_UNSET_FREE_KEYS = ("val_ways", "val_shots")
@@ -428,8 +428,8 @@ def test_every_field_declares_one_knob_with_consistent_properties() -> None:
 
 def test_derived_key_lists_are_the_ones_they_replace_but_checkpointing_no_longer_splits_leaderboard_rows() -> None:
     from fewshot_sla.config import RESUME_FREE_KEYS
+    from fewshot_sla.config.grid import HASH_FREE_KEYS, UNSET_FREE_KEYS
     from fewshot_sla.leaderboard.build import RESULT_FREE_KEYS
-    from fewshot_sla.leaderboard.grid import HASH_FREE_KEYS, UNSET_FREE_KEYS
 
     assert set(RESUME_FREE_KEYS) == set(OLD_RESUME_FREE_KEYS)
     assert set(HASH_FREE_KEYS) == set(OLD_HASH_FREE_KEYS)

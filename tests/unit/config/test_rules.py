@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fewshot_sla.rules import checked, listed, matches
+from fewshot_sla.config.rules import checked, listed, matches
 
 
 def test_a_single_value_stands_for_a_list_of_one() -> None:

@@ -61,12 +61,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from fewshot_sla import rules as rule_matcher
 from fewshot_sla.config import RunConfig, check_values, identity_values, knobs, read_config_values
-from fewshot_sla.engine.recipes import apply_recipe
+from fewshot_sla.config import rules as rule_matcher
+from fewshot_sla.config.recipes import apply_recipe
+from fewshot_sla.config.rules import matches
 from fewshot_sla.errors import UserError, command, setting
 from fewshot_sla.registry import ALL_REGISTRIES
-from fewshot_sla.rules import matches
 from fewshot_sla.validation import one_line_error
 from fewshot_sla.yaml_file import read_yaml
 
@@ -83,7 +83,7 @@ AXIS_HOME = {
 }
 # Settings that never change a cell's results, so not part of its identity; keys added after grids were first run
 # whose unset value means what every earlier cell did, left out of the identity while unset so that adding them
-# renamed (and re-ran) no existing cell. Both from each field's Knob (config.py).
+# renamed (and re-ran) no existing cell. Both from each field's Knob (config/run_config.py).
 HASH_FREE_KEYS = tuple(key for key, knob in knobs().items() if knob.identity == "never")
 UNSET_FREE_KEYS = tuple(key for key, knob in knobs().items() if knob.identity == "when_set")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")

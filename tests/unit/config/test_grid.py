@@ -10,8 +10,8 @@ import pytest
 
 from fewshot_sla.cli import main
 from fewshot_sla.config import RunConfig, load_config
+from fewshot_sla.config.grid import cell_identity, load_grid
 from fewshot_sla.errors import UserError
-from fewshot_sla.leaderboard.grid import cell_identity, load_grid
 from tests.helpers.paths import REPO
 
 SHIPPED_GRIDS = sorted((REPO / "benchmarks" / "grids").glob("*.yaml"))
@@ -94,7 +94,7 @@ def test_names_are_deterministic_and_follow_every_setting_but_the_device(tmp_pat
 
 
 def test_a_recipe_change_renames_exactly_the_cells_it_affects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fewshot_sla.engine.recipes import recipe_book
+    from fewshot_sla.config.recipes import recipe_book
 
     before = {
         (c.values["method"], c.values["objective"], c.values["shots"]): c.name
@@ -299,11 +299,12 @@ def test_cli_dry_run_lists_cells_without_writing(tmp_path: Path, capsys: pytest.
     assert not runs.exists()
 
 
-# cell_identity as it was before the Knobs (config.py) defined which fields enter it, with its key lists frozen.
+# cell_identity as it was before the Knobs (config/run_config.py) defined which fields enter it, with its key lists
+# frozen.
 OLD_HASH_FREE_KEYS = ("device", "eval_batch", "feature_cache", "checkpointing", "log", "checkpoint_every")
 OLD_UNSET_FREE_KEYS = ("val_ways", "val_shots")
 # Fields added since, which enter the identity only when set: a cell that does not set them keeps its old name.
-ADDED_UNSET_FREE_KEYS = ("init_from", "init_checkpoint")
+ADDED_UNSET_FREE_KEYS = ("init_from", "init_checkpoint", "train_split")
 # A valid value other than the default for every field.
 OTHER_VALUES = {
     "method": "maml",
@@ -323,6 +324,7 @@ OTHER_VALUES = {
     "train_shots": 15,
     "train_queries": 6,
     "train_episodes": 1000,
+    "train_split": "train+val",
     "meta_batch": 4,
     "optimizer": "sgd",
     "lr": 0.1,

@@ -1,6 +1,6 @@
 """The configuration of one run: a pydantic model holding every knob, read from and written to YAML.
 
-Precedence, lowest first: the method's published recipe (``engine/recipes.py`` fills every field left
+Precedence, lowest first: the method's published recipe (``config/recipes.py`` fills every field left
 ``None``), then a ``--config`` YAML file, then command-line flags. The resolved configuration (no ``None``
 left in recipe fields) is written to each run directory as ``config.yaml``. Types are strict (``5`` is not
 ``true``, ``"5"`` is not ``5``; integers are accepted where numbers are expected), unknown keys are errors,
@@ -17,7 +17,7 @@ unset default is described, and three properties:
   ``micro_batch`` does change results: with BatchNorm in training mode each micro-batch is normalised by its own
   statistics (``tests/unit/engine/test_scale.py``), so it stays in.
 - ``identity``: whether the value enters a grid cell's identity (the hash ending its folder name,
-  ``leaderboard/grid.py``): ``always`` for what affects results, ``never`` for what does not, ``when_set`` for
+  ``config/grid.py``): ``always`` for what affects results, ``never`` for what does not, ``when_set`` for
   fields added after grids were first run whose unset value means what every earlier cell did (``val_ways``,
   ``val_shots``), so that adding them renamed no existing cell.
 - ``free_on_resume``: whether ``--resume`` may change it (``device``, ``micro_batch``, ``checkpointing``, ``log``,
@@ -28,7 +28,7 @@ is typed and checked by mypy where it is written (a dict of extras is not), pyda
 ``FieldInfo.metadata`` without it touching validation or any JSON schema, and its properties have defaults, so a
 field states only what is special about it. The lists the rest of the suite used to keep by hand are derived from
 it: ``RESUME_FREE_KEYS`` (``engine/plan.py``, ``engine/train.py``), ``RESULT_NEUTRAL_KEYS`` (``leaderboard/build.py``
-adds the seed and the episode file, which its rows group by otherwise), the identity of ``leaderboard/grid.py``;
+adds the seed and the episode file, which its rows group by otherwise), the identity of ``config/grid.py``;
 ``cli/run.py`` renders the flags from it and ``configuration_reference()`` the table in ``docs/configuration.md``.
 """
 
@@ -516,12 +516,13 @@ def configuration_reference() -> str:
     rows = [
         "# Run configuration",
         "",
-        "Generated from the field definitions in `fewshot_sla/config.py` (`configuration_reference()`); do not edit.",
+        "Generated from the field definitions in `fewshot_sla/config/run_config.py` (`configuration_reference()`); "
+        "do not edit.",
         f"Regenerate with `{REGENERATE_REFERENCE}`.",
         "",
         "Every key of a `config.yaml` / `--config` file, settable as `--set KEY=VALUE` and, where it has one, with its",
         "`fewshot-sla run` flag. Precedence, lowest first: the field's default (an unset field takes the method's",
-        "published recipe, `fewshot_sla/engine/recipes.yaml`), a `--config` file, the flags, `--set`. Columns:",
+        "published recipe, `fewshot_sla/config/recipes.yaml`), a `--config` file, the flags, `--set`. Columns:",
         "",
         "- **results**: whether the value can change a run's numbers (no: where and how the run executes or logs);",
         "- **identity**: whether it enters a grid cell's identity, the hash ending the cell's folder name (*when set*:",
