@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Omniglot reproduction at a CPU budget (2 cores, about five hours in all), as committed under
+# The Omniglot reproduction at a CPU budget (2 cores, about four and a half hours in all), as committed under
 # benchmarks/results/reproduce/omniglot/. Every published recipe is kept (fewshot_sla/config/recipes.yaml) except the
 # number of training episodes, which is cut to what a CPU trains in minutes; the checkpoint tested is the one with the
 # best validation accuracy (never chosen on test). ProtoNet, as in Snell et al., trains one model per shot (60-way)
