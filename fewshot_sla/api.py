@@ -42,10 +42,12 @@ def prepare_dataset(
     image_size: int | None = None,
     skip_bad: bool = False,
     force: bool = False,
+    resize_filter: str = "lanczos",
 ) -> PrepareResult:
     """Build the store of a registered dataset (``fewshot-sla list datasets``) from its raw download ``source``
     (a generated one, such as ``synthetic``, needs none) in ``data_root`` (default: ``$FEWSHOT_SLA_DATA`` or the
-    default data root), as ``fewshot-sla data prepare DATASET`` does."""
+    default data root), its images resized with Pillow's ``resize_filter`` (lanczos, bicubic, bilinear or
+    nearest), as ``fewshot-sla data prepare DATASET`` does."""
     from fewshot_sla.data.prepare import prepare
     from fewshot_sla.registry import DATASETS
 
@@ -53,7 +55,16 @@ def prepare_dataset(
         raise UserError(
             f"'{dataset}' is not a registered dataset; use prepare_image_folder for a folder of your own images"
         )
-    return prepare(dataset, source, data_root, image_size=image_size, skip_bad=skip_bad, force=force, progress=False)
+    return prepare(
+        dataset,
+        source,
+        data_root,
+        image_size=image_size,
+        skip_bad=skip_bad,
+        force=force,
+        progress=False,
+        resize_filter=resize_filter,
+    )
 
 
 def prepare_image_folder(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fewshot_sla.data.catalog import open_store, prepare_command, user_datasets
+from fewshot_sla.data.importers.common import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS
 from fewshot_sla.data.prepare import LAYOUTS, prepare
 from fewshot_sla.data.root import resolve_data_root
 from fewshot_sla.data.store import DatasetStore, store_path
@@ -168,6 +169,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip (and count) missing or undecodable images instead of stopping at the first one",
     )
+    prep.add_argument(
+        "--resize-filter",
+        choices=tuple(RESIZE_FILTERS),
+        help="Pillow's filter resizing the images to --image-size (default lanczos; nearest is what Snell et al.'s "
+        "Omniglot code got); the store records it",
+    )
     prep.add_argument("--force", action="store_true", help="rebuild even if an up-to-date store exists")
     prep.add_argument("--seed", type=_seed, metavar="N", help="seed of a generated dataset (synthetic; default 0)")
     prep.add_argument(
@@ -213,6 +220,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         split_file=args.split_file,
         split_fractions=args.split_fractions,
         split_seed=args.split_seed,
+        resize_filter=args.resize_filter or DEFAULT_RESIZE_FILTER,
     )
     if result.skipped:
         print(f"skipped {len(result.skipped)} unreadable image(s), e.g. {result.skipped[0]}")
@@ -267,7 +275,9 @@ def _text(s: dict[str, Any]) -> str:
         return f"{s['dataset']}: not prepared (no {s['path']}); run '{render(prepare_command(s['dataset']))}'"
     lines = [
         f"{s['dataset']}: {s['path']}",
-        f"  source format {s['source_format']}, image size {s['image_size']}, split convention {s['split_convention']}",
+        f"  source format {s['source_format']}, image size {s['image_size']}"
+        + (f" (resized with {s['resize_filter']})" if s.get("resize_filter") else "")
+        + f", split convention {s['split_convention']}",
         f"  fingerprint sha256:{s['fingerprint']}"
         + {True: " (verified)", False: " (MISMATCH)", None: ""}[s.get("verified")],
     ]

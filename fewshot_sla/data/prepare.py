@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,14 @@ from fewshot_sla.atomic import atomic_path, remove_temporaries
 from fewshot_sla.data.conventions import load_convention
 from fewshot_sla.data.datasets import DatasetInfo
 from fewshot_sla.data.importers import hf_datasets, imagefolder, torch_dataset
-from fewshot_sla.data.importers.common import BadImage, Layout, RawSplit, resize_image
+from fewshot_sla.data.importers.common import (
+    DEFAULT_RESIZE_FILTER,
+    RESIZE_FILTERS,
+    BadImage,
+    Layout,
+    RawSplit,
+    resize_image,
+)
 from fewshot_sla.data.root import resolve_data_root
 from fewshot_sla.data.store import (
     IMAGENET_NORMALIZATION,
@@ -94,6 +101,7 @@ def prepare(
     split_fractions: str | tuple[float, float, float] | None = None,
     split_seed: int | None = None,
     torch_object: Any = None,
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
 ) -> PrepareResult:
     """Build ``<data_root>/<dataset>.h5`` from ``source`` (or from ``seed`` for a generated dataset). One prepare
     of a store runs at a time: another one is refused, or waited for (``wait``).
@@ -104,6 +112,9 @@ def prepare(
     ``split_file`` or by ``split_fractions`` (text ``TRAIN,VAL,TEST`` or three floats; default 0.64/0.16/0.20) and
     ``split_seed`` (default 0), image size ``image_size`` (default 84). Its store records ``user_dataset`` (the
     layout), so it needs no registry entry.
+
+    Images are resized with Pillow's ``resize_filter`` (``RESIZE_FILTERS``, default Lanczos), which the store
+    records; a generated dataset is made at its size and takes no filter.
     """
     user = dataset not in DATASETS
     if user:
@@ -123,6 +134,8 @@ def prepare(
         size = info.image_size if image_size is None else image_size
     if not 1 <= size <= MAX_IMAGE_SIZE:
         raise UserError(f"{setting('image_size')} must be between 1 and {MAX_IMAGE_SIZE} pixels, got {size}")
+    if resize_filter not in RESIZE_FILTERS:
+        raise UserError(f"{setting('resize_filter')} must be one of {', '.join(RESIZE_FILTERS)}, got {resize_filter!r}")
     if user:
         plan = _user_images(
             dataset, size, source, split_file, split_fractions, split_seed, log, str(layout), torch_object
@@ -131,6 +144,14 @@ def prepare(
         plan = _generated(info, seed, size, source, split_dir)
     else:
         plan = _imported(info, size, source, split_dir, log)
+    if resize_filter != DEFAULT_RESIZE_FILTER:
+        if not user and info.generator is not None:
+            raise UserError(
+                f"dataset '{info.name}' is generated at its image size and resizes nothing; drop "
+                f"{setting('resize_filter')}"
+            )
+        # another filter makes another store (the default one keeps the keys of stores prepared before the option)
+        plan = replace(plan, key=_key(key=plan.key, resize_filter=resize_filter))
     path = store_path(dataset, resolve_data_root(data_root))
     with exclusive(lock_path(path), f"the store {path}", "wait for that prepare to finish", wait=wait):
         remove_temporaries(path.parent, path.name)  # of a killed prepare
@@ -145,13 +166,20 @@ def prepare(
                     f"{path} is already prepared from this source (fingerprint {existing.fingerprint[:16]}); reusing it"
                 )
                 return PrepareResult(path, existing.fingerprint, True, plan.source_format)
-        fingerprint, skipped = _write_store(path, plan, dataset, size, skip_bad, workers, progress)
+        fingerprint, skipped = _write_store(path, plan, dataset, size, resize_filter, skip_bad, workers, progress)
     log(f"wrote {path} (fingerprint {fingerprint[:16]})")
     return PrepareResult(path, fingerprint, False, plan.source_format, skipped)
 
 
 def _write_store(
-    path: Path, plan: _Plan, dataset: str, size: int, skip_bad: bool, workers: int | None, progress: bool
+    path: Path,
+    plan: _Plan,
+    dataset: str,
+    size: int,
+    resize_filter: str,
+    skip_bad: bool,
+    workers: int | None,
+    progress: bool,
 ) -> tuple[str, list[str]]:
     """Write the store of ``plan`` to ``path`` atomically; its fingerprint and the images skipped."""
     attrs = {
@@ -159,6 +187,7 @@ def _write_store(
         "dataset": dataset,
         "source_format": plan.source_format,
         "image_size": size,
+        **({} if plan.source_format == "generated" else {"resize_filter": resize_filter}),
         "split_convention": plan.split_convention,
         "normalize_mean": list(plan.normalization.mean),
         "normalize_std": list(plan.normalization.std),
@@ -177,7 +206,8 @@ def _write_store(
             if item is None:
                 break
             split, raw = item
-            skipped += _write_split(store, split, raw, size, plan.normalization.channels, pool, skip_bad, bar)
+            channels = plan.normalization.channels
+            skipped += _write_split(store, split, raw, size, resize_filter, channels, pool, skip_bad, bar)
         attrs["skipped_images"] = len(skipped)
         fingerprint = finish_store(store.h5, attrs, store.check)
     return fingerprint, skipped
@@ -460,14 +490,14 @@ def _existing(path: Path) -> DatasetStore | None:
         return None
 
 
-def _load(raw: RawSplit, index: int, size: int, channels: int) -> np.ndarray | BadImage:
+def _load(raw: RawSplit, index: int, size: int, resize_filter: str, channels: int) -> np.ndarray | BadImage:
     try:
         image = raw.load(index)
     except BadImage as bad:
         return bad
     if image.ndim != 3 or image.shape[2] != channels:
         raise ValueError(f"the importer gave an image of shape {image.shape}, the dataset has {channels} channel(s)")
-    resized = resize_image(image, size)
+    resized = resize_image(image, size, resize_filter)
     if raw.quarter_turns is None or raw.quarter_turns[index] == 0:
         return resized
     return np.ascontiguousarray(np.rot90(resized, int(raw.quarter_turns[index])))
@@ -478,6 +508,7 @@ def _write_split(
     split: str,
     raw: RawSplit,
     size: int,
+    resize_filter: str,
     channels: int,
     pool: ThreadPoolExecutor,
     skip_bad: bool,
@@ -499,7 +530,7 @@ def _write_split(
         with store.released():
             loaded = [
                 image
-                for done in pool.map(lambda task: [_load(raw, i, size, channels) for i in task], tasks)
+                for done in pool.map(lambda task: [_load(raw, i, size, resize_filter, channels) for i in task], tasks)
                 for image in done
             ]
         for image in loaded:

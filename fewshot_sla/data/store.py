@@ -579,6 +579,7 @@ class DatasetStore:
             "checksums": self.checked,
             "source_format": self.attrs.get("source_format"),
             "image_size": self.image_size,
+            "resize_filter": self.attrs.get("resize_filter"),  # None: generated, or prepared before it was recorded
             "channels": self.normalization.channels,
             "split_convention": self.attrs.get("split_convention"),
             "fingerprint": self.fingerprint,

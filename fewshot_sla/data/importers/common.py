@@ -95,16 +95,28 @@ def read_image_file(path: Path) -> np.ndarray:
         raise BadImage(path, f"cannot decode ({err})") from None
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize a uint8 image ``[h, w, C]`` (RGB or one channel) to ``size x size``, aspect ratio not kept.
+# ``data prepare --resize-filter``: Pillow's resampling filters by name; the first is the default.
+RESIZE_FILTERS = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+DEFAULT_RESIZE_FILTER = "lanczos"
 
-    Lanczos, as for mini-ImageNet and as Finn et al.'s Omniglot script resizes: an antialiasing filter, so that a
-    105 px Omniglot stroke becomes grey edges at 28 px instead of being dropped or doubled as nearest would.
+
+def resize_image(image: np.ndarray, size: int, resize_filter: str = DEFAULT_RESIZE_FILTER) -> np.ndarray:
+    """Resize a uint8 image ``[h, w, C]`` (RGB or one channel) to ``size x size``, aspect ratio not kept, with
+    Pillow's filter ``resize_filter`` (a key of ``RESIZE_FILTERS``).
+
+    Lanczos by default, as for mini-ImageNet and as Finn et al.'s Omniglot script resizes: an antialiasing filter,
+    so that a 105 px Omniglot stroke becomes grey edges at 28 px instead of being dropped or doubled as nearest
+    would. Nearest is what Snell et al.'s Omniglot code got (Pillow resizes 1-bit images with nearest only).
     """
     if image.shape[0] == size and image.shape[1] == size:
         return image
     plane = image[:, :, 0] if image.shape[2] == 1 else image
-    resized = np.asarray(Image.fromarray(plane).resize((size, size), Image.Resampling.LANCZOS))
+    resized = np.asarray(Image.fromarray(plane).resize((size, size), RESIZE_FILTERS[resize_filter]))
     return resized.reshape(size, size, image.shape[2])
 
 

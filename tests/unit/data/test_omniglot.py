@@ -130,6 +130,39 @@ def test_rotated_classes_are_sla_rotations_of_the_upright_image_resized_with_lan
         assert not torch.equal(split.images[row], split.images[0])
 
 
+def test_a_nearest_neighbour_store_is_another_store_holding_snells_pixels(tmp_path, release, capsys):
+    """--resize-filter nearest: each stored pixel is the drawing's pixel nearest to its centre (an index formula;
+    also what Pillow gives the 1-bit image with its default filter, as in Snell et al.'s code); the store records
+    the filter, is not mistaken for the Lanczos store of the same source, and ``data info`` names it."""
+    prepare(capsys, tmp_path, release["zips"], release["splits"])
+    lanczos = DatasetStore(tmp_path / "omniglot.h5")
+    code, err = cli(
+        capsys, tmp_path, "data", "prepare", "omniglot", "--source", str(release["zips"]),
+        "--split-dir", str(release["splits"]), "--resize-filter", "nearest",
+    )  # fmt: skip
+    assert code == 0, err
+    nearest = DatasetStore(tmp_path / "omniglot.h5")
+    assert (lanczos.attrs["resize_filter"], nearest.attrs["resize_filter"]) == ("lanczos", "nearest")
+    assert nearest.fingerprint != lanczos.fingerprint
+    split = nearest.split("train")
+    with Image.open(release["folders"] / split.image_ids[0].split("@")[0]) as drawing:
+        ink = np.asarray(drawing)
+        assert drawing.mode == "1"
+        snell = np.asarray(drawing.resize((28, 28)).convert("L"))
+    centres = np.floor((np.arange(28) + 0.5) * ink.shape[0] / 28).astype(int)
+    expected = np.where(ink[np.ix_(centres, centres)], 255, 0)
+    assert np.array_equal(split.images[0, :, :, 0].numpy(), expected)
+    assert np.array_equal(snell, expected)
+    assert main(["--data-root", str(tmp_path), "data", "info", "omniglot"]) == 0
+    assert "(resized with nearest)" in capsys.readouterr().out
+
+
+def test_a_resize_filter_for_a_generated_dataset_is_one_line(tmp_path, capsys):
+    code, err = cli(capsys, tmp_path, "data", "prepare", "synthetic", "--resize-filter", "nearest")
+    assert code == 2 and err.count("\n") == 1 and "--resize-filter" in err and "generated" in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_the_lake_protocol_keeps_characters_unrotated(tmp_path, release, capsys):
     prepare(capsys, tmp_path, release["folders"], release["splits"], "omniglot-lake")
     summary = DatasetStore(tmp_path / "omniglot-lake.h5").summary()["splits"]
