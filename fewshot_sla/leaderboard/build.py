@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from fewshot_sla.atomic import atomic_path, write_text_atomic
-from fewshot_sla.config import RESULT_NEUTRAL_KEYS, RunConfig
+from fewshot_sla.config import RESULT_NEUTRAL_KEYS, RunConfig, default_text
 from fewshot_sla.engine.stats import PairedComparison, paired_comparison
 from fewshot_sla.errors import UserError, command, setting
 from fewshot_sla.finished_run import FinishedRun
@@ -231,6 +231,7 @@ def accuracy_rows(
             accs = [e.block.accuracy[kind] for e in members]
             means, cis = [a.mean for a in accs], [a.ci95 for a in accs]
             seeds, seed_values = _seeds(members)
+            validated = [e.results.train for e in members if e.results.train.best_val_accuracy is not None]
             s = first.block.episode_set
             rows.append(
                 AccuracyRow(
@@ -249,6 +250,8 @@ def accuracy_rows(
                     test_queries=s.queries,
                     test_dataset=s.dataset,
                     train_episodes=first.config.get("train_episodes"),
+                    best_val_episodes=" ".join(str(t.best_episodes) for t in validated),
+                    best_at_end=any(t.best_step >= t.steps for t in validated) if validated else None,
                     episode_set=first.episode_set[:12],
                     fingerprint=first.fingerprint[:12],
                     config_id=_short(first.setting),
@@ -284,6 +287,8 @@ def accuracy_rows(
                     test_queries=p.test_queries,
                     test_dataset=p.dataset,
                     train_episodes=p.train_episodes,
+                    best_val_episodes="",
+                    best_at_end=None,
                     episode_set="",
                     fingerprint="",
                     config_id="",
@@ -318,7 +323,8 @@ def _short(text: str) -> str:
 
 def _label(rows: list[AccuracyRow], tag_sets: bool = True) -> None:
     """Set each row's ``training`` text (objective, and the transformation where it uses one), adding the episode
-    set, data (with ``tag_sets``) or config id where measured rows would otherwise read the same."""
+    set, data (with ``tag_sets``) or the configuration values that differ where measured rows would otherwise read
+    the same."""
     for r in rows:
         if r.source_type == "published":
             r.training = "published"
@@ -328,23 +334,73 @@ def _label(rows: list[AccuracyRow], tag_sets: bool = True) -> None:
     # Episode sets and data are told apart per plot panel (so colours stay consistent across its methods),
     # configurations per method and backbone (the panel's x axis already separates those).
     if tag_sets:
-        _tag(rows, lambda r: r.episode_set, "set", per_method=False)
-        _tag(rows, lambda r: r.fingerprint, "data", per_method=False)
-    _tag(rows, lambda r: r.config_id, "cfg", per_method=True)
+        _tag(rows, lambda r: r.episode_set, "set")
+        _tag(rows, lambda r: r.fingerprint, "data")
+    _tag_configurations(rows)
 
 
-def _tag(rows: list[AccuracyRow], value: Callable[[AccuracyRow], str], tag: str, *, per_method: bool) -> None:
+def _tag(rows: list[AccuracyRow], value: Callable[[AccuracyRow], str], tag: str) -> None:
     """Add ``[tag value]`` to the ``training`` of measured rows that read the same (dataset, ways, shots, training,
-    prediction; with ``per_method``, method and backbone too) but differ in ``value``."""
+    prediction) but differ in ``value``."""
     groups: dict[tuple[Any, ...], list[AccuracyRow]] = defaultdict(list)
     for r in rows:
         if r.source_type == "measured":
-            visible = (r.method, r.backbone) if per_method else ()
-            groups[(r.dataset, r.ways, r.shots, r.training, r.prediction) + visible].append(r)
+            groups[(r.dataset, r.ways, r.shots, r.training, r.prediction)].append(r)
     for members in groups.values():
         if len({value(r) for r in members}) > 1:
             for r in members:
                 r.training += f" [{tag} {value(r)[:8]}]"
+
+
+def _field_order(key: str) -> tuple[int, str]:
+    """Sort key of a flat setting's key: its field's place in the configuration, then the option's name."""
+    fields_in_order = list(RunConfig.model_fields)
+    field_name, _, option = key.partition(".")
+    return (fields_in_order.index(field_name) if field_name in fields_in_order else len(fields_in_order), option)
+
+
+def _flat_setting(config: dict[str, Any]) -> dict[str, Any]:
+    """A row's setting as ``key -> value`` in the configuration's field order, option dicts one level down as
+    ``learner_options.scale``."""
+    flat: dict[str, Any] = {}
+    for key, value in sorted(json.loads(_identity(config, RESULT_FREE_KEYS)).items(), key=lambda i: _field_order(i[0])):
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _value_text(key: str, setting: dict[str, Any]) -> str:
+    """Configuration value ``key`` of a flat setting as a tag shows it: ``default`` for an option the setting does
+    not set, what the field's unset value means (e.g. ``train`` for ``train_split``) for None, strings bare, JSON
+    otherwise."""
+    if key not in setting:
+        return "default"
+    value = setting[key]
+    if value is None:
+        return default_text(key)[0] if key in RunConfig.model_fields else "unset"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _tag_configurations(rows: list[AccuracyRow]) -> None:
+    """Add the configuration values that tell apart measured rows otherwise reading the same (dataset, ways, shots,
+    method, backbone, training, prediction), e.g. ``[learner_options.scale=1, train_episodes=3000]``: each row
+    shows its values of the keys that differ within its group, ``default`` for an option it does not set."""
+    groups: dict[tuple[Any, ...], list[AccuracyRow]] = defaultdict(list)
+    for r in rows:
+        if r.source_type == "measured":
+            groups[(r.dataset, r.ways, r.shots, r.training, r.prediction, r.method, r.backbone)].append(r)
+    for members in groups.values():
+        if len({r.config_id for r in members}) < 2:
+            continue
+        settings = [_flat_setting(r.config or {}) for r in members]
+        keys = list(dict.fromkeys(k for s in settings for k in s))
+        differing = sorted(
+            (k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1), key=_field_order
+        )
+        for r, s in zip(members, settings):
+            r.training += " [" + ", ".join(f"{k}={_value_text(k, s)}" for k in differing) + "]"
 
 
 def paired_rows(

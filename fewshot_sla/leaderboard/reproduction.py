@@ -51,6 +51,8 @@ OURS_ONLY = "ours only (no published CI)"
 DATA_OPTIONS = ("in_channels",)
 WITHIN_OURS = "published value within our 95% CI"
 DIFF_CONTAINS_ZERO = "95% CI of the difference contains 0"
+# The snippet section of reproduction.md that the documentation site includes (docs/results/*.md).
+DOCS_SECTION = "table"
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,8 @@ class ReproductionRow:
     episodes_seen: int | None
     published_train_episodes: int | None
     budget_ratio: float | None  # episodes seen, ours / published
+    best_val_episodes: str  # the episodes seen at each run's best validation check (the checkpoint tested)
+    best_at_end: bool | None  # whether a run's best validation check was its last (still improving at the end)
     test_episodes: int | None
     published_test_episodes: int | None
     test_queries: int | None
@@ -266,6 +270,8 @@ def _row(r: AccuracyRow, config: Mapping[str, Any], p: PublishedResult) -> Repro
         episodes_seen=seen,
         published_train_episodes=p.train_episodes,
         budget_ratio=seen / p.train_episodes if seen and p.train_episodes else None,
+        best_val_episodes=r.best_val_episodes,
+        best_at_end=r.best_at_end,
         test_episodes=r.test_episodes,
         published_test_episodes=p.test_episodes,
         test_queries=r.test_queries,
@@ -290,6 +296,14 @@ def _count(value: int | None) -> str:
     return f"{value:,}" if value else "?"
 
 
+def _best_text(r: ReproductionRow) -> str:
+    """Where the tested checkpoint came from, e.g. ``; best val. at 8,000 (the last check)``."""
+    if not r.best_val_episodes:
+        return ""
+    at = ", ".join(_count(int(e)) for e in r.best_val_episodes.split())
+    return f"; best val. at {at}" + (" (the last check)" if r.best_at_end else "")
+
+
 def summary(rep: Reproduction) -> str:
     """One sentence: how many settings were compared and the verdicts."""
     if not rep.rows:
@@ -304,7 +318,9 @@ def summary(rep: Reproduction) -> str:
 def render_markdown(
     rep: Reproduction, runs_dir: Path, table: Callable[[Sequence[str], Iterable[Sequence[str]]], str]
 ) -> str:
-    """``reproduction.md``: the rule, the table of verdicts, the rows not compared and the plot.
+    """``reproduction.md``: the rule, the table of verdicts, the rows not compared and the plot; all but the plot
+    between the markers of section ``DOCS_SECTION``, which the documentation site includes (pymdownx.snippets,
+    ``--8<-- "reproduction.md:table"``; the markers are HTML comments, unseen where the file is read as Markdown).
     ``table(header, lines)`` renders a Markdown table (the leaderboard's own helper)."""
     lines = [
         [
@@ -319,13 +335,14 @@ def render_markdown(
             _with_ci(r.difference, r.difference_ci95, sign=True),
             r.difference_ci_from,
             f"**{r.verdict}**" + (f" ({r.verdict_basis})" if r.verdict_basis else ""),
-            f"{_count(r.episodes_seen)} / {_count(r.published_train_episodes)}",
+            f"{_count(r.episodes_seen)} / {_count(r.published_train_episodes)}{_best_text(r)}",
             f"{_count(r.test_episodes)} / {_count(r.published_test_episodes)}",
             r.source,
         ]
         for r in rep.rows
     ]
     parts = [
+        f"<!-- --8<-- [start:{DOCS_SECTION}] -->",
         "# Reproduction",
         "",
         f"Built {now_iso()} from the runs under `{runs_dir}`. {summary(rep)}",
@@ -339,7 +356,9 @@ def render_markdown(
         "lies within our 95% interval or the interval of the difference contains 0, else **above** or "
         "**below**. Only `baseline` rows are reproductions of the published method; other objectives (e.g. SLA) "
         "are shown against the same published baseline. Episodes seen = optimizer steps x meta-batch (the run's "
-        "resolved configuration) against the published training episodes; `?` where unknown. The published "
+        "resolved configuration) against the published training episodes; `?` where unknown; *best val.*: the "
+        "episodes seen at the best validation check, whose checkpoint is tested, and *the last check* where that "
+        "was the run's final one, i.e. validation accuracy was still rising when the budget ran out. The published "
         "numbers keep their own protocol (test episodes and queries, image size, training details): see "
         "`reproduction.csv` (`published_protocol`).",
         "",
@@ -373,7 +392,7 @@ def render_markdown(
             for r, why in rep.unmatched
         ]
         parts.append("")
-    parts += ["## Plot", "", "![reproduction](reproduction.png)", ""]
+    parts += [f"<!-- --8<-- [end:{DOCS_SECTION}] -->", "## Plot", "", "![reproduction](reproduction.png)", ""]
     return "\n".join(parts)
 
 

@@ -46,6 +46,12 @@ class AccuracyRow:
     seed_values: str = field(metadata=_in(LEADERBOARD, OTHER))  # the seeds, space-separated
     test_episodes: int | None = field(metadata=_in(LEADERBOARD, OTHER))
     train_episodes: int | None = field(metadata=_in(LEADERBOARD, OTHER))
+    # the training episodes seen at each run's best validation check (the checkpoint tested), space-separated; ""
+    # for a published row and runs that never validated
+    best_val_episodes: str = field(metadata=_in(LEADERBOARD, OTHER))
+    # whether a run's best validation check was its last one (validation still improving when its budget ran out);
+    # None for a published row and runs that never validated
+    best_at_end: bool | None = field(metadata=_in(LEADERBOARD, OTHER))
     episode_set: str = field(metadata=_in(LEADERBOARD, OTHER))  # the set's hash, 12 characters; "" for a published row
     fingerprint: str = field(metadata=_in(LEADERBOARD, OTHER))  # the store's fingerprint, 12 characters
     config_id: str = field(metadata=_in(LEADERBOARD, OTHER))  # the setting's hash, 8 characters

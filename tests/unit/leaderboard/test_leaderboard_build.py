@@ -62,11 +62,13 @@ def make_run(
     transform: str | None = None,
     recorded_transform: str | None = None,
     missing_keys: tuple[str, ...] = (),
+    best_step: int = 100,
     **config: object,
 ) -> Path:
     """A finished run folder written through the results module's own writers. ``transform`` (default: ``none``
     for a baseline, else ``rotation``) is the configured one and ``recorded_transform`` (default: the same) what
-    results.json records; ``missing_keys`` are configuration keys left out, as in runs older than those keys."""
+    results.json records; ``missing_keys`` are configuration keys left out, as in runs older than those keys;
+    ``best_step`` is the best validation check's step of the run's 100."""
     transform = transform or ("none" if objective == "baseline" else "rotation")
     cfg = RunConfig(
         method=method,
@@ -82,7 +84,8 @@ def make_run(
     run_dir = root / name
     block = _evaluation(run_dir, per_episode, episode_set, fingerprint, dataset, shots)
     train = dict(ways=5, shots=shots, queries=15, episodes=100, meta_batch=1, steps=100, time_s=1.0)
-    train.update(episodes_per_s=100.0, best_step=100, best_episodes=100, best_val_accuracy=50.0, val_episodes=10)
+    train.update(episodes_per_s=100.0, best_step=best_step, best_episodes=best_step, best_val_accuracy=50.0)
+    train.update(val_episodes=10)
     write_results(
         run_dir,
         {
@@ -490,3 +493,32 @@ def test_runs_from_before_a_configuration_key_existed_are_the_same_setting(tmp_p
     assert [r["runs"] for r in rows] == ["2"]
     (pair,) = _rows(tmp_path / "out" / "paired_differences.csv")
     assert pair["note"] == ""
+
+
+def test_settings_of_one_method_read_apart_by_the_configuration_values_that_differ(tmp_path: Path) -> None:
+    """Rows of one method, setting and training that differ in configuration name the differing values (an
+    option one run does not set reads as its default); seeds of one setting stay one untagged row, and a method
+    with a single setting gets no tag."""
+    runs = tmp_path / "runs"
+    make_run(runs, "plain", objective="baseline", per_episode={"plain": _episodes(1)}, lr=0.001)
+    make_run(runs, "plain1", objective="baseline", seed=1, per_episode={"plain": _episodes(2)}, lr=0.001)
+    make_run(runs, "lr", objective="baseline", per_episode={"plain": _episodes(3)}, lr=0.01)
+    make_run(
+        runs,
+        "scaled",
+        objective="baseline",
+        per_episode={"plain": _episodes(4)},
+        lr=0.001,
+        learner_options={"scale": 100},
+    )
+    make_run(runs, "other", objective="baseline", method="matchingnet", per_episode={"plain": _episodes(5)})
+    build_leaderboard(runs, tmp_path / "out")
+    md = (tmp_path / "out" / "leaderboard.md").read_text().splitlines()
+    protonet = sorted(line.split("| baseline")[1].split("|")[0].strip() for line in md if "| protonet |" in line)
+    assert protonet == [
+        "[learner_options.scale=100, lr=0.001]",
+        "[learner_options.scale=default, lr=0.001]",
+        "[learner_options.scale=default, lr=0.01]",
+    ]
+    (matchingnet,) = [line for line in md if "| matchingnet |" in line and "measured" in line]
+    assert "| baseline |" in matchingnet and "[" not in matchingnet.split("| baseline |")[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from fewshot_sla.cli import main
 from fewshot_sla.errors import UserError
 from fewshot_sla.leaderboard.build import _figure, accuracy_rows, build_leaderboard, load_entries
 from fewshot_sla.leaderboard.published import PublishedResult, load_published
-from fewshot_sla.leaderboard.reproduction import judge, plot, reproduction_rows
+from fewshot_sla.leaderboard.reproduction import DOCS_SECTION, judge, plot, reproduction_rows
 from tests.helpers.paths import REPO
 from tests.unit.leaderboard.test_leaderboard_build import _episodes, _rows, make_run
 
@@ -318,3 +319,36 @@ def test_csv_columns_are_stable(tmp_path: Path) -> None:
         header = next(csv.reader(fh))
     for column in ("published_accuracy", "published_ci95", "difference_ci95", "verdict", "episodes_seen"):
         assert column in header
+
+
+def test_the_documentation_section_holds_the_table_and_the_rows_not_compared_but_not_the_plot(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    make_run(runs, "base", objective="baseline", per_episode={"plain": _episodes(1)})
+    make_run(runs, "ridge", objective="baseline", method="metaoptnet-ridge", per_episode={"plain": _episodes(4)})
+    build_leaderboard(runs, tmp_path / "out", [_published(50.0, 0.8)])
+    lines = (tmp_path / "out" / "reproduction.md").read_text().splitlines()
+    start = lines.index(f"<!-- --8<-- [start:{DOCS_SECTION}] -->")
+    end = lines.index(f"<!-- --8<-- [end:{DOCS_SECTION}] -->")
+    section, rest = "\n".join(lines[start:end]), "\n".join(lines[end:])
+    assert "| protonet |" in section and "## Not compared" in section and "metaoptnet-ridge" in section
+    assert "reproduction.png" not in section and "reproduction.png" in rest
+    # The documentation includes that section of every committed reproduction table it shows.
+    for page in (REPO / "docs" / "results").glob("*.md"):
+        for included in re.findall(r'--8<-- "([^"]*reproduction\.md)(:[^"]*)?"', page.read_text()):
+            assert included[1] == f":{DOCS_SECTION}", page
+            assert f"[start:{DOCS_SECTION}]" in (REPO / included[0]).read_text()
+
+
+def test_the_table_says_where_the_tested_checkpoint_was_found_and_whether_validation_was_still_rising(
+    tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs"
+    make_run(runs, "early", objective="baseline", per_episode={"plain": _episodes(1)}, best_step=40, lr=0.01)
+    make_run(runs, "end", objective="baseline", per_episode={"plain": _episodes(2)}, best_step=100, lr=0.02)
+    build_leaderboard(runs, tmp_path / "out", [_published(50.0, 0.8)])
+    rows = {r["best_val_episodes"]: r["best_at_end"] for r in _rows(tmp_path / "out" / "reproduction.csv")}
+    assert rows == {"40": "False", "100": "True"}
+    md = (tmp_path / "out" / "reproduction.md").read_text()
+    (early,) = [line for line in md.splitlines() if "[lr=0.01]" in line]
+    (end,) = [line for line in md.splitlines() if "[lr=0.02]" in line]
+    assert "best val. at 40 |" in early and "best val. at 100 (the last check)" in end
