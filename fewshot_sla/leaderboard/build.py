@@ -40,6 +40,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from textwrap import fill
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -781,8 +782,9 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def _series(r: AccuracyRow) -> str:
-    """The legend entry of a row's bar: its training, and the prediction kind of a measured row."""
-    return r.training if r.source_type == "published" else f"{r.training}: {kind_label(r.prediction)}"
+    """The legend entry of a row's bar: its training, and the prediction kind of a measured row (a long one
+    wrapped)."""
+    return r.training if r.source_type == "published" else fill(f"{r.training}: {kind_label(r.prediction)}", 60)
 
 
 def plot_accuracy(rows: Sequence[AccuracyRow], path: Path) -> None:

@@ -29,6 +29,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from textwrap import fill
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,6 +52,8 @@ OURS_ONLY = "ours only (no published CI)"
 DATA_OPTIONS = ("in_channels",)
 WITHIN_OURS = "published value within our 95% CI"
 DIFF_CONTAINS_ZERO = "95% CI of the difference contains 0"
+# Characters per line of an x-axis label in the plot (a setting's configuration tags wrap onto more lines).
+LABEL_WIDTH = 24
 # The snippet section of reproduction.md that the documentation site includes (docs/results/*.md).
 DOCS_SECTION = "table"
 
@@ -396,6 +399,11 @@ def render_markdown(
     return "\n".join(parts)
 
 
+def _wrapped(label: str) -> str:
+    """An x-axis label on lines of about ``LABEL_WIDTH`` characters, words (``key=value`` tags) kept whole."""
+    return fill(label, LABEL_WIDTH, break_long_words=False)
+
+
 def plot(
     rep: Reproduction,
     path: Path,
@@ -465,7 +473,8 @@ def plot(
         ax.set_xticks(
             x,
             [
-                f"{r.method} / {r.backbone}\n{r.training}: {kind_label(r.prediction)}\nvs {r.source.split(',')[0]}"
+                f"{r.method} / {r.backbone}\n{_wrapped(f'{r.training}: {kind_label(r.prediction)}')}\n"
+                f"vs {r.source.split(',')[0]}"
                 for r in here
             ],
         )
