@@ -21,6 +21,7 @@ from fewshot_sla.data.store import Split
 from fewshot_sla.engine.build import ImagePipeline
 from fewshot_sla.engine.distributed import SINGLE, Processes
 from fewshot_sla.engine.feature_cache import FeatureCache, ImagesOf
+from fewshot_sla.engine.memory import CreatedBytes
 from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec, episode_batches
 from fewshot_sla.learners.base import UNCONVERGED, EmbeddingLearner, Learner
 from fewshot_sla.objectives import Objective
@@ -30,6 +31,9 @@ TEST_SET_SEED = 0
 VAL_SET_SEED = 0
 CACHED_BATCH = 200  # at most this many episodes per head call on cached features
 CACHED_ELEMENTS = 1 << 28  # and at most about this many gathered feature values (1 GiB of float32) per call
+# and at most about this many bytes created by the head call (measured on the first episode: CreatedBytes); a
+# pairwise head (Relation Networks: a map per query and class) needs far more than its episode's features
+HEAD_BYTES = 1 << 30
 
 
 @dataclass
@@ -107,8 +111,10 @@ def evaluate(
 ) -> Evaluation:
     """Evaluate ``learner`` (eval mode) on every episode of ``episode_set`` drawn from ``split``.
 
-    ``use_cache`` embeds each image (and copy) once when the learner is an ``EmbeddingLearner``; other learners
-    (MAML adapts per episode) always run on images. With several ``processes`` each evaluates its contiguous
+    ``use_cache`` embeds each image (and copy) once when the learner is an ``EmbeddingLearner``, whose head then
+    takes as many episodes per call as keep the gathered features within ``CACHED_ELEMENTS`` and what the head
+    creates (measured on one episode) within ``HEAD_BYTES``; other learners (MAML adapts per episode) always run on
+    images, ``batch_size`` episodes at a time. With several ``processes`` each evaluates its contiguous
     share of the episodes and every process gets all per-episode results, in episode order.
     """
     was_training = learner.training, objective.training
@@ -131,7 +137,11 @@ def evaluate(
                 assert isinstance(learner, EmbeddingLearner)
                 cache = FeatureCache(learner, objective, ImagesOf(split.images, pipeline.images), rows)
                 per_episode = rows.shape[1] * rows.shape[2] * cache.copies * cache.feature_dim
-                step = max(batch_size, min(CACHED_BATCH, CACHED_ELEMENTS // per_episode))
+                with CreatedBytes() as created:  # what the head creates for one episode, its result not kept
+                    objective.predict_copies(learner.head, cache.episode(rows[:1], episode_set.spec))
+                learner.pop_diagnostics()  # nor its solver statistics
+                head_bytes = max(1, created.bytes)
+                step = max(1, min(CACHED_BATCH, CACHED_ELEMENTS // per_episode, HEAD_BYTES // head_bytes))
                 for first in range(0, count, step):
                     episodes = cache.episode(rows[first : first + step], episode_set.spec)
                     record(objective.predict_copies(learner.head, episodes), episodes.query_labels)

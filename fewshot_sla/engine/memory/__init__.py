@@ -2,7 +2,8 @@
 
 One concept per module: ``estimate`` (the probe of a step's memory, ``profile_step``, and ``StepProfile``'s
 estimate), ``budget`` (``memory_budget``: how much one process may use), ``plan`` (``plan_memory``: the
-micro-batch and checkpointing checked or chosen against the budget), ``peak`` (``PeakMeter``: the measured peak).
+micro-batch and checkpointing checked or chosen against the budget), ``peak`` (``PeakMeter``: the measured peak),
+``created`` (``CreatedBytes``: the bytes of the tensors a block of code creates, to size evaluation's head calls).
 """
 
 from fewshot_sla.engine.memory.budget import (
@@ -17,6 +18,7 @@ from fewshot_sla.engine.memory.budget import (
     memory_budget,
     processes_on_machine,
 )
+from fewshot_sla.engine.memory.created import CreatedBytes
 from fewshot_sla.engine.memory.estimate import PROBE_WAYS, PROBES, Probe, StepProfile, profile_step, static_bytes
 from fewshot_sla.engine.memory.peak import PeakMeter
 from fewshot_sla.engine.memory.plan import FIT_MODES, MemoryPlan, batch_statistics, plan_memory
@@ -31,6 +33,7 @@ __all__ = [
     "PROBES",
     "PROBE_WAYS",
     "Budget",
+    "CreatedBytes",
     "MemoryPlan",
     "PeakMeter",
     "Probe",

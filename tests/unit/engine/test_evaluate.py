@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from fewshot_sla.data.store import Split
+from fewshot_sla.engine import evaluate as evaluation
 from fewshot_sla.engine.build import ImagePipeline
 from fewshot_sla.engine.evaluate import episode_accuracy, evaluate, fixed_test_set, validation_episode_set
 from fewshot_sla.engine.feature_cache import FeatureCache, ImagesOf
+from fewshot_sla.engine.memory import CreatedBytes
 from fewshot_sla.episodes import CanonicalOrder, EpisodeSet, EpisodeSpec, gather_episodes
 from fewshot_sla.registry import BACKBONES, LEARNERS, OBJECTIVES
 from fewshot_sla.sla import RotatePermute, Transformation
@@ -231,3 +233,30 @@ def test_evaluation_benchmark_smoke_mode_runs_on_the_cpu() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "identical per-episode accuracies on the 10 shared episodes: yes" in proc.stdout
+
+
+@pytest.mark.parametrize("method", ["protonet", "relationnet"])
+def test_head_calls_take_as_many_episodes_as_the_head_bytes_allow_with_the_same_results(
+    split: Split, episodes: EpisodeSet, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for the head's output of three episodes, every head call takes at most three, and the per-episode
+    accuracies equal those of the default sizing (the measuring call's result and statistics are not kept)."""
+    learner, obj = make_model(method, "sla", "rotation")
+    pipeline = ImagePipeline(SIZE, SIZE)
+    default = evaluate(learner, obj, episodes, split, "toy", pipeline)
+    cache = FeatureCache(learner, obj, ImagesOf(split.images, pipeline.images), episodes.rows_in(split, "toy")[:1])
+    with torch.no_grad(), CreatedBytes() as one:
+        obj.predict_copies(learner.head, cache.episode(episodes.rows_in(split, "toy")[:1], episodes.spec))
+    monkeypatch.setattr(evaluation, "HEAD_BYTES", 3 * one.bytes)
+    sizes: list[int] = []
+    head = learner.head
+
+    def counted(support: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        sizes.append(support.shape[0])
+        return head(support, *args, **kwargs)
+
+    monkeypatch.setattr(learner, "head", counted)
+    small = evaluate(learner, obj, episodes, split, "toy", pipeline)
+    assert sizes[0] == 1 and max(sizes[1:]) == 3 and sum(sizes[1:]) == episodes.count
+    for kind in default.accuracies:
+        np.testing.assert_array_equal(small.accuracies[kind], default.accuracies[kind])

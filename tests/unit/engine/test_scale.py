@@ -14,7 +14,7 @@ import torch
 from fewshot_sla.backbones.checkpointing import enable
 from fewshot_sla.cli import main
 from fewshot_sla.data.catalog import open_store
-from fewshot_sla.engine.memory import Budget, Probe, StepProfile, plan_memory
+from fewshot_sla.engine.memory import Budget, CreatedBytes, Probe, StepProfile, plan_memory
 from fewshot_sla.engine.train import accumulate_gradients
 from fewshot_sla.episodes import EpisodeSampler, EpisodeSpec
 from fewshot_sla.errors import UserError
@@ -318,3 +318,18 @@ def test_scale_benchmark_smoke_mode_measures_the_micro_batch_table() -> None:
 def test_scale_benchmark_smoke_mode_compares_process_layouts(data_root) -> None:
     out = _bench("--case", "processes", "--tiny", "--data-root", str(data_root))
     assert "2 processes x 1 thread" in out and "x 1 x 1" in out
+
+
+def test_created_bytes_count_new_storage_only() -> None:
+    """Against a count by hand: a matmul, a sum and a concatenation make new tensors; a view, a transpose and an
+    in-place ReLU do not; a tensor freed inside the block still counts (the sum bounds the peak from above)."""
+    a = torch.randn(30, 20)
+    with CreatedBytes() as created:
+        product = a @ a.T  # 30 x 30 float32
+        product.view(-1)
+        product.t()
+        product.relu_()
+        shifted = product + 1  # 30 x 30
+        del shifted
+        torch.cat([a, a]).to(torch.float64)  # 60 x 20 float32, then 60 x 20 float64
+    assert created.bytes == 4 * (30 * 30 + 30 * 30 + 60 * 20) + 8 * 60 * 20
