@@ -217,8 +217,8 @@ def accuracy_rows(
     """One row per (setting, episode set, dataset store, prediction kind), plus the published rows of every
     (dataset, ways, shots) that has measured rows; sorted for reading. Measured rows also carry the resolved
     ``config`` of their first run (the same for all, seed aside), their ``test_queries`` and ``test_dataset``.
-    ``tag_sets``: tell rows apart by episode set and data in their ``training`` label (not needed where a table
-    holds one episode set)."""
+    ``tag_sets``: tell rows apart by episode set in their ``training`` label (not needed where a table holds one
+    episode set); rows on different data are always told apart."""
     groups: dict[tuple[str, str, str], list[Entry]] = defaultdict(list)
     for e in entries:
         groups[(e.setting, e.episode_set, e.fingerprint)].append(e)
@@ -324,7 +324,7 @@ def _short(text: str) -> str:
 
 def _label(rows: list[AccuracyRow], tag_sets: bool = True) -> None:
     """Set each row's ``training`` text (objective, and the transformation where it uses one), adding the episode
-    set, data (with ``tag_sets``) or the configuration values that differ where measured rows would otherwise read
+    set (with ``tag_sets``), data or the configuration values that differ where measured rows would otherwise read
     the same."""
     for r in rows:
         if r.source_type == "published":
@@ -336,7 +336,7 @@ def _label(rows: list[AccuracyRow], tag_sets: bool = True) -> None:
     # configurations per method and backbone (the panel's x axis already separates those).
     if tag_sets:
         _tag(rows, lambda r: r.episode_set, "set")
-        _tag(rows, lambda r: r.fingerprint, "data")
+    _tag(rows, lambda r: r.fingerprint, "data")
     _tag_configurations(rows)
 
 

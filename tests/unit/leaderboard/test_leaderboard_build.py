@@ -522,3 +522,16 @@ def test_settings_of_one_method_read_apart_by_the_configuration_values_that_diff
     ]
     (matchingnet,) = [line for line in md if "| matchingnet |" in line and "measured" in line]
     assert "| baseline |" in matchingnet and "[" not in matchingnet.split("| baseline |")[0]
+
+
+def test_runs_on_different_data_read_apart_also_on_their_other_episode_sets(tmp_path: Path) -> None:
+    """Two runs of one configuration on two stores (e.g. resized with different filters), each evaluated again on
+    another episode set of its own store: both tables tell them apart by their data."""
+    runs = tmp_path / "runs"
+    for name, data, seed in (("lanczos", DATA_1, 1), ("nearest", DATA_2, 2)):
+        run = make_run(runs, name, objective="baseline", fingerprint=data, per_episode={"plain": _episodes(seed)})
+        add_eval(run, {"plain": _episodes(seed + 10)}, SET_B, fingerprint=data)
+    build_leaderboard(runs, tmp_path / "out")
+    md = (tmp_path / "out" / "leaderboard.md").read_text()
+    for data in (DATA_1, DATA_2):
+        assert md.count(f"baseline [data {data[:8]}]") == 2  # the run's own test set and the other one
