@@ -54,6 +54,7 @@ WITHIN_OURS = "published value within our 95% CI"
 DIFF_CONTAINS_ZERO = "95% CI of the difference contains 0"
 # Characters per line of an x-axis label in the plot (a setting's configuration tags wrap onto more lines).
 LABEL_WIDTH = 24
+MAX_PLOT_WIDTH = 40  # inches: a wider figure (more than 23 rows in a panel) crowds its labels
 # The snippet section of reproduction.md that the documentation site includes (docs/results/*.md).
 DOCS_SECTION = "table"
 
@@ -414,8 +415,9 @@ def plot(
     interval beside the published value with its interval (a hollow marker where none is published). The y axis
     spans every interval in full. ``figure(n, width)`` and ``save(fig, path)`` are the leaderboard's helpers."""
     panels = sorted({(r.dataset, r.ways, r.shots) for r in rep.rows})
+    # about 1.6 inches per compared row, room for its wrapped label (LABEL_WIDTH characters at 7 points)
     width = max([6.0] + [1.6 * sum((r.dataset, r.ways, r.shots) == p for r in rep.rows) + 3 for p in panels])
-    fig, axes = figure(len(panels), min(width, 16))
+    fig, axes = figure(len(panels), min(width, MAX_PLOT_WIDTH))
     for ax, panel in zip(axes, panels):
         here = [r for r in rep.rows if (r.dataset, r.ways, r.shots) == panel]
         x = np.arange(len(here))
