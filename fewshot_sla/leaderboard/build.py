@@ -603,8 +603,8 @@ def _fmt(value: float | None, digits: int = 2, sign: bool = False) -> str:
 
 
 def _md_table(header: Sequence[str], lines: Iterable[Sequence[str]]) -> str:
-    def clean(cell: str) -> str:
-        return str(cell).replace("|", "\\|")
+    def clean(cell: str) -> str:  # brackets escaped: "[data 1a2b] [lr=0.1]" is no reference link
+        return str(cell).replace("|", "\\|").replace("[", "\\[").replace("]", "\\]")
 
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(clean(c) for c in line) + " |" for line in lines]

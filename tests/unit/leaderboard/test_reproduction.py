@@ -349,6 +349,6 @@ def test_the_table_says_where_the_tested_checkpoint_was_found_and_whether_valida
     rows = {r["best_val_episodes"]: r["best_at_end"] for r in _rows(tmp_path / "out" / "reproduction.csv")}
     assert rows == {"40": "False", "100": "True"}
     md = (tmp_path / "out" / "reproduction.md").read_text()
-    (early,) = [line for line in md.splitlines() if "[lr=0.01]" in line]
-    (end,) = [line for line in md.splitlines() if "[lr=0.02]" in line]
+    (early,) = [line for line in md.splitlines() if "\\[lr=0.01\\]" in line]
+    (end,) = [line for line in md.splitlines() if "\\[lr=0.02\\]" in line]
     assert "best val. at 40 |" in early and "best val. at 100 (the last check)" in end
