@@ -16,8 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="paired comparison of two runs on the same test episodes",
         description="Per-episode paired comparison (mean difference with 95% CI, paired "
         "t-test and Wilcoxon signed-rank test) of two runs evaluated on the "
-        "same episode set of the same dataset store. By default every prediction kind the runs share is "
-        "compared; runs that share none (SLA against a baseline) pair each run's headline kind (SLA+AG with plain).",
+        "same episode set of the same dataset store (or, with --across-stores, of two stores of one dataset). "
+        "By default every prediction kind the runs share is compared; runs that share none (SLA against a "
+        "baseline) pair each run's headline kind (SLA+AG with plain).",
         add_help=False,
     )
     texts = help_from_registries(cmp)
@@ -33,6 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="prediction kind of RUN_B, e.g. plain (default: RUN_B's headline kind when only --kind-a is set)",
     )
     cmp.add_argument("--episode-set", metavar="HASH", help="hash (prefix) of the episode set to use")
+    cmp.add_argument(
+        "--across-stores",
+        action="store_true",
+        help="pair runs tested on different stores of the dataset by the images the episodes name (their pixels "
+        "as each store holds them, e.g. another resize filter): the difference is that of model and store together",
+    )
     cmp.add_argument("--json", action="store_true", help="print JSON")
     cmp.set_defaults(handler=compare_command)
 
@@ -42,7 +49,13 @@ def compare_command(args: argparse.Namespace) -> int:
     from fewshot_sla.engine.compare import compare_runs
 
     comparison = compare_runs(
-        args.run_a, args.run_b, kind=args.kind, kind_a=args.kind_a, kind_b=args.kind_b, episode_set=args.episode_set
+        args.run_a,
+        args.run_b,
+        kind=args.kind,
+        kind_a=args.kind_a,
+        kind_b=args.kind_b,
+        episode_set=args.episode_set,
+        across_stores=args.across_stores,
     )
     if args.json:
         print(json.dumps(comparison.as_dict(), indent=2))

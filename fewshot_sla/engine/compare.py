@@ -27,8 +27,9 @@ class PairedResult(NamedTuple):
 class Comparison:
     """A paired comparison of two runs on one episode set: one entry per (kind of A, kind of B) pair.
 
-    ``note``: how the kinds were paired when no flag chose them and the runs share none (each run's headline
-    kind), for the reader; None otherwise.
+    ``note``: for the reader, how the kinds were paired when no flag chose them and the runs share none (each run's
+    headline kind), and that the runs were tested on different stores when ``across_stores`` allowed it; None
+    otherwise.
     """
 
     run_a: FinishedRun
@@ -64,12 +65,18 @@ def compare_runs(
     kind_a: str | None = None,
     kind_b: str | None = None,
     episode_set: str | None = None,
+    across_stores: bool = False,
 ) -> Comparison:
     """Compare two finished runs episode by episode on an episode set both were evaluated on.
 
     Without ``kind``/``kind_a``/``kind_b``, every kind the runs share is compared; runs that share none (an SLA
     run against a baseline) pair their headline kinds (SLA+AG with plain), and the comparison's ``note`` says so.
     A kind a flag leaves open is the run's headline kind.
+
+    Runs tested on different stores of the episode set's dataset are refused unless ``across_stores``: an episode
+    set names its images by class and identifier, so both runs saw the same images, but the stores may hold
+    different pixels for them (another resize filter, another copy of the source). With ``across_stores`` the
+    difference measured is that of model and store together (a preprocessing comparison), and the note says so.
     """
     a, b = FinishedRun.open(run_a), FinishedRun.open(run_b)
     set_hash = _common_episode_set(a, b, episode_set)
@@ -77,16 +84,18 @@ def compare_runs(
     assert block_a is not None and block_b is not None
     # Paired episodes must come from one store (the runs may have trained on different ones: cross-domain).
     store_a, store_b = a.store_fingerprint(block_a), b.store_fingerprint(block_b)
+    notes = []
     if store_a != store_b:
-        name = block_a.episode_set.dataset
-        raise UserError(
-            f"the runs were tested on different {name} stores ({store_a[:12]} vs {store_b[:12]}); "
-            "compare runs tested on the same store"
-        )
+        stores = f"different {block_a.episode_set.dataset} stores ({store_a[:12]} vs {store_b[:12]})"
+        if not across_stores:
+            raise UserError(
+                f"the runs were tested on {stores}; compare runs tested on the same store, or pass "
+                f"{setting('across_stores')} to pair the episodes by the images they name (a preprocessing comparison)"
+            )
+        notes.append(f"tested on {stores}: the same images, their pixels as each store holds them")
     kinds_a, kinds_b = list(block_a.accuracy), list(block_b.accuracy)
     if kind is not None:
         kind_a, kind_b = kind_a or kind, kind_b or kind
-    note = None
     shared = display_order([k for k in kinds_a if k in kinds_b])
     if kind_a is not None or kind_b is not None:
         wanted = [(kind_a or headline_kind(kinds_a), kind_b or headline_kind(kinds_b))]
@@ -94,7 +103,7 @@ def compare_runs(
         wanted = [(k, k) for k in shared]
     else:  # e.g. an SLA run (si, ag) against a baseline (plain): each run's headline
         wanted = [(headline_kind(kinds_a), headline_kind(kinds_b))]
-        note = (
+        notes.append(
             f"pairing A's {kind_label(wanted[0][0])} with B's {kind_label(wanted[0][1])} (the runs share no "
             f"prediction kind; choose others with {setting('kind_a')}/{setting('kind_b')})"
         )
@@ -113,7 +122,7 @@ def compare_runs(
         )
         for ka, kb in wanted
     ]
-    return Comparison(a, b, set_hash, pairs, note)
+    return Comparison(a, b, set_hash, pairs, "; ".join(notes) or None)
 
 
 def _common_episode_set(a: FinishedRun, b: FinishedRun, prefix: str | None) -> str:

@@ -145,7 +145,9 @@ def test_runs_on_different_episode_sets_are_refused_until_evaluated_on_one(
     assert code == 2 and "no episode set with hash 0000" in err
 
 
-def test_runs_tested_on_different_stores_are_refused(capsys, runs: dict[str, Path], tmp_path: Path) -> None:
+def test_runs_tested_on_different_stores_are_refused_unless_paired_across_stores(
+    capsys, runs: dict[str, Path], tmp_path: Path
+) -> None:
     def other_store(results: dict) -> None:
         for block in [results["evaluation"], *results["evaluations"]]:
             block["dataset_fingerprint"] = "0" * 64
@@ -153,6 +155,17 @@ def test_runs_tested_on_different_stores_are_refused(capsys, runs: dict[str, Pat
     other = _edited_copy(runs["sla1"], tmp_path / "other", other_store)
     code, _, err = compare(capsys, str(runs["sla0"]), str(other))
     assert code == 2 and "tested on different synthetic stores" in err and len(err.strip().splitlines()) == 1
+    assert "--across-stores" in err
+    # Allowed, the episodes pair as on one store (the copy's per-episode accuracies are the original's), and said
+    code, out, err = compare(capsys, str(runs["sla0"]), str(other), "--across-stores", "--json")
+    assert code == 0, err
+    across = json.loads(out)
+    code, out, _ = compare(capsys, str(runs["sla0"]), str(runs["sla1"]), "--json")
+    same_store = json.loads(out)
+    assert across["comparisons"] == same_store["comparisons"] and same_store["note"] is None
+    assert "different synthetic stores" in across["note"] and "000000000000" in across["note"]
+    code, out, _ = compare(capsys, str(runs["sla0"]), str(other), "--across-stores")
+    assert code == 0 and "note: tested on different synthetic stores" in out
 
 
 def test_a_later_evaluation_on_another_set_keeps_the_common_one_comparable(
