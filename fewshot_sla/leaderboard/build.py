@@ -297,6 +297,7 @@ def accuracy_rows(
                     protocol=p.protocol(),
                     run_means=[],
                     config=None,
+                    digits=2 if p.decimals is None else p.decimals,
                 )
             )
     rows.sort(
@@ -635,8 +636,8 @@ def render_markdown(
                 r.backbone,
                 r.training,
                 kind_label(r.prediction) if r.prediction else "-",
-                _fmt(r.accuracy),
-                _fmt(r.ci95),
+                _fmt(r.accuracy, r.digits),
+                _fmt(r.ci95, r.digits),
                 _fmt(r.seed_std),
                 str(r.runs) if r.runs else "-",
                 str(r.train_episodes) if r.train_episodes else "-",

@@ -1,7 +1,8 @@
 """Published reference numbers (``published.csv``, shipped beside this module): what the literature reports.
 
-One row per (method, backbone and its options, dataset, ways, shots): mean test accuracy in percent and its
-95% interval (blank where the source gives none), the test protocol (backbone detail, test episodes, queries per
+One row per (method, backbone and its options, dataset, ways, shots): mean test accuracy in percent, written with
+the digits the source printed (``98.8``, not ``98.80``: the verdicts count its rounding), and its 95% interval
+(blank where the source gives none), the test protocol (backbone detail, test episodes, queries per
 class when the source states it), the published training budget in episodes (``train_episodes``, blank when
 unknown), the source and a reference. Leaderboards show these rows beside measured ones, marked as published,
 and compare the runs that match one (``reproduction.py``).
@@ -19,6 +20,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,17 @@ class PublishedResult:
     note: str
     backbone_options: Mapping[str, Any] = field(default_factory=dict)
     train_episodes: int | None = None
+    decimals: int | None = None  # digits after the point of ``accuracy`` as the table prints it (None: unknown)
+
+    @property
+    def rounding(self) -> float:
+        """Half a unit of the accuracy's last printed digit (0.05 for ``98.8``): the published run's value lies
+        within this of the printed one. 0 where the printed precision is unknown."""
+        return 0.0 if self.decimals is None else 0.5 * 10.0**-self.decimals
+
+    def accuracy_text(self) -> str:
+        """The accuracy with the digits the source printed (``98.8``; two decimals where unknown)."""
+        return f"{self.accuracy:.{2 if self.decimals is None else self.decimals}f}"
 
     def protocol(self) -> str:
         """Backbone, test episodes and queries, e.g. ``Conv-4 (64 filters), 600 test episodes``."""
@@ -130,9 +143,19 @@ def load_published(path: str | Path = DEFAULT_PUBLISHED) -> list[PublishedResult
                 note=row.get("note", "").strip(),
                 backbone_options=parse_options(row.get("backbone_options", ""), where),
                 train_episodes=_optional_int(row.get("train_episodes", ""), where, "train_episodes"),
+                decimals=_decimals(row["accuracy"]),
             )
         )
     return rows
+
+
+def _decimals(text: str) -> int | None:
+    """Digits after the point as written (``98.8``: 1, ``49.42``: 2, ``98``: 0), None for a form without one."""
+    try:
+        exponent = Decimal(text.strip()).as_tuple().exponent
+    except InvalidOperation:
+        return None
+    return max(0, -exponent) if isinstance(exponent, int) else None
 
 
 def _number(text: str, kind: type, where: str, column: str) -> float | int:

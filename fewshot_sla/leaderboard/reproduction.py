@@ -9,7 +9,10 @@ sqrt(ci_ours^2 + ci_published^2) (independent estimates; ours alone where the so
 the table says so), and a verdict:
 
 - **reproduced**: the published value lies within our 95% interval, or the interval of the difference
-  contains 0 (both inclusive, up to ``TOLERANCE`` percentage points of rounding);
+  contains 0 (both inclusive, up to ``TOLERANCE`` percentage points of floating-point rounding), or it does once
+  widened by the published value's own rounding: a source printing ``98.8`` says only that its run lay within
+  0.05 of it (``PublishedResult.rounding``, from the digits the table writes), so a difference of -0.20 +- 0.17
+  cannot tell ours from a published 98.75; the verdict's basis says when that widening decided it;
 - otherwise **above** (ours higher) or **below** (ours lower).
 
 With several seeds a row is their mean and the mean of their per-run episode intervals, as the leaderboard
@@ -52,6 +55,7 @@ OURS_ONLY = "ours only (no published CI)"
 DATA_OPTIONS = ("in_channels",)
 WITHIN_OURS = "published value within our 95% CI"
 DIFF_CONTAINS_ZERO = "95% CI of the difference contains 0"
+WITHIN_ROUNDING = "95% CI of the difference, widened by the published value's rounding, contains 0"
 # Characters per line of an x-axis label in the plot (a setting's configuration tags wrap onto more lines).
 LABEL_WIDTH = 24
 MAX_PLOT_WIDTH = 40  # inches: a wider figure (more than 23 rows in a panel) crowds its labels
@@ -67,12 +71,13 @@ class Verdict:
     ci95: float  # half-width of the difference's 95% interval
     ci_from: str  # BOTH_CIS or OURS_ONLY
     verdict: str  # REPRODUCED, ABOVE or BELOW
-    basis: str  # why reproduced (WITHIN_OURS or DIFF_CONTAINS_ZERO); empty otherwise
+    basis: str  # why reproduced (WITHIN_OURS, DIFF_CONTAINS_ZERO or WITHIN_ROUNDING with the rounding); else empty
 
 
-def judge(ours: float, ours_ci: float, published: float, published_ci: float | None) -> Verdict:
-    """The verdict for ours (mean, 95% half-width) against a published value and its half-width (None: none
-    published). A non-finite interval of ours (a single test episode) counts as zero width."""
+def judge(ours: float, ours_ci: float, published: float, published_ci: float | None, rounding: float = 0.0) -> Verdict:
+    """The verdict for ours (mean, 95% half-width) against a published value, its half-width (None: none
+    published) and its rounding (half a unit of its last printed digit; 0: exact). A non-finite interval of ours
+    (a single test episode) counts as zero width."""
     ci = ours_ci if math.isfinite(ours_ci) else 0.0
     difference = ours - published
     if published_ci is None:
@@ -83,6 +88,8 @@ def judge(ours: float, ours_ci: float, published: float, published_ci: float | N
         return Verdict(difference, combined, ci_from, REPRODUCED, WITHIN_OURS)
     if abs(difference) <= combined + TOLERANCE:
         return Verdict(difference, combined, ci_from, REPRODUCED, DIFF_CONTAINS_ZERO)
+    if rounding > 0 and abs(difference) <= combined + rounding + TOLERANCE:
+        return Verdict(difference, combined, ci_from, REPRODUCED, f"{WITHIN_ROUNDING} (±{rounding:g})")
     return Verdict(difference, combined, ci_from, ABOVE if difference > 0 else BELOW, "")
 
 
@@ -149,6 +156,7 @@ class ReproductionRow:
     seeds: str  # the seed values, space-separated
     published_accuracy: float
     published_ci95: float | None
+    published_rounding: float  # half a unit of the published accuracy's last printed digit (0: unknown)
     accuracy: float
     ci95: float
     seed_std: float | None
@@ -156,7 +164,7 @@ class ReproductionRow:
     difference_ci95: float
     difference_ci_from: str  # BOTH_CIS or OURS_ONLY
     verdict: str  # REPRODUCED, ABOVE or BELOW
-    verdict_basis: str  # why reproduced (WITHIN_OURS or DIFF_CONTAINS_ZERO); empty otherwise
+    verdict_basis: str  # why reproduced (WITHIN_OURS, DIFF_CONTAINS_ZERO or WITHIN_ROUNDING ...); empty otherwise
     train_episodes: int | None
     meta_batch: int | None
     train_steps: int | None
@@ -243,7 +251,7 @@ def _order(r: AccuracyRow | ReproductionRow) -> tuple[Any, ...]:
 def _row(r: AccuracyRow, config: Mapping[str, Any], p: PublishedResult) -> ReproductionRow:
     # A measured row's interval is a number (NaN for runs of a single episode: judged as no interval).
     ours_ci = math.nan if r.ci95 is None else r.ci95
-    v = judge(r.accuracy, ours_ci, p.accuracy, p.ci95)
+    v = judge(r.accuracy, ours_ci, p.accuracy, p.ci95, p.rounding)
     episodes, batch, steps, seen = _budget(config)
     return ReproductionRow(
         dataset=r.dataset,
@@ -260,6 +268,7 @@ def _row(r: AccuracyRow, config: Mapping[str, Any], p: PublishedResult) -> Repro
         seeds=r.seed_values,
         published_accuracy=p.accuracy,
         published_ci95=p.ci95,
+        published_rounding=p.rounding,
         accuracy=r.accuracy,
         ci95=ours_ci,
         seed_std=r.seed_std,
@@ -294,6 +303,13 @@ def _fmt(value: float | None, digits: int = 2, sign: bool = False) -> str:
 
 def _with_ci(value: float | None, ci: float | None, sign: bool = False) -> str:
     return f"{_fmt(value, sign=sign)} ± {_fmt(ci)}" if ci is not None else f"{_fmt(value, sign=sign)} (no CI)"
+
+
+def _published_text(r: ReproductionRow) -> str:
+    """The published accuracy with the digits its source printed, and its interval: ``98.8 (no CI)``."""
+    digits = round(-math.log10(2 * r.published_rounding)) if r.published_rounding else 2
+    accuracy = f"{r.published_accuracy:.{digits}f}"
+    return f"{accuracy} ± {_fmt(r.published_ci95, digits)}" if r.published_ci95 is not None else f"{accuracy} (no CI)"
 
 
 def _count(value: int | None) -> str:
@@ -334,7 +350,7 @@ def render_markdown(
             r.method,
             r.backbone + (f" ({r.backbone_options})" if r.backbone_options else ""),
             f"{r.training}: {kind_label(r.prediction)}",
-            _with_ci(r.published_accuracy, r.published_ci95),
+            _published_text(r),
             _with_ci(r.accuracy, r.ci95) + (f" ({r.runs} runs)" if (r.runs or 0) > 1 else ""),
             _with_ci(r.difference, r.difference_ci95, sign=True),
             r.difference_ci_from,
@@ -357,8 +373,10 @@ def render_markdown(
         "interval; the spread across seeds is in `reproduction.csv`, not in the interval). The difference is "
         "ours - published; its 95% interval is sqrt(ci_ours² + ci_published²) when the source publishes an "
         "interval, and ours alone otherwise (column *CI from*). Verdict: **reproduced** when the published value "
-        "lies within our 95% interval or the interval of the difference contains 0, else **above** or "
-        "**below**. Only `baseline` rows are reproductions of the published method; other objectives (e.g. SLA) "
+        "lies within our 95% interval or the interval of the difference contains 0, or does once widened by the "
+        "published value's rounding (half a unit of its last printed digit: a printed 98.8 is any value from 98.75 "
+        "to 98.85; the verdict says when that decided it), else **above** or **below**. Only `baseline` rows are "
+        "reproductions of the published method; other objectives (e.g. SLA) "
         "are shown against the same published baseline. Episodes seen = optimizer steps x meta-batch (the run's "
         "resolved configuration) against the published training episodes; `?` where unknown; *best val.*: the "
         "episodes seen at the best validation check, whose checkpoint is tested, and *the last check* where that "

@@ -63,6 +63,7 @@ class AccuracyRow:
     run_means: list[float]  # the runs' accuracies, for the plot's dots
     config: dict[str, Any] | None  # the resolved configuration of the first run (the same for all, seed aside)
     training: str = ""  # what the rows show as the training: objective (transformation) [tags] (``_label``)
+    digits: int = 2  # decimals shown: a published row's as its source printed them (``98.8``, not ``98.80``)
 
 
 @dataclass

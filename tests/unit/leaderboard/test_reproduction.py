@@ -81,6 +81,21 @@ def test_difference_interval_just_containing_zero_is_reproduced_and_just_excludi
     assert above.verdict == "above" and above.difference == pytest.approx(2.5001)
 
 
+def test_the_published_values_rounding_widens_the_interval_only_by_half_its_last_digit() -> None:
+    # ours 98.60 +- 0.17 against a printed 98.8 (any value in 98.75..98.85): 98.75 - 98.60 = 0.15 <= 0.17.
+    v = judge(98.60, 0.17, 98.8, None, rounding=0.05)
+    assert v.verdict == "reproduced" and v.basis.startswith("95% CI of the difference, widened by the published")
+    assert "(±0.05)" in v.basis and v.ci95 == pytest.approx(0.17)  # the interval shown stays ours
+    assert judge(98.60, 0.17, 98.8, None).verdict == "below"  # exact published value: as before
+    # The edge: |difference| = interval + rounding is inside, a hair beyond is not (both sides, both CI sources).
+    assert judge(60.0, 1.5, 61.55, None, rounding=0.05).verdict == "reproduced"
+    assert judge(60.0, 1.5, 61.5501, None, rounding=0.05).verdict == "below"
+    assert judge(60.0, 1.5, 57.445, 2.0, rounding=0.005).verdict == "above"  # 2.555 > 2.5 + 0.005
+    assert judge(60.0, 1.5, 57.495, 2.0, rounding=0.005).verdict == "reproduced"
+    # Inside our own interval the basis stays the plainer one.
+    assert judge(60.0, 1.5, 61.0, None, rounding=0.05).basis == "published value within our 95% CI"
+
+
 def test_combined_interval_uses_both_intervals() -> None:
     v = judge(71.3, 0.42, 69.0, 0.61)
     assert v.ci95 == pytest.approx(math.sqrt(0.42**2 + 0.61**2))
@@ -248,9 +263,37 @@ def test_published_table_reads_blank_intervals_budgets_and_options(tmp_path: Pat
     old.write_text("method,backbone,dataset,ways,shots,accuracy,ci95,source\nprotonet,conv4,cub,5,1,50.0,0.5,x\n")
     (row,) = load_published(old)
     assert (row.ci95, row.train_episodes, dict(row.backbone_options)) == (0.5, None, {})
+    assert (maml.rounding, proto.rounding, maml.accuracy_text()) == (pytest.approx(0.05), pytest.approx(0.05), "98.7")
     bad = _write_table(tmp_path / "bad.csv", ["maml,conv4,x,hidden,omniglot,5,1,98.7,0.4,,,,Finn,,"])
     with pytest.raises(UserError, match=r"bad.csv line 2: 'backbone_options' must be key=value"):
         load_published(bad)
+
+
+@pytest.mark.parametrize(
+    ("printed", "decimals", "rounding"),
+    [("98.8", 1, 0.05), ("49.42", 2, 0.005), ("98", 0, 0.5), ("98.80", 2, 0.005), ("9.88e1", 1, 0.05)],
+)
+def test_the_published_precision_is_read_from_the_digits_written(
+    tmp_path: Path, printed: str, decimals: int, rounding: float
+) -> None:
+    (row,) = load_published(_write_table(tmp_path / "p.csv", [f"protonet,conv4,x,,cub,5,1,{printed},,,,,S,,"]))
+    assert (row.decimals, row.rounding) == (decimals, pytest.approx(rounding))
+    assert row.accuracy_text() == f"{float(printed):.{decimals}f}"
+
+
+def test_tables_print_a_published_number_with_the_digits_its_source_gave(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    make_run(runs, "base", objective="baseline", per_episode={"plain": _episodes(1)})
+    table = _write_table(
+        tmp_path / "p.csv", ["protonet,conv4,Conv-4,,miniimagenet,5,1,50.4,0.6,600,,,Someone et al. 2017,,"]
+    )
+    out = tmp_path / "out"
+    build_leaderboard(runs, out, load_published(table))
+    assert "| 50.4 ± 0.6 |" in (out / "reproduction.md").read_text()
+    published_line = next(line for line in (out / "leaderboard.md").read_text().splitlines() if "Someone" in line)
+    assert "| 50.4 | 0.6 |" in published_line and "50.40" not in published_line
+    (row,) = _rows(out / "reproduction.csv")
+    assert float(row["published_rounding"]) == pytest.approx(0.05)
 
 
 def test_shipped_table_has_the_omniglot_rows() -> None:
@@ -317,7 +360,14 @@ def test_csv_columns_are_stable(tmp_path: Path) -> None:
     build_leaderboard(runs, tmp_path / "out", [_published(50.0, None)])
     with open(tmp_path / "out" / "reproduction.csv", newline="") as fh:
         header = next(csv.reader(fh))
-    for column in ("published_accuracy", "published_ci95", "difference_ci95", "verdict", "episodes_seen"):
+    for column in (
+        "published_accuracy",
+        "published_ci95",
+        "published_rounding",
+        "difference_ci95",
+        "verdict",
+        "episodes_seen",
+    ):
         assert column in header
 
 
