@@ -297,7 +297,7 @@ def accuracy_rows(
                     protocol=p.protocol(),
                     run_means=[],
                     config=None,
-                    digits=2 if p.decimals is None else p.decimals,
+                    digits=p.digits,
                 )
             )
     rows.sort(

@@ -83,9 +83,10 @@ class PublishedResult:
         within this of the printed one. 0 where the printed precision is unknown."""
         return 0.0 if self.decimals is None else 0.5 * 10.0**-self.decimals
 
-    def accuracy_text(self) -> str:
-        """The accuracy with the digits the source printed (``98.8``; two decimals where unknown)."""
-        return f"{self.accuracy:.{2 if self.decimals is None else self.decimals}f}"
+    @property
+    def digits(self) -> int:
+        """Decimals to show the accuracy and its interval with: the source's (``98.8``: 1), else 2."""
+        return 2 if self.decimals is None else self.decimals
 
     def protocol(self) -> str:
         """Backbone, test episodes and queries, e.g. ``Conv-4 (64 filters), 600 test episodes``."""

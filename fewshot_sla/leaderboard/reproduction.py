@@ -181,6 +181,7 @@ class ReproductionRow:
     published_protocol: str
     config_id: str
     training: str = field(default="", metadata={"column": False})  # the measured row's label (not a column)
+    published_digits: int = field(default=2, metadata={"column": False})  # decimals the source printed
 
 
 COLUMNS = tuple(f.name for f in fields(ReproductionRow) if f.metadata.get("column", True))
@@ -269,6 +270,7 @@ def _row(r: AccuracyRow, config: Mapping[str, Any], p: PublishedResult) -> Repro
         published_accuracy=p.accuracy,
         published_ci95=p.ci95,
         published_rounding=p.rounding,
+        published_digits=p.digits,
         accuracy=r.accuracy,
         ci95=ours_ci,
         seed_std=r.seed_std,
@@ -301,15 +303,9 @@ def _fmt(value: float | None, digits: int = 2, sign: bool = False) -> str:
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
-def _with_ci(value: float | None, ci: float | None, sign: bool = False) -> str:
-    return f"{_fmt(value, sign=sign)} ± {_fmt(ci)}" if ci is not None else f"{_fmt(value, sign=sign)} (no CI)"
-
-
-def _published_text(r: ReproductionRow) -> str:
-    """The published accuracy with the digits its source printed, and its interval: ``98.8 (no CI)``."""
-    digits = round(-math.log10(2 * r.published_rounding)) if r.published_rounding else 2
-    accuracy = f"{r.published_accuracy:.{digits}f}"
-    return f"{accuracy} ± {_fmt(r.published_ci95, digits)}" if r.published_ci95 is not None else f"{accuracy} (no CI)"
+def _with_ci(value: float | None, ci: float | None, sign: bool = False, digits: int = 2) -> str:
+    text = _fmt(value, digits, sign=sign)
+    return f"{text} ± {_fmt(ci, digits)}" if ci is not None else f"{text} (no CI)"
 
 
 def _count(value: int | None) -> str:
@@ -350,7 +346,7 @@ def render_markdown(
             r.method,
             r.backbone + (f" ({r.backbone_options})" if r.backbone_options else ""),
             f"{r.training}: {kind_label(r.prediction)}",
-            _published_text(r),
+            _with_ci(r.published_accuracy, r.published_ci95, digits=r.published_digits),  # as the source printed
             _with_ci(r.accuracy, r.ci95) + (f" ({r.runs} runs)" if (r.runs or 0) > 1 else ""),
             _with_ci(r.difference, r.difference_ci95, sign=True),
             r.difference_ci_from,

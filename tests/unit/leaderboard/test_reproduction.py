@@ -263,7 +263,7 @@ def test_published_table_reads_blank_intervals_budgets_and_options(tmp_path: Pat
     old.write_text("method,backbone,dataset,ways,shots,accuracy,ci95,source\nprotonet,conv4,cub,5,1,50.0,0.5,x\n")
     (row,) = load_published(old)
     assert (row.ci95, row.train_episodes, dict(row.backbone_options)) == (0.5, None, {})
-    assert (maml.rounding, proto.rounding, maml.accuracy_text()) == (pytest.approx(0.05), pytest.approx(0.05), "98.7")
+    assert (maml.rounding, proto.rounding, maml.digits) == (pytest.approx(0.05), pytest.approx(0.05), 1)
     bad = _write_table(tmp_path / "bad.csv", ["maml,conv4,x,hidden,omniglot,5,1,98.7,0.4,,,,Finn,,"])
     with pytest.raises(UserError, match=r"bad.csv line 2: 'backbone_options' must be key=value"):
         load_published(bad)
@@ -278,7 +278,7 @@ def test_the_published_precision_is_read_from_the_digits_written(
 ) -> None:
     (row,) = load_published(_write_table(tmp_path / "p.csv", [f"protonet,conv4,x,,cub,5,1,{printed},,,,,S,,"]))
     assert (row.decimals, row.rounding) == (decimals, pytest.approx(rounding))
-    assert row.accuracy_text() == f"{float(printed):.{decimals}f}"
+    assert f"{row.accuracy:.{row.digits}f}" == f"{float(printed):.{decimals}f}"
 
 
 def test_tables_print_a_published_number_with_the_digits_its_source_gave(tmp_path: Path) -> None:
