@@ -908,5 +908,5 @@ def build_leaderboard(
     plot_paired(pairs, files["paired_difference.png"])
     write_text_atomic(files["reproduction.md"], reproduction.render_markdown(rep, runs_dir, _md_table))
     write_text_atomic(files["reproduction.csv"], render_csv(rep.rows, reproduction.COLUMNS))
-    reproduction.plot(rep, files["reproduction.png"], _figure, _save)
+    reproduction.plot(rep, files["reproduction.png"], _save)
     return BuildReport(n_runs, len(acc), len(pairs), skipped, list(files.values()), rep.counts(), len(other))

@@ -56,9 +56,10 @@ DATA_OPTIONS = ("in_channels",)
 WITHIN_OURS = "published value within our 95% CI"
 DIFF_CONTAINS_ZERO = "95% CI of the difference contains 0"
 WITHIN_ROUNDING = "95% CI of the difference, widened by the published value's rounding, contains 0"
-# Characters per line of an x-axis label in the plot (a setting's configuration tags wrap onto more lines).
-LABEL_WIDTH = 24
-MAX_PLOT_WIDTH = 40  # inches: a wider figure (more than 23 rows in a panel) crowds its labels
+# Characters per line of a row's label in the plot (a setting's configuration tags wrap onto more lines).
+LABEL_WIDTH = 60
+# Percentage points: a plot panel whose intervals reach further is drawn on a symmetric-log axis.
+LINEAR_SPAN = 5.0
 # The snippet section of reproduction.md that the documentation site includes (docs/results/*.md).
 DOCS_SECTION = "table"
 
@@ -415,90 +416,85 @@ def render_markdown(
 
 
 def _wrapped(label: str) -> str:
-    """An x-axis label on lines of about ``LABEL_WIDTH`` characters, words (``key=value`` tags) kept whole."""
+    """A row's label on lines of about ``LABEL_WIDTH`` characters, words (``key=value`` tags) kept whole."""
     return fill(label, LABEL_WIDTH, break_long_words=False)
 
 
-def plot(
-    rep: Reproduction,
-    path: Path,
-    figure: Callable[[int, float], tuple[Any, list[Any]]],
-    save: Callable[[Any, Path], None],
-) -> None:
-    """``reproduction.png``: per (dataset, ways, shots) panel, each compared setting's accuracy with its 95%
-    interval beside the published value with its interval (a hollow marker where none is published). The y axis
-    spans every interval in full. ``figure(n, width)`` and ``save(fig, path)`` are the leaderboard's helpers."""
+def _row_label(r: ReproductionRow) -> str:
+    """A plot row's label: method and backbone, the wrapped training tags and prediction, the source cited."""
+    training = _wrapped(f"{r.training}: {kind_label(r.prediction)}")
+    return f"{r.method} / {r.backbone}\n{training}\nvs {r.source.split(',')[0]}"
+
+
+def _lines(label: str) -> int:
+    return label.count("\n") + 1
+
+
+def plot(rep: Reproduction, path: Path, save: Callable[[Any, Path], None]) -> None:
+    """``reproduction.png``: per (dataset, ways, shots) panel, one row per compared setting with the difference
+    ours - published and its 95% interval (the table's: both intervals combined, or ours alone), drawn lighter
+    where the published value's rounding widens it, coloured by verdict and printed at the row's end. Rows stack
+    vertically, so a label of any length keeps its own lines; a panel whose intervals reach beyond
+    ``LINEAR_SPAN`` points is drawn on a symmetric-log axis, linear within +-1 point (its label says so), so a
+    miss of tens of points and a tenth of a point are both readable. ``save(fig, path)`` is the leaderboard's."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
+
     panels = sorted({(r.dataset, r.ways, r.shots) for r in rep.rows})
-    # about 1.6 inches per compared row, room for its wrapped label (LABEL_WIDTH characters at 7 points)
-    width = max([6.0] + [1.6 * sum((r.dataset, r.ways, r.shots) == p for r in rep.rows) + 3 for p in panels])
-    fig, axes = figure(len(panels), min(width, MAX_PLOT_WIDTH))
-    for ax, panel in zip(axes, panels):
-        here = [r for r in rep.rows if (r.dataset, r.ways, r.shots) == panel]
-        x = np.arange(len(here))
-        ours = ax.errorbar(
-            x - 0.12,
-            [r.accuracy for r in here],
-            yerr=[r.ci95 if math.isfinite(r.ci95) else 0.0 for r in here],
-            fmt="o",
-            color="C0",
-            capsize=4,
-            label="ours (mean, 95% CI over episodes)",
-        )
-        handles = [ours]
-        with_ci = [i for i, r in enumerate(here) if r.published_ci95 is not None]
-        without = [i for i, r in enumerate(here) if r.published_ci95 is None]
-        if with_ci:
-            handles.append(
-                ax.errorbar(
-                    x[with_ci] + 0.12,
-                    [here[i].published_accuracy for i in with_ci],
-                    yerr=[here[i].published_ci95 for i in with_ci],
-                    fmt="s",
-                    color="C1",
-                    capsize=4,
-                    label="published (95% CI)",
-                )
-            )
-        if without:
-            (marker,) = ax.plot(
-                x[without] + 0.12,
-                [here[i].published_accuracy for i in without],
-                "s",
-                markerfacecolor="none",
-                color="C1",
-                label="published (no CI published)",
-            )
-            handles.append(marker)
-        lows = [r.accuracy - (r.ci95 if math.isfinite(r.ci95) else 0.0) for r in here]
-        lows += [r.published_accuracy - (r.published_ci95 or 0.0) for r in here]
-        highs = [r.accuracy + (r.ci95 if math.isfinite(r.ci95) else 0.0) for r in here]
-        highs += [r.published_accuracy + (r.published_ci95 or 0.0) for r in here]
-        low, high = min(lows), max(highs)
-        pad = max(0.25, 0.1 * (high - low))
-        ax.set_ylim(low - pad, high + 2.5 * pad)  # headroom for the verdict labels
-        for xi, r, top in zip(x, here, [max(a, b) for a, b in zip(highs[: len(here)], highs[len(here) :])]):
+    rows = {p: [r for r in rep.rows if (r.dataset, r.ways, r.shots) == p] for p in panels}
+    labels = {p: [_row_label(r) for r in rows[p]] for p in panels}
+    # inches: each label line at 7 points, a gap between rows, and a panel's title and x axis
+    heights = [0.13 * sum(_lines(t) + 1 for t in labels[p]) + 1.1 for p in panels] or [2.0]
+    fig = Figure(figsize=(9.0, sum(heights)))
+    grid = fig.add_gridspec(len(heights), 1, height_ratios=heights)
+    colours = {REPRODUCED: "C2", ABOVE: "C0", BELOW: "C3"}
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(grid[i])
+        here = rows[panel]
+        # row centres spaced by their labels' lines, so multi-line labels never overlap their neighbours
+        spans = [_lines(t) + 1 for t in labels[panel]]
+        y = np.cumsum(spans) - np.asarray(spans) / 2
+        for yi, r in zip(y, here):
+            colour = colours[r.verdict]
+            if r.published_rounding > 0:
+                reach = r.difference_ci95 + r.published_rounding
+                ax.hlines(yi, r.difference - reach, r.difference + reach, color=colour, alpha=0.3, linewidth=5)
+            ax.errorbar(r.difference, yi, xerr=r.difference_ci95, fmt="o", color=colour, capsize=3, markersize=4)
             ax.annotate(
-                f"{r.verdict}\n{r.difference:+.2f} pp",
-                (xi, top),
-                xytext=(0, 4),
-                textcoords="offset points",
-                ha="center",
-                va="bottom",
+                f"{r.verdict} {_with_ci(r.difference, r.difference_ci95, sign=True)}",
+                (1.01, yi),
+                xycoords=("axes fraction", "data"),
+                va="center",
                 fontsize=7,
+                color=colour,
             )
-        ax.set_xticks(
-            x,
-            [
-                f"{r.method} / {r.backbone}\n{_wrapped(f'{r.training}: {kind_label(r.prediction)}')}\n"
-                f"vs {r.source.split(',')[0]}"
-                for r in here
-            ],
-        )
-        ax.tick_params(axis="x", labelsize=7)
-        ax.set_xlim(-0.6, len(here) - 0.4)
-        ax.set(ylabel="test accuracy (%)", title=f"{panel[0]}, {panel[1]}-way {panel[2]}-shot: ours vs published")
-        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    if not panels:
-        axes[0].text(0.5, 0.5, "no measured row matches a published row", ha="center", va="center")
-        axes[0].set_axis_off()
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ends = [r.difference + s * (r.difference_ci95 + r.published_rounding) for r in here for s in (-1, 1)]
+        low, high = min([0.0, *ends]), max([0.0, *ends])
+        xlabel = "ours - published (percentage points)"
+        # room beyond the outermost interval ends and around 0: at least half a point, a tenth of the reach on a
+        # linear axis and half of it on a logarithmic one
+        room = 0.1
+        if max(-low, high) > LINEAR_SPAN:
+            ax.set_xscale("symlog", linthresh=1.0, linscale=2.0)
+            xlabel += "; linear within +-1, logarithmic beyond"
+            room = 0.5
+        left, right = low - max(0.5, room * -low), high + max(0.5, room * high)
+        ax.set_xlim(left, right)
+        if ax.get_xscale() == "symlog":  # plain numbers at 1-3-10 steps (matplotlib's are powers of ten only)
+            steps = [0.0, 0.5, 1.0, 3.0, 10.0, 30.0, 100.0]
+            ax.set_xticks([t for m in steps for t in {m, -m} if left <= t <= right])
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.set_yticks(y, labels[panel], fontsize=7)
+        ax.set_ylim(float(sum(spans)), 0.0)
+        ax.set(xlabel=xlabel, title=f"{panel[0]}, {panel[1]}-way {panel[2]}-shot: ours vs published")
+    if panels:
+        marks = [Line2D([], [], marker="o", color=colours[v], linestyle="", label=v) for v in colours]
+        marks.append(Line2D([], [], color="grey", alpha=0.3, linewidth=5, label="widened by the published rounding"))
+        fig.legend(handles=marks, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=len(marks))
+    else:
+        ax = fig.add_subplot(grid[0])
+        ax.text(0.5, 0.5, "no measured row matches a published row", ha="center", va="center")
+        ax.set_axis_off()
     save(fig, path)

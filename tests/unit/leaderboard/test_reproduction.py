@@ -6,18 +6,29 @@ from __future__ import annotations
 import csv
 import math
 import re
+from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from fewshot_sla.cli import main
 from fewshot_sla.errors import UserError
-from fewshot_sla.leaderboard.build import _figure, accuracy_rows, build_leaderboard, load_entries
+from fewshot_sla.leaderboard.build import accuracy_rows, build_leaderboard, load_entries
 from fewshot_sla.leaderboard.published import PublishedResult, load_published
-from fewshot_sla.leaderboard.reproduction import DOCS_SECTION, judge, plot, reproduction_rows
+from fewshot_sla.leaderboard.reproduction import (
+    DOCS_SECTION,
+    Reproduction,
+    ReproductionRow,
+    judge,
+    plot,
+    reproduction_rows,
+)
 from tests.helpers.paths import REPO
 from tests.unit.leaderboard.test_leaderboard_build import _episodes, _rows, make_run
 
@@ -220,24 +231,54 @@ def test_backbone_options_must_match_after_filling_in_the_defaults(tmp_path: Pat
         assert "backbone options differ" in why and "hidden=" in why
 
 
-def test_plot_keeps_every_interval_inside_the_axes(tmp_path: Path) -> None:
+def _plotted(rep: Reproduction, path: Path) -> Any:
+    """The figure ``plot`` hands to its save helper, drawn (so text extents are known)."""
+    figures = []
+    plot(rep, path, lambda fig, _: figures.append(fig))
+    (fig,) = figures
+    FigureCanvasAgg(fig).draw()
+    return fig
+
+
+def _one_row(tmp_path: Path) -> ReproductionRow:
     runs = tmp_path / "runs"
     make_run(runs, "base", objective="baseline", per_episode={"plain": _episodes(1)})
-    rows = accuracy_rows(load_entries(runs)[0])
-    (ours,) = [r for r in rows if r.headline]
-    assert ours.ci95 is not None
-    far = ours.accuracy + 30.0  # far above ours, with a wide published interval
-    rep = reproduction_rows(rows, [_published(far, 5.0)])
-    figures = []
+    (row,) = reproduction_rows(accuracy_rows(load_entries(runs)[0]), [_published(50.0, 0.8)]).rows
+    return row
 
-    def keep(fig: object, path: Path) -> None:
-        figures.append(fig)
 
-    plot(rep, tmp_path / "r.png", _figure, keep)
-    (ax,) = figures[0].axes[:1]
-    low, high = ax.get_ylim()
-    assert low < ours.accuracy - ours.ci95 and high > far + 5.0
-    assert ax.get_ylabel() == "test accuracy (%)"
+def test_plot_keeps_every_interval_and_zero_inside_its_panel(tmp_path: Path) -> None:
+    """A miss of tens of points and a difference of a tenth share a panel: both intervals, widened by the published
+    rounding, and 0 lie inside the x axis, which turns logarithmic beyond +-1 point only when it must."""
+    row = _one_row(tmp_path)
+    near = replace(row, difference=-0.2, difference_ci95=0.17, published_rounding=0.05)
+    far = replace(row, difference=-31.6, difference_ci95=0.36, method="matchingnet")
+    for rows, scale in (([near], "linear"), ([near, far], "symlog")):
+        ax = _plotted(Reproduction(rows, []), tmp_path / "r.png").axes[0]
+        low, high = ax.get_xlim()
+        assert ax.get_xscale() == scale
+        assert low < 0.0 < high
+        for r in rows:
+            reach = r.difference_ci95 + r.published_rounding
+            assert low < r.difference - reach and r.difference + reach < high
+
+
+def test_plot_labels_of_long_configurations_never_overlap(tmp_path: Path) -> None:
+    """Rows whose labels carry long unbreakable tags (a learner option, a data fingerprint) each keep their own
+    lines: no two row labels, and no two verdicts printed at the rows' ends, share a pixel row."""
+    row = _one_row(tmp_path)
+    tags = "[data e06dbcb3] [learner_options.distance=default, learner_options.learn_scale=default, "
+    rows = [
+        replace(row, training=f"{tags}learner_options.scale={i}, train_episodes={1000 * i}, val_every=500]")
+        for i in range(12)
+    ]
+    fig = _plotted(Reproduction(rows, []), tmp_path / "r.png")
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    for texts in (ax.get_yticklabels(), [t for t in ax.texts]):
+        boxes = sorted((t.get_window_extent(renderer) for t in texts), key=lambda box: box.y0)
+        assert len(boxes) == len(rows)
+        assert all(below.y1 <= above.y0 for below, above in pairwise(boxes))
 
 
 # ----- the published table -----
