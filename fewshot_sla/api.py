@@ -182,6 +182,30 @@ def resume(
     )
 
 
+def extend(
+    source: PathLike,
+    *,
+    train_episodes: int,
+    out: PathLike,
+    data_root: PathLike | None = None,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = False,
+) -> FinishedRun:
+    """Train the finished run ``source`` for longer, to ``train_episodes``, into the new folder ``out`` (``source``
+    is kept): it ends as a run trained for that budget at once would (``engine/extension.py`` says when that holds,
+    and anything else is refused), test it, and return it."""
+    from fewshot_sla.config import RunConfig
+    from fewshot_sla.engine.plan import plan_run
+
+    overrides = {"train_episodes": train_episodes}
+    return _execute(
+        Path(out),
+        lambda: plan_run(RunConfig(), overrides=overrides, out=out, data_root=data_root, extend_from=source),
+        callbacks,
+        progress,
+    )
+
+
 def _execute(run_dir: Path, plan: Callable[[], RunPlan], callbacks: Sequence[Callback], progress: bool) -> FinishedRun:
     """Plan and execute a run under its folder's lock; the finished run, read back."""
     from fewshot_sla.engine.execute import execute_run

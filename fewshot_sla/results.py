@@ -53,6 +53,8 @@ half-width, s the sample standard deviation over episodes)::
     init_from        {run_dir, checkpoint, sha256, step}: the other run's checkpoint the backbone started from
                      (``--init-from``: its folder, absolute, "best" or "last", the file's sha256, its step); null
                      when the run started from the seeded initialisation (and in runs from before it was recorded)
+    extended_from    {run_dir, episodes, sha256}: the finished run this one continued (``--extend``: its folder,
+                     absolute, the episodes it ended at, its last.pt's sha256); null for a run trained from step 0
 
 An evaluation block::
 
@@ -105,6 +107,7 @@ METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "learning_curve.png"
 CHECKPOINT_DIR = "checkpoints"
 INIT_FILE = "init_from.json"
+EXTENSION_FILE = "extended_from.json"  # the finished run a longer run continued (``run --extend``)
 INCOMPLETE_RUN = f"the run folder is incomplete; start the run again with {setting('overwrite')}"
 PER_EPISODE_DIR = "per_episode"
 # The transformation label of a run whose objective uses none. The objectives that use none (``objectives.py``:
@@ -179,6 +182,11 @@ class RunPaths:
     def init_source(self) -> Path:
         """Where the backbone started (``--init-from``): the ``InitRecord`` a resumed run reports."""
         return self.root / INIT_FILE
+
+    @property
+    def extension_source(self) -> Path:
+        """The finished run this one continued (``--extend``): the ``ExtensionRecord`` its results report."""
+        return self.root / EXTENSION_FILE
 
     def per_episode(self, episode_set_hash: str) -> Path:
         """The per-episode accuracy file for the episode set with this hash."""
@@ -321,6 +329,14 @@ class InitRecord(_Record):
     step: int  # the source's training step the checkpoint was saved at
 
 
+class ExtensionRecord(_Record):
+    """The finished run a longer run continued (``run --extend``), named by its final training state."""
+
+    run_dir: str  # the source run's folder, absolute
+    episodes: int  # the training episodes the source ended at (where this run took over)
+    sha256: str  # of the source's last.pt as read
+
+
 class RunRecord(_Record):
     """What a finished run was: its parts, data, training summary and environment."""
 
@@ -356,6 +372,8 @@ class RunRecord(_Record):
     learner_settings: dict[str, Any] = Field(default_factory=dict)  # e.g. the SVM's solver and its budget
     # The checkpoint the backbone started from (``--init-from``); null for a run from the seeded initialisation.
     init_from: InitRecord | None = None
+    # The finished run this one trained on from (``--extend``); null for a run trained from step 0.
+    extended_from: ExtensionRecord | None = None
 
 
 class ResultsFile(RunRecord):

@@ -92,6 +92,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     run.add_argument(
+        "--extend",
+        metavar="RUN_DIR",
+        help="train the finished run RUN_DIR for longer, to --train-episodes, into the new folder --out (ends as a "
+        "run trained that long at once would; RUN_DIR is kept)",
+    )
+    run.add_argument(
         "--max-steps",
         type=int,
         metavar="N",
@@ -211,6 +217,7 @@ def run_command(args: argparse.Namespace) -> int:
                     fit_memory=args.fit_memory,
                     memory_budget_gb=args.memory_budget,
                     data_memory_gb=args.data_memory,
+                    extend_from=args.extend,
                 )
                 check_loggers(plan.cfg.log)
             except UserError as err:
@@ -218,7 +225,8 @@ def run_command(args: argparse.Namespace) -> int:
             processes.agree(None)
             assert plan is not None
             reuse_memory_on_cpu(plan.device.type, args)
-            if processes.writer and "dataset" not in given and not args.resume and plan.cfg.dataset == "synthetic":
+            continued = args.resume or args.extend  # the dataset is the stored run's
+            if processes.writer and "dataset" not in given and not continued and plan.cfg.dataset == "synthetic":
                 size = plan.store.path.stat().st_size / 1e6
                 print(
                     f"note: no --dataset given, so this run uses the embedded synthetic set (generated once into "

@@ -13,6 +13,7 @@ from fewshot_sla.config.recipes import recipe_record
 from fewshot_sla.engine.build import describe_device, episode_specs
 from fewshot_sla.engine.callbacks import Callback
 from fewshot_sla.engine.evaluate import fixed_test_set
+from fewshot_sla.engine.extension import recorded_extension, start_extension
 from fewshot_sla.engine.plan import RunPlan
 from fewshot_sla.engine.run_evaluation import evaluate_checkpoint
 from fewshot_sla.engine.train import Trainer
@@ -82,6 +83,8 @@ def _execute(plan: RunPlan, max_steps: int | None, progress: bool, callbacks: Se
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         if not plan.resume:
             write_text_atomic(paths.config, cfg.to_yaml())
+        if plan.extend_from is not None:  # the source's final state, saved as this run's
+            start_extension(plan.extend_from, plan.run_dir, cfg)
         if plan.init is not None:  # where the backbone started, for the results of this and any resumed session
             write_text_atomic(paths.init_source, plan.init.model_dump_json(indent=2) + "\n")
     processes.barrier()
@@ -97,7 +100,7 @@ def _execute(plan: RunPlan, max_steps: int | None, progress: bool, callbacks: Se
         progress=progress,
         processes=processes,
     )
-    outcome = trainer.run(resume=plan.resume, max_steps=max_steps, callbacks=callbacks)
+    outcome = trainer.run(resume=plan.resume or plan.extend_from is not None, max_steps=max_steps, callbacks=callbacks)
     if outcome.status != "finished":
         return RunReport(outcome.status, outcome.step, plan.run_dir, None)
     assert outcome.summary is not None
@@ -122,6 +125,7 @@ def _execute(plan: RunPlan, max_steps: int | None, progress: bool, callbacks: Se
         config=cfg.to_dict(),
         learner_settings=plan.learner.settings(),
         init_from=plan.init,
+        extended_from=recorded_extension(plan.run_dir),
         image_size=plan.pipeline.image_size,
         store_image_size=plan.pipeline.store_size,
         normalization={"mean": list(plan.pipeline.normalization.mean), "std": list(plan.pipeline.normalization.std)},

@@ -48,6 +48,7 @@ from fewshot_sla.engine.build import (
 )
 from fewshot_sla.engine.data_placement import load_splits
 from fewshot_sla.engine.distributed import SINGLE, Processes, process_device
+from fewshot_sla.engine.extension import check_same_store, extended_config
 from fewshot_sla.engine.memory import FIT_MODES, MemoryPlan, memory_budget, plan_memory, profile_step
 from fewshot_sla.episodes import EpisodeSet
 from fewshot_sla.errors import UserError, command, setting
@@ -78,6 +79,7 @@ class RunPlan:
     processes: Processes = SINGLE
     data_note: str | None = None  # which splits are read from disk, when some are (errors.render reads it)
     init: InitRecord | None = None  # the checkpoint the backbone started from (``init_from``)
+    extend_from: Path | None = None  # the finished run this one trains on from (``extension.py``)
 
 
 def plan_run(
@@ -92,26 +94,45 @@ def plan_run(
     fit_memory: str = "auto",
     memory_budget_gb: float | None = None,
     data_memory_gb: float | None = None,
+    extend_from: str | os.PathLike[str] | None = None,
 ) -> RunPlan:
-    """Resolve and check a run without writing anything (every user mistake is a UserError here)."""
+    """Resolve and check a run without writing anything (every user mistake is a UserError here). ``extend_from``:
+    a finished run to train for longer (to ``overrides['train_episodes']``) into the new folder ``out``."""
     if resume and overwrite:
         raise UserError(f"{setting('resume')} and {setting('overwrite')} contradict each other; pass only one")
+    if extend_from is not None and (resume or out is None):
+        raise UserError(
+            f"{setting('extend')} trains a finished run for longer into a new run folder: give it {setting('out')} "
+            f"NEW_DIR" + (f", without {setting('resume')} (which continues an unfinished run)" if resume else "")
+        )
     if fit_memory not in FIT_MODES:
         raise UserError(f"{setting('fit_memory')} must be one of {', '.join(FIT_MODES)}, got '{fit_memory}'")
     if memory_budget_gb is not None and not (memory_budget_gb > 0 and math.isfinite(memory_budget_gb)):
         raise UserError(f"{setting('memory_budget')} must be a positive number of GB, got {memory_budget_gb}")
     run_dir = run_directory(cfg, out)
+    extend_source = None if extend_from is None else Path(extend_from)
     if resume:
         cfg = _resumable_config(run_dir, overrides)
+    elif extend_source is not None:
+        if run_dir.resolve() == extend_source.resolve():
+            raise UserError(
+                f"{setting('extend')} keeps {extend_source} as it is and writes the longer run elsewhere; choose "
+                f"another {setting('out')}"
+            )
+        cfg = extended_config(extend_source, overrides)
+        _check_output_folder(run_dir, overwrite)
     else:
         cfg = apply_recipe(cfg)
         _check_output_folder(run_dir, overwrite)
     check_names(cfg)
-    source = _init_source(cfg, run_dir, resume)
+    # the backbone's origin: another run's, read when training starts from step 0; else the run's own checkpoint
+    source = None if extend_source is not None else _init_source(cfg, run_dir, resume)
     device = process_device(processes, cfg.device) if processes.active else resolve_device(cfg.device)
     meta_batch = required(cfg.meta_batch, "meta_batch")
     _check_scale(cfg, meta_batch, processes, device)
     store = open_dataset(cfg, data_root)
+    if extend_source is not None:
+        check_same_store(extend_source, store.fingerprint)
     train_spec, test_spec = episode_specs(cfg)
     episode_file = load_episode_file(cfg.episodes_file, cfg.dataset, store) if cfg.episodes_file else None
     if episode_file is not None and episode_file.spec != test_spec:
@@ -144,7 +165,7 @@ def plan_run(
     if source is not None:  # a run that starts training: the other run's backbone replaces the seeded one
         init = init_backbone(learner, source, cfg, pipeline.normalization.channels)
     elif cfg.init_from is not None:  # resumed from its own checkpoint, which holds the weights
-        init = _recorded_init(run_dir)
+        init = _recorded_init(run_dir if extend_source is None else extend_source)
     can_checkpoint = checkpointing.supports(learner.backbone) and learner.supports_checkpointing
     if cfg.checkpointing and not can_checkpoint:
         why = (
@@ -186,6 +207,7 @@ def plan_run(
         processes,
         placement.note,
         init,
+        extend_source,
     )
 
 
