@@ -33,7 +33,7 @@ from fewshot_sla.finished_run import FinishedRun
 from fewshot_sla.io_errors import read_text, write_error
 from fewshot_sla.results import INCOMPLETE_RUN, ExtensionRecord, RunPaths, is_finished
 
-SOURCE_FILES = ("metrics", "best_checkpoint", "init_source")  # copied as they are (``init_source`` when present)
+SOURCE_FILES = ("metrics", "best_checkpoint")  # copied as they are (the backbone's origin: ``plan`` reads it)
 
 
 def extended_config(source: Path, overrides: Mapping[str, Any]) -> RunConfig:
@@ -95,8 +95,8 @@ def check_same_store(source: Path, fingerprint: str) -> None:
 
 def start_extension(source: Path, run_dir: Path, cfg: RunConfig) -> None:
     """Write ``run_dir`` (whose configuration ``cfg`` is written) as a run of ``cfg`` saved at the end of ``source``:
-    the source's best checkpoint, metrics and backbone origin, the record of where it came from
-    (``recorded_extension``), and the source's final training state re-labelled with ``cfg``."""
+    the source's best checkpoint and metrics, the record of where it came from (``recorded_extension``), and the
+    source's final training state re-labelled with ``cfg``."""
     src, dst = RunPaths(source), RunPaths(run_dir)
     state = load_checkpoint(src.last_checkpoint, f"train the longer run from the start with {setting('out')}")
     try:

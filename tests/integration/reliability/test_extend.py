@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,20 @@ def test_an_interrupted_extension_resumes_to_the_same_end(data_root: Path, sourc
     assert main(["--data-root", str(data_root), "run", "--resume", "--out", str(longer), "--quiet"]) == 0
     assert_same_run(whole, longer)
     assert json.loads((longer / "results.json").read_text())["extended_from"]["episodes"] == SHORT
+
+
+def test_an_extended_run_reports_its_sources_backbone_origin(data_root: Path, source: Path, tmp_path: Path) -> None:
+    """A source that started from another run's backbone (``--init-from``): the longer run reports that origin, as
+    its source does, without reading the other run again."""
+    other, started = tmp_path / "other", tmp_path / "started"
+    shutil.copytree(source, other)
+    argv = ["--data-root", str(data_root), "run", *_budget(SHORT), "--init-from", str(other), "--out", str(started)]
+    assert main(argv) == 0
+    shutil.rmtree(other)  # gone: the extension must not need it
+    longer = tmp_path / "longer"
+    assert extend(data_root, started, longer, "--train-episodes", "8", "--quiet") == 0
+    origin = json.loads((started / "results.json").read_text())["init_from"]
+    assert origin is not None and json.loads((longer / "results.json").read_text())["init_from"] == origin
 
 
 def test_the_library_extends_a_run_as_the_command_does(data_root: Path, source: Path, tmp_path: Path) -> None:
