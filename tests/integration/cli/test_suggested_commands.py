@@ -30,6 +30,7 @@ COVERED = {
     "cli/run.py": ["test_a_stopped_run_suggests_resuming_it"],
     "engine/compare.py": ["test_runs_on_different_episode_sets_or_datasets_suggest_an_evaluation_that_pairs_them"],
     "engine/execute.py": ["test_preemption.py::test_a_signal_during_a_step_saves_that_step_and_the_resumed_run"],
+    "engine/extension.py": ["test_extending_an_unfinished_run_suggests_finishing_it_first"],
     "engine/plan.py": ["test_a_finished_run_suggests_evaluating_it"],
     "results.py": [
         "test_an_unfinished_or_damaged_run_suggests_resuming_it",
@@ -130,6 +131,19 @@ def test_a_stopped_run_suggests_resuming_it(data_root: Path, tmp_path: Path, cap
     code = main(["--data-root", str(data_root), "run", *TINY, "--max-steps", "1", "--out", str(out)])
     follow(capsys, data_root, code, expected=0)
     assert results(out)["status"] == "finished"
+
+
+def test_extending_an_unfinished_run_suggests_finishing_it_first(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    source, longer = tmp_path / "run", tmp_path / "longer"
+    assert main(["--data-root", str(data_root), "run", *TINY, "--max-steps", "1", "--out", str(source)]) == 0
+    capsys.readouterr()
+    extend = ["--data-root", str(data_root), "run", "--extend", str(source), "--train-episodes", "8", "--quiet"]
+    follow(capsys, data_root, main([*extend, "--out", str(longer)]))
+    assert results(source)["status"] == "finished" and not longer.exists()
+    assert main([*extend, "--out", str(longer)]) == 0
+    assert results(longer)["train"]["episodes"] == 8
 
 
 def test_an_unfinished_or_damaged_run_suggests_resuming_it(
