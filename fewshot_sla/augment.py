@@ -75,6 +75,19 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) 
     return out.reshape(*lead, c, h, w)
 
 
+def random_quarter_turns(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Turn each image by its own uniformly random multiple of 90 degrees (as ``torch.rot90``); H must equal W."""
+    _check(images)
+    _check_generator(generator, images)
+    if images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"quarter turns need square images, got {images.shape[-2]}x{images.shape[-1]}")
+    turns = torch.randint(0, 4, images.shape[:-3], generator=generator, device=images.device)[..., None, None, None]
+    out = images
+    for k in (1, 2, 3):
+        out = torch.where(turns == k, torch.rot90(images, k, dims=(-2, -1)), out)
+    return out
+
+
 def random_hflip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
     """Mirror each image left-right with probability ``p``, independently."""
     _check(images)
@@ -137,7 +150,8 @@ def color_jitter(
 
 @dataclass(frozen=True)
 class TrainAugment:
-    """The usual few-shot training augmentation: random crop with zero padding, colour jitter, horizontal flip.
+    """The usual few-shot training augmentation: random crop with zero padding, colour jitter, horizontal flip,
+    after random quarter turns where asked (Vinyals et al.'s Omniglot augmentation; off by default).
 
     Defaults follow the MetaOptNet recipe (crop padding 8, jitter 0.4/0.4/0.4, flip with p = 0.5).
     """
@@ -147,10 +161,17 @@ class TrainAugment:
     contrast: float = 0.4
     saturation: float = 0.4
     flip: bool = True
+    quarter_turns: bool = False
+
+    @classmethod
+    def quarter_turns_only(cls) -> TrainAugment:
+        """Random quarter turns and nothing else: no crop, colour jitter or flip."""
+        return cls(padding=0, brightness=0.0, contrast=0.0, saturation=0.0, flip=False, quarter_turns=True)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Augment every image of ``images`` ``[..., 3, H, W]`` with its own random parameters."""
-        x = random_crop(images, self.padding, generator)
+        """Augment every image of ``images`` ``[..., C, H, W]`` with its own random parameters."""
+        x = random_quarter_turns(images, generator) if self.quarter_turns else images
+        x = random_crop(x, self.padding, generator)
         if self.brightness > 0 or self.contrast > 0 or self.saturation > 0:
             x = color_jitter(x, generator, self.brightness, self.contrast, self.saturation)
         return random_hflip(x, generator) if self.flip else x

@@ -207,6 +207,16 @@ class RunConfig(BaseModel):
         ),
     ] = _positive()
     augment: Annotated[bool | None, Knob("random crop/flip/colour jitter of training images", "--augment")] = None
+    augment_rotations: Annotated[
+        bool | None,
+        Knob(
+            "turn each training image by its own random multiple of 90 degrees, keeping its label (Vinyals et al.'s "
+            "Omniglot augmentation)",
+            "--augment-rotations",
+            default="off",
+            identity="when_set",  # unset in every earlier run: their grid cells keep their identity
+        ),
+    ] = None
     # Meta-training from another run's backbone (engine/build.py ``read_init_source``), as Meta-Baseline, MetaOptNet
     # and FEAT train; unset is the seeded initialisation of every earlier run, so both enter a cell's identity when set.
     init_from: Annotated[

@@ -152,6 +152,19 @@ for _info in (
         normalization=INK_ON_ZERO,
     ),
     DatasetInfo(
+        name="omniglot-upright",
+        title="Omniglot, Vinyals et al.'s split of characters without rotated classes",
+        image_size=28,
+        split_convention="vinyals-upright",
+        source_hint="the folder of images_background.zip + images_evaluation.zip (Lake et al.'s release), "
+        "the same extracted (images_background/, images_evaluation/), or torchvision's omniglot-py/",
+        layouts=OMNIGLOT,
+        split_format="omniglot-json",
+        packaged_splits="torchmeta/omniglot",
+        channels=1,
+        normalization=INK_ON_ZERO,
+    ),
+    DatasetInfo(
         name="synthetic",
         title="synthetic shapes",
         image_size=SYNTHETIC_SIZE,

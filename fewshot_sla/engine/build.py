@@ -31,10 +31,10 @@ from fewshot_sla.episodes.image_batches import ImageBatchSampler
 from fewshot_sla.errors import UserError, command, setting
 from fewshot_sla.io_errors import io_error
 from fewshot_sla.learners.base import EPISODIC, PRETRAINING, Learner
-from fewshot_sla.objectives import Objective
+from fewshot_sla.objectives import BASELINE, Objective
 from fewshot_sla.registry import BACKBONES, DATASETS, LEARNERS, OBJECTIVES
 from fewshot_sla.results import InitRecord, RunPaths, is_finished
-from fewshot_sla.sla import Transformation, checked_transform, resolve_transform
+from fewshot_sla.sla import RotatePermute, Transformation, checked_transform, resolve_transform
 
 
 def resolve_device(name: str) -> torch.device:
@@ -187,7 +187,12 @@ class ImagePipeline:
 
 def pipeline_for(cfg: RunConfig, store: DatasetStore) -> ImagePipeline:
     """A run's image pipeline: its image size, and the training augmentation when the run augments."""
-    augment = TrainAugment(padding=8 if store.image_size >= 64 else 4) if cfg.augment else None
+    augment = None
+    if cfg.augment:
+        padding = 8 if store.image_size >= 64 else 4
+        augment = TrainAugment(padding=padding, quarter_turns=bool(cfg.augment_rotations))
+    elif cfg.augment_rotations:
+        augment = TrainAugment.quarter_turns_only()
     return ImagePipeline(cfg.image_size or store.image_size, store.image_size, augment, store.normalization)
 
 
@@ -237,6 +242,19 @@ def _takes(factory: Any, option: str) -> bool:
     except ValueError:
         return False
     return option in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def check_augmentation(cfg: RunConfig) -> None:
+    """A UserError for random quarter turns under an objective that learns which rotation each copy holds."""
+    if not cfg.augment_rotations or cfg.objective in (BASELINE, "da"):
+        return
+    ops = resolve_transform(cfg.transform).ops
+    if any(isinstance(op, RotatePermute) and op.k % 4 for op in ops):
+        raise UserError(
+            f"{setting('augment_rotations')} turns training images at random, which scrambles the rotations that "
+            f"objective '{cfg.objective}' learns to tell apart in transformation '{cfg.transform}'; drop "
+            f"{setting('augment_rotations')}, or train with {setting('objective')} baseline or da"
+        )
 
 
 def check_channels(cfg: RunConfig, channels: int) -> None:

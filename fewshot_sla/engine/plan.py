@@ -30,6 +30,7 @@ from fewshot_sla.engine.build import (
     ImagePipeline,
     InitSource,
     build_model,
+    check_augmentation,
     check_channels,
     check_names,
     check_split,
@@ -159,6 +160,7 @@ def plan_run(
         episode_file.rows_in(splits[episode_file.split], cfg.dataset)
     pipeline = pipeline_for(cfg, store)
     check_channels(cfg, pipeline.normalization.channels)
+    check_augmentation(cfg)
     # bad backbone/learner options fail here
     learner, objective = build_model(cfg, pipeline.image_size, device, pipeline.normalization.channels)
     init = None

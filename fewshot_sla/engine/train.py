@@ -421,7 +421,7 @@ class Trainer:
         self.learner.train()
         self.objective.train()
         batch = self.sampler.sample(self.meta_batch)
-        episodes = self.pipeline.episode(batch, self.augment_generator if self.cfg.augment else None)
+        episodes = self.pipeline.episode(batch, self.augment_generator)  # used where the run augments
         mine = episodes.select(self.share)
         self.optimizer.zero_grad(set_to_none=True)
         totals = accumulate_gradients(

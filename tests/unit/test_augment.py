@@ -18,6 +18,7 @@ from fewshot_sla.augment import (
     normalize,
     random_crop,
     random_hflip,
+    random_quarter_turns,
 )
 
 
@@ -131,6 +132,40 @@ def test_train_augment_draws_parameters_per_image():
     x = images_u8(1, size=8).expand(16, -1, -1, -1).contiguous()
     out = TrainAugment(padding=2)(x, gen(0))
     assert len({o.numpy().tobytes() for o in out}) == 16
+
+
+def _turns_found(images: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Per image, the quarter turns k that map it to its output, found by trying all four (-1 where none does)."""
+    matches = torch.stack(
+        [(out == torch.rot90(images, k, dims=(-2, -1))).flatten(-3).all(-1) for k in range(4)], dim=-1
+    )
+    assert (matches.sum(-1) <= 1).all()  # random images: no two rotations of one image coincide
+    return torch.where(matches.any(-1), matches.float().argmax(-1), -1)
+
+
+def test_random_quarter_turns_turn_each_image_on_its_own_uniformly():
+    x = images_u8(40, 50, size=5)
+    out = random_quarter_turns(x, gen(3))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    turns = _turns_found(x, out)
+    assert (turns >= 0).all()
+    counts = torch.bincount(turns.flatten(), minlength=4)
+    assert ((counts > 400) & (counts < 600)).all(), counts  # 2000 images, 500 expected each (sd 19)
+    pairs = torch.bincount((4 * turns[:, :-1] + turns[:, 1:]).flatten(), minlength=16)
+    assert (pairs > 60).all(), pairs  # neighbours turned independently: 16 pairs of about 122 each
+    assert torch.equal(out, random_quarter_turns(x, gen(3))) and not torch.equal(out, random_quarter_turns(x, gen(4)))
+    grey = x[..., :1, :, :].float() / 255
+    assert (_turns_found(grey, random_quarter_turns(grey, gen(3))) >= 0).all()
+    with pytest.raises(ValueError, match="square images, got 5x6"):
+        random_quarter_turns(torch.zeros(2, 1, 5, 6), gen())
+
+
+def test_quarter_turns_only_changes_nothing_but_the_orientation():
+    x = images_u8(300, size=7)
+    out = TrainAugment.quarter_turns_only()(x, gen(5))
+    turns = _turns_found(x, out)
+    assert (turns >= 0).all() and set(turns.tolist()) == {0, 1, 2, 3}
+    assert _turns_found(x, TrainAugment(padding=2)(x, gen(5))).lt(0).any()  # the usual augmentation does more
 
 
 def test_bad_shapes_are_rejected():

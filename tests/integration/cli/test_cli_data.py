@@ -70,6 +70,7 @@ def test_info_text_json_all_and_verify(tmp_path: Path, small_synthetic: int, cap
         "miniimagenet": False,
         "omniglot": False,
         "omniglot-lake": False,
+        "omniglot-upright": False,
         "synthetic": True,
         "tieredimagenet": False,
         "tinyimagenet": False,

@@ -304,7 +304,7 @@ def test_cli_dry_run_lists_cells_without_writing(tmp_path: Path, capsys: pytest.
 OLD_HASH_FREE_KEYS = ("device", "eval_batch", "feature_cache", "checkpointing", "log", "checkpoint_every")
 OLD_UNSET_FREE_KEYS = ("val_ways", "val_shots")
 # Fields added since, which enter the identity only when set: a cell that does not set them keeps its old name.
-ADDED_UNSET_FREE_KEYS = ("init_from", "init_checkpoint", "train_split")
+ADDED_UNSET_FREE_KEYS = ("init_from", "init_checkpoint", "train_split", "augment_rotations")
 # A valid value other than the default for every field.
 OTHER_VALUES = {
     "method": "maml",
@@ -335,6 +335,7 @@ OTHER_VALUES = {
     "lr_factors": [0.1],
     "lr_schedule_episodes": 2000,
     "augment": True,
+    "augment_rotations": True,
     "init_from": "runs/pretrained",
     "init_checkpoint": "last",
     "val_episodes": 100,

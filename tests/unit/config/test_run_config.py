@@ -16,11 +16,12 @@ from fewshot_sla.learners.base import PRETRAINING
 from tests.helpers.paths import REPO
 
 # The only fields a recipe-resolved configuration may leave empty (init_from/init_checkpoint: the seeded
-# initialisation; val_ways/val_shots: the test's; the memory plan resolves the last two).
+# initialisation; augment_rotations: off; val_ways/val_shots: the test's; the memory plan resolves the last two).
 OPTIONAL_FIELDS = [
     "image_size",
     "episodes_file",
     "train_split",
+    "augment_rotations",
     "init_from",
     "init_checkpoint",
     "val_ways",
@@ -434,7 +435,8 @@ def test_derived_key_lists_are_the_ones_they_replace_but_checkpointing_no_longer
     assert set(RESUME_FREE_KEYS) == set(OLD_RESUME_FREE_KEYS)
     assert set(HASH_FREE_KEYS) == set(OLD_HASH_FREE_KEYS)
     # Fields added since, unset in every earlier cell, enter only when set (so that no existing cell was renamed).
-    assert set(UNSET_FREE_KEYS) == set(OLD_UNSET_FREE_KEYS) | {"init_from", "init_checkpoint", "train_split"}
+    added = {"init_from", "init_checkpoint", "train_split", "augment_rotations"}
+    assert set(UNSET_FREE_KEYS) == set(OLD_UNSET_FREE_KEYS) | added
     # The one reclassification: activation checkpointing gives bit-identical gradients and BatchNorm statistics
     # (tests/unit/engine/test_scale.py), was already out of the cell identity and free on resume, and now also out of a
     # leaderboard row's setting, so runs whose memory plans differed only in it are seeds of one row.

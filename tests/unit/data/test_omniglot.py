@@ -173,6 +173,25 @@ def test_the_lake_protocol_keeps_characters_unrotated(tmp_path, release, capsys)
     }
 
 
+def test_the_upright_protocol_is_the_rotated_stores_rot000_rows(tmp_path, release, capsys):
+    """omniglot-upright: Vinyals et al.'s split lists, one class per character, each image the very pixels of the
+    rotated store's 0-degree copy (resized the same way), under the same identifier without its rotation suffix."""
+    prepare(capsys, tmp_path, release["zips"], release["splits"], "omniglot-upright")
+    prepare(capsys, tmp_path, release["zips"], release["splits"])
+    upright = DatasetStore(tmp_path / "omniglot-upright.h5")
+    rotated = DatasetStore(tmp_path / "omniglot.h5")
+    for name, characters in (("train", 3), ("val", 2), ("test", 3)):
+        plain, turned = upright.split(name), rotated.split(name)
+        assert plain.class_names == [c.removesuffix("/rot000") for c in turned.class_names[::4]]
+        assert len(plain.class_names) == characters and len(plain.image_ids) == characters * DRAWINGS
+        rows = {image_id: i for i, image_id in enumerate(turned.image_ids)}
+        for i, image_id in enumerate(plain.image_ids):
+            assert "@" not in image_id
+            j = rows[image_id + "@rot000"]
+            assert torch.equal(plain.images[i], turned.images[j])
+            assert plain.class_names[int(plain.labels[i])] + "/rot000" == turned.class_names[int(turned.labels[j])]
+
+
 def test_the_model_sees_one_channel_as_ink_one_on_zero(tmp_path, release, capsys):
     prepare(capsys, tmp_path, release["zips"], release["splits"])
     store = DatasetStore(tmp_path / "omniglot.h5")
@@ -242,6 +261,21 @@ def test_colour_transformations_of_greyscale_data_are_refused(tmp_path, release,
     assert not out.exists()
 
 
+def test_random_turns_under_an_objective_that_labels_rotations_are_refused(tmp_path, release, capsys):
+    prepare(capsys, tmp_path, release["zips"], release["splits"], "omniglot-upright")
+    out = tmp_path / "run"
+    for objective in ("sla", "mt"):
+        code, err = cli(capsys, tmp_path, "run", "--dataset", "omniglot-upright", "--transform", "rotation",
+                        "--objective", objective, "--augment-rotations", *TINY, "--out", str(out))  # fmt: skip
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "--augment-rotations" in err and f"'{objective}'" in err and "--objective baseline or da" in err
+        assert not out.exists()
+    code, err = cli(capsys, tmp_path, "run", "--dataset", "omniglot-upright", "--transform", "none",
+                    "--objective", "baseline", "--augment-rotations", *TINY, "--out", str(out))  # fmt: skip
+    assert code == 0, err
+    assert json.loads((out / "results.json").read_text())["config"]["augment_rotations"] is True
+
+
 @pytest.mark.parametrize("transform", ["none", "rotation"])
 @pytest.mark.parametrize("method", sorted(LEARNERS.names()))
 def test_every_learner_trains_on_omniglot_with_and_without_sla(tmp_path, release, capsys, method, transform):
@@ -267,10 +301,11 @@ def test_every_learner_trains_on_omniglot_with_and_without_sla(tmp_path, release
 @pytest.mark.skipif(
     not REAL.is_dir(), reason="the Omniglot release is not in $FEWSHOT_SLA_TEST_DATA/omniglot (default ../shared/data)"
 )
-def test_the_real_release_gives_vinyals_and_lake_splits(tmp_path, capsys):
+def test_the_real_release_gives_the_vinyals_lake_and_upright_splits(tmp_path, capsys):
     expected = {
         "omniglot": {"train": 4112, "val": 688, "test": 1692},
         "omniglot-lake": {"train": 806, "val": 158, "test": 659},
+        "omniglot-upright": {"train": 1028, "val": 172, "test": 423},
     }
     for dataset, classes in expected.items():
         code, err = cli(capsys, tmp_path, "data", "prepare", dataset, "--source", str(REAL))
