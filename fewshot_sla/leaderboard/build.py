@@ -324,7 +324,8 @@ def _short(text: str) -> str:
 
 
 def _label(rows: list[AccuracyRow], tag_sets: bool = True) -> None:
-    """Set each row's ``training`` text (objective, and the transformation where it uses one), adding the episode
+    """Set each row's ``training`` text (objective, the transformation where it uses one, random quarter turns where
+    the run trained with them), adding the episode
     set (with ``tag_sets``), data or the configuration values that differ where measured rows would otherwise read
     the same."""
     for r in rows:
@@ -333,6 +334,8 @@ def _label(rows: list[AccuracyRow], tag_sets: bool = True) -> None:
         else:
             untransformed = r.objective in UNTRANSFORMED_OBJECTIVES
             r.training = r.objective if untransformed else f"{r.objective} ({r.transform})"
+            if (r.config or {}).get("augment_rotations"):  # a departure from the protocol: named even when alone
+                r.training += " + random quarter turns"
     # Episode sets and data are told apart per plot panel (so colours stay consistent across its methods),
     # configurations per method and backbone (the panel's x axis already separates those).
     if tag_sets:

@@ -525,6 +525,18 @@ def test_settings_of_one_method_read_apart_by_the_configuration_values_that_diff
     assert "| baseline |" in matchingnet and "[" not in matchingnet.split("| baseline |")[0]
 
 
+def test_training_with_random_quarter_turns_is_named_even_in_a_row_of_its_own(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    make_run(runs, "turned", objective="baseline", per_episode={"plain": _episodes(1)}, augment_rotations=True)
+    make_run(runs, "plain", objective="baseline", per_episode={"plain": _episodes(2)})
+    make_run(runs, "alone", objective="baseline", method="matchingnet", per_episode={"plain": _episodes(3)},
+             augment_rotations=True)  # fmt: skip
+    build_leaderboard(runs, tmp_path / "out")
+    md = (tmp_path / "out" / "leaderboard.md").read_text().splitlines()
+    trainings = sorted(line.split("| conv4 | ")[1].split(" |")[0] for line in md if "| measured;" in line)
+    assert trainings == ["baseline", "baseline + random quarter turns", "baseline + random quarter turns"]
+
+
 def test_runs_on_different_data_read_apart_also_on_their_other_episode_sets(tmp_path: Path) -> None:
     """Two runs of one configuration on two stores (e.g. resized with different filters), each evaluated again on
     another episode set of its own store: both tables tell them apart by their data."""
