@@ -134,8 +134,8 @@ extend "matchingnet-5w5s-baseline-40k" "matchingnet-5w5s-baseline" 40000
 # with no rotated classes. Both readings: the Matching Networks above tested on the upright characters as well
 # (their seed-0 sets of 1000 episodes), and the two cells above the published numbers trained the literal way, on
 # the upright characters with each training image turned by its own random multiple of 90 degrees
-# (--augment-rotations), at the budgets of matchingnet-5w5s-baseline and matchingnet-20w1s-baseline; then 5-way
-# 5-shot without the turns (the same upright test episodes: a paired difference).
+# (--augment-rotations), at the budgets of matchingnet-5w5s-baseline and matchingnet-20w1s-baseline; then both
+# without the turns (the same upright test episodes: a paired difference).
 fewshot-sla "${store[@]}" data info omniglot-upright > /dev/null 2>&1 \
     || fewshot-sla "${store[@]}" data prepare omniglot-upright --source "${OMNIGLOT_SOURCE:-../shared/data/omniglot}"
 also_upright() {  # NAME: test a run trained on the rotated classes on the upright characters too
@@ -153,3 +153,5 @@ train "matchingnet-5w5s-baseline-upright-turns" 10000 1000 --method matchingnet 
 train "matchingnet-20w1s-baseline-upright-turns" 8000 1000 --method matchingnet --ways 20 --shots 1 "${plain[@]}" \
     "${upright[@]}" --augment-rotations
 train "matchingnet-5w5s-baseline-upright" 10000 1000 --method matchingnet --ways 5 --shots 5 "${plain[@]}" "${upright[@]}"
+train "matchingnet-20w1s-baseline-upright" 8000 1000 --method matchingnet --ways 20 --shots 1 "${plain[@]}" \
+    "${upright[@]}"
