@@ -169,7 +169,8 @@ class TrainAugment:
         return cls(padding=0, brightness=0.0, contrast=0.0, saturation=0.0, flip=False, quarter_turns=True)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Augment every image of ``images`` ``[..., C, H, W]`` with its own random parameters."""
+        """Augment every image of ``images`` ``[..., C, H, W]`` (C = 3 where it jitters colour) with its own random
+        parameters."""
         x = random_quarter_turns(images, generator) if self.quarter_turns else images
         x = random_crop(x, self.padding, generator)
         if self.brightness > 0 or self.contrast > 0 or self.saturation > 0:
